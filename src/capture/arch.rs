@@ -1,0 +1,65 @@
+//! What we know about architectures: which tensor is point 0, and whether a model can be traced.
+//!
+//! This is the one place that maps architectures to tensor names. llama.cpp names the residual
+//! stream after block N `l_out-N` in (almost) every decoder; the input of block 0 is named per
+//! architecture. Names move between llama.cpp versions: the integration tests check the two test
+//! architectures, and every trace validates that each wanted tensor fired with the right rows.
+
+use crate::llama::model::Model;
+
+/// (architecture, tensor that holds the input of block 0) — from llama.cpp's model graphs in
+/// llama-cpp-sys-2 0.1.161. Verified by tests: `llama`, `gemma3`.
+const POINT0: &[(&str, &str)] = &[
+    ("gemma", "inp_scaled"),
+    ("gemma2", "inp_scaled"),
+    ("gemma3", "inp_scaled"),
+    ("gemma3n", "inp_scaled"),
+    ("gemma4", "inp_scaled"),
+    ("minicpm3", "inp_scaled"),
+    ("bloom", "inp_norm"),
+    ("afmoe", "inp_embd_scaled"),
+];
+
+/// Architectures whose point-0 tensor is covered by the test suite.
+pub const VERIFIED: &[&str] = &["llama", "gemma3"];
+
+/// Name of the tensor holding the input of block 0 (point 0) for `arch`.
+pub fn point0_tensor(arch: &str) -> &'static str {
+    POINT0
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, n)| *n)
+        .unwrap_or("embd")
+}
+
+/// Name of the tensor holding point `p` (0..=n_layer).
+pub fn point_tensor(arch: &str, p: usize) -> String {
+    if p == 0 {
+        point0_tensor(arch).to_string()
+    } else {
+        format!("l_out-{}", p - 1)
+    }
+}
+
+/// Why a model cannot be traced, or `None` when it can.
+pub fn untraceable_reason(model: &Model) -> Option<String> {
+    if model.is_recurrent() {
+        Some(
+            "recurrent architecture: it has no per-token residual stream of transformer blocks"
+                .into(),
+        )
+    } else if model.is_hybrid() {
+        Some("hybrid (attention + recurrent) architecture: not supported yet".into())
+    } else if model.has_encoder() {
+        Some(
+            "encoder or encoder-decoder architecture: only decoder-only models can be traced"
+                .into(),
+        )
+    } else if !model.has_decoder() {
+        Some("the model has no decoder".into())
+    } else if model.n_layer() == 0 || model.n_embd() == 0 {
+        Some("the model reports no layers".into())
+    } else {
+        None
+    }
+}

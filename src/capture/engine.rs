@@ -1,0 +1,419 @@
+//! The tracer: prompts → batches → eval callback → per-prompt states, and the generation loop.
+//!
+//! Prompts are decoded in *groups* of up to `n_seq` sequences that share one KV cache (sized
+//! `ctx × n_seq`). Within a group, prompt tokens are packed into batches of at most `n_batch`
+//! tokens (a long prompt may span several batches; positions continue). After each decode the
+//! rows the callback captured are mapped back to (sequence, position) from the batch layout.
+//! With `--generate N`, each group then runs N greedy steps, one token per live sequence per
+//! decode, reusing the KV cache (no prefix is re-run). When a group is done its prompts are handed
+//! to the caller one by one (so the caller can stream them to disk) and the KV cache is cleared.
+
+use ndarray::Array3;
+
+use super::arch;
+use crate::llama::context::{Batch, CaptureSpec, Context, ContextError, ContextParams};
+use crate::llama::model::Model;
+use crate::llama::Token;
+
+/// Which positions of a prompt are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Every prompt position (and every generated one).
+    All,
+    /// Only the last prompt position (and every generated one).
+    Last,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("prompt {index} has {tokens} tokens{}, more than --ctx {ctx}; raise --ctx or shorten the prompt",
+        if *.generate > 0 { format!(" + {} to generate", .generate) } else { String::new() })]
+    TooLong {
+        index: usize,
+        tokens: usize,
+        generate: usize,
+        ctx: usize,
+    },
+    #[error("prompt {0} has no tokens")]
+    Empty(usize),
+    #[error("incomplete capture: point {point} (tensor `{tensor}`) delivered {got} rows, expected {want}; \
+             this architecture ({arch}) does not expose the residual stream under the expected names")]
+    Incomplete {
+        point: usize,
+        tensor: String,
+        got: usize,
+        want: usize,
+        arch: String,
+    },
+    #[error("llama.cpp returned no logits for prompt {0}")]
+    NoLogits(usize),
+    #[error("the sink rejected prompt {index}: {source}")]
+    Sink { index: usize, source: anyhow::Error },
+}
+
+/// Settings of a tracer.
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    pub positions: Positions,
+    /// Points to keep (0..=n_layer), sorted and unique.
+    pub points: Vec<usize>,
+    /// Greedy tokens to generate after each prompt.
+    pub generate: usize,
+    /// Limit for one prompt plus its generation, in tokens.
+    pub ctx: usize,
+    /// Sequences decoded together.
+    pub n_seq: usize,
+    /// Largest number of tokens in one decode.
+    pub n_batch: usize,
+    /// Physical micro-batch size (llama.cpp splits a batch into ubatches of this size).
+    pub n_ubatch: usize,
+    pub threads: i32,
+}
+
+impl TraceConfig {
+    /// Defaults for a model: every point, every position, 8 sequences, 512-token batches.
+    pub fn new(model: &Model) -> TraceConfig {
+        TraceConfig {
+            positions: Positions::All,
+            points: (0..=model.n_layer()).collect(),
+            generate: 0,
+            ctx: 512,
+            n_seq: 8,
+            n_batch: 512,
+            n_ubatch: 512,
+            threads: default_threads(),
+        }
+    }
+}
+
+/// Physical cores are what llama.cpp's matmuls scale with; use all available ones.
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as i32)
+        .unwrap_or(4)
+}
+
+/// The states of one prompt.
+#[derive(Debug, Clone)]
+pub struct PromptTrace {
+    /// Index of the prompt in the input list.
+    pub index: usize,
+    /// `[n_points, n_positions, n_embd]`: kept points × kept positions.
+    pub states: Array3<f32>,
+    /// Token position (into prompt + generated tokens) of every kept position.
+    pub positions: Vec<usize>,
+    /// Prompt tokens followed by generated tokens.
+    pub tokens: Vec<Token>,
+    pub n_prompt: usize,
+    /// Next-token logits at the last prompt position.
+    pub logits: Vec<f32>,
+}
+
+impl PromptTrace {
+    /// Index (into `positions`) of the last prompt position.
+    pub fn last_prompt_slot(&self) -> usize {
+        self.positions
+            .iter()
+            .position(|&p| p == self.n_prompt - 1)
+            .expect("last prompt position is always kept")
+    }
+
+    pub fn generated(&self) -> &[Token] {
+        &self.tokens[self.n_prompt..]
+    }
+}
+
+/// One sequence being traced in the current group.
+struct Seq {
+    index: usize,
+    tokens: Vec<Token>,
+    n_prompt: usize,
+    /// Per kept point: rows (n_embd each) of the kept positions so far.
+    rows: Vec<Vec<f32>>,
+    positions: Vec<usize>,
+    logits: Option<Vec<f32>>,
+    /// Next token to decode during generation, None once finished.
+    next: Option<Token>,
+}
+
+/// Where each token of the last batch came from.
+#[derive(Clone, Copy)]
+struct Slot {
+    seq: usize,
+    pos: usize,
+    kept: bool,
+}
+
+pub struct Tracer<'m> {
+    ctx: Context<'m>,
+    cfg: TraceConfig,
+    arch: String,
+    n_layer: usize,
+    n_embd: usize,
+    batch: Batch,
+    layout: Vec<Slot>,
+}
+
+impl<'m> Tracer<'m> {
+    pub fn new(model: &'m Model, cfg: TraceConfig) -> Result<Tracer<'m>, TraceError> {
+        let arch = model.meta("general.architecture").unwrap_or_default();
+        let spec = CaptureSpec {
+            point0_name: arch::point0_tensor(&arch).to_string(),
+            n_layer: model.n_layer(),
+            n_embd: model.n_embd(),
+            points: cfg.points.clone(),
+        };
+        let ctx = Context::new(
+            model,
+            ContextParams {
+                n_ctx: (cfg.ctx * cfg.n_seq) as u32,
+                n_batch: cfg.n_batch as u32,
+                n_ubatch: cfg.n_ubatch.min(cfg.n_batch) as u32,
+                n_seq_max: cfg.n_seq as u32,
+                n_threads: cfg.threads,
+                embeddings: false,
+                capture: Some(spec),
+            },
+        )?;
+        Ok(Tracer {
+            ctx,
+            batch: Batch::new(cfg.n_batch.max(cfg.n_seq)),
+            n_layer: model.n_layer(),
+            n_embd: model.n_embd(),
+            arch,
+            cfg,
+            layout: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &TraceConfig {
+        &self.cfg
+    }
+
+    /// Check every prompt fits before any work is done.
+    pub fn check_prompts(&self, prompts: &[Vec<Token>]) -> Result<(), TraceError> {
+        for (index, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(TraceError::Empty(index));
+            }
+            if p.len() + self.cfg.generate > self.cfg.ctx {
+                return Err(TraceError::TooLong {
+                    index,
+                    tokens: p.len(),
+                    generate: self.cfg.generate,
+                    ctx: self.cfg.ctx,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Trace `prompts`, handing each finished prompt to `sink` in input order. `progress` is told
+    /// how many tokens were decoded after each decode.
+    pub fn trace(
+        &mut self,
+        prompts: &[Vec<Token>],
+        mut sink: impl FnMut(PromptTrace) -> anyhow::Result<()>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(), TraceError> {
+        self.check_prompts(prompts)?;
+        let mut start = 0;
+        while start < prompts.len() {
+            let end = (start + self.cfg.n_seq).min(prompts.len());
+            let mut seqs: Vec<Seq> = (start..end)
+                .map(|index| Seq {
+                    index,
+                    tokens: prompts[index].clone(),
+                    n_prompt: prompts[index].len(),
+                    rows: vec![Vec::new(); self.cfg.points.len()],
+                    positions: Vec::new(),
+                    logits: None,
+                    next: None,
+                })
+                .collect();
+            self.ctx.clear_memory();
+            self.prompt_phase(&mut seqs, &mut progress)?;
+            self.generate_phase(&mut seqs, &mut progress)?;
+            for s in seqs {
+                let index = s.index;
+                let t = self.finish(s)?;
+                sink(t).map_err(|source| TraceError::Sink { index, source })?;
+            }
+            start = end;
+        }
+        self.ctx.clear_memory();
+        Ok(())
+    }
+
+    fn keeps(&self, s: &Seq, pos: usize) -> bool {
+        match self.cfg.positions {
+            Positions::All => true,
+            Positions::Last => pos + 1 >= s.n_prompt,
+        }
+    }
+
+    /// Whether token `pos` of `s` must be marked as an output: its logits are needed (last prompt
+    /// token, generated tokens) or its row of the last block is kept.
+    fn is_output(&self, s: &Seq, pos: usize) -> bool {
+        pos + 1 >= s.n_prompt
+            || (self.keeps(s, pos) && self.cfg.points.last() == Some(&self.n_layer))
+    }
+
+    fn prompt_phase(
+        &mut self,
+        seqs: &mut [Seq],
+        progress: &mut impl FnMut(usize),
+    ) -> Result<(), TraceError> {
+        let work: Vec<(usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| (0..s.n_prompt).map(move |p| (si, p)))
+            .collect();
+        for chunk in work.chunks(self.cfg.n_batch) {
+            self.batch.clear();
+            self.layout.clear();
+            for &(si, pos) in chunk {
+                let s = &seqs[si];
+                let out = self.is_output(s, pos);
+                self.batch.push(s.tokens[pos], pos, si, out);
+                self.layout.push(Slot {
+                    seq: si,
+                    pos,
+                    kept: self.keeps(s, pos),
+                });
+            }
+            self.decode_and_collect(seqs)?;
+            progress(chunk.len());
+        }
+        Ok(())
+    }
+
+    fn generate_phase(
+        &mut self,
+        seqs: &mut [Seq],
+        progress: &mut impl FnMut(usize),
+    ) -> Result<(), TraceError> {
+        if self.cfg.generate == 0 {
+            return Ok(());
+        }
+        let model = self.ctx.model();
+        for s in seqs.iter_mut() {
+            let logits = s.logits.as_ref().ok_or(TraceError::NoLogits(s.index))?;
+            let t = argmax(logits) as Token;
+            s.next = (!model.is_eog(t)).then_some(t);
+        }
+        for _ in 0..self.cfg.generate {
+            self.batch.clear();
+            self.layout.clear();
+            for (si, s) in seqs.iter_mut().enumerate() {
+                if let Some(t) = s.next {
+                    let pos = s.tokens.len();
+                    s.tokens.push(t);
+                    self.batch.push(t, pos, si, true);
+                    self.layout.push(Slot {
+                        seq: si,
+                        pos,
+                        kept: true,
+                    });
+                }
+            }
+            if self.batch.is_empty() {
+                break;
+            }
+            self.decode_and_collect(seqs)?;
+            progress(self.batch.len());
+            for (r, slot) in self.layout.iter().enumerate() {
+                let logits = self
+                    .ctx
+                    .logits_ith(r)
+                    .ok_or(TraceError::NoLogits(seqs[slot.seq].index))?;
+                let t = argmax(logits) as Token;
+                seqs[slot.seq].next = (!model.is_eog(t)).then_some(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode the current batch and copy the kept rows into their sequences.
+    fn decode_and_collect(&mut self, seqs: &mut [Seq]) -> Result<(), TraceError> {
+        self.ctx.decode(&self.batch)?;
+        let n_tokens = self.batch.len();
+        let outputs: Vec<usize> = (0..n_tokens).filter(|&i| self.batch.is_output(i)).collect();
+        let (rows, _fired) = self.ctx.captured().expect("tracer contexts always capture");
+        let e = self.n_embd;
+        // Validate: every kept point delivered one row per token (the last block: per output).
+        for (slot, &point) in self.cfg.points.iter().enumerate() {
+            let want = if point == self.n_layer {
+                outputs.len()
+            } else {
+                n_tokens
+            };
+            let got = rows[slot].len() / e;
+            if got != want {
+                return Err(TraceError::Incomplete {
+                    point,
+                    tensor: arch::point_tensor(&self.arch, point),
+                    got,
+                    want,
+                    arch: self.arch.clone(),
+                });
+            }
+        }
+        // Row of each batch token in the last block's output-only rows.
+        let mut out_row = vec![usize::MAX; n_tokens];
+        for (k, &i) in outputs.iter().enumerate() {
+            out_row[i] = k;
+        }
+        for (i, slot) in self.layout.iter().enumerate() {
+            let s = &mut seqs[slot.seq];
+            if slot.kept {
+                s.positions.push(slot.pos);
+                for (k, &point) in self.cfg.points.iter().enumerate() {
+                    let r = if point == self.n_layer { out_row[i] } else { i };
+                    s.rows[k].extend_from_slice(&rows[k][r * e..(r + 1) * e]);
+                }
+            }
+            if slot.pos + 1 == s.n_prompt {
+                let logits = self
+                    .ctx
+                    .logits_ith(i)
+                    .ok_or(TraceError::NoLogits(s.index))?;
+                s.logits = Some(logits.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, s: Seq) -> Result<PromptTrace, TraceError> {
+        let n_pos = s.positions.len();
+        let n_points = self.cfg.points.len();
+        let mut flat = Vec::with_capacity(n_points * n_pos * self.n_embd);
+        for r in &s.rows {
+            flat.extend_from_slice(r);
+        }
+        let states = Array3::from_shape_vec((n_points, n_pos, self.n_embd), flat)
+            .expect("rows match the layout");
+        Ok(PromptTrace {
+            index: s.index,
+            states,
+            positions: s.positions,
+            logits: s.logits.ok_or(TraceError::NoLogits(s.index))?,
+            tokens: s.tokens,
+            n_prompt: s.n_prompt,
+        })
+    }
+}
+
+/// Index of the largest value (first on ties), as greedy decoding picks it.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,5 @@
+//! Capturing the residual stream: architecture facts, the tracer, and plain decoding helpers.
+
+pub mod arch;
+pub mod engine;
+pub mod plain;

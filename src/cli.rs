@@ -1,0 +1,243 @@
+//! Command-line definitions (clap derive) — parsing only; commands validate their options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::capture::engine::Positions;
+use crate::run::{Dtype, Format};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gguf-trace",
+    version,
+    about = "See how a local GGUF model thinks: capture its residual stream through llama.cpp and explore it",
+    long_about = "See how a local GGUF model thinks.\n\n\
+gguf-trace runs a GGUF model through llama.cpp exactly as it really runs (quantized), captures the \
+residual stream after every transformer block for every token, and writes it as NPY/CSV files with \
+a JSON manifest that numpy and pandas read in one line.\n\n\
+Depth is counted in points: point 0 is the input of block 0, point p is the output of block p-1, \
+so a model with L blocks has L+1 points.",
+    after_help = "Examples:\n  \
+gguf-trace inspect model.gguf\n  \
+gguf-trace trace -m model.gguf -p \"The capital of France is\" -o runs/paris\n  \
+gguf-trace trace -m model.gguf -f prompts/paraphrases.txt -f prompts/unrelated.txt -o runs/funnel\n  \
+gguf-trace trace -m model.gguf --chat -p \"Tell me a joke\" --generate 32 -o runs/joke"
+)]
+pub struct Cli {
+    /// Show llama.cpp's own log on stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Describe a GGUF model: architecture, quantization and real tensor-type mix, shape, chat
+    /// template, and whether it can be traced.
+    Inspect(InspectArgs),
+    /// Run prompts through a model and capture the residual stream at every point and position.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The GGUF model file.
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The GGUF model file.
+    #[arg(short, long, value_name = "MODEL.gguf")]
+    pub model: PathBuf,
+
+    /// A prompt (repeatable). Special-token text such as <|im_start|> is parsed like llama.cpp's CLI.
+    #[arg(short, long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
+
+    /// A prompt file (repeatable): .txt (one prompt per line; blank lines and # comments skipped)
+    /// or .jsonl ({"text": ..., "label": ..., "id": ...}). The file name is the default label.
+    #[arg(short, long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Render each prompt as a user message through the model's own chat template.
+    #[arg(long)]
+    pub chat: bool,
+
+    /// System message for --chat.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    pub system: Option<String>,
+
+    /// Positions to store: every prompt position, or only the last (generated tokens are always stored).
+    #[arg(long, value_enum, default_value = "all")]
+    pub positions: PositionsArg,
+
+    /// Points to keep: "all", or a list such as "0,10-20,30" (0 = input of block 0, p = output of block p-1).
+    #[arg(long, value_name = "SPEC", default_value = "all")]
+    pub points: String,
+
+    /// Greedily generate N tokens after each prompt and store their states too (uses the KV cache).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub generate: usize,
+
+    /// Output directory (refused if it exists, unless --force).
+    #[arg(short, long, value_name = "RUN_DIR")]
+    pub output: PathBuf,
+
+    /// Overwrite an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Format of the per-prompt states (last.npy and logits.npy are always written).
+    #[arg(long, value_enum, default_value = "npy")]
+    pub format: FormatArg,
+
+    /// Element type of the per-prompt NPY states.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+
+    /// Token limit for one prompt plus its generation.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub ctx: usize,
+
+    /// CPU threads (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
+
+    /// Layers to offload to the GPU (builds with the cuda, metal or vulkan feature; default: all there, 0 on CPU builds).
+    #[arg(long, value_name = "N")]
+    pub n_gpu_layers: Option<i32>,
+
+    /// Prompts decoded together as separate sequences of one batch.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub n_seq: usize,
+
+    /// Largest number of tokens in one decode.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub batch_size: usize,
+
+    /// llama.cpp's physical micro-batch size.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub ubatch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PositionsArg {
+    All,
+    Last,
+}
+
+impl From<PositionsArg> for Positions {
+    fn from(p: PositionsArg) -> Positions {
+        match p {
+            PositionsArg::All => Positions::All,
+            PositionsArg::Last => Positions::Last,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    Npy,
+    Csv,
+    Both,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Npy => Format::Npy,
+            FormatArg::Csv => Format::Csv,
+            FormatArg::Both => Format::Both,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+}
+
+impl From<DtypeArg> for Dtype {
+    fn from(d: DtypeArg) -> Dtype {
+        match d {
+            DtypeArg::F32 => Dtype::F32,
+            DtypeArg::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// Default GPU offload: everything when a GPU backend is compiled in, nothing on CPU builds.
+pub fn default_gpu_layers() -> i32 {
+    if cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan")) {
+        999
+    } else {
+        0
+    }
+}
+
+/// Parse a `--points` spec against a model with `n_layer` blocks (points 0..=n_layer).
+pub fn parse_points(spec: &str, n_layer: usize) -> Result<Vec<usize>, String> {
+    let spec = spec.trim();
+    if spec.eq_ignore_ascii_case("all") {
+        return Ok((0..=n_layer).collect());
+    }
+    let mut v = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let num = |s: &str| -> Result<usize, String> {
+            let s = s.trim();
+            if s.eq_ignore_ascii_case("last") {
+                return Ok(n_layer);
+            }
+            s.parse::<usize>()
+                .map_err(|_| format!("--points: \"{s}\" is not a point number"))
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b {
+            return Err(format!("--points: range {part} is backwards"));
+        }
+        if b > n_layer {
+            return Err(format!(
+                "--points: point {b} is out of range; this model has points 0..={n_layer}"
+            ));
+        }
+        v.extend(a..=b);
+    }
+    v.sort_unstable();
+    v.dedup();
+    if v.is_empty() {
+        return Err("--points: no points selected".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_specs() {
+        assert_eq!(parse_points("all", 3).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_points("0, 2-3,2", 3).unwrap(), vec![0, 2, 3]);
+        assert_eq!(parse_points("last", 30).unwrap(), vec![30]);
+        assert!(parse_points("4", 3).unwrap_err().contains("0..=3"));
+        assert!(parse_points("x", 3).is_err());
+        assert!(parse_points("3-1", 3).is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,73 @@
+//! `gguf-trace inspect MODEL [--json]`.
+
+use std::io::Write;
+
+use anyhow::{Context as _, Result};
+
+use super::{human_bytes, load_model};
+use crate::cli::InspectArgs;
+use crate::llama::gguf::Gguf;
+use crate::llama::model::LoadOptions;
+use crate::model_info::ModelFacts;
+
+pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
+    // Weights are memory-mapped, not read: loading is quick even for large files. (vocab_only
+    // loads leave the per-layer hyper-parameters unset and llama.cpp aborts on n_head.)
+    let model = load_model(
+        &args.model,
+        LoadOptions {
+            n_gpu_layers: 0,
+            vocab_only: false,
+        },
+    )?;
+    let gguf = Gguf::open(&args.model)?;
+    let facts = ModelFacts::gather(&args.model, &model, &gguf);
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &facts).context("writing JSON")?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "file          {}", facts.path)?;
+    writeln!(
+        out,
+        "name          {}",
+        facts.name.as_deref().unwrap_or("-")
+    )?;
+    writeln!(out, "architecture  {}", facts.architecture)?;
+    writeln!(out, "file type     {}", facts.file_type)?;
+    writeln!(out, "tensor types  {}", facts.tensor_mix())?;
+    writeln!(out, "parameters    {:.1} M", facts.n_params as f64 / 1e6)?;
+    writeln!(
+        out,
+        "size          {} (file {})",
+        human_bytes(facts.size_bytes),
+        human_bytes(facts.file_bytes)
+    )?;
+    writeln!(
+        out,
+        "layers        {} (points 0..={})",
+        facts.n_layer, facts.n_layer
+    )?;
+    writeln!(out, "width         {}", facts.n_embd)?;
+    writeln!(
+        out,
+        "heads         {} (kv {})",
+        facts.n_head, facts.n_head_kv
+    )?;
+    writeln!(out, "vocab         {}", facts.n_vocab)?;
+    writeln!(out, "context       {} (trained)", facts.n_ctx_train)?;
+    writeln!(
+        out,
+        "chat template {}",
+        if facts.has_chat_template { "yes" } else { "no" }
+    )?;
+    match &facts.untraceable {
+        None => writeln!(
+            out,
+            "traceable     yes (point 0 = `{}`, points 1.. = `l_out-*`)",
+            facts.point0_tensor
+        )?,
+        Some(why) => writeln!(out, "traceable     no: {why}")?,
+    }
+    Ok(())
+}

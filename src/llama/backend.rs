@@ -1,0 +1,141 @@
+//! Backend initialisation (once per process) and routing of llama.cpp's log.
+//!
+//! llama.cpp prints a great deal to stderr. We install a log callback that keeps the recent lines
+//! (so errors such as "failed to load model" or a quantization failure can be shown to the user)
+//! and forwards them to stderr only in verbose mode. A progress observer can be attached to follow
+//! long operations whose only progress report is the log (quantization's `[i/n]` lines).
+
+use std::collections::VecDeque;
+use std::os::raw::{c_char, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Once};
+
+const KEEP_LINES: usize = 400;
+
+struct LogState {
+    verbose: bool,
+    lines: VecDeque<String>,
+    partial: String,
+    observer: Option<Box<dyn FnMut(&str) + Send>>,
+}
+
+static LOG: Mutex<LogState> = Mutex::new(LogState {
+    verbose: false,
+    lines: VecDeque::new(),
+    partial: String::new(),
+    observer: None,
+});
+
+static INIT: Once = Once::new();
+
+/// Set by Ctrl-C (see [`request_interrupt`]); checked by llama.cpp's abort callback and by our loops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ask every running decode to stop as soon as possible.
+pub fn request_interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether an interrupt was requested.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Initialise llama.cpp's backends and install the log router. Safe to call many times.
+pub fn init(verbose: bool) {
+    set_verbose(verbose);
+    INIT.call_once(|| {
+        // SAFETY: `log_callback` is a valid `extern "C"` function for the whole process lifetime and
+        // does not unwind (its body runs in catch_unwind); a null user_data is never dereferenced.
+        unsafe { llama_cpp_sys_2::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
+        // SAFETY: called once per process (guarded by `Once`) before any model or context exists.
+        unsafe { llama_cpp_sys_2::llama_backend_init() };
+    });
+}
+
+/// Forward llama.cpp's log to stderr (true) or keep it quiet (false).
+pub fn set_verbose(verbose: bool) {
+    lock().verbose = verbose;
+}
+
+fn lock() -> std::sync::MutexGuard<'static, LogState> {
+    LOG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The most recent log lines (oldest first), at most `n`.
+pub fn recent_log(n: usize) -> Vec<String> {
+    let st = lock();
+    st.lines.iter().rev().take(n).rev().cloned().collect()
+}
+
+/// Forget the kept log lines (so a following error message only shows what is new).
+pub fn clear_log() {
+    lock().lines.clear();
+}
+
+/// The last log line that looks like an error, if any.
+pub fn last_error_line() -> Option<String> {
+    let st = lock();
+    st.lines
+        .iter()
+        .rev()
+        .find(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("failed") || l.contains("invalid")
+        })
+        .cloned()
+}
+
+/// Attach (or detach with `None`) an observer that sees every complete log line.
+pub fn set_log_observer(observer: Option<Box<dyn FnMut(&str) + Send>>) {
+    lock().observer = observer;
+}
+
+unsafe extern "C" fn log_callback(_level: u32, text: *const c_char, _user: *mut c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        let text = super::c_str_to_string(text);
+        let mut st = lock();
+        if st.verbose {
+            eprint!("{text}");
+        }
+        st.partial.push_str(&text);
+        while let Some(nl) = st.partial.find('\n') {
+            let line: String = st.partial.drain(..=nl).collect();
+            let line = line.trim_end().to_string();
+            if let Some(obs) = st.observer.as_mut() {
+                obs(&line);
+            }
+            if st.lines.len() == KEEP_LINES {
+                st.lines.pop_front();
+            }
+            st.lines.push_back(line);
+        }
+    });
+}
+
+/// llama.cpp's description of the CPU features and backends it was built with.
+pub fn system_info() -> String {
+    // SAFETY: returns a pointer to a static buffer owned by llama.cpp; copied immediately.
+    super::c_str_to_string(unsafe { llama_cpp_sys_2::llama_print_system_info() })
+        .trim()
+        .to_string()
+}
+
+/// The compute devices llama.cpp can use (name: description), CPU included.
+pub fn devices() -> Vec<String> {
+    // SAFETY: device enumeration is valid after backend init; indices are in range; the returned
+    // strings are static per device and copied immediately.
+    unsafe {
+        let n = llama_cpp_sys_2::ggml_backend_dev_count();
+        (0..n)
+            .map(|i| {
+                let d = llama_cpp_sys_2::ggml_backend_dev_get(i);
+                format!(
+                    "{}: {}",
+                    super::c_str_to_string(llama_cpp_sys_2::ggml_backend_dev_name(d)),
+                    super::c_str_to_string(llama_cpp_sys_2::ggml_backend_dev_description(d))
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,442 @@
+//! An inference context with the eval callback that captures the residual stream, and batches.
+//!
+//! ## How capture works
+//! llama.cpp's scheduler calls the eval callback twice per graph node: first with `ask = true`
+//! ("do you want to see this tensor?") and, for the tensors we said yes to, with `ask = false` once
+//! their data is computed. We want one tensor per *point* (see DESIGN.md, Indexing): the input of
+//! block 0 and `l_out-0 … l_out-{L-1}`. The callback fires once per ubatch, so each wanted tensor
+//! arrives in slices of `ne[1]` rows; we append them per point and the caller maps rows back to
+//! (sequence, position) from the batch layout. With `kv_unified = true` llama.cpp splits a batch into
+//! contiguous ubatches in batch order, so appended rows are in batch order. The last block computes
+//! rows only for tokens marked as outputs, so its slot holds one row per output token.
+//!
+//! In the data phase the callback always returns true: returning false only cancels the current
+//! graph split and llama_decode would still report success with stale results. Problems (a tensor
+//! that is not F32, has no buffer, has the wrong width) are recorded and reported after decode.
+
+use std::os::raw::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::backend;
+use super::model::Model;
+use super::Token;
+
+/// Errors while creating a context or decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("llama.cpp could not create a context{}", .0.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    Create(Option<String>),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("the KV cache has no room for this batch (llama_decode returned 1)")]
+    NoKvSlot,
+    #[error("llama_decode failed with code {code}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    Decode { code: i32, reason: Option<String> },
+    #[error("capture failed: {0}")]
+    Capture(String),
+    #[error("control vector rejected by llama.cpp (code {0})")]
+    ControlVector(i32),
+}
+
+/// Which tensors to capture: one name per point.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    /// Name of the tensor holding the input of block 0 for this architecture.
+    pub point0_name: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    /// Points to keep (0..=n_layer), sorted, unique.
+    pub points: Vec<usize>,
+}
+
+/// Callback state: owned by the [`Context`] (boxed, so its address is stable) and outliving the
+/// llama.cpp context that points at it.
+struct CaptureState {
+    point0: Vec<u8>,
+    /// For every point 0..=n_layer, its slot among the kept points.
+    slot_of_point: Vec<Option<usize>>,
+    n_embd: usize,
+    /// Per slot: the captured rows of the current decode, appended ubatch by ubatch.
+    rows: Vec<Vec<f32>>,
+    /// Per slot: how many times the callback delivered data in the current decode.
+    fired: Vec<usize>,
+    error: Option<String>,
+}
+
+impl CaptureState {
+    fn slot_for(&self, name: &[u8]) -> Option<usize> {
+        if name == self.point0.as_slice() {
+            return self.slot_of_point.first().copied().flatten();
+        }
+        let rest = name.strip_prefix(b"l_out-")?;
+        let il: usize = std::str::from_utf8(rest).ok()?.parse().ok()?;
+        self.slot_of_point.get(il + 1).copied().flatten()
+    }
+
+    /// Copy a computed tensor's rows. `t` must be a live tensor handed to us by the scheduler.
+    fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
+        let name = tensor_name(t);
+        if t.type_ != sys::GGML_TYPE_F32 {
+            self.fail(format!(
+                "tensor {name} is {} , expected f32",
+                super::ggml_type_name(t.type_)
+            ));
+            return;
+        }
+        let (ne0, ne1) = (t.ne[0] as usize, t.ne[1] as usize);
+        if ne0 != self.n_embd || t.ne[2] != 1 || t.ne[3] != 1 {
+            self.fail(format!(
+                "tensor {name} has shape {:?}, expected [{}, n_tokens, 1, 1]",
+                t.ne, self.n_embd
+            ));
+            return;
+        }
+        if t.nb[0] != 4 {
+            self.fail(format!(
+                "tensor {name} is not contiguous within a row (nb[0] = {})",
+                t.nb[0]
+            ));
+            return;
+        }
+        let buffer = if t.view_src.is_null() {
+            t.buffer
+        } else {
+            // SAFETY: view_src, when set, points to the live source tensor of this view.
+            unsafe { (*t.view_src).buffer }
+        };
+        if buffer.is_null() {
+            self.fail(format!("tensor {name} has no backend buffer"));
+            return;
+        }
+        let rows = &mut self.rows[slot];
+        let start = rows.len();
+        rows.resize(start + ne0 * ne1, 0.0);
+        let dst = &mut rows[start..];
+        let row_bytes = ne0 * 4;
+        if t.nb[1] == row_bytes {
+            // SAFETY: the tensor is computed (data phase), has a buffer (checked), and holds
+            // ne0*ne1 contiguous f32 values (type, nb[0] and nb[1] checked); dst has exactly that
+            // many f32 slots. ggml_backend_tensor_get copies from host or device memory.
+            unsafe {
+                sys::ggml_backend_tensor_get(
+                    t,
+                    dst.as_mut_ptr().cast::<c_void>(),
+                    0,
+                    row_bytes * ne1,
+                );
+            }
+        } else {
+            for r in 0..ne1 {
+                // SAFETY: as above, row by row: row r starts at byte r*nb[1] within the tensor and
+                // holds ne0 contiguous f32; dst[r*ne0..] has ne0 slots.
+                unsafe {
+                    sys::ggml_backend_tensor_get(
+                        t,
+                        dst[r * ne0..].as_mut_ptr().cast::<c_void>(),
+                        r * t.nb[1],
+                        row_bytes,
+                    );
+                }
+            }
+        }
+        self.fired[slot] += 1;
+    }
+
+    fn fail(&mut self, msg: String) {
+        if self.error.is_none() {
+            self.error = Some(msg);
+        }
+    }
+}
+
+fn tensor_name(t: &sys::ggml_tensor) -> String {
+    let bytes: Vec<u8> = t
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: user_data is the Box<CaptureState> owned by the Context, alive for the whole
+        // life of the llama context; llama.cpp calls the callback from the thread that called
+        // llama_decode, so there is no concurrent access. t is a live graph tensor.
+        let (state, t) = unsafe { (&mut *(user as *mut CaptureState), &*t) };
+        let name: &[u8] =
+            // SAFETY: the name is a NUL-terminated char array inside the tensor; reinterpreting
+            // c_char as u8 keeps length and alignment.
+            unsafe { std::slice::from_raw_parts(t.name.as_ptr().cast::<u8>(), t.name.len()) };
+        let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+        let slot = state.slot_for(name);
+        if ask {
+            return slot.is_some();
+        }
+        if let Some(slot) = slot {
+            state.copy(t, slot);
+        }
+        true
+    }));
+    match result {
+        Ok(v) => v,
+        Err(_) => {
+            // SAFETY: as above; the panicking borrow has ended.
+            let state = unsafe { &mut *(user as *mut CaptureState) };
+            state.fail("internal error (panic) in the capture callback".into());
+            // Data phase: never return false (it would leave stale results); ask phase: don't observe.
+            !ask
+        }
+    }
+}
+
+unsafe extern "C" fn abort_callback(_data: *mut c_void) -> bool {
+    // Never panics; an atomic load.
+    backend::interrupted()
+}
+
+/// Parameters of a context.
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    /// Total KV cache size in tokens (for all sequences together).
+    pub n_ctx: u32,
+    /// Largest batch passed to one decode.
+    pub n_batch: u32,
+    /// Physical micro-batch size.
+    pub n_ubatch: u32,
+    /// Number of sequences decoded together.
+    pub n_seq_max: u32,
+    pub n_threads: i32,
+    /// Embeddings mode (pooling none): `embeddings_ith` returns the normed last hidden state.
+    pub embeddings: bool,
+    pub capture: Option<CaptureSpec>,
+}
+
+/// A llama.cpp context borrowing its model. Freed on drop, before its capture state.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    model: &'m Model,
+    capture: Option<Box<CaptureState>>,
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from llama_init_from_model and is freed once; the capture state is a
+        // field and is dropped only after this body, so the callback never sees freed memory.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, p: ContextParams) -> Result<Context<'m>, ContextError> {
+        let mut capture = p.capture.as_ref().map(|spec| {
+            let mut slot_of_point = vec![None; spec.n_layer + 1];
+            for (slot, &pt) in spec.points.iter().enumerate() {
+                slot_of_point[pt] = Some(slot);
+            }
+            Box::new(CaptureState {
+                point0: spec.point0_name.as_bytes().to_vec(),
+                slot_of_point,
+                n_embd: spec.n_embd,
+                rows: vec![Vec::new(); spec.points.len()],
+                fired: vec![0; spec.points.len()],
+                error: None,
+            })
+        });
+        // SAFETY: returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = p.n_ctx;
+        cp.n_batch = p.n_batch;
+        cp.n_ubatch = p.n_ubatch;
+        cp.n_seq_max = p.n_seq_max;
+        cp.n_threads = p.n_threads;
+        cp.n_threads_batch = p.n_threads;
+        // Several sequences per batch: a unified KV cache keeps ubatches contiguous in batch order
+        // (otherwise llama.cpp's split_equal reorders rows and the callback cannot see the layout).
+        cp.kv_unified = true;
+        cp.embeddings = p.embeddings;
+        if p.embeddings {
+            cp.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
+        }
+        cp.no_perf = true;
+        if let Some(state) = capture.as_mut() {
+            cp.cb_eval = Some(eval_callback);
+            cp.cb_eval_user_data = (&mut **state as *mut CaptureState).cast();
+        }
+        cp.abort_callback = Some(abort_callback);
+        cp.abort_callback_data = std::ptr::null_mut();
+        backend::clear_log();
+        // SAFETY: the model outlives the context (borrow 'm); cb_eval_user_data points into a Box
+        // that this Context owns and drops after llama_free.
+        let ptr = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let ptr =
+            NonNull::new(ptr).ok_or_else(|| ContextError::Create(backend::last_error_line()))?;
+        Ok(Context {
+            ptr,
+            model,
+            capture,
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Decode a batch. On success the captured rows of this decode are available through
+    /// [`Context::captured`].
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), ContextError> {
+        if let Some(st) = self.capture.as_mut() {
+            st.rows.iter_mut().for_each(Vec::clear);
+            st.fired.iter_mut().for_each(|f| *f = 0);
+            st.error = None;
+        }
+        if backend::interrupted() {
+            return Err(ContextError::Interrupted);
+        }
+        // SAFETY: the context is valid; the batch's arrays hold batch.len() initialised entries
+        // (Batch maintains that invariant) and stay alive during the call.
+        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        match rc {
+            0 => {}
+            1 => return Err(ContextError::NoKvSlot),
+            2 => return Err(ContextError::Interrupted),
+            _ if backend::interrupted() => return Err(ContextError::Interrupted),
+            rc => {
+                return Err(ContextError::Decode {
+                    code: rc,
+                    reason: backend::last_error_line(),
+                })
+            }
+        }
+        if let Some(err) = self.capture.as_ref().and_then(|s| s.error.clone()) {
+            return Err(ContextError::Capture(err));
+        }
+        Ok(())
+    }
+
+    /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row), and
+    /// how many callback deliveries each point received.
+    pub fn captured(&self) -> Option<(&[Vec<f32>], &[usize])> {
+        self.capture
+            .as_ref()
+            .map(|s| (s.rows.as_slice(), s.fired.as_slice()))
+    }
+
+    /// Next-token logits of output `i` (a batch index marked as output) of the last decode.
+    pub fn logits_ith(&self, i: usize) -> Option<&[f32]> {
+        // SAFETY: the context is valid; llama.cpp returns null for an index that is not an output.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null result points to n_vocab floats owned by the context, valid until the
+        // next decode (which needs &mut self, so the borrow prevents it).
+        Some(unsafe { std::slice::from_raw_parts(p, self.model.n_vocab()) })
+    }
+
+    /// The normed last hidden state of output `i` in embeddings mode (pooling none).
+    pub fn embeddings_ith(&self, i: usize) -> Option<&[f32]> {
+        // SAFETY: the context is valid; null for an invalid index or when embeddings are off.
+        let p = unsafe { sys::llama_get_embeddings_ith(self.ptr.as_ptr(), i as i32) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null result points to n_embd floats owned by the context, valid until the
+        // next decode.
+        Some(unsafe { std::slice::from_raw_parts(p, self.model.n_embd()) })
+    }
+
+    /// Forget the KV cache of all sequences.
+    pub fn clear_memory(&mut self) {
+        // SAFETY: the context is valid; its memory handle is valid while the context lives.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
+    }
+
+    /// Apply a control vector (`data` holds n_embd floats per layer starting at il = 1) to layers
+    /// `il_start..=il_end`, or clear it with `None`.
+    pub fn set_control_vector(
+        &mut self,
+        data: Option<&[f32]>,
+        il_start: i32,
+        il_end: i32,
+    ) -> Result<(), ContextError> {
+        let n_embd = self.model.n_embd() as i32;
+        let (ptr, len) = match data {
+            Some(d) => (d.as_ptr(), d.len()),
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: the context is valid; data (if any) points to len floats that llama.cpp copies
+        // into its own buffer before returning.
+        let rc = unsafe {
+            sys::llama_set_adapter_cvec(self.ptr.as_ptr(), ptr, len, n_embd, il_start, il_end)
+        };
+        if rc != 0 {
+            return Err(ContextError::ControlVector(rc));
+        }
+        Ok(())
+    }
+}
+
+/// A `llama_batch` we own: tokens with positions, one sequence id each, and output flags.
+pub struct Batch {
+    raw: sys::llama_batch,
+    cap: usize,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: raw came from llama_batch_init and is freed once.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+impl Batch {
+    /// A batch holding up to `cap` tokens.
+    pub fn new(cap: usize) -> Batch {
+        let cap = cap.max(1);
+        // SAFETY: allocates arrays for cap tokens with room for one sequence id each.
+        let mut raw = unsafe { sys::llama_batch_init(cap as i32, 0, 1) };
+        raw.n_tokens = 0;
+        Batch { raw, cap }
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.n_tokens == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    /// Append a token at `pos` of sequence `seq`; `output` asks for its logits (and, for capture,
+    /// its row in the last block).
+    pub fn push(&mut self, token: Token, pos: usize, seq: usize, output: bool) {
+        let i = self.len();
+        assert!(i < self.cap, "batch capacity {} exceeded", self.cap);
+        // SAFETY: i < cap, and llama_batch_init allocated cap entries in every array (with one
+        // seq id slot per token).
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos as i32;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = seq as i32;
+            *self.raw.logits.add(i) = output as i8;
+        }
+        self.raw.n_tokens += 1;
+    }
+
+    /// Whether token `i` is marked as output.
+    pub fn is_output(&self, i: usize) -> bool {
+        assert!(i < self.len());
+        // SAFETY: i < n_tokens <= cap.
+        unsafe { *self.raw.logits.add(i) != 0 }
+    }
+}

@@ -1,0 +1,45 @@
+//! The llama.cpp boundary: the only module of the crate with `unsafe` code.
+//!
+//! A small safe layer over `llama-cpp-sys-2` (the safe `llama-cpp-2` crate no longer exposes the
+//! eval callback and keeps its raw pointers private):
+//! - [`backend`]: process-wide backend initialisation and log routing;
+//! - [`model`]: a loaded model, its vocabulary, tokenizer and metadata;
+//! - [`context`]: an inference context with the eval callback that captures the residual stream;
+//! - [`gguf`]: reading GGUF metadata and tensors with the `gguf_*` API.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment. No Rust panic unwinds through a C callback:
+//! each callback body runs inside `catch_unwind` and records failures for the caller.
+
+pub mod backend;
+pub mod context;
+pub mod gguf;
+pub mod model;
+
+use std::ffi::CStr;
+use std::os::raw::c_char;
+
+/// The version of the `llama-cpp-sys-2` crate this build links (checked against Cargo.lock by a test).
+pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
+
+pub use llama_cpp_sys_2::llama_token as Token;
+
+/// Copy a C string owned by llama.cpp into an owned `String` (lossy on invalid UTF-8).
+///
+/// Returns an empty string for a null pointer.
+fn c_str_to_string(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: llama.cpp/ggml return NUL-terminated strings that stay valid at least until the
+    // next call on the same object; we copy immediately.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// Name of a ggml tensor type ("f32", "q4_K", ...), as ggml spells it.
+pub fn ggml_type_name(t: u32) -> String {
+    if t >= llama_cpp_sys_2::GGML_TYPE_COUNT as u32 {
+        return format!("type{t}");
+    }
+    // SAFETY: ggml_type_name accepts any valid ggml_type (checked above) and returns a static string.
+    c_str_to_string(unsafe { llama_cpp_sys_2::ggml_type_name(t as _) })
+}

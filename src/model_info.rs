@@ -1,0 +1,75 @@
+//! Facts about a model file, shared by `inspect` and the run manifest.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::arch;
+use crate::llama::gguf::Gguf;
+use crate::llama::model::Model;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelFacts {
+    pub path: String,
+    pub file_name: String,
+    pub architecture: String,
+    pub name: Option<String>,
+    /// llama.cpp's file-type label ("Q4_1", "Q4_K - Medium").
+    pub file_type: String,
+    /// How many tensors of each ggml type the file really holds (K-quants fall back on some widths).
+    pub tensor_types: BTreeMap<String, usize>,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub file_bytes: u64,
+    pub has_chat_template: bool,
+    /// Tensor captured as point 0 for this architecture.
+    pub point0_tensor: String,
+    /// Why the model cannot be traced; None when it can.
+    pub untraceable: Option<String>,
+}
+
+impl ModelFacts {
+    pub fn gather(path: &Path, model: &Model, gguf: &Gguf) -> ModelFacts {
+        let architecture = gguf.get_str("general.architecture").unwrap_or_default();
+        ModelFacts {
+            path: path.display().to_string(),
+            file_name: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            name: gguf.get_str("general.name"),
+            file_type: model.ftype_name(),
+            tensor_types: gguf.type_histogram(),
+            n_layer: model.n_layer(),
+            n_embd: model.n_embd(),
+            n_head: model.n_head(),
+            n_head_kv: model.n_head_kv(),
+            n_vocab: model.n_vocab(),
+            n_ctx_train: model.n_ctx_train(),
+            n_params: model.n_params(),
+            size_bytes: model.size_bytes(),
+            file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            has_chat_template: gguf.get_str("tokenizer.chat_template").is_some(),
+            point0_tensor: arch::point0_tensor(&architecture).to_string(),
+            untraceable: arch::untraceable_reason(model),
+            architecture,
+        }
+    }
+
+    /// "Q4_K: 120, Q6_K: 12, F32: 37" — the real tensor mix, largest first.
+    pub fn tensor_mix(&self) -> String {
+        let mut v: Vec<_> = self.tensor_types.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter()
+            .map(|(t, n)| format!("{}: {n}", t.to_uppercase()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

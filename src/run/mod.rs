@@ -1,0 +1,573 @@
+//! The run directory: the one place that knows its file names and layout (schema_version 1).
+//!
+//! ```text
+//! RUN_DIR/
+//!   run.json          manifest: provenance, model facts, capture settings, prompts; "complete": true
+//!   states/00000.npy  [n_points, n_positions, n_embd] per prompt (f32, or f16 with --dtype f16)
+//!   states.csv        the same values in long/wide CSV (with --format csv|both)
+//!   last.npy          [n_prompts, n_points, n_embd] f32 at the last prompt position (always)
+//!   logits.npy        [n_prompts, n_vocab] f32 next-token logits at the same position (always)
+//!   tokens.csv        prompt, id, label, position, token_id, piece, generated
+//! ```
+//! Writing happens in a hidden sibling directory that is renamed into place after `run.json`
+//! (with `"complete": true`) is written, so an interrupted or failed trace never leaves a directory
+//! that looks complete.
+
+pub mod npy;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, Array3, Axis};
+use serde::{Deserialize, Serialize};
+
+use crate::capture::engine::{Positions, PromptTrace};
+use crate::model_info::ModelFacts;
+use npy::{NpyRows, F16};
+
+pub const SCHEMA_VERSION: u32 = 1;
+pub const RUN_JSON: &str = "run.json";
+pub const STATES_DIR: &str = "states";
+pub const STATES_CSV: &str = "states.csv";
+pub const LAST_NPY: &str = "last.npy";
+pub const LOGITS_NPY: &str = "logits.npy";
+pub const TOKENS_CSV: &str = "tokens.csv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0} already exists; pass --force to overwrite it")]
+    Exists(String),
+    #[error("cannot write to {path}: {source}")]
+    Unwritable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a gguf-trace run directory (no run.json)")]
+    NotARun(String),
+    #[error(
+        "{0} is an incomplete run (interrupted or failed trace: run.json lacks \"complete\": true)"
+    )]
+    Incomplete(String),
+    #[error("{path}: invalid run.json: {source}")]
+    BadManifest {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{path}: unsupported schema_version {found} (this gguf-trace reads {SCHEMA_VERSION})")]
+    Schema { path: String, found: u32 },
+    #[error("{path}: {msg}")]
+    Npy { path: String, msg: String },
+    #[error("{0}: the run has no prompts")]
+    NoPrompts(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Npy,
+    Csv,
+    Both,
+}
+
+impl Format {
+    pub fn npy(self) -> bool {
+        matches!(self, Format::Npy | Format::Both)
+    }
+    pub fn csv(self) -> bool {
+        matches!(self, Format::Csv | Format::Both)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// Written last: a run without it is incomplete.
+    pub complete: bool,
+    pub tool: String,
+    pub tool_version: String,
+    pub created: String,
+    pub provenance: Provenance,
+    pub model: ModelFacts,
+    pub capture: CaptureSettings,
+    pub prompts: Vec<PromptRecord>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    pub model_sha256: String,
+    pub llama_cpp_sys_2: String,
+    /// llama.cpp's system info (CPU features: states differ slightly across SIMD paths, so runs are
+    /// reproducible per machine, not bit-identical across machines).
+    pub system_info: String,
+    pub devices: Vec<String>,
+    pub command_line: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureSettings {
+    /// Points kept (0 = input of block 0, p = output of block p-1).
+    pub points: Vec<usize>,
+    /// llama.cpp tensor captured for each kept point.
+    pub point_tensors: Vec<String>,
+    pub positions: Positions,
+    pub generate: usize,
+    pub chat: bool,
+    pub system: Option<String>,
+    pub dtype: Dtype,
+    pub format: Format,
+    pub ctx: usize,
+    pub n_seq: usize,
+    pub n_batch: usize,
+    pub n_ubatch: usize,
+    pub threads: i32,
+    pub n_gpu_layers: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptRecord {
+    pub index: usize,
+    pub id: String,
+    pub label: Option<String>,
+    /// Where the prompt came from ("-p #1", "prompts/x.txt:3").
+    pub source: String,
+    pub text: String,
+    /// The text as tokenized (after the chat template, if any).
+    pub rendered: String,
+    /// Prompt tokens then generated tokens.
+    pub tokens: Vec<i32>,
+    pub pieces: Vec<String>,
+    pub n_prompt_tokens: usize,
+    /// Token positions stored in the states file, in order.
+    pub positions: Vec<usize>,
+    pub generated_text: String,
+    /// Relative path of the states file (None with --format csv).
+    pub states_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Timings {
+    pub load_s: f64,
+    pub trace_s: f64,
+    pub total_s: f64,
+    pub tokens_decoded: usize,
+    pub tokens_per_s: f64,
+}
+
+/// Bytes a run will take, for the estimate printed before tracing.
+pub fn estimate_bytes(
+    n_points: usize,
+    positions_per_prompt: &[usize],
+    n_embd: usize,
+    n_vocab: usize,
+    dtype: Dtype,
+    format: Format,
+) -> u64 {
+    let n_prompts = positions_per_prompt.len() as u64;
+    let values: u64 = positions_per_prompt
+        .iter()
+        .map(|&p| (p * n_points * n_embd) as u64)
+        .sum();
+    let mut b = (n_prompts * (n_points * n_embd + n_vocab) as u64) * 4 + 4096;
+    if format.npy() {
+        b += values * dtype.bytes() as u64 + n_prompts * 128;
+    }
+    if format.csv() {
+        b += values * 13; // shortest round-trip f32 text plus separator, on average
+    }
+    b
+}
+
+/// Writes a run directory, prompt by prompt.
+pub struct RunWriter {
+    final_dir: PathBuf,
+    tmp_dir: PathBuf,
+    force: bool,
+    dtype: Dtype,
+    format: Format,
+    width: usize,
+    last: NpyRows,
+    logits: NpyRows,
+    tokens_csv: csv::Writer<fs::File>,
+    states_csv: Option<csv::Writer<fs::File>>,
+    finished: bool,
+}
+
+impl RunWriter {
+    /// Refuse an existing `out` without `force`, then start writing in a hidden sibling directory.
+    pub fn create(
+        out: &Path,
+        force: bool,
+        n_prompts: usize,
+        n_points: usize,
+        n_embd: usize,
+        n_vocab: usize,
+        dtype: Dtype,
+        format: Format,
+    ) -> Result<RunWriter, RunError> {
+        check_output(out, force)?;
+        let parent = parent_dir(out);
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        let tmp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp_dir.exists() {
+            fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        }
+        fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
+            path: parent.display().to_string(),
+            source,
+        })?;
+        let w = || -> Result<RunWriter, RunError> {
+            if format.npy() {
+                let d = tmp_dir.join(STATES_DIR);
+                fs::create_dir(&d).map_err(io_err(&d))?;
+            }
+            let p = tmp_dir.join(LAST_NPY);
+            let last = NpyRows::create(&p, n_prompts, n_points * n_embd).map_err(io_err(&p))?;
+            let p = tmp_dir.join(LOGITS_NPY);
+            let logits = NpyRows::create(&p, n_prompts, n_vocab).map_err(io_err(&p))?;
+            let p = tmp_dir.join(TOKENS_CSV);
+            let mut tokens_csv = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
+                path: p.display().to_string(),
+                source: e.into(),
+            })?;
+            tokens_csv
+                .write_record([
+                    "prompt",
+                    "id",
+                    "label",
+                    "position",
+                    "token_id",
+                    "piece",
+                    "generated",
+                ])
+                .map_err(|e| RunError::Io {
+                    path: p.display().to_string(),
+                    source: e.into(),
+                })?;
+            let states_csv = if format.csv() {
+                let p = tmp_dir.join(STATES_CSV);
+                let mut w = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
+                    path: p.display().to_string(),
+                    source: e.into(),
+                })?;
+                let mut header: Vec<String> = ["prompt", "point", "position"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                header.extend((0..n_embd).map(|d| format!("d{d}")));
+                w.write_record(&header).map_err(|e| RunError::Io {
+                    path: p.display().to_string(),
+                    source: e.into(),
+                })?;
+                Some(w)
+            } else {
+                None
+            };
+            Ok(RunWriter {
+                final_dir: out.to_path_buf(),
+                tmp_dir: tmp_dir.clone(),
+                force,
+                dtype,
+                format,
+                width: n_prompts.saturating_sub(1).to_string().len().max(5),
+                last,
+                logits,
+                tokens_csv,
+                states_csv,
+                finished: false,
+            })
+        };
+        w().inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp_dir);
+        })
+    }
+
+    /// Relative path of a prompt's states file: the zero-padded prompt index, never the user's id.
+    pub fn states_file(&self, index: usize) -> String {
+        format!("{STATES_DIR}/{index:0w$}.npy", w = self.width)
+    }
+
+    /// Write one prompt's files. Returns the relative states path (None with --format csv).
+    pub fn write_prompt(
+        &mut self,
+        t: &PromptTrace,
+        points: &[usize],
+        id: &str,
+        label: Option<&str>,
+        pieces: &[String],
+    ) -> Result<Option<String>, RunError> {
+        let rel = self.format.npy().then(|| self.states_file(t.index));
+        if let Some(rel) = &rel {
+            let p = self.tmp_dir.join(rel);
+            let res = match self.dtype {
+                Dtype::F32 => ndarray_npy::write_npy(&p, &t.states),
+                Dtype::F16 => {
+                    ndarray_npy::write_npy(&p, &t.states.mapv(|x| F16(half::f16::from_f32(x))))
+                }
+            };
+            res.map_err(|e| RunError::Npy {
+                path: p.display().to_string(),
+                msg: e.to_string(),
+            })?;
+        }
+        let slot = t.last_prompt_slot();
+        let p = self.tmp_dir.join(LAST_NPY);
+        self.last
+            .set_row(t.index, t.states.index_axis(Axis(1), slot))
+            .map_err(io_err(&p))?;
+        let p = self.tmp_dir.join(LOGITS_NPY);
+        self.logits
+            .set_row(t.index, ndarray::ArrayView1::from(&t.logits[..]))
+            .map_err(io_err(&p))?;
+
+        let csv_err = |p: &Path| {
+            let path = p.display().to_string();
+            move |e: csv::Error| RunError::Io {
+                path,
+                source: e.into(),
+            }
+        };
+        let p = self.tmp_dir.join(TOKENS_CSV);
+        let index = t.index.to_string();
+        for (pos, (&tok, piece)) in t.tokens.iter().zip(pieces).enumerate() {
+            self.tokens_csv
+                .write_record([
+                    index.as_str(),
+                    id,
+                    label.unwrap_or(""),
+                    &pos.to_string(),
+                    &tok.to_string(),
+                    piece,
+                    if pos >= t.n_prompt { "1" } else { "0" },
+                ])
+                .map_err(csv_err(&p))?;
+        }
+        if let Some(w) = self.states_csv.as_mut() {
+            let p = self.tmp_dir.join(STATES_CSV);
+            for (k, &point) in points.iter().enumerate() {
+                for (j, &pos) in t.positions.iter().enumerate() {
+                    let mut rec = Vec::with_capacity(3 + t.states.shape()[2]);
+                    rec.push(index.clone());
+                    rec.push(point.to_string());
+                    rec.push(pos.to_string());
+                    rec.extend(
+                        t.states
+                            .slice(ndarray::s![k, j, ..])
+                            .iter()
+                            .map(|v| v.to_string()),
+                    );
+                    w.write_record(&rec).map_err(csv_err(&p))?;
+                }
+            }
+        }
+        Ok(rel)
+    }
+
+    /// Write run.json (complete) and move the directory into place.
+    pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, RunError> {
+        let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| w.flush().map_err(io_err(&p));
+        flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
+        if let Some(w) = self.states_csv.as_mut() {
+            flush(w, self.tmp_dir.join(STATES_CSV))?;
+        }
+        let mut m = manifest.clone();
+        m.complete = true;
+        write_json_atomic(&self.tmp_dir.join(RUN_JSON), &m)?;
+        check_output(&self.final_dir, self.force)?;
+        let old = self.final_dir.exists().then(|| {
+            let name = self
+                .final_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            parent_dir(&self.final_dir).join(format!(".{name}.old-{}", std::process::id()))
+        });
+        if let Some(old) = &old {
+            fs::rename(&self.final_dir, old).map_err(io_err(&self.final_dir))?;
+        }
+        fs::rename(&self.tmp_dir, &self.final_dir).map_err(io_err(&self.final_dir))?;
+        self.finished = true;
+        if let Some(old) = &old {
+            let _ = fs::remove_dir_all(old);
+        }
+        Ok(self.final_dir.clone())
+    }
+}
+
+impl Drop for RunWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_dir_all(&self.tmp_dir);
+        }
+    }
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Refuse to overwrite without `force`, and refuse anything that is not a directory.
+pub fn check_output(out: &Path, force: bool) -> Result<(), RunError> {
+    if out.exists() {
+        if !force {
+            return Err(RunError::Exists(out.display().to_string()));
+        }
+        if !out.is_dir() {
+            return Err(RunError::Unwritable {
+                path: out.display().to_string(),
+                source: std::io::Error::other("exists and is not a directory"),
+            });
+        }
+    }
+    let parent = parent_dir(out);
+    if !parent.is_dir() {
+        return Err(RunError::Unwritable {
+            path: parent.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        });
+    }
+    Ok(())
+}
+
+/// Write JSON to a temporary file beside `path`, then rename it over `path`.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RunError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    serde_json::to_writer_pretty(&mut f, value).map_err(|e| RunError::Io {
+        path: tmp.display().to_string(),
+        source: e.into(),
+    })?;
+    f.write_all(b"\n").map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A complete run directory, opened for reading.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Run {
+    /// Open a run directory; refuses a directory that is not a run or an incomplete run.
+    pub fn open(dir: &Path) -> Result<Run, RunError> {
+        let d = dir.display().to_string();
+        if !dir.is_dir() {
+            return Err(RunError::NotARun(d));
+        }
+        let p = dir.join(RUN_JSON);
+        let text = fs::read_to_string(&p).map_err(|_| RunError::NotARun(d.clone()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| RunError::BadManifest {
+                path: p.display().to_string(),
+                source,
+            })?;
+        if value.get("complete").and_then(|c| c.as_bool()) != Some(true) {
+            return Err(RunError::Incomplete(d));
+        }
+        let found = value
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
+        if found != SCHEMA_VERSION {
+            return Err(RunError::Schema {
+                path: p.display().to_string(),
+                found,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|source| RunError::BadManifest {
+                path: p.display().to_string(),
+                source,
+            })?;
+        if manifest.prompts.is_empty() {
+            return Err(RunError::NoPrompts(d));
+        }
+        Ok(Run {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    fn npy_err(p: &Path) -> impl FnOnce(ndarray_npy::ReadNpyError) -> RunError + '_ {
+        move |e| RunError::Npy {
+            path: p.display().to_string(),
+            msg: e.to_string(),
+        }
+    }
+
+    /// `[n_prompts, n_points, n_embd]` at the last prompt position.
+    pub fn last(&self) -> Result<Array3<f32>, RunError> {
+        let p = self.dir.join(LAST_NPY);
+        let a: Array2<f32> = ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
+        let (n, _) = a.dim();
+        let (pts, e) = (
+            self.manifest.capture.points.len(),
+            self.manifest.model.n_embd,
+        );
+        a.into_shape_with_order((n, pts, e))
+            .map_err(|e| RunError::Npy {
+                path: p.display().to_string(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// `[n_prompts, n_vocab]` next-token logits at the last prompt position.
+    pub fn logits(&self) -> Result<Array2<f32>, RunError> {
+        let p = self.dir.join(LOGITS_NPY);
+        ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))
+    }
+
+    /// A prompt's states `[n_points, n_positions, n_embd]` as f32 (f16 files are widened).
+    pub fn states(&self, index: usize) -> Result<Array3<f32>, RunError> {
+        let rec = &self.manifest.prompts[index];
+        let rel = rec.states_file.as_ref().ok_or_else(|| RunError::Npy {
+            path: self.dir.display().to_string(),
+            msg: "this run was written with --format csv: no NPY states".into(),
+        })?;
+        let p = self.dir.join(rel);
+        match self.manifest.capture.dtype {
+            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p)),
+            Dtype::F16 => {
+                let a: Array3<F16> = ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
+                Ok(a.mapv(|x| x.0.to_f32()))
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! NPY helpers on top of ndarray-npy: an f16 element type, and arrays written row by row.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use ndarray::{ArrayView, Dimension};
+use ndarray_npy::{ReadDataError, ReadableElement, WritableElement, WriteDataError};
+use py_literal::Value as PyValue;
+
+/// A half-precision float stored as numpy's `<f2`. ndarray-npy has no f16 element type, so we
+/// implement its public element traits for this newtype.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(transparent)]
+pub struct F16(pub half::f16);
+
+const F16_DESCR: &str = "<f2";
+
+impl WritableElement for F16 {
+    fn type_descriptor() -> PyValue {
+        PyValue::String(F16_DESCR.into())
+    }
+
+    fn write<W: io::Write>(&self, mut writer: W) -> Result<(), WriteDataError> {
+        writer.write_all(&self.0.to_le_bytes())?;
+        Ok(())
+    }
+
+    fn write_slice<W: io::Write>(slice: &[Self], mut writer: W) -> Result<(), WriteDataError> {
+        let bytes: Vec<u8> = slice.iter().flat_map(|x| x.0.to_le_bytes()).collect();
+        writer.write_all(&bytes)?;
+        Ok(())
+    }
+}
+
+impl ReadableElement for F16 {
+    fn read_to_end_exact_vec<R: io::Read>(
+        mut reader: R,
+        type_desc: &PyValue,
+        len: usize,
+    ) -> Result<Vec<Self>, ReadDataError> {
+        match type_desc {
+            PyValue::String(s) if s == F16_DESCR => {}
+            other => return Err(ReadDataError::WrongDescriptor(other.clone())),
+        }
+        let mut bytes = vec![0u8; len * 2];
+        reader.read_exact(&mut bytes).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ReadDataError::MissingData
+            } else {
+                ReadDataError::Io(e)
+            }
+        })?;
+        let mut extra = Vec::new();
+        reader.read_to_end(&mut extra)?;
+        if !extra.is_empty() {
+            return Err(ReadDataError::ExtraBytes(extra.len()));
+        }
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|b| F16(half::f16::from_le_bytes([b[0], b[1]])))
+            .collect())
+    }
+}
+
+/// A 2-D f32 `.npy` file `[n_rows, row_len]` created full of zeros (sparse where the file system
+/// allows) and filled row by row at its offset, so arrays larger than memory (the logits of
+/// thousands of prompts) stream to disk. The header comes from ndarray-npy's `write_zeroed_npy`.
+pub struct NpyRows {
+    file: File,
+    data_start: u64,
+    row_len: usize,
+    n_rows: usize,
+}
+
+impl NpyRows {
+    pub fn create(path: &Path, n_rows: usize, row_len: usize) -> io::Result<NpyRows> {
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        ndarray_npy::write_zeroed_npy::<f32, _>(&file, (n_rows, row_len))
+            .map_err(io::Error::other)?;
+        // write_zeroed_npy leaves the cursor right after the header.
+        let data_start = file.stream_position()?;
+        Ok(NpyRows {
+            file,
+            data_start,
+            row_len,
+            n_rows,
+        })
+    }
+
+    /// Write row `i` (any shape whose element count is the row length, e.g. `[n_points, n_embd]`).
+    pub fn set_row<D: Dimension>(
+        &mut self,
+        i: usize,
+        row: ArrayView<'_, f32, D>,
+    ) -> io::Result<()> {
+        assert!(
+            i < self.n_rows && row.len() == self.row_len,
+            "row {i} of {} with {} values",
+            self.n_rows,
+            row.len()
+        );
+        let bytes: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.file.seek(SeekFrom::Start(
+            self.data_start + (i * self.row_len * 4) as u64,
+        ))?;
+        self.file.write_all(&bytes)
+    }
+
+    pub fn finish(self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
