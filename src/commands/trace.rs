@@ -17,7 +17,9 @@ use crate::llama::gguf::Gguf;
 use crate::llama::model::{LoadOptions, Model};
 use crate::model_info::ModelFacts;
 use crate::prompts::{self, Prompt};
-use crate::run::{self, CaptureSettings, Manifest, PromptRecord, Provenance, RunWriter, Timings};
+use crate::run::{
+    self, CaptureSettings, Manifest, PromptRecord, Provenance, RunShape, RunWriter, Timings,
+};
 
 /// A prompt ready to trace.
 pub struct Prepared {
@@ -159,16 +161,13 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
 
     let mut tracer = Tracer::new(&model, cfg.clone())?;
     tracer.check_prompts(&token_lists)?;
-    let mut writer = RunWriter::create(
-        &args.output,
-        args.force,
-        prepared.len(),
-        points.len(),
-        model.n_embd(),
-        model.n_vocab(),
-        dtype,
-        format,
-    )?;
+    let shape = RunShape {
+        n_prompts: prepared.len(),
+        n_points: points.len(),
+        n_embd: model.n_embd(),
+        n_vocab: model.n_vocab(),
+    };
+    let mut writer = RunWriter::create(&args.output, args.force, shape, dtype, format)?;
 
     let total_tokens: usize = token_lists.iter().map(|t| t.len() + args.generate).sum();
     let pb = bar(total_tokens as u64, "tokens");

@@ -12,11 +12,14 @@ use std::sync::{Mutex, Once};
 
 const KEEP_LINES: usize = 400;
 
+/// Sees every complete log line (used to follow progress that llama.cpp only logs).
+pub type LogObserver = Box<dyn FnMut(&str) + Send>;
+
 struct LogState {
     verbose: bool,
     lines: VecDeque<String>,
     partial: String,
-    observer: Option<Box<dyn FnMut(&str) + Send>>,
+    observer: Option<LogObserver>,
 }
 
 static LOG: Mutex<LogState> = Mutex::new(LogState {
@@ -87,7 +90,7 @@ pub fn last_error_line() -> Option<String> {
 }
 
 /// Attach (or detach with `None`) an observer that sees every complete log line.
-pub fn set_log_observer(observer: Option<Box<dyn FnMut(&str) + Send>>) {
+pub fn set_log_observer(observer: Option<LogObserver>) {
     lock().observer = observer;
 }
 

@@ -37,7 +37,7 @@ fn c_str_to_string(p: *const c_char) -> String {
 
 /// Name of a ggml tensor type ("f32", "q4_K", ...), as ggml spells it.
 pub fn ggml_type_name(t: u32) -> String {
-    if t >= llama_cpp_sys_2::GGML_TYPE_COUNT as u32 {
+    if t >= llama_cpp_sys_2::GGML_TYPE_COUNT {
         return format!("type{t}");
     }
     // SAFETY: ggml_type_name accepts any valid ggml_type (checked above) and returns a static string.

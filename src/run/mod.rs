@@ -207,6 +207,15 @@ pub fn estimate_bytes(
     b
 }
 
+/// The sizes a run directory is laid out for.
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    pub n_prompts: usize,
+    pub n_points: usize,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+}
+
 /// Writes a run directory, prompt by prompt.
 pub struct RunWriter {
     final_dir: PathBuf,
@@ -227,13 +236,16 @@ impl RunWriter {
     pub fn create(
         out: &Path,
         force: bool,
-        n_prompts: usize,
-        n_points: usize,
-        n_embd: usize,
-        n_vocab: usize,
+        shape: RunShape,
         dtype: Dtype,
         format: Format,
     ) -> Result<RunWriter, RunError> {
+        let RunShape {
+            n_prompts,
+            n_points,
+            n_embd,
+            n_vocab,
+        } = shape;
         check_output(out, force)?;
         let parent = parent_dir(out);
         let name = out
@@ -254,9 +266,9 @@ impl RunWriter {
                 fs::create_dir(&d).map_err(io_err(&d))?;
             }
             let p = tmp_dir.join(LAST_NPY);
-            let last = NpyRows::create(&p, n_prompts, n_points * n_embd).map_err(io_err(&p))?;
+            let last = NpyRows::create(&p, &[n_prompts, n_points, n_embd]).map_err(io_err(&p))?;
             let p = tmp_dir.join(LOGITS_NPY);
-            let logits = NpyRows::create(&p, n_prompts, n_vocab).map_err(io_err(&p))?;
+            let logits = NpyRows::create(&p, &[n_prompts, n_vocab]).map_err(io_err(&p))?;
             let p = tmp_dir.join(TOKENS_CSV);
             let mut tokens_csv = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
                 path: p.display().to_string(),

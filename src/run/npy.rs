@@ -63,7 +63,7 @@ impl ReadableElement for F16 {
     }
 }
 
-/// A 2-D f32 `.npy` file `[n_rows, row_len]` created full of zeros (sparse where the file system
+/// An f32 `.npy` file of shape `[n_rows, ...]` created full of zeros (sparse where the file system
 /// allows) and filled row by row at its offset, so arrays larger than memory (the logits of
 /// thousands of prompts) stream to disk. The header comes from ndarray-npy's `write_zeroed_npy`.
 pub struct NpyRows {
@@ -74,13 +74,14 @@ pub struct NpyRows {
 }
 
 impl NpyRows {
-    pub fn create(path: &Path, n_rows: usize, row_len: usize) -> io::Result<NpyRows> {
+    pub fn create(path: &Path, shape: &[usize]) -> io::Result<NpyRows> {
+        let (n_rows, row_len) = (shape[0], shape[1..].iter().product());
         let mut file = File::options()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
-        ndarray_npy::write_zeroed_npy::<f32, _>(&file, (n_rows, row_len))
+        ndarray_npy::write_zeroed_npy::<f32, _>(&file, ndarray::IxDyn(shape))
             .map_err(io::Error::other)?;
         // write_zeroed_npy leaves the cursor right after the header.
         let data_start = file.stream_position()?;

@@ -1,0 +1,206 @@
+//! The `trace` and `inspect` commands end to end, and the run directory read back by numpy.
+
+use crate::common::*;
+use crate::require;
+use gguf_trace::run::Run;
+
+/// numpy (an independent reader) checks shapes and values against run.json and our own reader.
+const NUMPY_CHECK: &str = r#"
+import sys, json, csv
+import numpy as np
+d = sys.argv[1]
+m = json.load(open(f"{d}/run.json"))
+assert m["complete"] is True and m["schema_version"] == 1
+P = len(m["capture"]["points"]); E = m["model"]["n_embd"]; V = m["model"]["n_vocab"]; N = len(m["prompts"])
+last = np.load(f"{d}/last.npy"); logits = np.load(f"{d}/logits.npy")
+assert last.shape == (N, P, E) and last.dtype == np.float32, last.shape
+assert logits.shape == (N, V) and logits.dtype == np.float32
+out = {"sums": [], "last_match": True}
+for p in m["prompts"]:
+    s = np.load(f"{d}/{p['states_file']}")
+    assert s.shape == (P, len(p["positions"]), E), s.shape
+    j = p["positions"].index(p["n_prompt_tokens"] - 1)
+    out["last_match"] &= bool(np.array_equal(s[:, j, :].astype(np.float32), last[p["index"]]))
+    out["sums"].append(float(np.abs(s.astype(np.float64)).sum()))
+rows = list(csv.DictReader(open(f"{d}/tokens.csv")))
+assert len(rows) == sum(len(p["tokens"]) for p in m["prompts"])
+out["argmax"] = [int(i) for i in logits.argmax(axis=1)]
+print(json.dumps(out))
+"#;
+
+#[test]
+fn run_directory_is_what_the_readme_says() {
+    let path = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let pf = dir.path().join("prompts.jsonl");
+    std::fs::write(&pf, "{\"text\": \"The capital of France is\", \"label\": \"fact\", \"id\": \"paris\"}\n{\"text\": \"Water boils at\", \"label\": \"fact\"}\n").unwrap();
+    let out = dir.path().join("run");
+    let o = run_bin(&[
+        "trace",
+        "-m",
+        s(&path),
+        "-f",
+        s(&pf),
+        "-p",
+        "Hello",
+        "--generate",
+        "3",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        s(&out),
+        "stdout is just the run path"
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("estimated output"), "{stderr}");
+    // No leftovers beside the run.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("partial")), "{names:?}");
+
+    let run = Run::open(&out).unwrap();
+    let m = &run.manifest;
+    assert_eq!(m.prompts.len(), 3);
+    assert_eq!(m.prompts[0].id, "p0"); // -p prompts come first
+    assert_eq!(m.prompts[1].id, "paris");
+    assert_eq!(m.prompts[1].label.as_deref(), Some("fact"));
+    assert_eq!(m.prompts[2].id, "prompts:2");
+    assert_eq!(m.model.architecture, "llama");
+    assert_eq!(m.model.n_layer, 30);
+    assert_eq!(
+        m.provenance.model_sha256,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
+    assert_eq!(m.capture.point_tensors[0], "embd");
+    assert_eq!(m.capture.point_tensors[30], "l_out-29");
+    assert!(
+        m.prompts[1].generated_text.contains("Paris"),
+        "{}",
+        m.prompts[1].generated_text
+    );
+
+    let py: serde_json::Value = serde_json::from_str(&run_python(NUMPY_CHECK, &[s(&out)])).unwrap();
+    assert_eq!(
+        py["last_match"], true,
+        "last.npy is the last prompt position of the states files"
+    );
+    let logits = run.logits().unwrap();
+    for (i, rec) in m.prompts.iter().enumerate() {
+        let st = run.states(i).unwrap();
+        let ours: f64 = st.iter().map(|x| x.abs() as f64).sum();
+        let theirs = py["sums"][i].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() <= 1e-9 * theirs,
+            "numpy reads other values than we wrote"
+        );
+        assert_eq!(st.shape()[1], rec.positions.len());
+        let am = argmax_ref(logits.row(i).as_slice().unwrap());
+        assert_eq!(py["argmax"][i].as_u64().unwrap() as usize, am);
+        // The first generated token is the argmax of the stored logits.
+        assert_eq!(rec.tokens[rec.n_prompt_tokens] as usize, am);
+    }
+}
+
+#[test]
+fn f16_and_csv_formats_hold_the_same_states() {
+    let path = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("f32");
+    let b = dir.path().join("f16");
+    for (out, extra) in [(&a, vec!["--format", "both"]), (&b, vec!["--dtype", "f16"])] {
+        let mut args = vec![
+            "trace",
+            "-m",
+            s(&path),
+            "-p",
+            "Good morning",
+            "--points",
+            "0,15-16,30",
+            "-o",
+            s(out),
+        ];
+        args.extend(extra);
+        let o = run_bin(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ra = Run::open(&a).unwrap();
+    let rb = Run::open(&b).unwrap();
+    assert_eq!(ra.manifest.capture.points, vec![0, 15, 16, 30]);
+    let sa = ra.states(0).unwrap();
+    let sb = rb.states(0).unwrap();
+    let d = max_rel_diff(sa.view(), sb.view());
+    assert!(
+        d > 0.0 && d < 1e-3,
+        "f16 rounding should be small and non-zero: {d}"
+    );
+    // The CSV holds exactly the NPY values (shortest round-trip text, no rounding).
+    let mut rdr = csv::Reader::from_path(a.join("states.csv")).unwrap();
+    let hdr = rdr.headers().unwrap().clone();
+    assert_eq!(&hdr[0], "prompt");
+    assert_eq!(hdr.len(), 3 + 576);
+    let mut n = 0;
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        let point: usize = rec[1].parse().unwrap();
+        let pos: usize = rec[2].parse().unwrap();
+        let k = ra
+            .manifest
+            .capture
+            .points
+            .iter()
+            .position(|&p| p == point)
+            .unwrap();
+        let j = ra.manifest.prompts[0]
+            .positions
+            .iter()
+            .position(|&p| p == pos)
+            .unwrap();
+        for d in 0..576 {
+            let v: f32 = rec[3 + d].parse().unwrap();
+            assert_eq!(v, sa[[k, j, d]]);
+        }
+        n += 1;
+    }
+    assert_eq!(n, 4 * sa.shape()[1]);
+}
+
+#[test]
+fn inspect_reports_the_real_tensor_mix() {
+    for (name, arch, layers, width, ftype, template) in [
+        (SMOL, "llama", 30, 576, "Q4_1", true),
+        (GEMMA, "gemma3", 18, 640, "Q4_K - Medium", false),
+    ] {
+        let path = require!(model_path(name));
+        let o = run_bin(&["inspect", s(&path), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["architecture"], arch);
+        assert_eq!(v["n_layer"], layers);
+        assert_eq!(v["n_embd"], width);
+        assert_eq!(v["file_type"], ftype);
+        assert_eq!(v["has_chat_template"], template);
+        assert!(v["untraceable"].is_null());
+        let hist = v["tensor_types"].as_object().unwrap();
+        let total: u64 = hist.values().map(|n| n.as_u64().unwrap()).sum();
+        assert!(total > 100 && hist.contains_key("f32"));
+        let text = run_bin(&["inspect", s(&path)]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(text.contains("traceable     yes"), "{text}");
+    }
+}
+
+#[test]
+fn llama_cpp_sys_version_matches_cargo_lock() {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+    let pos = lock.find("name = \"llama-cpp-sys-2\"").unwrap();
+    let ver = lock[pos..].lines().nth(1).unwrap();
+    assert_eq!(
+        ver,
+        format!("version = \"{}\"", gguf_trace::llama::LLAMA_CPP_SYS_VERSION)
+    );
+}

@@ -1,0 +1,210 @@
+//! Test fixture: finds the models, loads each once per process, traces, runs the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use gguf_trace::capture::engine::{PromptTrace, TraceConfig, Tracer};
+use gguf_trace::chat::tokenize_prompt;
+use gguf_trace::llama::model::{LoadOptions, Model};
+
+pub const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("GGUF_TRACE_MODELS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("gguf-trace/models")
+        }
+    }
+}
+
+/// Path of a test model; None (skip) when missing, except under CI=true where it panics.
+pub fn model_path(name: &str) -> Option<PathBuf> {
+    let p = models_dir().join(name);
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!(
+            "test model {} is missing under CI; scripts/test fetches it",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipping: test model {} not found (run scripts/test to fetch it)",
+        p.display()
+    );
+    None
+}
+
+fn load(name: &str, cell: &'static OnceLock<Option<Model>>) -> Option<&'static Model> {
+    cell.get_or_init(|| {
+        let p = model_path(name)?;
+        Some(
+            Model::load(
+                &p,
+                LoadOptions {
+                    n_gpu_layers: 0,
+                    vocab_only: false,
+                },
+            )
+            .expect("test model loads"),
+        )
+    })
+    .as_ref()
+}
+
+pub fn smol() -> Option<&'static Model> {
+    static M: OnceLock<Option<Model>> = OnceLock::new();
+    load(SMOL, &M)
+}
+
+pub fn gemma() -> Option<&'static Model> {
+    static M: OnceLock<Option<Model>> = OnceLock::new();
+    load(GEMMA, &M)
+}
+
+/// Skip the test (return) when the model is unavailable outside CI.
+#[macro_export]
+macro_rules! require {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return,
+        }
+    };
+}
+
+pub fn tokens(model: &Model, texts: &[&str]) -> Vec<Vec<i32>> {
+    texts
+        .iter()
+        .map(|t| tokenize_prompt(model, t).unwrap())
+        .collect()
+}
+
+/// Trace token lists with the default config changed by `f`.
+pub fn trace_tokens(
+    model: &Model,
+    toks: &[Vec<i32>],
+    f: impl FnOnce(&mut TraceConfig),
+) -> Vec<PromptTrace> {
+    let mut cfg = TraceConfig::new(model);
+    cfg.threads = 2;
+    f(&mut cfg);
+    let mut tracer = Tracer::new(model, cfg).unwrap();
+    let mut out = Vec::new();
+    tracer
+        .trace(
+            toks,
+            |t| {
+                out.push(t);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    out
+}
+
+pub fn trace(model: &Model, texts: &[&str], f: impl FnOnce(&mut TraceConfig)) -> Vec<PromptTrace> {
+    trace_tokens(model, &tokens(model, texts), f)
+}
+
+/// Largest relative L2 error ‖a−b‖/‖a‖ over all state vectors (one per point and position) —
+/// one number for "same states".
+pub fn max_rel_diff(a: ndarray::ArrayView3<f32>, b: ndarray::ArrayView3<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let mut worst = 0f32;
+    for (ra, rb) in a
+        .lanes(ndarray::Axis(2))
+        .into_iter()
+        .zip(b.lanes(ndarray::Axis(2)))
+    {
+        let num: f64 = ra
+            .iter()
+            .zip(rb.iter())
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let den: f64 = ra
+            .iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-30);
+        worst = worst.max((num / den) as f32);
+    }
+    worst
+}
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gguf-trace"))
+}
+
+pub fn run_bin(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+pub fn python() -> Command {
+    Command::new(std::env::var_os("GGUF_TRACE_PYTHON").unwrap_or_else(|| "python3".into()))
+}
+
+/// Run a Python snippet with arguments; panics with its stderr on failure; returns stdout.
+pub fn run_python(code: &str, args: &[&str]) -> String {
+    let out = python()
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Assert a failed command printed exactly one `error:` line mentioning `needle`, exited non-zero
+/// (not by a signal), and left no run behind at `out` (if given).
+pub fn assert_clean_error(o: &Output, needle: &str, out: Option<&Path>) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        o.status.code().is_some(),
+        "killed by a signal (crash?): {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "error line {:?} does not mention {needle:?}",
+        lines[0]
+    );
+    if let Some(out) = out {
+        assert!(
+            !out.join("run.json").exists(),
+            "a run was left at {}",
+            out.display()
+        );
+    }
+}
+
+pub fn argmax_ref(v: &[f32]) -> usize {
+    gguf_trace::capture::engine::argmax(v)
+}

@@ -1,0 +1,11 @@
+//! The one integration test binary: real models through real llama.cpp.
+//!
+//! Models come from `$GGUF_TRACE_MODELS` (default `~/.cache/gguf-trace/models`, where
+//! `scripts/test` puts them). Without them a test is skipped locally but fails under `CI=true`.
+
+mod common;
+
+mod bad_input;
+mod capture;
+mod chat;
+mod cli_trace;
