@@ -66,9 +66,9 @@ ensure_python() {
     say "creating python venv in $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2' >/dev/null 2>&1; then
-    say "installing numpy, jinja2 into the venv"
-    "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2
+  if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2, gguf' >/dev/null 2>&1; then
+    say "installing numpy, jinja2, gguf into the venv"
+    "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2 gguf
   fi
 }
 

@@ -115,7 +115,7 @@ pub struct TraceArgs {
     pub n_gpu_layers: Option<i32>,
 
     /// Prompts decoded together as separate sequences of one batch.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub n_seq: usize,
 
     /// Largest number of tokens in one decode.

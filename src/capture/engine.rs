@@ -74,14 +74,14 @@ pub struct TraceConfig {
 }
 
 impl TraceConfig {
-    /// Defaults for a model: every point, every position, 8 sequences, 512-token batches.
+    /// Defaults for a model: every point, every position, 16 sequences, 512-token batches.
     pub fn new(model: &Model) -> TraceConfig {
         TraceConfig {
             positions: Positions::All,
             points: (0..=model.n_layer()).collect(),
             generate: 0,
             ctx: 512,
-            n_seq: 8,
+            n_seq: 16,
             n_batch: 512,
             n_ubatch: 512,
             threads: default_threads(),

@@ -1,0 +1,99 @@
+//! Benchmarks behind `scripts/bench` (not a test): ratios measured in one run on one loaded
+//! model, alternating the variants and taking medians, since these machines are noisy.
+//!
+//! Usage: cargo run --release --example bench -- MODEL.gguf [MODEL2.gguf ...]
+//! Prints `name: value unit` lines, readable by a script.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use gguf_trace::capture::engine::{default_threads, Positions, TraceConfig, Tracer};
+use gguf_trace::capture::plain;
+use gguf_trace::chat::tokenize_prompt;
+use gguf_trace::llama::context::{Context, ContextParams};
+use gguf_trace::llama::model::{LoadOptions, Model};
+
+const REPS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn prompts(n: usize) -> Vec<String> {
+    let subjects = ["the ocean", "a violin", "the moon", "bread", "a glacier", "chess", "a library", "rain"];
+    (0..n).map(|i| format!("Tell me one surprising fact about {} and why it matters (#{i}).", subjects[i % subjects.len()])).collect()
+}
+
+fn trace_time(model: &Model, toks: &[Vec<i32>], f: impl Fn(&mut TraceConfig)) -> f64 {
+    let mut cfg = TraceConfig::new(model);
+    f(&mut cfg);
+    let mut tracer = Tracer::new(model, cfg).unwrap();
+    let t = Instant::now();
+    tracer.trace(toks, |_| Ok(()), |_| {}).unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+/// Untraced decode of the same prompts in the same groups; `embeddings` switches embeddings mode.
+fn plain_time(model: &Model, toks: &[Vec<i32>], n_seq: usize, output_all: bool, embeddings: bool) -> f64 {
+    let mut ctx = Context::new(model, ContextParams {
+        n_ctx: (512 * n_seq) as u32,
+        n_batch: 512,
+        n_ubatch: 512,
+        n_seq_max: n_seq as u32,
+        n_threads: default_threads(),
+        embeddings,
+        capture: None,
+    })
+    .unwrap();
+    let t = Instant::now();
+    plain::decode_prompts(&mut ctx, toks, n_seq, 512, output_all).unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
+    gguf_trace::llama::backend::init(false);
+    for path in paths {
+        let model = Model::load(&path, LoadOptions { n_gpu_layers: 0, vocab_only: false }).expect("model loads");
+        let name = model.meta("general.architecture").unwrap_or_default();
+        let texts = prompts(64);
+        let toks: Vec<Vec<i32>> = texts.iter().map(|t| tokenize_prompt(&model, t).unwrap()).collect();
+        let n_tokens: usize = toks.iter().map(Vec::len).sum();
+        let set = &toks[..16];
+        let n_seq = TraceConfig::new(&model).n_seq;
+        // Warm up (page in the weights, build graphs).
+        plain_time(&model, set, 8, true, false);
+        trace_time(&model, set, |_| {});
+
+        let (mut traced_all, mut traced_last, mut plain_all, mut plain_last, mut embd_all) = (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..REPS {
+            traced_all.push(trace_time(&model, set, |_| {}));
+            plain_all.push(plain_time(&model, set, 8, true, false));
+            traced_last.push(trace_time(&model, set, |c| c.positions = Positions::Last));
+            plain_last.push(plain_time(&model, set, 8, false, false));
+            embd_all.push(plain_time(&model, set, 8, true, true));
+        }
+        let (ta, pa, tl, pl, ea) = (median(traced_all), median(plain_all), median(traced_last), median(plain_last), median(embd_all));
+        println!("[{name}] {} prompts, {} tokens, {} threads", set.len(), set.iter().map(Vec::len).sum::<usize>(), default_threads());
+        println!("{name} traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
+        println!("{name} traced_last_vs_plain_last_token: {:.3} x", tl / pl);
+        println!("{name} traced_all_vs_plain_last_token: {:.3} x", ta / pl);
+        println!("{name} untraced_all_outputs_vs_last_token: {:.3} x", pa / pl);
+        println!("{name} embeddings_mode_all_outputs_vs_last_token: {:.3} x", ea / pl);
+
+        let (mut batched, mut single) = (vec![], vec![]);
+        for _ in 0..3 {
+            batched.push(trace_time(&model, &toks, |c| c.positions = Positions::Last));
+            single.push(trace_time(&model, &toks, |c| {
+                c.positions = Positions::Last;
+                c.n_seq = 1;
+            }));
+        }
+        let (b, s) = (median(batched), median(single));
+        println!("{name} prompts_per_s_batched: {:.1} prompts/s ({} prompts, {n_tokens} tokens, {n_seq} sequences per batch)", toks.len() as f64 / b, toks.len());
+        println!("{name} prompts_per_s_one_at_a_time: {:.1} prompts/s", toks.len() as f64 / s);
+        println!("{name} batched_vs_one_at_a_time_speedup: {:.2} x", s / b);
+    }
+}
