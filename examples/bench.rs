@@ -21,8 +21,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn prompts(n: usize) -> Vec<String> {
-    let subjects = ["the ocean", "a violin", "the moon", "bread", "a glacier", "chess", "a library", "rain"];
-    (0..n).map(|i| format!("Tell me one surprising fact about {} and why it matters (#{i}).", subjects[i % subjects.len()])).collect()
+    let subjects = [
+        "the ocean",
+        "a violin",
+        "the moon",
+        "bread",
+        "a glacier",
+        "chess",
+        "a library",
+        "rain",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "Tell me one surprising fact about {} and why it matters (#{i}).",
+                subjects[i % subjects.len()]
+            )
+        })
+        .collect()
 }
 
 fn trace_time(model: &Model, toks: &[Vec<i32>], f: impl Fn(&mut TraceConfig)) -> f64 {
@@ -35,16 +51,25 @@ fn trace_time(model: &Model, toks: &[Vec<i32>], f: impl Fn(&mut TraceConfig)) ->
 }
 
 /// Untraced decode of the same prompts in the same groups; `embeddings` switches embeddings mode.
-fn plain_time(model: &Model, toks: &[Vec<i32>], n_seq: usize, output_all: bool, embeddings: bool) -> f64 {
-    let mut ctx = Context::new(model, ContextParams {
-        n_ctx: (512 * n_seq) as u32,
-        n_batch: 512,
-        n_ubatch: 512,
-        n_seq_max: n_seq as u32,
-        n_threads: default_threads(),
-        embeddings,
-        capture: None,
-    })
+fn plain_time(
+    model: &Model,
+    toks: &[Vec<i32>],
+    n_seq: usize,
+    output_all: bool,
+    embeddings: bool,
+) -> f64 {
+    let mut ctx = Context::new(
+        model,
+        ContextParams {
+            n_ctx: (512 * n_seq) as u32,
+            n_batch: 512,
+            n_ubatch: 512,
+            n_seq_max: n_seq as u32,
+            n_threads: default_threads(),
+            embeddings,
+            capture: None,
+        },
+    )
     .unwrap();
     let t = Instant::now();
     plain::decode_prompts(&mut ctx, toks, n_seq, 512, output_all).unwrap();
@@ -56,10 +81,20 @@ fn main() {
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init(false);
     for path in paths {
-        let model = Model::load(&path, LoadOptions { n_gpu_layers: 0, vocab_only: false }).expect("model loads");
+        let model = Model::load(
+            &path,
+            LoadOptions {
+                n_gpu_layers: 0,
+                vocab_only: false,
+            },
+        )
+        .expect("model loads");
         let name = model.meta("general.architecture").unwrap_or_default();
         let texts = prompts(64);
-        let toks: Vec<Vec<i32>> = texts.iter().map(|t| tokenize_prompt(&model, t).unwrap()).collect();
+        let toks: Vec<Vec<i32>> = texts
+            .iter()
+            .map(|t| tokenize_prompt(&model, t).unwrap())
+            .collect();
         let n_tokens: usize = toks.iter().map(Vec::len).sum();
         let set = &toks[..16];
         let n_seq = TraceConfig::new(&model).n_seq;
@@ -67,7 +102,8 @@ fn main() {
         plain_time(&model, set, 8, true, false);
         trace_time(&model, set, |_| {});
 
-        let (mut traced_all, mut traced_last, mut plain_all, mut plain_last, mut embd_all) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut traced_all, mut traced_last, mut plain_all, mut plain_last, mut embd_all) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPS {
             traced_all.push(trace_time(&model, set, |_| {}));
             plain_all.push(plain_time(&model, set, 8, true, false));
@@ -75,13 +111,33 @@ fn main() {
             plain_last.push(plain_time(&model, set, 8, false, false));
             embd_all.push(plain_time(&model, set, 8, true, true));
         }
-        let (ta, pa, tl, pl, ea) = (median(traced_all), median(plain_all), median(traced_last), median(plain_last), median(embd_all));
-        println!("[{name}] {} prompts, {} tokens, {} threads", set.len(), set.iter().map(Vec::len).sum::<usize>(), default_threads());
-        println!("{name} traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
+        let (ta, pa, tl, pl, ea) = (
+            median(traced_all),
+            median(plain_all),
+            median(traced_last),
+            median(plain_last),
+            median(embd_all),
+        );
+        println!(
+            "[{name}] {} prompts, {} tokens, {} threads",
+            set.len(),
+            set.iter().map(Vec::len).sum::<usize>(),
+            default_threads()
+        );
+        println!(
+            "{name} traced_all_vs_untraced_same_outputs: {:.3} x",
+            ta / pa
+        );
         println!("{name} traced_last_vs_plain_last_token: {:.3} x", tl / pl);
         println!("{name} traced_all_vs_plain_last_token: {:.3} x", ta / pl);
-        println!("{name} untraced_all_outputs_vs_last_token: {:.3} x", pa / pl);
-        println!("{name} embeddings_mode_all_outputs_vs_last_token: {:.3} x", ea / pl);
+        println!(
+            "{name} untraced_all_outputs_vs_last_token: {:.3} x",
+            pa / pl
+        );
+        println!(
+            "{name} embeddings_mode_all_outputs_vs_last_token: {:.3} x",
+            ea / pl
+        );
 
         let (mut batched, mut single) = (vec![], vec![]);
         for _ in 0..3 {
@@ -93,7 +149,10 @@ fn main() {
         }
         let (b, s) = (median(batched), median(single));
         println!("{name} prompts_per_s_batched: {:.1} prompts/s ({} prompts, {n_tokens} tokens, {n_seq} sequences per batch)", toks.len() as f64 / b, toks.len());
-        println!("{name} prompts_per_s_one_at_a_time: {:.1} prompts/s", toks.len() as f64 / s);
+        println!(
+            "{name} prompts_per_s_one_at_a_time: {:.1} prompts/s",
+            toks.len() as f64 / s
+        );
         println!("{name} batched_vs_one_at_a_time_speedup: {:.2} x", s / b);
     }
 }
