@@ -40,6 +40,21 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run prompts through a model and capture the residual stream at every point and position.
     Trace(TraceArgs),
+    /// Turn run directories into one standalone interactive HTML report (plus CSVs of its numbers).
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories written by `trace` (several runs or models go into one report).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    pub runs: Vec<PathBuf>,
+    /// The HTML file to write; CSVs of the numbers are written beside it.
+    #[arg(short, long, value_name = "report.html")]
+    pub output: PathBuf,
+    /// Page title.
+    #[arg(long, value_name = "T")]
+    pub title: Option<String>,
 }
 
 #[derive(Debug, Args)]

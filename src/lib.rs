@@ -1,6 +1,7 @@
 //! gguf-trace: capture the residual stream of GGUF models through llama.cpp, write it as a run
 //! directory, and analyse and report it. See ARCHITECTURE in the README for a map of the modules.
 
+pub mod analysis;
 pub mod capture;
 pub mod chat;
 pub mod cli;
@@ -8,4 +9,5 @@ pub mod commands;
 pub mod llama;
 pub mod model_info;
 pub mod prompts;
+pub mod report;
 pub mod run;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a, &mut out),
         Command::Trace(a) => commands::trace::run(a, &mut out),
+        Command::Report(a) => commands::report::run(a, &mut out),
     };
     let _ = out.flush();
     match result {

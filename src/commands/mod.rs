@@ -1,6 +1,7 @@
 //! The commands behind the CLI: option validation, progress output, and calls into the library.
 
 pub mod inspect;
+pub mod report;
 pub mod trace;
 
 use std::io::Read;

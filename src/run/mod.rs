@@ -14,6 +14,7 @@
 //! that looks complete.
 
 pub mod npy;
+pub mod synthetic;
 
 use std::fs;
 use std::io::Write;
@@ -547,17 +548,7 @@ impl Run {
     /// `[n_prompts, n_points, n_embd]` at the last prompt position.
     pub fn last(&self) -> Result<Array3<f32>, RunError> {
         let p = self.dir.join(LAST_NPY);
-        let a: Array2<f32> = ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
-        let (n, _) = a.dim();
-        let (pts, e) = (
-            self.manifest.capture.points.len(),
-            self.manifest.model.n_embd,
-        );
-        a.into_shape_with_order((n, pts, e))
-            .map_err(|e| RunError::Npy {
-                path: p.display().to_string(),
-                msg: e.to_string(),
-            })
+        ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))
     }
 
     /// `[n_prompts, n_vocab]` next-token logits at the last prompt position.

@@ -9,3 +9,4 @@ mod bad_input;
 mod capture;
 mod chat;
 mod cli_trace;
+mod report;

@@ -1,0 +1,152 @@
+//! The report's numbers as CSV beside it, one table shape per file:
+//! - `<stem>.metrics.csv`: per run, prompt and point — the per-trajectory metrics and PCA coordinates;
+//! - `<stem>.groups.csv`: per run, label and point — A, centered A, funnel width;
+//! - `<stem>.delta.csv`: per run and point — ΔA between the first two labels.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+
+use super::view::RunView;
+use crate::analysis::metrics::TrajectoryMetrics;
+
+/// Paths of the CSV files written beside `report`.
+pub fn paths(report: &Path) -> [PathBuf; 3] {
+    let stem = report
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    let dir = report
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    [
+        dir.join(format!("{stem}.metrics.csv")),
+        dir.join(format!("{stem}.groups.csv")),
+        dir.join(format!("{stem}.delta.csv")),
+    ]
+}
+
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        x.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// Write the three CSVs (each to a temporary file, then renamed into place).
+pub fn write(report: &Path, views: &[RunView]) -> Result<()> {
+    let [mp, gp, dp] = paths(report);
+    write_atomic(&mp, |w| {
+        let mut h = vec!["run", "model", "prompt", "id", "label", "point", "depth"];
+        h.extend(TrajectoryMetrics::NAMES);
+        h.extend(["pc1", "pc2", "pc3"]);
+        w.write_record(&h)?;
+        for v in views {
+            let depth = v.depth();
+            for (i, m) in v.metrics.iter().enumerate() {
+                let rec = &v.run.manifest.prompts[i];
+                for (k, &p) in v.points.iter().enumerate() {
+                    let mut r = vec![
+                        v.run.dir.display().to_string(),
+                        v.run.manifest.model.file_name.clone(),
+                        i.to_string(),
+                        rec.id.clone(),
+                        v.labels[i].clone(),
+                        p.to_string(),
+                        depth[k].to_string(),
+                    ];
+                    r.extend(TrajectoryMetrics::NAMES.iter().map(|n| num(m.get(n)[k])));
+                    r.extend((0..3).map(|c| {
+                        if c < v.proj.shape()[2] {
+                            num(v.proj[[i, k, c]])
+                        } else {
+                            String::new()
+                        }
+                    }));
+                    w.write_record(&r)?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    write_atomic(&gp, |w| {
+        w.write_record([
+            "run",
+            "model",
+            "label",
+            "n",
+            "point",
+            "depth",
+            "alignment",
+            "alignment_centered",
+            "funnel_width",
+        ])?;
+        for v in views {
+            let depth = v.depth();
+            for g in &v.groups {
+                for (k, &p) in v.points.iter().enumerate() {
+                    w.write_record([
+                        v.run.dir.display().to_string(),
+                        v.run.manifest.model.file_name.clone(),
+                        g.label.clone(),
+                        g.members.len().to_string(),
+                        p.to_string(),
+                        depth[k].to_string(),
+                        num(g.alignment[k]),
+                        num(g.alignment_centered[k]),
+                        num(g.funnel_width[k]),
+                    ])?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    write_atomic(&dp, |w| {
+        w.write_record([
+            "run",
+            "model",
+            "group_a",
+            "group_b",
+            "point",
+            "depth",
+            "delta_a",
+            "delta_a_centered",
+        ])?;
+        for v in views {
+            if let Some(d) = &v.delta {
+                let depth = v.depth();
+                for (k, &p) in v.points.iter().enumerate() {
+                    w.write_record([
+                        v.run.dir.display().to_string(),
+                        v.run.manifest.model.file_name.clone(),
+                        d.a.clone(),
+                        d.b.clone(),
+                        p.to_string(),
+                        depth[k].to_string(),
+                        num(d.delta[k]),
+                        num(d.delta_centered[k]),
+                    ])?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn write_atomic(
+    path: &Path,
+    body: impl FnOnce(&mut csv::Writer<std::fs::File>) -> Result<(), csv::Error>,
+) -> Result<()> {
+    let tmp = path.with_extension("csv.tmp");
+    let mut w =
+        csv::Writer::from_path(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    body(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(w);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

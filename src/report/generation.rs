@@ -1,0 +1,108 @@
+//! Generation runs (`--generate`): the last-point trajectory over generated tokens and its turns.
+
+use plotly::common::{Line, Marker, Mode, Title};
+use plotly::layout::Axis;
+use plotly::{Layout, Plot, Scatter};
+
+use super::trajectories::html_escape;
+use super::view::RunView;
+use super::{color, Figure, Section};
+use crate::analysis::metrics;
+
+/// Prompts drawn in the generation figures.
+const MAX_GEN: usize = 8;
+
+pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+    let m = &v.run.manifest;
+    if m.capture.generate == 0 {
+        return None;
+    }
+    let mut path = Plot::new();
+    let mut turn = Plot::new();
+    let mut texts = Vec::new();
+    let kp = v.points.len() - 1;
+    for (n, rec) in m
+        .prompts
+        .iter()
+        .filter(|p| p.states_file.is_some() && p.tokens.len() > p.n_prompt_tokens)
+        .take(MAX_GEN)
+        .enumerate()
+    {
+        let Ok(states) = v.run.states(rec.index) else {
+            continue;
+        };
+        // Steps: the last prompt position, then each generated token.
+        let cols: Vec<usize> = rec
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|(_, &p)| p + 1 >= rec.n_prompt_tokens)
+            .map(|(j, _)| j)
+            .collect();
+        let h = states
+            .select(ndarray::Axis(1), &cols)
+            .index_axis(ndarray::Axis(0), kp)
+            .to_owned();
+        let proj = v.pca.transform(h.view());
+        let steps: Vec<usize> = (0..cols.len()).collect();
+        let hover: Vec<String> = cols
+            .iter()
+            .map(|&j| html_escape(&rec.pieces[rec.positions[j]]))
+            .collect();
+        path.add_trace(
+            Scatter::new(
+                proj.column(0).to_vec(),
+                proj.column(1.min(proj.ncols() - 1)).to_vec(),
+            )
+            .mode(Mode::LinesMarkers)
+            .line(Line::new().color(color(n)).width(2.0))
+            .marker(Marker::new().size(6))
+            .hover_text_array(hover)
+            .name(rec.id.as_str()),
+        );
+        let t = metrics::trajectory(h.view());
+        turn.add_trace(
+            Scatter::new(steps, t.turn_deg)
+                .mode(Mode::LinesMarkers)
+                .line(Line::new().color(color(n)).width(2.0))
+                .name(rec.id.as_str()),
+        );
+        texts.push(format!(
+            "<b>{}</b>: {}<i>{}</i>",
+            html_escape(&rec.id),
+            html_escape(&rec.text),
+            html_escape(&rec.generated_text)
+        ));
+    }
+    if texts.is_empty() {
+        return None;
+    }
+    path.set_layout(
+        Layout::new()
+            .height(480)
+            .x_axis(Axis::new().title(Title::with_text("PC1")))
+            .y_axis(Axis::new().title(Title::with_text("PC2"))),
+    );
+    turn.set_layout(
+        Layout::new()
+            .height(400)
+            .x_axis(Axis::new().title(Title::with_text("step (0 = last prompt token)")))
+            .y_axis(Axis::new().title(Title::with_text("turning angle (degrees)"))),
+    );
+    Some(Section {
+        title: format!("{prefix}Generation"),
+        note: texts.join("<br>"),
+        figures: vec![
+            Figure {
+                title: "Last-point trajectory over generated tokens".into(),
+                caption: format!("The state at point {} for the last prompt token and each greedily generated token, in this model's PCA basis. Hover for the token.", v.points[kp]),
+                plot: path,
+            },
+            Figure {
+                title: "Turning angle per generation step".into(),
+                caption: "Angle between consecutive steps of that path, in the full hidden dimension: spikes are where the continuation changes course (a new clause, a refusal, a topic switch).".into(),
+                plot: turn,
+            },
+        ],
+    })
+}

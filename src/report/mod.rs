@@ -1,0 +1,73 @@
+//! The HTML report: one self-contained page, plotly.js embedded once, one file per section.
+//!
+//! `build` turns run views into sections of figures; `page` lays them out with a minijinja
+//! template; `csv` writes the numbers beside the report.
+
+pub mod csv_out;
+pub mod generation;
+pub mod groups;
+pub mod layers;
+pub mod page;
+pub mod tokens;
+pub mod trajectories;
+pub mod view;
+
+use plotly::Plot;
+
+use view::RunView;
+
+/// Most trajectories drawn in one figure; beyond that every k-th prompt is drawn (the CSVs keep
+/// every prompt) and the caption says so.
+pub const MAX_DRAWN: usize = 300;
+
+/// Categorical colours, one per label.
+pub const PALETTE: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+pub fn color(i: usize) -> &'static str {
+    PALETTE[i % PALETTE.len()]
+}
+
+/// One figure of the report.
+pub struct Figure {
+    pub title: String,
+    /// "How to read this": a few sentences under the figure.
+    pub caption: String,
+    pub plot: Plot,
+}
+
+/// A section: a heading, an optional note, figures.
+pub struct Section {
+    pub title: String,
+    pub note: String,
+    pub figures: Vec<Figure>,
+}
+
+/// Every section of the report for these runs.
+pub fn build(views: &[RunView]) -> Vec<Section> {
+    let mut sections = Vec::new();
+    for v in views {
+        let prefix = if views.len() > 1 {
+            format!("{} — ", v.name)
+        } else {
+            String::new()
+        };
+        sections.push(trajectories::section(v, &prefix));
+        sections.push(layers::section(v, &prefix));
+        if let Some(s) = groups::section(v, &prefix) {
+            sections.push(s);
+        }
+        if let Some(s) = tokens::section(v, &prefix) {
+            sections.push(s);
+        }
+        if let Some(s) = generation::section(v, &prefix) {
+            sections.push(s);
+        }
+    }
+    if views.len() > 1 {
+        sections.push(layers::compare_section(views));
+    }
+    sections
+}

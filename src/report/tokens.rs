@@ -1,0 +1,63 @@
+//! Per-token view of one prompt: relative step size over (point × position).
+
+use plotly::common::{ColorScale, ColorScalePalette, Title};
+use plotly::layout::Axis;
+use plotly::{HeatMap, Layout, Plot};
+
+use super::trajectories::html_escape;
+use super::view::RunView;
+use super::{Figure, Section};
+use crate::analysis::metrics;
+
+pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+    let prompts = &v.run.manifest.prompts;
+    // The first prompt with several stored positions and an NPY states file.
+    let i = prompts
+        .iter()
+        .position(|p| p.positions.len() > 1 && p.states_file.is_some())?;
+    let states = v.run.states(i).ok()?;
+    let rec = &prompts[i];
+    let n_pts = states.shape()[0];
+    let cols: Vec<Vec<f64>> = (0..states.shape()[1])
+        .map(|t| metrics::trajectory(states.slice(ndarray::s![.., t, ..])).rel_step)
+        .collect();
+    // z[k][t] for k = 0..n_pts-1 (the step out of point k).
+    let z: Vec<Vec<f64>> = (0..n_pts - 1)
+        .map(|k| cols.iter().map(|c| c[k]).collect())
+        .collect();
+    let labels: Vec<String> = rec
+        .positions
+        .iter()
+        .map(|&p| format!("{p}: {}", html_escape(&rec.pieces[p].replace('\n', "⏎"))))
+        .collect();
+    let ys: Vec<String> = v.points[..n_pts - 1]
+        .iter()
+        .map(|p| format!("{p}→{}", p + 1))
+        .collect();
+    let mut plot = Plot::new();
+    plot.add_trace(
+        HeatMap::new(labels, ys, z)
+            .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+            .name("relative step"),
+    );
+    plot.set_layout(
+        Layout::new()
+            .height(560)
+            .x_axis(
+                Axis::new()
+                    .title(Title::with_text("position: token"))
+                    .tick_angle(-45.0),
+            )
+            .y_axis(Axis::new().title(Title::with_text("step out of point"))),
+    );
+    let text: String = rec.text.chars().take(120).collect();
+    Some(Section {
+        title: format!("{prefix}Per token"),
+        note: format!("Prompt {} ({}): “{}”", rec.index, html_escape(&rec.id), html_escape(&text)),
+        figures: vec![Figure {
+            title: "Relative step size per token and block".into(),
+            caption: "Each cell is ‖h(p+1) − h(p)‖ / ‖h(p)‖ for one token position (column) and one block (row): how much that block rewrites that token's state. Bright rows are blocks that work hard on every token; bright cells at single tokens show where a block attends to something specific.".into(),
+            plot,
+        }],
+    })
+}

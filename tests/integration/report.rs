@@ -1,0 +1,323 @@
+//! `report`: analysis against numpy, and the page rendered in a real headless Chromium.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::*;
+use crate::require;
+
+/// The Chromium binary, or None (skip) outside CI.
+fn chromium() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var("GGUF_TRACE_CHROMIUM").unwrap_or_default(),
+        "chromium".into(),
+        "chromium-browser".into(),
+        "google-chrome".into(),
+    ];
+    for c in candidates.iter().filter(|c| !c.is_empty()) {
+        if Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(PathBuf::from(c));
+        }
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("chromium is missing under CI; scripts/test installs it");
+    }
+    eprintln!("skipping: no chromium found");
+    None
+}
+
+/// Headless Chromium with the network off (every host unresolvable, a dead proxy) and software WebGL.
+fn chrome(bin: &Path, profile: &Path) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=http://127.0.0.1:9",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--virtual-time-budget=30000",
+    ]);
+    c.arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// Open the report, return (figures declared, figures rendered, errors), and save a screenshot.
+fn render_in_chromium(report: &Path, shot: &Path) -> Option<(usize, usize, Vec<String>)> {
+    let bin = chromium()?;
+    let html = std::fs::read_to_string(report).unwrap();
+    let declared: usize = html
+        .split("name=\"gguf-trace-figures\" content=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", report.canonicalize().unwrap().display());
+    let out = chrome(&bin, profile.path())
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let status = dom
+        .split("id=\"gguf-trace-status\"")
+        .nth(1)
+        .expect("status element");
+    let attr = |name: &str| -> String {
+        let v = status
+            .split(&format!("{name}=\""))
+            .nth(1)
+            .unwrap_or_else(|| panic!("the page did not finish its self-check ({name} missing)"));
+        v.split('"')
+            .next()
+            .unwrap()
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&")
+    };
+    let rendered: usize = attr("data-rendered").parse().unwrap();
+    let errors: Vec<String> = serde_json::from_str(&attr("data-errors")).unwrap();
+    let plots_in_dom = dom.matches("js-plotly-plot").count();
+    assert!(plots_in_dom >= rendered);
+    let profile2 = tempfile::tempdir().unwrap();
+    let o = chrome(&bin, profile2.path())
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1300,2600")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && shot.exists(), "no screenshot");
+    Some((declared, rendered, errors))
+}
+
+fn assert_offline(html: &str) {
+    for tag in ["<script", "<link"] {
+        for part in html.split(tag).skip(1) {
+            let head = &part[..part.find('>').unwrap_or(part.len())];
+            for attr in ["src=", "href="] {
+                if let Some(v) = head.split(attr).nth(1) {
+                    let v = v.trim_start_matches(['"', '\'']);
+                    assert!(
+                        !v.starts_with("http") && !v.starts_with("//"),
+                        "{tag} points at the network: {head}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn trace_cli(model: &Path, args: &[&str], out: &Path) {
+    let mut a = vec!["trace", "-m", s(model), "-o", s(out)];
+    a.extend(args);
+    let o = run_bin(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn report_of_real_runs_renders_offline_with_every_figure() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let funnel = dir.path().join("funnel");
+    let facts = dir.path().join("facts");
+    trace_cli(
+        &model,
+        &[
+            "-f",
+            s(&root.join("prompts/paraphrases.txt")),
+            "-f",
+            s(&root.join("prompts/unrelated.txt")),
+        ],
+        &funnel,
+    );
+    trace_cli(
+        &model,
+        &[
+            "-f",
+            s(&root.join("prompts/facts.jsonl")),
+            "--generate",
+            "6",
+        ],
+        &facts,
+    );
+    let report = dir.path().join("report.html");
+    let o = run_bin(&[
+        "report",
+        s(&funnel),
+        s(&facts),
+        "-o",
+        s(&report),
+        "--title",
+        "test report",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert_offline(&html);
+    let declared: usize = html
+        .split("name=\"gguf-trace-figures\" content=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        html.matches("Plotly.newPlot(").count(),
+        declared,
+        "one plot call per declared figure"
+    );
+    assert!(
+        html.contains("MIT License") && html.contains("Apache License"),
+        "licence notices"
+    );
+    assert_eq!(html.matches("<title>test report</title>").count(), 1);
+    // plotly.js is embedded once, not once per figure.
+    assert!(html.len() < 12_000_000, "report is {} bytes", html.len());
+    for csv in [
+        "report.metrics.csv",
+        "report.groups.csv",
+        "report.delta.csv",
+    ] {
+        assert!(dir.path().join(csv).exists(), "{csv}");
+    }
+    let shot = dir.path().join("report.png");
+    let (declared, rendered, errors) = require!(render_in_chromium(&report, &shot));
+    eprintln!("screenshot: {}", shot.display());
+    assert!(declared >= 20, "{declared}");
+    assert_eq!(rendered, declared, "every declared figure renders");
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+#[test]
+fn report_of_2000_prompts_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("big");
+    gguf_trace::run::synthetic::write(&run, 2000, 30, 576, &["a", "b", "c"], 7).unwrap();
+    let report = dir.path().join("big.html");
+    let t = std::time::Instant::now();
+    let o = run_bin(&["report", s(&run), "-o", s(&report)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("report of 2000 prompts: {:.1} s", t.elapsed().as_secs_f64());
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        html.contains("Showing 286 of 2000 prompts"),
+        "the drawing is thinned and says so"
+    );
+    // The CSV keeps every prompt: 2000 prompts × 31 points.
+    let rows = std::fs::read_to_string(dir.path().join("big.metrics.csv"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(rows, 1 + 2000 * 31);
+    let shot = dir.path().join("big.png");
+    let (declared, rendered, errors) = require!(render_in_chromium(&report, &shot));
+    assert_eq!(rendered, declared);
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// Our PCA (covariance eigen-decomposition) agrees with numpy's SVD of the centred data.
+#[test]
+fn pca_of_a_real_run_agrees_with_numpy_svd() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    trace_cli(
+        &model,
+        &[
+            "-f",
+            s(&root.join("prompts/paraphrases.txt")),
+            "--positions",
+            "last",
+        ],
+        &run,
+    );
+    let r = gguf_trace::run::Run::open(&run).unwrap();
+    let last = r.last().unwrap();
+    let (n, p, d) = last.dim();
+    let flat = last.view().into_shape_with_order((n * p, d)).unwrap();
+    let pca = gguf_trace::analysis::pca::Pca::fit(flat, 3).unwrap();
+    let code = r#"
+import sys, json, numpy as np
+x = np.load(sys.argv[1]).astype(np.float64)
+x = x.reshape(-1, x.shape[-1]); x = x - x.mean(axis=0)
+u, s, vt = np.linalg.svd(x, full_matrices=False)
+var = s**2 / (len(x) - 1)
+print(json.dumps({"ratio": (var[:3] / var.sum()).tolist(), "vt": vt[:3].tolist()}))
+"#;
+    let py: serde_json::Value =
+        serde_json::from_str(&run_python(code, &[s(&run.join("last.npy"))])).unwrap();
+    for c in 0..3 {
+        let ratio = py["ratio"][c].as_f64().unwrap();
+        assert!(
+            (pca.explained_ratio[c] - ratio).abs() < 1e-6,
+            "component {c}: {} vs numpy {ratio}",
+            pca.explained_ratio[c]
+        );
+        let v: Vec<f64> = py["vt"][c]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let dot: f64 = v
+            .iter()
+            .zip(pca.components.row(c))
+            .map(|(a, b)| a * b)
+            .sum();
+        assert!(
+            dot.abs() > 1.0 - 1e-6,
+            "component {c} differs from numpy's (|cos| = {})",
+            dot.abs()
+        );
+    }
+}
+
+#[test]
+fn report_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.html");
+    // A directory that is not a run.
+    let o = run_bin(&["report", s(dir.path()), "-o", s(&out)]);
+    assert_clean_error(&o, "not a gguf-trace run directory", None);
+    // An incomplete run.
+    let run = dir.path().join("run");
+    gguf_trace::run::synthetic::write(&run, 4, 3, 8, &["a"], 1).unwrap();
+    let manifest = std::fs::read_to_string(run.join("run.json")).unwrap();
+    std::fs::write(
+        run.join("run.json"),
+        manifest.replace("\"complete\": true", "\"complete\": false"),
+    )
+    .unwrap();
+    let o = run_bin(&["report", s(&run), "-o", s(&out)]);
+    assert_clean_error(&o, "incomplete run", None);
+    // A run with no prompts.
+    let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    m["prompts"] = serde_json::json!([]);
+    std::fs::write(run.join("run.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    let o = run_bin(&["report", s(&run), "-o", s(&out)]);
+    assert_clean_error(&o, "has no prompts", None);
+    // A missing directory, and an output that is a directory.
+    let o = run_bin(&["report", s(&dir.path().join("nope")), "-o", s(&out)]);
+    assert_clean_error(&o, "not a gguf-trace run directory", None);
+    assert!(!out.exists());
+}
