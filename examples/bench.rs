@@ -76,10 +76,27 @@ fn plain_time(
     t.elapsed().as_secs_f64()
 }
 
+/// Report time for synthetic runs of 200 and 2000 prompts × 31 points × 576 dims, and HTML size.
+fn bench_report() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in [200, 2000] {
+        let run = dir.path().join(format!("run{n}"));
+        gguf_trace::run::synthetic::write(&run, n, 30, 576, &["a", "b"], 1).unwrap();
+        let out = dir.path().join(format!("report{n}.html"));
+        let t = Instant::now();
+        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let size = std::fs::metadata(&out).unwrap().len();
+        println!("report_time_{n}_prompts: {secs:.2} s");
+        println!("report_html_size_{n}_prompts: {:.2} MB", size as f64 / 1e6);
+    }
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init(false);
+    bench_report();
     for path in paths {
         let model = Model::load(
             &path,
@@ -148,6 +165,20 @@ fn main() {
             }));
         }
         let (b, s) = (median(batched), median(single));
+        let pb = median(
+            (0..3)
+                .map(|_| plain_time(&model, &toks, n_seq, false, false))
+                .collect(),
+        );
+        let ps = median(
+            (0..3)
+                .map(|_| plain_time(&model, &toks, 1, false, false))
+                .collect(),
+        );
+        println!(
+            "{name} untraced_batched_vs_one_at_a_time_speedup: {:.2} x",
+            ps / pb
+        );
         println!("{name} prompts_per_s_batched: {:.1} prompts/s ({} prompts, {n_tokens} tokens, {n_seq} sequences per batch)", toks.len() as f64 / b, toks.len());
         println!(
             "{name} prompts_per_s_one_at_a_time: {:.1} prompts/s",

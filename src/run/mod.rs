@@ -8,6 +8,8 @@
 //!   last.npy          [n_prompts, n_points, n_embd] f32 at the last prompt position (always)
 //!   logits.npy        [n_prompts, n_vocab] f32 next-token logits at the same position (always)
 //!   tokens.csv        prompt, id, label, position, token_id, piece, generated
+//!   metrics.csv       prompt, id, label, point, norm, step, rel_step, cos_next, cos_final, turn_deg
+//!                     (last prompt position; blank where undefined)
 //! ```
 //! Writing happens in a hidden sibling directory that is renamed into place after `run.json`
 //! (with `"complete": true`) is written, so an interrupted or failed trace never leaves a directory
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, Array3, Axis};
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::metrics::{self, TrajectoryMetrics};
 use crate::capture::engine::{Positions, PromptTrace};
 use crate::model_info::ModelFacts;
 use npy::{NpyRows, F16};
@@ -34,6 +37,7 @@ pub const STATES_CSV: &str = "states.csv";
 pub const LAST_NPY: &str = "last.npy";
 pub const LOGITS_NPY: &str = "logits.npy";
 pub const TOKENS_CSV: &str = "tokens.csv";
+pub const METRICS_CSV: &str = "metrics.csv";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -229,6 +233,7 @@ pub struct RunWriter {
     logits: NpyRows,
     tokens_csv: csv::Writer<fs::File>,
     states_csv: Option<csv::Writer<fs::File>>,
+    metrics_csv: csv::Writer<fs::File>,
     finished: bool,
 }
 
@@ -289,6 +294,19 @@ impl RunWriter {
                     path: p.display().to_string(),
                     source: e.into(),
                 })?;
+            let p = tmp_dir.join(METRICS_CSV);
+            let mut metrics_csv = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
+                path: p.display().to_string(),
+                source: e.into(),
+            })?;
+            let mut header = vec!["prompt", "id", "label", "point"];
+            header.extend(TrajectoryMetrics::NAMES);
+            metrics_csv
+                .write_record(&header)
+                .map_err(|e| RunError::Io {
+                    path: p.display().to_string(),
+                    source: e.into(),
+                })?;
             let states_csv = if format.csv() {
                 let p = tmp_dir.join(STATES_CSV);
                 let mut w = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
@@ -319,6 +337,7 @@ impl RunWriter {
                 logits,
                 tokens_csv,
                 states_csv,
+                metrics_csv,
                 finished: false,
             })
         };
@@ -387,6 +406,26 @@ impl RunWriter {
                 ])
                 .map_err(csv_err(&p))?;
         }
+        // Per-trajectory metrics of the last prompt position (full hidden dimension).
+        let m = metrics::trajectory(t.states.index_axis(Axis(1), slot));
+        let p = self.tmp_dir.join(METRICS_CSV);
+        for (k, &point) in points.iter().enumerate() {
+            let mut rec = vec![
+                index.clone(),
+                id.to_string(),
+                label.unwrap_or("").to_string(),
+                point.to_string(),
+            ];
+            rec.extend(TrajectoryMetrics::NAMES.iter().map(|n| {
+                let x = m.get(n)[k];
+                if x.is_finite() {
+                    x.to_string()
+                } else {
+                    String::new()
+                }
+            }));
+            self.metrics_csv.write_record(&rec).map_err(csv_err(&p))?;
+        }
         if let Some(w) = self.states_csv.as_mut() {
             let p = self.tmp_dir.join(STATES_CSV);
             for (k, &point) in points.iter().enumerate() {
@@ -412,6 +451,7 @@ impl RunWriter {
     pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, RunError> {
         let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| w.flush().map_err(io_err(&p));
         flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
+        flush(&mut self.metrics_csv, self.tmp_dir.join(METRICS_CSV))?;
         if let Some(w) = self.states_csv.as_mut() {
             flush(w, self.tmp_dir.join(STATES_CSV))?;
         }

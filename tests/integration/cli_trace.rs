@@ -25,6 +25,15 @@ for p in m["prompts"]:
 rows = list(csv.DictReader(open(f"{d}/tokens.csv")))
 assert len(rows) == sum(len(p["tokens"]) for p in m["prompts"])
 out["argmax"] = [int(i) for i in logits.argmax(axis=1)]
+mrows = list(csv.DictReader(open(f"{d}/metrics.csv")))
+assert len(mrows) == N * P, len(mrows)
+pts = m["capture"]["points"]
+for r in mrows:
+    i, k = int(r["prompt"]), pts.index(int(r["point"]))
+    want = float(np.linalg.norm(last[i, k].astype(np.float64)))
+    assert abs(float(r["norm"]) - want) <= 1e-9 * want, (r["norm"], want)
+    if k == P - 1:
+        assert abs(float(r["cos_final"]) - 1.0) < 1e-9 and r["step"] == ""
 print(json.dumps(out))
 "#;
 
