@@ -13,7 +13,7 @@ use gguf_trace::chat::tokenize_prompt;
 use gguf_trace::llama::context::{Context, ContextParams};
 use gguf_trace::llama::model::{LoadOptions, Model};
 
-const REPS: usize = 5;
+const REPS: usize = 7;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
