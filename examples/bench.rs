@@ -84,7 +84,7 @@ fn bench_report() {
         gguf_trace::run::synthetic::write(&run, n, 30, 576, &["a", "b"], 1).unwrap();
         let out = dir.path().join(format!("report{n}.html"));
         let t = Instant::now();
-        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None).unwrap();
+        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None, None).unwrap();
         let secs = t.elapsed().as_secs_f64();
         let size = std::fs::metadata(&out).unwrap().len();
         println!("report_time_{n}_prompts: {secs:.2} s");
@@ -92,11 +92,71 @@ fn bench_report() {
     }
 }
 
+/// `compare` of a 4-level ladder (F32 reference from the source, Q8_0, Q4_K_M, Q2_K) on 20 prompts:
+/// wall time, and the share of it spent outside llama.cpp's decode (loading, tokenizing, writing,
+/// analysis and the report).
+fn bench_compare(source: &std::path::Path) {
+    use gguf_trace::cli::{CompareArgs, PositionsArg};
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = dir.path().join("ref.F32.gguf");
+    let ty = |s: &str| gguf_trace::quant::parse_types(s).unwrap()[0].1;
+    gguf_trace::llama::quantize::quantize(source, &f32_path, ty("f32"), default_threads(), true)
+        .unwrap();
+    let mut models = vec![f32_path.clone()];
+    for (name, ftype) in [
+        ("Q8_0", ty("q8_0")),
+        ("Q4_K_M", ty("q4_k_m")),
+        ("Q2_K", ty("q2_k")),
+    ] {
+        let p = dir.path().join(format!("ref.{name}.gguf"));
+        gguf_trace::llama::quantize::quantize(&f32_path, &p, ftype, default_threads(), false)
+            .unwrap();
+        models.push(p);
+    }
+    let pf = dir.path().join("prompts.txt");
+    std::fs::write(&pf, prompts(20).join("\n")).unwrap();
+    let out = dir.path().join("cmp");
+    let args = CompareArgs {
+        models,
+        prompts: vec![],
+        files: vec![pf],
+        chat: false,
+        system: None,
+        positions: PositionsArg::All,
+        generate: 0,
+        output: out.clone(),
+        force: false,
+        reference: None,
+        title: None,
+        ctx: 512,
+        threads: None,
+        n_gpu_layers: None,
+    };
+    let t = Instant::now();
+    gguf_trace::commands::compare::run(&args, &mut std::io::sink()).unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let mut decode = 0.0;
+    for e in std::fs::read_dir(&out).unwrap() {
+        let p = e.unwrap().path().join("run.json");
+        if p.exists() {
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+            decode += m["timings"]["decode_s"].as_f64().unwrap();
+        }
+    }
+    println!("compare_4_levels_20_prompts_wall: {wall:.2} s");
+    println!(
+        "compare_share_outside_decode: {:.1} %",
+        100.0 * (wall - decode) / wall
+    );
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init(false);
     bench_report();
+    bench_compare(&paths[0]);
     for path in paths {
         let model = Model::load(
             &path,

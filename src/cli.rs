@@ -42,6 +42,11 @@ pub enum Command {
     Trace(TraceArgs),
     /// Turn run directories into one standalone interactive HTML report (plus CSVs of its numbers).
     Report(ReportArgs),
+    /// Write quantized copies of a model (one file per type) and show each file's real tensor mix.
+    Quantize(QuantizeArgs),
+    /// Trace the same prompts through several models and report them together (quantization drift
+    /// when they are one model at several precisions).
+    Compare(CompareArgs),
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +60,73 @@ pub struct ReportArgs {
     /// Page title.
     #[arg(long, value_name = "T")]
     pub title: Option<String>,
+    /// For a quantization ladder: the reference run (default: the highest-precision one).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub reference: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The source GGUF model (F32/F16 for exact quantization; a quantized source is requantized).
+    pub source: PathBuf,
+    /// Comma-separated target types, e.g. f32,q8_0,q6_k,q4_k_m,q3_k_m,q2_k.
+    #[arg(short, long = "type", value_name = "TYPES")]
+    pub types: String,
+    /// Output directory (created if missing); files are named after the source and the type.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    pub force: bool,
+    /// CPU threads (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Models to compare (repeat -m; at least two).
+    #[arg(short, long = "model", value_name = "MODEL.gguf", required = true)]
+    pub models: Vec<PathBuf>,
+    /// A prompt (repeatable).
+    #[arg(short, long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
+    /// A prompt file (repeatable): .txt or .jsonl, as for `trace`.
+    #[arg(short, long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Render prompts through each model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    pub system: Option<String>,
+    /// Positions to store (drift is measured over every stored prompt position).
+    #[arg(long, value_enum, default_value = "all")]
+    pub positions: PositionsArg,
+    /// Greedy tokens to generate after each prompt.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub generate: usize,
+    /// Output directory: one run directory per model and report.html.
+    #[arg(short, long, value_name = "OUT_DIR")]
+    pub output: PathBuf,
+    /// Overwrite an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// The reference model of a quantization ladder (default: the highest precision).
+    #[arg(long, value_name = "MODEL.gguf")]
+    pub reference: Option<PathBuf>,
+    /// Page title of the report.
+    #[arg(long, value_name = "T")]
+    pub title: Option<String>,
+    /// Token limit for one prompt plus its generation.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub ctx: usize,
+    /// CPU threads (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
+    /// Layers to offload to the GPU.
+    #[arg(long, value_name = "N")]
+    pub n_gpu_layers: Option<i32>,
 }
 
 #[derive(Debug, Args)]
@@ -66,7 +138,7 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TraceArgs {
     /// The GGUF model file.
     #[arg(short, long, value_name = "MODEL.gguf")]

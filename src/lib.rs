@@ -9,5 +9,6 @@ pub mod commands;
 pub mod llama;
 pub mod model_info;
 pub mod prompts;
+pub mod quant;
 pub mod report;
 pub mod run;

@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a, &mut out),
         Command::Trace(a) => commands::trace::run(a, &mut out),
         Command::Report(a) => commands::report::run(a, &mut out),
+        Command::Quantize(a) => commands::quantize::run(a, &mut out),
+        Command::Compare(a) => commands::compare::run(a, &mut out),
     };
     let _ = out.flush();
     match result {

@@ -65,11 +65,16 @@ impl ModelFacts {
 
     /// "Q4_K: 120, Q6_K: 12, F32: 37" — the real tensor mix, largest first.
     pub fn tensor_mix(&self) -> String {
-        let mut v: Vec<_> = self.tensor_types.iter().collect();
-        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        v.iter()
-            .map(|(t, n)| format!("{}: {n}", t.to_uppercase()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        tensor_mix(&self.tensor_types)
     }
+}
+
+/// "Q4_K: 120, Q6_K: 12, F32: 37" — a tensor-type histogram, largest first.
+pub fn tensor_mix(hist: &BTreeMap<String, usize>) -> String {
+    let mut v: Vec<_> = hist.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter()
+        .map(|(t, n)| format!("{}: {n}", t.to_uppercase()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

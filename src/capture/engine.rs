@@ -155,6 +155,7 @@ pub struct Tracer<'m> {
     n_embd: usize,
     batch: Batch,
     layout: Vec<Slot>,
+    decode_s: f64,
 }
 
 impl<'m> Tracer<'m> {
@@ -186,11 +187,17 @@ impl<'m> Tracer<'m> {
             arch,
             cfg,
             layout: Vec::new(),
+            decode_s: 0.0,
         })
     }
 
     pub fn config(&self) -> &TraceConfig {
         &self.cfg
+    }
+
+    /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
+    pub fn decode_seconds(&self) -> f64 {
+        self.decode_s
     }
 
     /// Check every prompt fits before any work is done.
@@ -339,7 +346,9 @@ impl<'m> Tracer<'m> {
 
     /// Decode the current batch and copy the kept rows into their sequences.
     fn decode_and_collect(&mut self, seqs: &mut [Seq]) -> Result<(), TraceError> {
+        let t = std::time::Instant::now();
         self.ctx.decode(&self.batch)?;
+        self.decode_s += t.elapsed().as_secs_f64();
         let n_tokens = self.batch.len();
         let outputs: Vec<usize> = (0..n_tokens).filter(|&i| self.batch.is_output(i)).collect();
         let (rows, _fired) = self.ctx.captured().expect("tracer contexts always capture");

@@ -1,6 +1,8 @@
 //! The commands behind the CLI: option validation, progress output, and calls into the library.
 
+pub mod compare;
 pub mod inspect;
+pub mod quantize;
 pub mod report;
 pub mod trace;
 

@@ -11,7 +11,12 @@ use crate::report::{self, csv_out, page, view::RunView};
 use crate::run::Run;
 
 /// Build the report for `runs` and write it (HTML and CSVs) atomically. Returns the figure count.
-pub fn write_report(runs: &[&Path], out: &Path, title: Option<&str>) -> Result<usize> {
+pub fn write_report(
+    runs: &[&Path],
+    out: &Path,
+    title: Option<&str>,
+    reference: Option<&Path>,
+) -> Result<usize> {
     if runs.is_empty() {
         bail!("no run directories given");
     }
@@ -46,8 +51,25 @@ pub fn write_report(runs: &[&Path], out: &Path, title: Option<&str>) -> Result<u
         })
         .collect::<Result<_>>()?;
     sp.set_message("drawing");
-    let sections = report::build(&views);
-    let csv_paths = csv_out::paths(out);
+    let reference = match reference {
+        None => None,
+        Some(r) => {
+            let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            Some(
+                views
+                    .iter()
+                    .position(|v| canon(&v.run.dir) == canon(r))
+                    .with_context(|| {
+                        format!("--reference {} is not one of the runs given", r.display())
+                    })?,
+            )
+        }
+    };
+    let (sections, ladder) = report::build(&views, reference)?;
+    let csv_paths: Vec<_> = csv_out::kinds(ladder.is_some())
+        .into_iter()
+        .map(|k| csv_out::path(out, k))
+        .collect();
     let default_title = format!(
         "gguf-trace: {}",
         views
@@ -67,7 +89,7 @@ pub fn write_report(runs: &[&Path], out: &Path, title: Option<&str>) -> Result<u
     })
     .context("rendering the report page")?;
     sp.set_message("writing");
-    csv_out::write(out, &views)?;
+    csv_out::write(out, &views, ladder.as_ref())?;
     let tmp = out.with_extension("html.tmp");
     std::fs::write(&tmp, html).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
@@ -77,7 +99,12 @@ pub fn write_report(runs: &[&Path], out: &Path, title: Option<&str>) -> Result<u
 
 pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
     let runs: Vec<&Path> = args.runs.iter().map(|p| p.as_path()).collect();
-    let n = write_report(&runs, &args.output, args.title.as_deref())?;
+    let n = write_report(
+        &runs,
+        &args.output,
+        args.title.as_deref(),
+        args.reference.as_deref(),
+    )?;
     eprintln!("report with {n} figures from {} run(s)", runs.len());
     writeln!(out, "{}", args.output.display())?;
     Ok(())

@@ -258,6 +258,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         timings: Timings {
             load_s,
             trace_s,
+            decode_s: tracer.decode_seconds(),
             total_s: t0.elapsed().as_secs_f64(),
             tokens_decoded: decoded,
             tokens_per_s: decoded as f64 / trace_s.max(1e-9),

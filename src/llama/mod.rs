@@ -14,6 +14,7 @@ pub mod backend;
 pub mod context;
 pub mod gguf;
 pub mod model;
+pub mod quantize;
 
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -42,4 +43,10 @@ pub fn ggml_type_name(t: u32) -> String {
     }
     // SAFETY: ggml_type_name accepts any valid ggml_type (checked above) and returns a static string.
     c_str_to_string(unsafe { llama_cpp_sys_2::ggml_type_name(t as _) })
+}
+
+/// llama.cpp's label of a file type number ("Q4_1", "Q4_K - Medium", ...).
+pub fn ftype_name(ftype: u32) -> String {
+    // SAFETY: llama_ftype_name returns a static string for any value ("unknown" when out of range).
+    c_str_to_string(unsafe { llama_cpp_sys_2::llama_ftype_name(ftype as _) })
 }

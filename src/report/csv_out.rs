@@ -1,17 +1,20 @@
 //! The report's numbers as CSV beside it, one table shape per file:
 //! - `<stem>.metrics.csv`: per run, prompt and point — the per-trajectory metrics and PCA coordinates;
 //! - `<stem>.groups.csv`: per run, label and point — A, centered A, funnel width;
-//! - `<stem>.delta.csv`: per run and point — ΔA between the first two labels.
+//! - `<stem>.delta.csv`: per run and point — ΔA between the first two labels;
+//! - for a quantization ladder, `<stem>.drift.csv` (per level and point: cosine, relative error)
+//!   and `<stem>.kl.csv` (per level and prompt: KL, top-1 agreement, Δp).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
+use super::quant::Ladder;
 use super::view::RunView;
 use crate::analysis::metrics::TrajectoryMetrics;
 
-/// Paths of the CSV files written beside `report`.
-pub fn paths(report: &Path) -> [PathBuf; 3] {
+/// Path of the CSV file `kind` written beside `report` (`report.metrics.csv`, ...).
+pub fn path(report: &Path, kind: &str) -> PathBuf {
     let stem = report
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -21,11 +24,16 @@ pub fn paths(report: &Path) -> [PathBuf; 3] {
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    [
-        dir.join(format!("{stem}.metrics.csv")),
-        dir.join(format!("{stem}.groups.csv")),
-        dir.join(format!("{stem}.delta.csv")),
-    ]
+    dir.join(format!("{stem}.{kind}.csv"))
+}
+
+/// Kinds of CSV written for a report (drift and kl only for a quantization ladder).
+pub fn kinds(ladder: bool) -> Vec<&'static str> {
+    let mut k = vec!["metrics", "groups", "delta"];
+    if ladder {
+        k.extend(["drift", "kl"]);
+    }
+    k
 }
 
 fn num(x: f64) -> String {
@@ -37,8 +45,12 @@ fn num(x: f64) -> String {
 }
 
 /// Write the three CSVs (each to a temporary file, then renamed into place).
-pub fn write(report: &Path, views: &[RunView]) -> Result<()> {
-    let [mp, gp, dp] = paths(report);
+pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Result<()> {
+    let (mp, gp, dp) = (
+        path(report, "metrics"),
+        path(report, "groups"),
+        path(report, "delta"),
+    );
     write_atomic(&mp, |w| {
         let mut h = vec!["run", "model", "prompt", "id", "label", "point", "depth"];
         h.extend(TrajectoryMetrics::NAMES);
@@ -134,6 +146,67 @@ pub fn write(report: &Path, views: &[RunView]) -> Result<()> {
         }
         Ok(())
     })?;
+    if let Some(l) = ladder {
+        write_atomic(&path(report, "drift"), |w| {
+            w.write_record([
+                "run",
+                "file_type",
+                "tensor_mix",
+                "reference",
+                "point",
+                "depth",
+                "n",
+                "mean_cos",
+                "min_cos",
+                "mean_rel_err",
+            ])?;
+            for lv in &l.levels {
+                let v = &views[lv.run];
+                let depth = v.depth();
+                for (k, d) in lv.drift.iter().enumerate() {
+                    w.write_record([
+                        v.run.dir.display().to_string(),
+                        v.run.manifest.model.file_type.clone(),
+                        v.run.manifest.model.tensor_mix(),
+                        (lv.run == l.reference).to_string(),
+                        v.points[k].to_string(),
+                        depth[k].to_string(),
+                        d.n.to_string(),
+                        num(d.mean_cos),
+                        num(d.min_cos),
+                        num(d.mean_rel_err),
+                    ])?;
+                }
+            }
+            Ok(())
+        })?;
+        write_atomic(&path(report, "kl"), |w| {
+            w.write_record([
+                "run",
+                "file_type",
+                "prompt",
+                "id",
+                "kl",
+                "top1_agree",
+                "dp_ref_top",
+            ])?;
+            for lv in &l.levels {
+                let v = &views[lv.run];
+                for (i, rec) in v.run.manifest.prompts.iter().enumerate() {
+                    w.write_record([
+                        v.run.dir.display().to_string(),
+                        v.run.manifest.model.file_type.clone(),
+                        i.to_string(),
+                        rec.id.clone(),
+                        num(lv.output.kl[i]),
+                        lv.output.top1_agree[i].to_string(),
+                        num(lv.output.dp[i]),
+                    ])?;
+                }
+            }
+            Ok(())
+        })?;
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod generation;
 pub mod groups;
 pub mod layers;
 pub mod page;
+pub mod quant;
 pub mod tokens;
 pub mod trajectories;
 pub mod view;
@@ -45,9 +46,37 @@ pub struct Section {
     pub figures: Vec<Figure>,
 }
 
-/// Every section of the report for these runs.
-pub fn build(views: &[RunView]) -> Vec<Section> {
+/// Every section of the report for these runs, and the quantization ladder when the runs form
+/// one. `reference` indexes the reference run of a ladder (default: the highest precision).
+pub fn build(
+    views: &[RunView],
+    reference: Option<usize>,
+) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
+    let mut ladder = None;
+    if views.len() > 1 {
+        match quant::incomparable(views) {
+            None => {
+                let l = quant::ladder(views, reference)?;
+                sections.push(quant::section(views, &l));
+                ladder = Some(l);
+            }
+            Some(why) => {
+                if reference.is_some() {
+                    anyhow::bail!(
+                        "--reference: these runs cannot be compared point by point ({why})"
+                    );
+                }
+                let mut s = layers::compare_section(views);
+                s.note = format!(
+                    "{} No quantization-drift section: {}.",
+                    s.note,
+                    trajectories::html_escape(&why)
+                );
+                sections.push(s);
+            }
+        }
+    }
     for v in views {
         let prefix = if views.len() > 1 {
             format!("{} — ", v.name)
@@ -66,8 +95,8 @@ pub fn build(views: &[RunView]) -> Vec<Section> {
             sections.push(s);
         }
     }
-    if views.len() > 1 {
+    if ladder.is_some() {
         sections.push(layers::compare_section(views));
     }
-    sections
+    Ok((sections, ladder))
 }

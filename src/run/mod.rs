@@ -183,6 +183,9 @@ pub struct PromptRecord {
 pub struct Timings {
     pub load_s: f64,
     pub trace_s: f64,
+    /// Time inside llama.cpp's decode (eval callbacks included).
+    #[serde(default)]
+    pub decode_s: f64,
     pub total_s: f64,
     pub tokens_decoded: usize,
     pub tokens_per_s: f64,

@@ -9,4 +9,5 @@ mod bad_input;
 mod capture;
 mod chat;
 mod cli_trace;
+mod quant;
 mod report;

@@ -52,7 +52,10 @@ fn chrome(bin: &Path, profile: &Path) -> Command {
 }
 
 /// Open the report, return (figures declared, figures rendered, errors), and save a screenshot.
-fn render_in_chromium(report: &Path, shot: &Path) -> Option<(usize, usize, Vec<String>)> {
+pub(crate) fn render_in_chromium(
+    report: &Path,
+    shot: &Path,
+) -> Option<(usize, usize, Vec<String>)> {
     let bin = chromium()?;
     let html = std::fs::read_to_string(report).unwrap();
     let declared: usize = html

@@ -1,0 +1,250 @@
+//! Quantization ladder: `quantize` and `compare` on SmolLM2, drift ordered as precision.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::common::*;
+use crate::report::render_in_chromium;
+
+/// A ladder built once per process: F32 from the Q4_1 source (its exact reference), then Q8_0,
+/// Q4_K_M and Q2_K quantized from the F32 file.
+fn ladder() -> Option<&'static [PathBuf]> {
+    static L: OnceLock<Option<(tempfile::TempDir, Vec<PathBuf>)>> = OnceLock::new();
+    L.get_or_init(|| {
+        let src = model_path(SMOL)?;
+        let dir = tempfile::tempdir().unwrap();
+        let o = run_bin(&["quantize", s(&src), "--type", "f32", "-o", s(dir.path())]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("already quantized") && err.contains("requantized from Q4_1"),
+            "{err}"
+        );
+        let f32_path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        let o = run_bin(&[
+            "quantize",
+            s(&f32_path),
+            "--type",
+            "q8_0,q4_k_m,q2_k",
+            "-o",
+            s(dir.path()),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        // SmolLM2's width 576 is not divisible by 256: its "Q2_K" holds no Q2_K tensor at all.
+        assert!(
+            err.contains("Q2_K - Medium — real tensor mix: Q4_0: 180, F32: 61, Q3_K: 30"),
+            "{err}"
+        );
+        let mut files = vec![f32_path];
+        files.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(PathBuf::from),
+        );
+        Some((dir, files))
+    })
+    .as_ref()
+    .map(|(_, f)| f.as_slice())
+}
+
+fn csv_rows(p: &Path) -> Vec<csv::StringRecord> {
+    let mut r = csv::Reader::from_path(p).unwrap();
+    r.records().map(|x| x.unwrap()).collect()
+}
+
+#[test]
+fn ladder_drift_and_kl_order_by_precision() {
+    let Some(files) = ladder() else { return };
+    assert_eq!(files.len(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Models in shuffled order: the reference is found by precision, not by position.
+    let o = run_bin(&[
+        "compare",
+        "-m",
+        s(&files[3]),
+        "-m",
+        s(&files[1]),
+        "-m",
+        s(&files[0]),
+        "-m",
+        s(&files[2]),
+        "-f",
+        s(&root.join("prompts/paraphrases.txt")),
+        "-f",
+        s(&root.join("prompts/facts.jsonl")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let drift = csv_rows(&out.join("report.drift.csv"));
+    let last_err = |ft: &str| -> f64 {
+        let r = drift
+            .iter()
+            .find(|r| &r[1] == ft && &r[4] == "30")
+            .unwrap_or_else(|| panic!("no row for {ft}"));
+        r[9].parse().unwrap()
+    };
+    let (q8, q4, q2, reference) = (
+        last_err("Q8_0"),
+        last_err("Q4_K - Medium"),
+        last_err("Q2_K - Medium"),
+        last_err("all F32"),
+    );
+    eprintln!("last-point relative error: Q8_0 {q8:.4}, Q4_K_M {q4:.4}, Q2_K {q2:.4}");
+    assert!(
+        q8 < q4 && q4 < q2,
+        "drift must order Q8_0 < Q4_K_M < Q2_K: {q8} {q4} {q2}"
+    );
+    assert_eq!(
+        reference, 0.0,
+        "the reference against itself drifts exactly 0"
+    );
+    for r in drift.iter().filter(|r| &r[1] == "all F32") {
+        assert_eq!((&r[3], &r[7], &r[8], &r[9]), ("true", "1", "1", "0"));
+    }
+    let kl = csv_rows(&out.join("report.kl.csv"));
+    let mean_kl = |ft: &str| -> f64 {
+        let v: Vec<f64> = kl
+            .iter()
+            .filter(|r| &r[1] == ft)
+            .map(|r| r[4].parse().unwrap())
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (k8, k4, k2, k0) = (
+        mean_kl("Q8_0"),
+        mean_kl("Q4_K - Medium"),
+        mean_kl("Q2_K - Medium"),
+        mean_kl("all F32"),
+    );
+    eprintln!("mean KL: Q8_0 {k8:.5}, Q4_K_M {k4:.5}, Q2_K {k2:.5}");
+    assert!(
+        k8 < k4 && k4 < k2,
+        "KL must order the same way: {k8} {k4} {k2}"
+    );
+    assert_eq!(k0, 0.0, "KL of the reference against itself is exactly 0");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Quantization drift"));
+    assert!(
+        html.contains("Q4_0: 180, F32: 61, Q3_K: 30"),
+        "the report shows the real tensor mix"
+    );
+    let shot = dir.path().join("cmp.png");
+    if let Some((declared, rendered, errors)) = render_in_chromium(&out.join("report.html"), &shot)
+    {
+        assert_eq!(rendered, declared);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+}
+
+#[test]
+fn a_quantized_file_loads_traces_and_inspects_as_requested() {
+    let Some(files) = ladder() else { return };
+    let q8 = &files[1];
+    let o = run_bin(&["inspect", s(q8), "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["file_type"], "Q8_0");
+    assert!(v["tensor_types"]["q8_0"].as_u64().unwrap() > 200);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = run_bin(&[
+        "trace",
+        "-m",
+        s(q8),
+        "-p",
+        "The capital of France is",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = gguf_trace::run::Run::open(&out).unwrap();
+    assert_eq!(run.manifest.model.file_type, "Q8_0");
+}
+
+#[test]
+fn different_models_get_a_side_by_side_report_with_a_note() {
+    let (Some(smol), Some(gemma)) = (model_path(SMOL), model_path(GEMMA)) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let o = run_bin(&[
+        "compare",
+        "-m",
+        s(&smol),
+        "-m",
+        s(&gemma),
+        "-p",
+        "The capital of France is",
+        "-p",
+        "Water boils at",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("No quantization-drift section"),
+        "the note says why"
+    );
+    assert!(html.contains("architectures differ (llama vs gemma3)"));
+    assert!(!out.join("report.drift.csv").exists());
+    assert!(out.join("report.metrics.csv").exists());
+}
+
+#[test]
+fn quantize_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let notgguf = dir.path().join("x.gguf");
+    std::fs::write(&notgguf, "hello").unwrap();
+    let o = run_bin(&[
+        "quantize",
+        s(&notgguf),
+        "--type",
+        "q8_0",
+        "-o",
+        s(dir.path()),
+    ]);
+    assert_clean_error(&o, "not a GGUF file", None);
+    let Some(src) = model_path(SMOL) else { return };
+    let o = run_bin(&[
+        "quantize",
+        s(&src),
+        "--type",
+        "q8_0,q9_k",
+        "-o",
+        s(dir.path()),
+    ]);
+    assert_clean_error(
+        &o,
+        "unknown quantization type \"q9_k\"; valid types: f32, f16",
+        None,
+    );
+    let o = run_bin(&[
+        "quantize",
+        s(&src),
+        "--type",
+        "q8_0",
+        "-o",
+        "/proc/gguf-trace-quant",
+    ]);
+    assert_clean_error(
+        &o,
+        "cannot create output directory /proc/gguf-trace-quant",
+        None,
+    );
+    let o = run_bin(&[
+        "compare",
+        "-m",
+        s(&src),
+        "-p",
+        "x",
+        "-o",
+        s(&dir.path().join("c")),
+    ]);
+    assert_clean_error(&o, "at least two models", None);
+}
