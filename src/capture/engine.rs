@@ -156,13 +156,25 @@ pub struct Tracer<'m> {
     batch: Batch,
     layout: Vec<Slot>,
     decode_s: f64,
+    point0: String,
 }
 
 impl<'m> Tracer<'m> {
     pub fn new(model: &'m Model, cfg: TraceConfig) -> Result<Tracer<'m>, TraceError> {
         let arch = model.meta("general.architecture").unwrap_or_default();
+        Self::with_point0(model, cfg, arch::point0_tensor(&arch))
+    }
+
+    /// A tracer that captures `point0` as point 0 instead of the architecture table's name (for
+    /// checking what happens when a name does not exist in the graph).
+    pub fn with_point0(
+        model: &'m Model,
+        cfg: TraceConfig,
+        point0: &str,
+    ) -> Result<Tracer<'m>, TraceError> {
+        let arch = model.meta("general.architecture").unwrap_or_default();
         let spec = CaptureSpec {
-            point0_name: arch::point0_tensor(&arch).to_string(),
+            point0_name: point0.to_string(),
             n_layer: model.n_layer(),
             n_embd: model.n_embd(),
             points: cfg.points.clone(),
@@ -188,6 +200,7 @@ impl<'m> Tracer<'m> {
             cfg,
             layout: Vec::new(),
             decode_s: 0.0,
+            point0: point0.to_string(),
         })
     }
 
@@ -364,7 +377,11 @@ impl<'m> Tracer<'m> {
             if got != want {
                 return Err(TraceError::Incomplete {
                     point,
-                    tensor: arch::point_tensor(&self.arch, point),
+                    tensor: if point == 0 {
+                        self.point0.clone()
+                    } else {
+                        arch::point_tensor(&self.arch, point)
+                    },
                     got,
                     want,
                     arch: self.arch.clone(),

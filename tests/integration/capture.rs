@@ -419,3 +419,32 @@ fn tracing_does_not_change_the_model_outputs() {
         eprintln!("untraced logits: appended text rel {worst_long:e}, ubatch 7 rel {worst_ub:e}");
     }
 }
+
+/// A tensor name the graph does not have (an architecture that does not name its residual stream
+/// as expected) is a clear error after the first decode, never a silently short trace.
+#[test]
+fn a_missing_tensor_name_is_a_clear_error() {
+    let model = require!(smol());
+    let mut cfg = gguf_trace::capture::engine::TraceConfig::new(model);
+    cfg.threads = 2;
+    let mut tracer =
+        gguf_trace::capture::engine::Tracer::with_point0(model, cfg, "no_such_tensor").unwrap();
+    let toks = tokens(model, &[PROMPT]);
+    let mut got = 0;
+    let e = tracer
+        .trace(
+            &toks,
+            |_| {
+                got += 1;
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("incomplete capture: point 0 (tensor `no_such_tensor`) delivered 0 rows"),
+        "{e}"
+    );
+    assert_eq!(got, 0, "no prompt was handed on");
+}
