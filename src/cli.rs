@@ -44,6 +44,9 @@ pub enum Command {
     Report(ReportArgs),
     /// Write quantized copies of a model (one file per type) and show each file's real tensor mix.
     Quantize(QuantizeArgs),
+    /// Export the contrast direction between two labels of a run as a llama.cpp control vector,
+    /// and print how well the labels separate (leave-one-out).
+    Direction(DirectionArgs),
     /// Trace the same prompts through several models and report them together (quantization drift
     /// when they are one model at several precisions).
     Compare(CompareArgs),
@@ -63,6 +66,18 @@ pub struct ReportArgs {
     /// For a quantization ladder: the reference run (default: the highest-precision one).
     #[arg(long, value_name = "RUN_DIR")]
     pub reference: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DirectionArgs {
+    /// A run directory whose prompts carry the two labels.
+    pub run: PathBuf,
+    /// The two labels, "A,B": the direction points from B's mean to A's (e.g. harmful,harmless).
+    #[arg(long, value_name = "A,B")]
+    pub labels: String,
+    /// The control-vector GGUF to write.
+    #[arg(short, long, value_name = "dir.gguf")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +227,25 @@ pub struct TraceArgs {
     /// llama.cpp's physical micro-batch size.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub ubatch_size: usize,
+
+    /// Steer with a llama.cpp control-vector GGUF (repeatable; files are summed), e.g. one written
+    /// by `gguf-trace direction`.
+    #[arg(long = "control-vector", value_name = "FILE")]
+    pub control_vectors: Vec<PathBuf>,
+
+    /// Strength of the control vector(s): 1 moves group B's mean onto group A's at each point.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 1.0,
+        allow_hyphen_values = true
+    )]
+    pub control_scale: f32,
+
+    /// Points to steer, "A-B" (point p is shifted through llama.cpp layer p − 1, so A ≥ 2);
+    /// default: every point the vector covers.
+    #[arg(long, value_name = "A-B")]
+    pub control_points: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -268,6 +302,24 @@ pub fn default_gpu_layers() -> i32 {
     } else {
         0
     }
+}
+
+/// Parse `--control-points A-B` into (A, B), checked against the points a control vector can
+/// reach: 2..=n_layer (llama.cpp has no slot for layer 0, i.e. point 1).
+pub fn parse_control_points(spec: &str, n_layer: usize) -> Result<(usize, usize), String> {
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or_else(|| format!("--control-points: expected A-B, got \"{spec}\""))?;
+    let p = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("--control-points: \"{s}\" is not a point number"))
+    };
+    let (a, b) = (p(a)?, p(b)?);
+    if a < 2 || b > n_layer || a > b {
+        return Err(format!("--control-points: {a}-{b} is outside 2-{n_layer} (a control vector shifts points 2..={n_layer})"));
+    }
+    Ok((a, b))
 }
 
 /// Parse a `--points` spec against a model with `n_layer` blocks (points 0..=n_layer).

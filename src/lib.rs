@@ -6,6 +6,7 @@ pub mod capture;
 pub mod chat;
 pub mod cli;
 pub mod commands;
+pub mod cvec;
 pub mod llama;
 pub mod model_info;
 pub mod prompts;

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Report(a) => commands::report::run(a, &mut out),
         Command::Quantize(a) => commands::quantize::run(a, &mut out),
         Command::Compare(a) => commands::compare::run(a, &mut out),
+        Command::Direction(a) => commands::direction::run(a, &mut out),
     };
     let _ = out.flush();
     match result {

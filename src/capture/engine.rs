@@ -208,6 +208,16 @@ impl<'m> Tracer<'m> {
         &self.cfg
     }
 
+    /// Apply a control vector (`data` starts at llama.cpp layer 1, n_embd floats per layer) to
+    /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
+    pub fn set_control_vector(&mut self, cv: Option<(&[f32], i32, i32)>) -> Result<(), TraceError> {
+        match cv {
+            Some((data, a, b)) => self.ctx.set_control_vector(Some(data), a, b)?,
+            None => self.ctx.set_control_vector(None, 0, 0)?,
+        }
+        Ok(())
+    }
+
     /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
     pub fn decode_seconds(&self) -> f64 {
         self.decode_s

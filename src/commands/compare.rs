@@ -68,6 +68,9 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             n_seq: 16,
             batch_size: 512,
             ubatch_size: 512,
+            control_vectors: vec![],
+            control_scale: 1.0,
+            control_points: None,
         };
         super::trace::run(&t, &mut std::io::sink())?;
         dirs.push(dir);

@@ -1,6 +1,7 @@
 //! The commands behind the CLI: option validation, progress output, and calls into the library.
 
 pub mod compare;
+pub mod direction;
 pub mod inspect;
 pub mod quantize;
 pub mod report;

@@ -11,7 +11,7 @@ use super::{bar, human_bytes, load_model};
 use crate::capture::arch;
 use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
-use crate::cli::{default_gpu_layers, parse_points, TraceArgs};
+use crate::cli::{default_gpu_layers, parse_control_points, parse_points, TraceArgs};
 use crate::llama::backend;
 use crate::llama::gguf::Gguf;
 use crate::llama::model::{LoadOptions, Model};
@@ -161,6 +161,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
 
     let mut tracer = Tracer::new(&model, cfg.clone())?;
     tracer.check_prompts(&token_lists)?;
+    let control_points = steer(&mut tracer, args, &model)?;
     let shape = RunShape {
         n_prompts: prepared.len(),
         n_points: points.len(),
@@ -252,6 +253,17 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
             n_ubatch: cfg.n_ubatch,
             threads: cfg.threads,
             n_gpu_layers,
+            control_vectors: args
+                .control_vectors
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            control_scale: if args.control_vectors.is_empty() {
+                0.0
+            } else {
+                args.control_scale
+            },
+            control_points,
         },
         model: facts,
         prompts: records,
@@ -274,6 +286,36 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     );
     writeln!(out, "{}", display_path(&dir))?;
     Ok(())
+}
+
+/// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen
+/// points. Returns the steered points.
+fn steer(tracer: &mut Tracer, args: &TraceArgs, model: &Model) -> Result<Option<(usize, usize)>> {
+    if args.control_vectors.is_empty() {
+        if args.control_points.is_some() {
+            bail!("--control-points needs --control-vector");
+        }
+        return Ok(None);
+    }
+    let files: Vec<(&Path, f32)> = args
+        .control_vectors
+        .iter()
+        .map(|p| (p.as_path(), args.control_scale))
+        .collect();
+    for (p, _) in &files {
+        super::check_gguf_path(p)?;
+    }
+    let cv = crate::cvec::load(&files, model.n_embd())?;
+    let n_layer = model.n_layer();
+    let (a, b) = match &args.control_points {
+        Some(spec) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
+        None => (2, (cv.n_layers() + 1).min(n_layer)),
+    };
+    // The buffer llama.cpp takes covers layers 1..n_layer-1; pad (or cut) to that.
+    let mut data = cv.data.clone();
+    data.resize(model.n_embd() * (n_layer - 1), 0.0);
+    tracer.set_control_vector(Some((&data, (a - 1) as i32, (b - 1) as i32)))?;
+    Ok(Some((a, b)))
 }
 
 fn display_path(p: &Path) -> String {

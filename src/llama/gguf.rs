@@ -211,3 +211,71 @@ impl Gguf {
             .collect())
     }
 }
+
+/// Write a llama.cpp control-vector GGUF: `general.architecture = controlvector`,
+/// `controlvector.model_hint`, `controlvector.layer_count`, and one F32 tensor `direction.<il>`
+/// of width n_embd per entry (il ≥ 1: llama.cpp's loader rejects `direction.0`).
+pub fn write_control_vector(
+    path: &Path,
+    model_hint: &str,
+    directions: &[(usize, Vec<f32>)],
+) -> Result<(), GgufError> {
+    super::backend::init(false);
+    let err = || GgufError::Open(path.display().to_string());
+    assert!(
+        directions.iter().all(|(il, _)| *il >= 1),
+        "direction.0 is not a valid control-vector layer"
+    );
+    let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| err())?;
+    let ckeys = [
+        c"general.architecture",
+        c"controlvector.model_hint",
+        c"controlvector.layer_count",
+    ];
+    let carch = CString::new("controlvector").expect("no NUL");
+    let chint = CString::new(model_hint).map_err(|_| err())?;
+    let bytes: usize = directions
+        .iter()
+        .map(|(_, v)| v.len() * 4 + 512)
+        .sum::<usize>()
+        + 4096;
+    // SAFETY: a fresh gguf context and a ggml context sized for all tensors (data + overhead) are
+    // created, filled and freed here; every string is NUL-terminated and outlives its use; tensor
+    // data pointers come from ggml_get_data of tensors we just allocated with exactly v.len() f32.
+    unsafe {
+        let g = sys::gguf_init_empty();
+        if g.is_null() {
+            return Err(err());
+        }
+        let ctx = sys::ggml_init(sys::ggml_init_params {
+            mem_size: bytes,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: false,
+        });
+        if ctx.is_null() {
+            sys::gguf_free(g);
+            return Err(err());
+        }
+        sys::gguf_set_val_str(g, ckeys[0].as_ptr(), carch.as_ptr());
+        sys::gguf_set_val_str(g, ckeys[1].as_ptr(), chint.as_ptr());
+        sys::gguf_set_val_i32(g, ckeys[2].as_ptr(), directions.len() as i32);
+        for (il, v) in directions {
+            let t = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, v.len() as i64);
+            let name = CString::new(format!("direction.{il}")).expect("no NUL");
+            sys::ggml_set_name(t, name.as_ptr());
+            std::ptr::copy_nonoverlapping(v.as_ptr(), sys::ggml_get_data(t).cast::<f32>(), v.len());
+            sys::gguf_add_tensor(g, t);
+        }
+        let ok = sys::gguf_write_to_file(g, cpath.as_ptr(), false);
+        sys::ggml_free(ctx);
+        sys::gguf_free(g);
+        if !ok {
+            return Err(GgufError::Io {
+                path: path.display().to_string(),
+                name: "control vector".into(),
+                source: std::io::Error::other("gguf_write_to_file failed"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -3,12 +3,14 @@
 //! `build` turns run views into sections of figures; `page` lays them out with a minijinja
 //! template; `csv` writes the numbers beside the report.
 
+pub mod contrast;
 pub mod csv_out;
 pub mod generation;
 pub mod groups;
 pub mod layers;
 pub mod page;
 pub mod quant;
+pub mod steering;
 pub mod tokens;
 pub mod trajectories;
 pub mod view;
@@ -54,8 +56,24 @@ pub fn build(
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
+    let steer_pairs = steering::steering_pairs(views);
+    let sys_pairs = steering::system_pairs(views);
+    for &(s, u) in &steer_pairs {
+        sections.push(steering::steering_section(views, s, u));
+    }
+    for &(i, j) in &sys_pairs {
+        sections.push(steering::system_section(views, i, j));
+    }
     if views.len() > 1 {
-        match quant::incomparable(views) {
+        let why = if views
+            .iter()
+            .any(|v| !v.run.manifest.capture.control_vectors.is_empty())
+        {
+            Some("some runs are steered with control vectors".to_string())
+        } else {
+            quant::incomparable(views)
+        };
+        match why {
             None => {
                 let l = quant::ladder(views, reference)?;
                 sections.push(quant::section(views, &l));
@@ -86,6 +104,9 @@ pub fn build(
         sections.push(trajectories::section(v, &prefix));
         sections.push(layers::section(v, &prefix));
         if let Some(s) = groups::section(v, &prefix) {
+            sections.push(s);
+        }
+        if let Some(s) = contrast::section(v, &prefix) {
             sections.push(s);
         }
         if let Some(s) = tokens::section(v, &prefix) {

@@ -156,6 +156,14 @@ pub struct CaptureSettings {
     pub n_ubatch: usize,
     pub threads: i32,
     pub n_gpu_layers: i32,
+    /// Control vectors applied while tracing (`--control-vector`), empty when unsteered.
+    #[serde(default)]
+    pub control_vectors: Vec<String>,
+    #[serde(default)]
+    pub control_scale: f32,
+    /// Steered points (first, last); point p is shifted through llama.cpp layer p − 1.
+    #[serde(default)]
+    pub control_points: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

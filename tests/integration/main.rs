@@ -11,3 +11,4 @@ mod chat;
 mod cli_trace;
 mod quant;
 mod report;
+mod steering;

@@ -1,0 +1,273 @@
+//! Contrast between two labeled groups on last-position states: the difference-of-means direction
+//! per point (the "refusal direction" of Arditi et al. 2024), separation measured on leave-one-out
+//! projections, the peak point, each prompt's projection against depth, and the sharpness of the
+//! switch.
+//!
+//! A direction fitted on the same prompts it is evaluated on separates even pure noise (d ≈ 7 in
+//! 576 dimensions with a few dozen prompts), so every separation number here is leave-one-out:
+//! prompt i is projected on the direction fitted without it, relative to the midpoint of the two
+//! group means fitted without it.
+
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
+
+/// Separation of the two groups at one point, from leave-one-out projections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Separation {
+    /// Cohen's d of the projections (group A minus group B, pooled standard deviation).
+    pub d: f64,
+    /// Share of prompts on their own group's side of the midpoint (nearest-mean accuracy).
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Contrast {
+    /// `[n_points, d]`: mean(A) − mean(B) per point (raw, unnormalised: the control-vector scale).
+    pub directions: Array2<f32>,
+    pub separation: Vec<Separation>,
+    /// Index (into the points) of the largest leave-one-out d.
+    pub peak: usize,
+    /// `[n_prompts, n_points]`: each prompt's projection on the unit direction at each point,
+    /// relative to the midpoint of the two group means (positive = group A's side).
+    pub projections: Array2<f64>,
+    pub sharpness: Sharpness,
+}
+
+/// How sharply separation rises up to the peak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sharpness {
+    /// Rise of d from the first point to the peak.
+    pub rise: f64,
+    /// Largest share of that rise gained within `window` consecutive steps.
+    pub max_window_share: f64,
+    /// Index of the first point of that window.
+    pub window_start: usize,
+    pub window: usize,
+    /// "hard" when max_window_share ≥ HARD_SHARE, else "soft".
+    pub hard: bool,
+}
+
+/// Steps within which most of the rise must happen to call the switch hard.
+pub const WINDOW: usize = 3;
+/// Share of the rise that makes a switch hard.
+pub const HARD_SHARE: f64 = 0.5;
+
+fn mean_rows(x: ArrayView2<f64>, rows: &[usize]) -> Array1<f64> {
+    let mut m = Array1::<f64>::zeros(x.ncols());
+    for &r in rows {
+        m += &x.row(r);
+    }
+    m / rows.len().max(1) as f64
+}
+
+/// Leave-one-out separation at one point. `x` is `[n, d]`; `a`, `b` the two groups' rows.
+pub fn loo_separation(x: ArrayView2<f64>, a: &[usize], b: &[usize]) -> Separation {
+    let (ma, mb) = (mean_rows(x, a), mean_rows(x, b));
+    let (na, nb) = (a.len() as f64, b.len() as f64);
+    let project = |i: usize, in_a: bool| -> f64 {
+        let h = x.row(i);
+        // Means without prompt i.
+        let (ma_i, mb_i) = if in_a {
+            ((&ma * na - h) / (na - 1.0), mb.clone())
+        } else {
+            (ma.clone(), (&mb * nb - h) / (nb - 1.0))
+        };
+        let u = &ma_i - &mb_i;
+        let norm = u.dot(&u).sqrt();
+        if norm == 0.0 {
+            return 0.0;
+        }
+        let mid = (&ma_i + &mb_i) / 2.0;
+        (&h - &mid).dot(&u) / norm
+    };
+    let pa: Vec<f64> = a.iter().map(|&i| project(i, true)).collect();
+    let pb: Vec<f64> = b.iter().map(|&i| project(i, false)).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let var = |v: &[f64], m: f64| {
+        v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() as f64 - 1.0)
+    };
+    let (mpa, mpb) = (mean(&pa), mean(&pb));
+    let pooled =
+        (((na - 1.0) * var(&pa, mpa) + (nb - 1.0) * var(&pb, mpb)) / (na + nb - 2.0)).sqrt();
+    // A projection exactly on the midpoint is a tie: half right.
+    let score = |p: f64, sign: f64| {
+        if p * sign > 0.0 {
+            1.0
+        } else if p == 0.0 {
+            0.5
+        } else {
+            0.0
+        }
+    };
+    let correct: f64 = pa.iter().map(|&p| score(p, 1.0)).sum::<f64>()
+        + pb.iter().map(|&p| score(p, -1.0)).sum::<f64>();
+    // Identical states (e.g. every prompt ends in the same template token at point 0): no
+    // separation, not an undefined one.
+    let d = if pooled > 0.0 {
+        (mpa - mpb) / pooled
+    } else {
+        0.0
+    };
+    Separation {
+        d,
+        accuracy: correct / (na + nb),
+    }
+}
+
+/// Full contrast of groups `a` and `b` in `states` (`[n_prompts, n_points, d]`).
+/// Both groups need at least 3 prompts.
+pub fn contrast(states: ArrayView3<f32>, a: &[usize], b: &[usize]) -> Contrast {
+    assert!(
+        a.len() >= 3 && b.len() >= 3,
+        "each group needs at least 3 prompts"
+    );
+    let (n, n_points, d) = states.dim();
+    let mut directions = Array2::<f32>::zeros((n_points, d));
+    let mut separation = Vec::with_capacity(n_points);
+    let mut projections = Array2::<f64>::zeros((n, n_points));
+    for k in 0..n_points {
+        let x = states.index_axis(Axis(1), k).mapv(|v| v as f64);
+        let (ma, mb) = (mean_rows(x.view(), a), mean_rows(x.view(), b));
+        let u = &ma - &mb;
+        directions.row_mut(k).assign(&u.mapv(|v| v as f32));
+        separation.push(loo_separation(x.view(), a, b));
+        let norm = u.dot(&u).sqrt();
+        let mid = (&ma + &mb) / 2.0;
+        for i in 0..n {
+            projections[[i, k]] = if norm > 0.0 {
+                (&x.row(i) - &mid).dot(&u) / norm
+            } else {
+                0.0
+            };
+        }
+    }
+    let finite = |x: f64| if x.is_finite() { x } else { f64::NEG_INFINITY };
+    let peak = (0..n_points)
+        .max_by(|&i, &j| finite(separation[i].d).total_cmp(&finite(separation[j].d)))
+        .unwrap_or(0);
+    let sharpness = sharpness(&separation.iter().map(|s| s.d).collect::<Vec<_>>(), peak);
+    Contrast {
+        directions,
+        separation,
+        peak,
+        projections,
+        sharpness,
+    }
+}
+
+/// Sharpness of the rise of `d` from the first point to `peak`. Negative leave-one-out d (no
+/// separation; it happens with clusters of identical states) counts as 0.
+pub fn sharpness(d: &[f64], peak: usize) -> Sharpness {
+    let d: Vec<f64> = d
+        .iter()
+        .map(|&x| if x.is_finite() { x.max(0.0) } else { 0.0 })
+        .collect();
+    let rise = d[peak] - d[0];
+    let (mut best, mut start) = (0.0f64, 0usize);
+    if rise > 0.0 && peak > 0 {
+        for s in 0..peak {
+            let e = (s + WINDOW).min(peak);
+            let share = (d[e] - d[s]) / rise;
+            if share > best {
+                best = share;
+                start = s;
+            }
+        }
+    }
+    Sharpness {
+        rise,
+        max_window_share: best,
+        window_start: start,
+        window: WINDOW,
+        hard: best >= HARD_SHARE,
+    }
+}
+
+/// Labels shuffled with a fixed seed (Fisher–Yates on an LCG): the control whose separation should
+/// stay near chance when its peak is chosen the same way.
+pub fn shuffled_groups(a: &[usize], b: &[usize], seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut all: Vec<usize> = a.iter().chain(b).copied().collect();
+    let mut s = seed;
+    for i in (1..all.len()).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let j = ((s >> 33) as usize) % (i + 1);
+        all.swap(i, j);
+    }
+    let (x, y) = all.split_at(a.len());
+    (x.to_vec(), y.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    fn lcg(s: &mut u64) -> f32 {
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn planted_direction_separates_and_noise_does_not() {
+        // 20 + 20 prompts, 4 points, 576 dims of noise; from point 2 on group A is shifted along
+        // axis 0 by 3 noise standard deviations.
+        let mut s = 5u64;
+        let (n, p, d) = (40, 4, 576);
+        let mut x = Array3::from_shape_fn((n, p, d), |_| lcg(&mut s));
+        for i in 0..20 {
+            for k in 2..p {
+                x[[i, k, 0]] += 1.8;
+            }
+        }
+        let a: Vec<usize> = (0..20).collect();
+        let b: Vec<usize> = (20..40).collect();
+        let c = contrast(x.view(), &a, &b);
+        assert!(c.peak >= 2);
+        assert!(
+            c.separation[c.peak].d > 2.0 && c.separation[c.peak].accuracy > 0.9,
+            "{:?}",
+            c.separation
+        );
+        // Pure noise (points 0, 1): in-sample the difference of means would separate strongly;
+        // leave-one-out does not.
+        for k in 0..2 {
+            assert!(
+                c.separation[k].d < 1.0 && c.separation[k].accuracy < 0.75,
+                "noise point {k}: {:?}",
+                c.separation[k]
+            );
+        }
+        assert!(
+            c.sharpness.hard,
+            "a jump from point 1 to 2 is a hard switch: {:?}",
+            c.sharpness
+        );
+        // The raw direction at the peak is mean(A) − mean(B): ≈ 1.8 along axis 0.
+        assert!((c.directions[[c.peak, 0]] - 1.8).abs() < 0.5);
+        // Projections are positive for A at the peak.
+        assert!(
+            (0..20)
+                .filter(|&i| c.projections[[i, c.peak]] > 0.0)
+                .count()
+                >= 18
+        );
+    }
+
+    #[test]
+    fn gradual_rise_is_soft_and_shuffle_keeps_group_sizes() {
+        let d = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0];
+        let sh = sharpness(&d, 8);
+        assert!(
+            !sh.hard && (sh.max_window_share - 3.0 / 8.0).abs() < 1e-12,
+            "{sh:?}"
+        );
+        let (x, y) = shuffled_groups(&[0, 1, 2, 3], &[4, 5, 6], 1);
+        assert_eq!((x.len(), y.len()), (4, 3));
+        let mut all: Vec<usize> = x.iter().chain(&y).copied().collect();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3, 4, 5, 6]);
+    }
+}

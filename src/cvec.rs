@@ -1,0 +1,94 @@
+//! Control vectors in llama.cpp's format: export of contrast directions, and a loader that applies
+//! the rules of llama.cpp's own loader (in its C++ `common` library, not in the bindings):
+//! tensors `direction.<il>` with il ≥ 1, F32, one dimension, the same width everywhere (= the
+//! model's n_embd), several files summed, each scaled by its strength. The loaded buffer starts at
+//! il = 1, as `llama_set_adapter_cvec` expects.
+
+use std::path::Path;
+
+use crate::llama::gguf::Gguf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CvecError {
+    #[error(transparent)]
+    Gguf(#[from] crate::llama::gguf::GgufError),
+    #[error("{path}: tensor {name}: not a control-vector direction (expected direction.<layer> with layer ≥ 1)")]
+    BadName { path: String, name: String },
+    #[error("{path}: {name} is {ty}, expected a 1-D f32 tensor")]
+    BadType {
+        path: String,
+        name: String,
+        ty: String,
+    },
+    #[error("{path}: control vector width {got} does not match the model's width {want}")]
+    Width {
+        path: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("{path}: holds no direction tensors")]
+    Empty { path: String },
+}
+
+/// A loaded control vector: `data[(il - 1) * n_embd ..]` is the shift at llama.cpp layer il.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlVector {
+    pub n_embd: usize,
+    pub data: Vec<f32>,
+}
+
+impl ControlVector {
+    /// Highest llama.cpp layer index with data.
+    pub fn n_layers(&self) -> usize {
+        self.data.len() / self.n_embd.max(1)
+    }
+}
+
+/// Load and sum control-vector files (each with its strength) for a model of width `n_embd`.
+pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, CvecError> {
+    let mut cv = ControlVector {
+        n_embd,
+        data: Vec::new(),
+    };
+    for &(path, strength) in files {
+        let p = path.display().to_string();
+        let g = Gguf::open(path)?;
+        let tensors = g.tensors();
+        if tensors.is_empty() {
+            return Err(CvecError::Empty { path: p });
+        }
+        for t in tensors {
+            let il: usize = t
+                .name
+                .strip_prefix("direction.")
+                .and_then(|n| n.parse().ok())
+                .filter(|&il| il >= 1)
+                .ok_or_else(|| CvecError::BadName {
+                    path: p.clone(),
+                    name: t.name.clone(),
+                })?;
+            if t.ty != "f32" || t.shape.len() != 1 {
+                return Err(CvecError::BadType {
+                    path: p.clone(),
+                    name: t.name.clone(),
+                    ty: format!("{} {:?}", t.ty, t.shape),
+                });
+            }
+            if t.shape[0] != n_embd {
+                return Err(CvecError::Width {
+                    path: p.clone(),
+                    got: t.shape[0],
+                    want: n_embd,
+                });
+            }
+            let v = g.read_f32(&t.name)?;
+            if cv.data.len() < il * n_embd {
+                cv.data.resize(il * n_embd, 0.0);
+            }
+            for (d, s) in cv.data[(il - 1) * n_embd..il * n_embd].iter_mut().zip(&v) {
+                *d += s * strength;
+            }
+        }
+    }
+    Ok(cv)
+}

@@ -1,0 +1,143 @@
+//! Contrast between two labels (refusal geometry, sentiment, ...): leave-one-out separation per
+//! point with a shuffled-label control, the "Geiger counter" of every prompt's projection on the
+//! per-point direction, and whether the switch is hard or soft.
+
+use plotly::common::{DashType, Line, Mode, Title};
+use plotly::layout::Axis;
+use plotly::{Layout, Plot, Scatter};
+
+use super::trajectories::html_escape;
+use super::view::{thin, RunView};
+use super::{color, Figure, Section, MAX_DRAWN};
+use crate::analysis::contrast::{self, Contrast};
+
+/// The contrast of the run's first two labels (each with at least 3 prompts), and its control.
+pub fn analyse(v: &RunView) -> Option<(String, String, Contrast, Contrast)> {
+    if v.groups.len() < 2 || v.groups[0].members.len() < 3 || v.groups[1].members.len() < 3 {
+        return None;
+    }
+    let (a, b) = (&v.groups[0], &v.groups[1]);
+    let c = contrast::contrast(v.last.view(), &a.members, &b.members);
+    let (sa, sb) = contrast::shuffled_groups(&a.members, &b.members, 0x5eed);
+    let control = contrast::contrast(v.last.view(), &sa, &sb);
+    Some((a.label.clone(), b.label.clone(), c, control))
+}
+
+pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+    let (a, b, c, control) = analyse(v)?;
+    let x = v.points.clone();
+    let mut sep = Plot::new();
+    sep.add_trace(
+        Scatter::new(x.clone(), c.separation.iter().map(|s| s.d).collect())
+            .mode(Mode::LinesMarkers)
+            .line(Line::new().color(color(0)).width(3.0))
+            .name("Cohen's d (leave-one-out)"),
+    );
+    sep.add_trace(
+        Scatter::new(x.clone(), control.separation.iter().map(|s| s.d).collect())
+            .mode(Mode::Lines)
+            .line(Line::new().color(color(7)).width(2.0).dash(DashType::Dot))
+            .name("d, shuffled labels"),
+    );
+    sep.add_trace(
+        Scatter::new(x.clone(), c.separation.iter().map(|s| s.accuracy).collect())
+            .mode(Mode::Lines)
+            .line(Line::new().color(color(2)).width(2.0))
+            .name("accuracy (leave-one-out)")
+            .y_axis("y2"),
+    );
+    sep.add_trace(
+        Scatter::new(
+            x.clone(),
+            control.separation.iter().map(|s| s.accuracy).collect(),
+        )
+        .mode(Mode::Lines)
+        .line(Line::new().color(color(7)).width(1.0).dash(DashType::Dash))
+        .name("accuracy, shuffled")
+        .y_axis("y2"),
+    );
+    sep.set_layout(
+        Layout::new()
+            .height(460)
+            .x_axis(Axis::new().title(Title::with_text("point")))
+            .y_axis(Axis::new().title(Title::with_text("Cohen's d")))
+            .y_axis2(
+                Axis::new()
+                    .title(Title::with_text("nearest-mean accuracy"))
+                    .overlaying("y")
+                    .side(plotly::common::AxisSide::Right)
+                    .range(vec![0.0, 1.0]),
+            ),
+    );
+    let mut geiger = Plot::new();
+    let drawn = thin(v.n_prompts(), MAX_DRAWN);
+    let mut shown = [false, false];
+    for &i in &drawn {
+        let g = if v.labels[i] == a {
+            0
+        } else if v.labels[i] == b {
+            1
+        } else {
+            continue;
+        };
+        geiger.add_trace(
+            Scatter::new(x.clone(), c.projections.row(i).to_vec())
+                .mode(Mode::Lines)
+                .line(Line::new().color(color(g)).width(1.2))
+                .opacity(0.6)
+                .legend_group(&v.labels[i])
+                .show_legend(!shown[g])
+                .name(&v.labels[i])
+                .hover_text(html_escape(&v.run.manifest.prompts[i].text)),
+        );
+        shown[g] = true;
+    }
+    geiger.set_layout(
+        Layout::new()
+            .height(480)
+            .x_axis(Axis::new().title(Title::with_text("point")))
+            .y_axis(Axis::new().title(Title::with_text(format!(
+                "projection on the {a} − {b} direction"
+            )))),
+    );
+    let (s, cs, sh) = (
+        c.separation[c.peak],
+        control.separation[control.peak],
+        c.sharpness,
+    );
+    let (ae, be) = (html_escape(&a), html_escape(&b));
+    let note = format!(
+        "<b>{ae}</b> ({}) vs <b>{be}</b> ({}). Peak at point {}: leave-one-out d = {:.2}, accuracy = {:.1}%; shuffled-label control at its own peak (point {}): d = {:.2}, accuracy = {:.1}%. \
+         The switch is <b>{}</b>: {:.0}% of the rise in d ({:.2}) happens within {} steps from point {} (hard when ≥ {:.0}%).",
+        v.groups[0].members.len(),
+        v.groups[1].members.len(),
+        v.points[c.peak],
+        s.d,
+        100.0 * s.accuracy,
+        v.points[control.peak],
+        cs.d,
+        100.0 * cs.accuracy,
+        if sh.hard { "hard" } else { "soft" },
+        100.0 * sh.max_window_share,
+        sh.rise,
+        sh.window,
+        v.points[sh.window_start],
+        100.0 * contrast::HARD_SHARE,
+    );
+    Some(Section {
+        title: format!("{prefix}Contrast: {a} vs {b}"),
+        note,
+        figures: vec![
+            Figure {
+                title: "Separation per point (leave-one-out)".into(),
+                caption: format!("At each point the direction is the difference of the two groups' means; each prompt is projected on the direction fitted without it. Cohen's d and nearest-mean accuracy of those projections say how separable '{a}' and '{b}' are at that depth; the dotted lines are the same with shuffled labels (near 0 and 50% when the separation is real). The peak is where the contrast is strongest — the point to read a refusal direction from."),
+                plot: sep,
+            },
+            Figure {
+                title: "The Geiger counter: every prompt's projection through depth".into(),
+                caption: format!("One line per prompt: its position along the per-point '{a} − {b}' direction, relative to the midpoint of the two means. Where the two colours split is where the model starts to treat them differently; a sudden split is a hard switch, a gradual fan-out a soft one."),
+                plot: geiger,
+            },
+        ],
+    })
+}
