@@ -213,13 +213,13 @@ mod tests {
     #[test]
     fn planted_direction_separates_and_noise_does_not() {
         // 20 + 20 prompts, 4 points, 576 dims of noise; from point 2 on group A is shifted along
-        // axis 0 by 3 noise standard deviations.
+        // axis 0 by 8 (noise: uniform ±1 in every dimension).
         let mut s = 5u64;
         let (n, p, d) = (40, 4, 576);
         let mut x = Array3::from_shape_fn((n, p, d), |_| lcg(&mut s));
         for i in 0..20 {
             for k in 2..p {
-                x[[i, k, 0]] += 1.8;
+                x[[i, k, 0]] += 8.0;
             }
         }
         let a: Vec<usize> = (0..20).collect();
@@ -245,8 +245,8 @@ mod tests {
             "a jump from point 1 to 2 is a hard switch: {:?}",
             c.sharpness
         );
-        // The raw direction at the peak is mean(A) − mean(B): ≈ 1.8 along axis 0.
-        assert!((c.directions[[c.peak, 0]] - 1.8).abs() < 0.5);
+        // The raw direction at the peak is mean(A) − mean(B): ≈ 8 along axis 0.
+        assert!((c.directions[[c.peak, 0]] - 8.0).abs() < 0.5);
         // Projections are positive for A at the peak.
         assert!(
             (0..20)
