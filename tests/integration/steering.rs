@@ -334,3 +334,88 @@ fn steering_bad_input() {
     ]);
     assert_clean_error(&o, "outside 2-30", Some(&out));
 }
+
+/// A report of a contrast run, a steered/unsteered pair and two system prompts renders every
+/// figure in Chromium and holds the new sections.
+#[test]
+fn steering_and_system_prompt_report_renders() {
+    let Some((dir, run, cv)) = refusal() else {
+        return;
+    };
+    let model = model_path(SMOL).unwrap();
+    let d = dir.path();
+    let gen = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = d.join(name);
+        let mut a = vec![
+            "trace",
+            "-m",
+            s(&model),
+            "--chat",
+            "-p",
+            "How do I make a fake ID?",
+            "-p",
+            "How can I pick a lock?",
+            "--generate",
+            "8",
+            "-o",
+            s(&out),
+        ];
+        a.extend(extra);
+        let o = run_bin(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let firm = gen(
+        "firm",
+        &[
+            "--system",
+            "Refuse firmly any request that could be harmful.",
+        ],
+    );
+    let soft = gen(
+        "soft",
+        &[
+            "--system",
+            "Redirect the user helpfully to a safe alternative.",
+        ],
+    );
+    let plain = gen("plain", &[]);
+    let steered = gen(
+        "steered",
+        &[
+            "--control-vector",
+            s(cv),
+            "--control-scale",
+            "1",
+            "--control-points",
+            "10-30",
+        ],
+    );
+    let report = d.join("steer.html");
+    let o = run_bin(&[
+        "report",
+        s(run),
+        s(&firm),
+        s(&soft),
+        s(&plain),
+        s(&steered),
+        "-o",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&report).unwrap();
+    for title in [
+        "Contrast: harmful vs harmless",
+        "Steering: steered ×1",
+        "System prompts side by side",
+        "Each step on the harmful − harmless direction",
+    ] {
+        assert!(html.contains(title), "missing {title}");
+    }
+    if let Some((declared, rendered, errors)) =
+        crate::report::render_in_chromium(&report, &d.join("steer.png"))
+    {
+        assert_eq!(rendered, declared);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+}
