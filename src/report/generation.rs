@@ -28,21 +28,9 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         .take(MAX_GEN)
         .enumerate()
     {
-        let Ok(states) = v.run.states(rec.index) else {
+        let Some((h, cols)) = v.generated_path(rec.index) else {
             continue;
         };
-        // Steps: the last prompt position, then each generated token.
-        let cols: Vec<usize> = rec
-            .positions
-            .iter()
-            .enumerate()
-            .filter(|(_, &p)| p + 1 >= rec.n_prompt_tokens)
-            .map(|(j, _)| j)
-            .collect();
-        let h = states
-            .select(ndarray::Axis(1), &cols)
-            .index_axis(ndarray::Axis(0), kp)
-            .to_owned();
         let proj = v.pca.transform(h.view());
         let steps: Vec<usize> = (0..cols.len()).collect();
         let hover: Vec<String> = cols

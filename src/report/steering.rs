@@ -77,25 +77,6 @@ fn describe(v: &RunView) -> String {
     }
 }
 
-/// Generated steps of prompt `p` at the last stored point: `[steps, d]` (last prompt token first).
-fn generated_path(v: &RunView, p: usize) -> Option<ndarray::Array2<f32>> {
-    let rec = &v.run.manifest.prompts[p];
-    let states = v.run.states(p).ok()?;
-    let cols: Vec<usize> = rec
-        .positions
-        .iter()
-        .enumerate()
-        .filter(|(_, &pos)| pos + 1 >= rec.n_prompt_tokens)
-        .map(|(j, _)| j)
-        .collect();
-    Some(
-        states
-            .select(ndarray::Axis(1), &cols)
-            .index_axis(ndarray::Axis(0), v.points.len() - 1)
-            .to_owned(),
-    )
-}
-
 pub fn steering_section(views: &[RunView], s: usize, u: usize) -> Section {
     let (vs, vu) = (&views[s], &views[u]);
     let mut plot = Plot::new();
@@ -162,7 +143,7 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
     let mut texts = Vec::new();
     for p in 0..va.n_prompts().min(MAX_PROMPTS) {
         for (k, v) in [va, vb].into_iter().enumerate() {
-            let Some(h) = generated_path(v, p) else {
+            let Some((h, _)) = v.generated_path(p) else {
                 continue;
             };
             let dash = if k == 0 {

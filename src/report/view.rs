@@ -142,6 +142,25 @@ impl RunView {
             .collect()
     }
 
+    /// Prompt `p`'s path over generation at the last stored point: `[steps, d]`, the last prompt
+    /// token first, then each generated token; with the stored column of each step.
+    pub fn generated_path(&self, p: usize) -> Option<(ndarray::Array2<f32>, Vec<usize>)> {
+        let rec = &self.run.manifest.prompts[p];
+        let states = self.run.states(p).ok()?;
+        let cols: Vec<usize> = rec
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|(_, &pos)| pos + 1 >= rec.n_prompt_tokens)
+            .map(|(j, _)| j)
+            .collect();
+        let h = states
+            .select(Axis(1), &cols)
+            .index_axis(Axis(0), self.points.len() - 1)
+            .to_owned();
+        Some((h, cols))
+    }
+
     pub fn group_names(&self) -> Vec<&str> {
         self.groups.iter().map(|g| g.label.as_str()).collect()
     }
