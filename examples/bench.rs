@@ -127,6 +127,7 @@ fn bench_compare(source: &std::path::Path) {
         output: out.clone(),
         force: false,
         reference: None,
+        lens: false,
         title: None,
         ctx: 512,
         threads: None,

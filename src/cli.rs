@@ -130,6 +130,9 @@ pub struct CompareArgs {
     /// The reference model of a quantization ladder (default: the highest precision).
     #[arg(long, value_name = "MODEL.gguf")]
     pub reference: Option<PathBuf>,
+    /// Also compute the logit lens of every model (for the thinking-styles comparison).
+    #[arg(long)]
+    pub lens: bool,
     /// Page title of the report.
     #[arg(long, value_name = "T")]
     pub title: Option<String>,
@@ -227,6 +230,19 @@ pub struct TraceArgs {
     /// llama.cpp's physical micro-batch size.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub ubatch_size: usize,
+
+    /// Logit lens: run every point's state at the last prompt position through the model's final
+    /// norm and unembedding (stored in lens.json; checked against the model's own logits).
+    #[arg(long)]
+    pub lens: bool,
+
+    /// With --lens: every stored position, not just the last prompt position.
+    #[arg(long, requires = "lens")]
+    pub lens_all: bool,
+
+    /// With --lens: how many top tokens to keep per point.
+    #[arg(long, value_name = "K", default_value_t = 5)]
+    pub lens_k: usize,
 
     /// Steer with a llama.cpp control-vector GGUF (repeatable; files are summed), e.g. one written
     /// by `gguf-trace direction`.

@@ -8,18 +8,21 @@ use anyhow::{bail, Context as _, Result};
 use sha2::{Digest, Sha256};
 
 use super::{bar, human_bytes, load_model};
+use crate::analysis::lens;
 use crate::capture::arch;
 use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
 use crate::cli::{default_gpu_layers, parse_control_points, parse_points, TraceArgs};
 use crate::llama::backend;
 use crate::llama::gguf::Gguf;
+use crate::llama::lens::LensHead;
 use crate::llama::model::{LoadOptions, Model};
 use crate::model_info::ModelFacts;
 use crate::prompts::{self, Prompt};
 use crate::run::{
     self, CaptureSettings, Manifest, PromptRecord, Provenance, RunShape, RunWriter, Timings,
 };
+use crate::run::{LensInfo, PromptLens};
 
 /// A prompt ready to trace.
 pub struct Prepared {
@@ -168,6 +171,22 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         n_embd: model.n_embd(),
         n_vocab: model.n_vocab(),
     };
+    let mut lens = match args.lens {
+        false => None,
+        true => {
+            if points.len() != model.n_layer() + 1 {
+                bail!("--lens needs every point (the last point is the model's own output); drop --points");
+            }
+            let head = LensHead::load(&args.model, &gguf, cfg.threads).with_context(|| {
+                format!("{}: loading the logit-lens head", args.model.display())
+            })?;
+            Some(LensState {
+                head,
+                prompts: Vec::new(),
+                max_diff: 0.0,
+            })
+        }
+    };
     let mut writer = RunWriter::create(&args.output, args.force, shape, dtype, format)?;
 
     let total_tokens: usize = token_lists.iter().map(|t| t.len() + args.generate).sum();
@@ -188,6 +207,9 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
                 p.prompt.label.as_deref(),
                 &pieces,
             )?;
+            if let Some(l) = lens.as_mut() {
+                l.add(&t, &points, args.lens_all, args.lens_k, &model)?;
+            }
             records.push(PromptRecord {
                 index: t.index,
                 id: p.prompt.id.clone(),
@@ -217,6 +239,34 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         return Err(e.into());
     }
     let trace_s = t_trace.elapsed().as_secs_f64();
+    let lens_info = match lens {
+        None => None,
+        Some(l) => {
+            writer.write_json(run::LENS_JSON, &l.prompts)?;
+            let valid = l.max_diff <= LENS_TOLERANCE;
+            if !valid {
+                eprintln!(
+                    "warning: the logit lens does not reproduce this model's own logits (max |difference| {:.3e} > {LENS_TOLERANCE:e}); its numbers are marked invalid and the report will not show them",
+                    l.max_diff
+                );
+            }
+            Some(LensInfo {
+                k: args.lens_k,
+                positions: if args.lens_all {
+                    "all".into()
+                } else {
+                    "last".into()
+                },
+                output_tensor: l.head.output_tensor.clone(),
+                norm: format!("{:?}", l.head.norm).to_lowercase(),
+                eps: l.head.eps,
+                softcap: l.head.softcap,
+                self_check_max_abs_diff: l.max_diff,
+                tolerance: LENS_TOLERANCE,
+                valid,
+            })
+        }
+    };
     let sha = hasher
         .join()
         .map_err(|_| anyhow::anyhow!("hashing thread panicked"))?
@@ -275,6 +325,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
             tokens_decoded: decoded,
             tokens_per_s: decoded as f64 / trace_s.max(1e-9),
         },
+        lens: lens_info,
     };
     let dir = writer.finish(&manifest)?;
     eprintln!(
@@ -286,6 +337,73 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     );
     writeln!(out, "{}", display_path(&dir))?;
     Ok(())
+}
+
+/// Largest |lens logit − model logit| accepted by the self-check. The lens runs the same ggml CPU
+/// kernels on the same quantized matrix as llama.cpp's output layer, so it agrees to float rounding
+/// of the norm (measured ~1e-5 on SmolLM2 and Gemma-3); anything large means the architecture's
+/// output head is not what the lens computes.
+pub const LENS_TOLERANCE: f64 = 1e-2;
+
+/// The logit lens during a trace: the head, the per-prompt results, the self-check.
+struct LensState {
+    head: LensHead,
+    prompts: Vec<PromptLens>,
+    max_diff: f64,
+}
+
+impl LensState {
+    fn add(
+        &mut self,
+        t: &PromptTrace,
+        points: &[usize],
+        all: bool,
+        k: usize,
+        model: &Model,
+    ) -> Result<()> {
+        let last = t.last_prompt_slot();
+        let cols: Vec<usize> = if all {
+            (0..t.positions.len()).collect()
+        } else {
+            vec![last]
+        };
+        let (n_points, n_vocab) = (points.len(), self.head.n_vocab);
+        let mut traces = Vec::with_capacity(cols.len());
+        let mut pieces = std::collections::BTreeMap::new();
+        for j in cols {
+            let x: Vec<f32> = t
+                .states
+                .slice(ndarray::s![.., j, ..])
+                .iter()
+                .copied()
+                .collect();
+            let logits = self.head.logits(&x, n_points)?;
+            if j == last {
+                let lens_final = &logits[(n_points - 1) * n_vocab..];
+                let d = lens_final
+                    .iter()
+                    .zip(&t.logits)
+                    .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+                self.max_diff = self.max_diff.max(d);
+            }
+            let tr = lens::lens(&logits, n_vocab, points, k, t.positions[j]);
+            for lp in &tr.points {
+                for &id in &lp.top_ids {
+                    pieces.entry(id).or_insert_with(|| model.token_piece(id));
+                }
+            }
+            pieces
+                .entry(tr.final_token)
+                .or_insert_with(|| model.token_piece(tr.final_token));
+            traces.push(tr);
+        }
+        self.prompts.push(PromptLens {
+            index: t.index,
+            pieces,
+            traces,
+        });
+        Ok(())
+    }
 }
 
 /// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen

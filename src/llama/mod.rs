@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod context;
 pub mod gguf;
+pub mod lens;
 pub mod model;
 pub mod quantize;
 

@@ -8,9 +8,11 @@ pub mod csv_out;
 pub mod generation;
 pub mod groups;
 pub mod layers;
+pub mod lens;
 pub mod page;
 pub mod quant;
 pub mod steering;
+pub mod styles;
 pub mod tokens;
 pub mod trajectories;
 pub mod view;
@@ -56,6 +58,9 @@ pub fn build(
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
+    if let Some(s) = styles::section(views) {
+        sections.push(s);
+    }
     let steer_pairs = steering::steering_pairs(views);
     let sys_pairs = steering::system_pairs(views);
     for &(s, u) in &steer_pairs {
@@ -107,6 +112,9 @@ pub fn build(
             sections.push(s);
         }
         if let Some(s) = contrast::section(v, &prefix) {
+            sections.push(s);
+        }
+        if let Some(s) = lens::section(v, &prefix) {
             sections.push(s);
         }
         if let Some(s) = tokens::section(v, &prefix) {

@@ -38,6 +38,7 @@ pub const LAST_NPY: &str = "last.npy";
 pub const LOGITS_NPY: &str = "logits.npy";
 pub const TOKENS_CSV: &str = "tokens.csv";
 pub const METRICS_CSV: &str = "metrics.csv";
+pub const LENS_JSON: &str = "lens.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -125,6 +126,26 @@ pub struct Manifest {
     pub capture: CaptureSettings,
     pub prompts: Vec<PromptRecord>,
     pub timings: Timings,
+    /// Logit-lens settings and self-check (None without --lens).
+    #[serde(default)]
+    pub lens: Option<LensInfo>,
+}
+
+/// How the logit lens was computed, and whether it reproduces the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensInfo {
+    pub k: usize,
+    /// "last" (last prompt position) or "all" (every stored position).
+    pub positions: String,
+    pub output_tensor: String,
+    pub norm: String,
+    pub eps: f32,
+    pub softcap: f32,
+    /// Largest |lens logit − model logit| at the last point and last prompt position, over prompts.
+    pub self_check_max_abs_diff: f64,
+    pub tolerance: f64,
+    /// False when the lens does not reproduce the model's own logits: its numbers must not be used.
+    pub valid: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,6 +218,15 @@ pub struct Timings {
     pub total_s: f64,
     pub tokens_decoded: usize,
     pub tokens_per_s: f64,
+}
+
+/// The lens of one prompt (lens.json holds one per prompt, in prompt order).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptLens {
+    pub index: usize,
+    /// Top-token pieces, by token id, for display.
+    pub pieces: std::collections::BTreeMap<i32, String>,
+    pub traces: Vec<crate::analysis::lens::LensTrace>,
 }
 
 /// Bytes a run will take, for the estimate printed before tracing.
@@ -458,6 +488,11 @@ impl RunWriter {
         Ok(rel)
     }
 
+    /// Write an extra JSON file into the run (e.g. lens.json).
+    pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), RunError> {
+        write_json_atomic(&self.tmp_dir.join(name), value)
+    }
+
     /// Write run.json (complete) and move the directory into place.
     pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, RunError> {
         let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| w.flush().map_err(io_err(&p));
@@ -600,6 +635,21 @@ impl Run {
     pub fn last(&self) -> Result<Array3<f32>, RunError> {
         let p = self.dir.join(LAST_NPY);
         ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))
+    }
+
+    /// The logit lens per prompt (when traced with --lens).
+    pub fn lens(&self) -> Result<Option<Vec<PromptLens>>, RunError> {
+        if self.manifest.lens.is_none() {
+            return Ok(None);
+        }
+        let p = self.dir.join(LENS_JSON);
+        let text = fs::read_to_string(&p).map_err(io_err(&p))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| RunError::BadManifest {
+                path: p.display().to_string(),
+                source,
+            })
     }
 
     /// `[n_prompts, n_vocab]` next-token logits at the last prompt position.

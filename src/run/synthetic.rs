@@ -139,6 +139,7 @@ pub fn write(
         },
         prompts,
         timings: Timings::default(),
+        lens: None,
     };
     w.finish(&manifest)?;
     Ok(())

@@ -9,6 +9,7 @@ mod bad_input;
 mod capture;
 mod chat;
 mod cli_trace;
+mod lens;
 mod quant;
 mod report;
 mod steering;

@@ -1,0 +1,238 @@
+//! The logit-lens head: the model's final norm and unembedding applied to any residual state,
+//! computed with a small ggml graph on the CPU backend over the *quantized* output matrix read
+//! from the GGUF (llama.h exposes no model tensors), so the lens uses the same kernels as the
+//! model's own output layer instead of a hand-dequantized copy.
+
+use std::ffi::c_void;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::gguf::{Gguf, TensorInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LensError {
+    #[error("{0}: the logit lens needs {1}, which the file does not hold")]
+    Missing(String, String),
+    #[error("{path}: reading {name}: {source}")]
+    Io {
+        path: String,
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("ggml could not allocate {0} bytes for the lens")]
+    Alloc(usize),
+    #[error("the lens graph failed to compute (ggml status {0})")]
+    Compute(i32),
+}
+
+/// Normalisation before the unembedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Norm {
+    Rms,
+    /// LayerNorm with bias (when `output_norm.bias` exists).
+    Layer,
+}
+
+/// The final norm + unembedding (+ optional logit soft-capping) of one model.
+pub struct LensHead {
+    ctx: NonNull<sys::ggml_context>,
+    w_out: *mut sys::ggml_tensor,
+    w_norm: *mut sys::ggml_tensor,
+    b_norm: Option<*mut sys::ggml_tensor>,
+    pub norm: Norm,
+    pub eps: f32,
+    pub softcap: f32,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    /// Name of the unembedding tensor used (`output.weight`, or `token_embd.weight` when tied).
+    pub output_tensor: String,
+    threads: i32,
+}
+
+impl Drop for LensHead {
+    fn drop(&mut self) {
+        // SAFETY: ctx came from ggml_init and owns every tensor of this head; freed once.
+        unsafe { sys::ggml_free(self.ctx.as_ptr()) }
+    }
+}
+
+fn read_into(path: &Path, t: &TensorInfo, dst: *mut c_void, len: usize) -> Result<(), LensError> {
+    let io = |source| LensError::Io {
+        path: path.display().to_string(),
+        name: t.name.clone(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    f.seek(SeekFrom::Start(t.offset)).map_err(io)?;
+    // SAFETY: dst points to a ggml tensor buffer of exactly `len` bytes (checked by the caller
+    // against ggml_nbytes), which nothing else references during this call.
+    let buf = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
+    f.read_exact(buf).map_err(io)
+}
+
+impl LensHead {
+    /// Load the final norm and the unembedding of the model at `path`.
+    pub fn load(path: &Path, gguf: &Gguf, threads: i32) -> Result<LensHead, LensError> {
+        super::backend::init(false);
+        let p = path.display().to_string();
+        let arch = gguf.get_str("general.architecture").unwrap_or_default();
+        let tensors = gguf.tensors();
+        let find = |n: &str| tensors.iter().find(|t| t.name == n).cloned();
+        let w_out_info = find("output.weight")
+            .or_else(|| find("token_embd.weight"))
+            .ok_or_else(|| {
+                LensError::Missing(p.clone(), "output.weight or token_embd.weight".into())
+            })?;
+        let w_norm_info = find("output_norm.weight")
+            .ok_or_else(|| LensError::Missing(p.clone(), "output_norm.weight".into()))?;
+        let b_norm_info = find("output_norm.bias");
+        let eps = gguf
+            .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+            .or_else(|| gguf.get_f64(&format!("{arch}.attention.layer_norm_epsilon")))
+            .unwrap_or(1e-5) as f32;
+        let softcap = gguf
+            .get_f64(&format!("{arch}.final_logit_softcapping"))
+            .unwrap_or(0.0) as f32;
+        let (n_embd, n_vocab) = (
+            w_out_info.shape[0],
+            w_out_info.shape.get(1).copied().unwrap_or(1),
+        );
+        let mut bytes =
+            w_out_info.size + w_norm_info.size + b_norm_info.as_ref().map(|b| b.size).unwrap_or(0);
+        // SAFETY: pure size query.
+        bytes += 4 * unsafe { sys::ggml_tensor_overhead() } + 1024;
+        // SAFETY: allocates a context owning `bytes` of memory; null on failure (checked).
+        let ctx = unsafe {
+            sys::ggml_init(sys::ggml_init_params {
+                mem_size: bytes,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: false,
+            })
+        };
+        let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(bytes))?;
+        let mut head = LensHead {
+            ctx,
+            w_out: std::ptr::null_mut(),
+            w_norm: std::ptr::null_mut(),
+            b_norm: None,
+            norm: if b_norm_info.is_some() {
+                Norm::Layer
+            } else {
+                Norm::Rms
+            },
+            eps,
+            softcap,
+            n_embd,
+            n_vocab,
+            output_tensor: w_out_info.name.clone(),
+            threads,
+        };
+        let load = |t: &TensorInfo, two_d: bool| -> Result<*mut sys::ggml_tensor, LensError> {
+            // SAFETY: the context has room for this tensor (sized above from the GGUF sizes); the
+            // type id comes from the file's own directory.
+            let g = unsafe {
+                if two_d {
+                    sys::ggml_new_tensor_2d(
+                        ctx.as_ptr(),
+                        t.ty_id,
+                        t.shape[0] as i64,
+                        t.shape.get(1).copied().unwrap_or(1) as i64,
+                    )
+                } else {
+                    sys::ggml_new_tensor_1d(ctx.as_ptr(), t.ty_id, t.shape[0] as i64)
+                }
+            };
+            if g.is_null() {
+                return Err(LensError::Alloc(t.size));
+            }
+            // SAFETY: g is a live tensor of this context.
+            let (data, nbytes) = unsafe { (sys::ggml_get_data(g), sys::ggml_nbytes(g)) };
+            if nbytes != t.size {
+                return Err(LensError::Io {
+                    path: p.clone(),
+                    name: t.name.clone(),
+                    source: std::io::Error::other(format!(
+                        "size {} in the file, {} expected",
+                        t.size, nbytes
+                    )),
+                });
+            }
+            read_into(path, t, data, nbytes)?;
+            Ok(g)
+        };
+        head.w_out = load(&w_out_info, true)?;
+        head.w_norm = load(&w_norm_info, false)?;
+        if let Some(b) = &b_norm_info {
+            head.b_norm = Some(load(b, false)?);
+        }
+        Ok(head)
+    }
+
+    /// Logits `[n_rows, n_vocab]` (row-major) of `n_rows` states `x` (`[n_rows, n_embd]`).
+    pub fn logits(&self, x: &[f32], n_rows: usize) -> Result<Vec<f32>, LensError> {
+        assert_eq!(x.len(), n_rows * self.n_embd);
+        let out_bytes = n_rows * self.n_vocab * 4;
+        // Activations, their quantized copy and the graph, with generous headroom.
+        // SAFETY: pure size queries.
+        let mem = 3 * out_bytes
+            + 8 * n_rows * self.n_embd * 4
+            + unsafe { sys::ggml_graph_overhead() + 16 * sys::ggml_tensor_overhead() }
+            + (32 << 20);
+        // SAFETY: a scratch context for this call, freed before returning (also on error).
+        let ctx = unsafe {
+            sys::ggml_init(sys::ggml_init_params {
+                mem_size: mem,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: false,
+            })
+        };
+        let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
+        // SAFETY: every tensor is created in `ctx` (or is one of this head's weights, alive in
+        // self.ctx); shapes agree (x: [n_embd, n_rows], w_out: [n_embd, n_vocab]); the result
+        // holds n_vocab*n_rows contiguous f32 that we copy out before freeing ctx.
+        let result = unsafe {
+            let c = ctx.as_ptr();
+            let xt =
+                sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, self.n_embd as i64, n_rows as i64);
+            std::ptr::copy_nonoverlapping(
+                x.as_ptr(),
+                sys::ggml_get_data(xt).cast::<f32>(),
+                x.len(),
+            );
+            let mut cur = match self.norm {
+                Norm::Rms => sys::ggml_rms_norm(c, xt, self.eps),
+                Norm::Layer => sys::ggml_norm(c, xt, self.eps),
+            };
+            cur = sys::ggml_mul(c, cur, self.w_norm);
+            if let Some(b) = self.b_norm {
+                cur = sys::ggml_add(c, cur, b);
+            }
+            let mut out = sys::ggml_mul_mat(c, self.w_out, cur);
+            if self.softcap > 0.0 {
+                out = sys::ggml_scale(c, out, 1.0 / self.softcap);
+                out = sys::ggml_tanh(c, out);
+                out = sys::ggml_scale(c, out, self.softcap);
+            }
+            let gf = sys::ggml_new_graph(c);
+            sys::ggml_build_forward_expand(gf, out);
+            let status = sys::ggml_graph_compute_with_ctx(c, gf, self.threads);
+            if status != sys::GGML_STATUS_SUCCESS {
+                Err(LensError::Compute(status))
+            } else {
+                let mut v = vec![0f32; n_rows * self.n_vocab];
+                std::ptr::copy_nonoverlapping(
+                    sys::ggml_get_data(out).cast::<f32>(),
+                    v.as_mut_ptr(),
+                    v.len(),
+                );
+                Ok(v)
+            }
+        };
+        // SAFETY: ctx is freed once; nothing created in it is used afterwards.
+        unsafe { sys::ggml_free(ctx.as_ptr()) };
+        result
+    }
+}

@@ -1,0 +1,206 @@
+//! The logit lens of one run: a lens table per prompt, entropy and final-token probability per
+//! point, and the distribution of decision points.
+
+use plotly::common::{ColorScale, ColorScalePalette, Line, Mode, Title};
+use plotly::layout::Axis;
+use plotly::{HeatMap, Histogram, Layout, Plot, Scatter};
+
+use super::trajectories::html_escape;
+use super::view::RunView;
+use super::{color, Figure, Section};
+use crate::run::PromptLens;
+
+/// Prompts that get their own lens table.
+const TABLES: usize = 3;
+
+/// The lens of a run, if it was traced with a valid one.
+pub fn valid_lens(v: &RunView) -> Option<Vec<PromptLens>> {
+    let info = v.run.manifest.lens.as_ref()?;
+    if !info.valid {
+        return None;
+    }
+    v.run.lens().ok().flatten()
+}
+
+/// Mean over prompts of a per-point quantity of the last-prompt-position lens.
+pub fn mean_curve(
+    lens: &[PromptLens],
+    f: impl Fn(&crate::analysis::lens::LensPoint) -> f64,
+) -> Vec<f64> {
+    let n_points = lens[0].traces[0].points.len();
+    (0..n_points)
+        .map(|k| {
+            lens.iter()
+                .map(|p| f(&p.traces.last().unwrap().points[k]))
+                .sum::<f64>()
+                / lens.len() as f64
+        })
+        .collect()
+}
+
+pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+    let info = v.run.manifest.lens.as_ref()?;
+    if !info.valid {
+        return Some(Section {
+            title: format!("{prefix}Logit lens"),
+            note: format!(
+                "Not shown: the lens does not reproduce this model's own logits (max |difference| {:.3e} > {:.0e}), so its numbers would be wrong for this architecture.",
+                info.self_check_max_abs_diff, info.tolerance
+            ),
+            figures: vec![],
+        });
+    }
+    let lens = v.run.lens().ok().flatten()?;
+    let n_layer = v.n_layer;
+    let mut figures = Vec::new();
+    for pl in lens.iter().take(TABLES) {
+        let tr = pl.traces.last()?; // the last prompt position (or the last stored one)
+        let rec = &v.run.manifest.prompts[pl.index];
+        let k = tr.points[0].top_ids.len();
+        let ys: Vec<String> = tr
+            .points
+            .iter()
+            .map(|p| format!("point {}", p.point))
+            .collect();
+        let xs: Vec<String> = (1..=k).map(|r| format!("#{r}")).collect();
+        let z: Vec<Vec<f64>> = tr.points.iter().map(|p| p.top_probs.clone()).collect();
+        let text: Vec<Vec<String>> = tr
+            .points
+            .iter()
+            .map(|p| {
+                p.top_ids
+                    .iter()
+                    .map(|id| {
+                        pl.pieces
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_default()
+                            .replace('\n', "⏎")
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut plot = Plot::new();
+        let hm = HeatMap::new(xs, ys, z)
+            .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+            .zmin(0.0)
+            .zmax(1.0);
+        // Token pieces written into the cells (plotly's texttemplate), set through serde.
+        let mut trace = serde_json::to_value(&hm).expect("serialisable");
+        trace["text"] = serde_json::json!(text);
+        trace["texttemplate"] = serde_json::json!("%{text}");
+        trace["hovertemplate"] =
+            serde_json::json!("%{y} %{x}: %{text} (p = %{z:.3f})<extra></extra>");
+        plot.add_trace(Box::new(RawTrace(trace)));
+        plot.set_layout(
+            Layout::new()
+                .height(40 + 22 * tr.points.len())
+                .x_axis(Axis::new().title(Title::with_text("rank")))
+                .y_axis(Axis::new().title(Title::with_text("point"))),
+        );
+        let final_piece = pl.pieces.get(&tr.final_token).cloned().unwrap_or_default();
+        figures.push(Figure {
+            title: format!("Lens table: “{}” → “{}”", html_escape(&rec.text.chars().take(60).collect::<String>()), html_escape(&final_piece)),
+            caption: format!(
+                "Each row is one point's state read through the model's final norm and unembedding: its top {k} next tokens, colour = probability. The final prediction is top-1 from point {} on (the decision point).",
+                tr.decision_point
+            ),
+            plot,
+        });
+    }
+    let x = v.points.clone();
+    let mut ent = Plot::new();
+    let mut pf = Plot::new();
+    for (i, pl) in lens.iter().enumerate().take(super::MAX_DRAWN) {
+        let tr = pl.traces.last()?;
+        let g = v
+            .groups
+            .iter()
+            .position(|g| g.label == v.labels[pl.index])
+            .unwrap_or(0);
+        ent.add_trace(
+            Scatter::new(x.clone(), tr.points.iter().map(|p| p.entropy).collect())
+                .mode(Mode::Lines)
+                .line(Line::new().color(color(g)).width(0.8))
+                .opacity(0.35)
+                .show_legend(false)
+                .name(format!("{i}")),
+        );
+        pf.add_trace(
+            Scatter::new(x.clone(), tr.points.iter().map(|p| p.p_final).collect())
+                .mode(Mode::Lines)
+                .line(Line::new().color(color(g)).width(0.8))
+                .opacity(0.35)
+                .show_legend(false)
+                .name(format!("{i}")),
+        );
+    }
+    ent.add_trace(
+        Scatter::new(x.clone(), mean_curve(&lens, |p| p.entropy))
+            .mode(Mode::Lines)
+            .line(Line::new().color("#111").width(4.0))
+            .name("mean"),
+    );
+    pf.add_trace(
+        Scatter::new(x.clone(), mean_curve(&lens, |p| p.p_final))
+            .mode(Mode::Lines)
+            .line(Line::new().color("#111").width(4.0))
+            .name("mean"),
+    );
+    ent.set_layout(
+        Layout::new()
+            .height(400)
+            .x_axis(Axis::new().title(Title::with_text("point")))
+            .y_axis(Axis::new().title(Title::with_text("entropy of the lens distribution (nats)"))),
+    );
+    pf.set_layout(
+        Layout::new()
+            .height(400)
+            .x_axis(Axis::new().title(Title::with_text("point")))
+            .y_axis(Axis::new().title(Title::with_text("probability of the final prediction"))),
+    );
+    let decisions: Vec<usize> = lens
+        .iter()
+        .filter_map(|p| p.traces.last().map(|t| t.decision_point))
+        .collect();
+    let mean_dec = decisions.iter().sum::<usize>() as f64 / decisions.len().max(1) as f64;
+    let mut hist = Plot::new();
+    hist.add_trace(Histogram::new(decisions.clone()).name("prompts"));
+    hist.set_layout(
+        Layout::new()
+            .height(360)
+            .x_axis(
+                Axis::new()
+                    .title(Title::with_text("decision point"))
+                    .range(vec![-0.5, n_layer as f64 + 0.5]),
+            )
+            .y_axis(Axis::new().title(Title::with_text("prompts"))),
+    );
+    figures.push(Figure { title: "Entropy per point".into(), caption: "How uncertain the lens distribution is at each depth (thin: prompts, bold: mean). A model that keeps options open stays high until late; one that commits early drops early.".into(), plot: ent });
+    figures.push(Figure { title: "Probability of the final prediction per point".into(), caption: "The lens probability of the token the model finally predicts: where it rises is where the answer forms.".into(), plot: pf });
+    figures.push(Figure { title: "Decision points".into(), caption: format!("For each prompt, the first point from which the final prediction stays top-1 (a model that only decides at the end has decision point {n_layer}). Mean {mean_dec:.1} = {:.0}% of the depth.", 100.0 * mean_dec / n_layer as f64), plot: hist });
+    Some(Section {
+        title: format!("{prefix}Logit lens"),
+        note: format!(
+            "Lens = the model's own final norm ({}, eps {}) and unembedding (<code>{}</code>{}) applied to every point, computed with ggml on the quantized matrix. Self-check: at the last point it reproduces the model's logits to max |difference| {:.2e} (tolerance {:.0e}).",
+            info.norm,
+            info.eps,
+            html_escape(&info.output_tensor),
+            if info.softcap > 0.0 { format!(", soft-cap {}", info.softcap) } else { String::new() },
+            info.self_check_max_abs_diff,
+            info.tolerance
+        ),
+        figures,
+    })
+}
+
+/// A trace given as raw plotly JSON (for attributes the typed builders do not expose).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(transparent)]
+pub struct RawTrace(pub serde_json::Value);
+
+impl plotly::Trace for RawTrace {
+    fn to_json(&self) -> String {
+        self.0.to_string()
+    }
+}
