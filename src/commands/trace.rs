@@ -401,6 +401,7 @@ impl LensState {
             index: t.index,
             pieces,
             traces,
+            last_prompt_position: t.n_prompt - 1,
         });
         Ok(())
     }

@@ -31,7 +31,7 @@ pub fn mean_curve(
     (0..n_points)
         .map(|k| {
             lens.iter()
-                .map(|p| f(&p.traces.last().unwrap().points[k]))
+                .map(|p| f(&p.last_prompt().points[k]))
                 .sum::<f64>()
                 / lens.len() as f64
         })
@@ -54,7 +54,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let n_layer = v.n_layer;
     let mut figures = Vec::new();
     for pl in lens.iter().take(TABLES) {
-        let tr = pl.traces.last()?; // the last prompt position (or the last stored one)
+        let tr = pl.last_prompt();
         let rec = &v.run.manifest.prompts[pl.index];
         let k = tr.points[0].top_ids.len();
         let ys: Vec<String> = tr
@@ -112,7 +112,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let mut ent = Plot::new();
     let mut pf = Plot::new();
     for (i, pl) in lens.iter().enumerate().take(super::MAX_DRAWN) {
-        let tr = pl.traces.last()?;
+        let tr = pl.last_prompt();
         let g = v
             .groups
             .iter()
@@ -161,7 +161,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     );
     let decisions: Vec<usize> = lens
         .iter()
-        .filter_map(|p| p.traces.last().map(|t| t.decision_point))
+        .map(|p| p.last_prompt().decision_point)
         .collect();
     let mean_dec = decisions.iter().sum::<usize>() as f64 / decisions.len().max(1) as f64;
     let mut hist = Plot::new();

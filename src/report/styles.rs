@@ -63,7 +63,7 @@ pub fn section(views: &[RunView]) -> Option<Section> {
         let depth = v.depth();
         let decisions: Vec<f64> = lens
             .iter()
-            .filter_map(|p| p.traces.last())
+            .map(|p| p.last_prompt())
             .map(|t| t.decision_point as f64 / v.n_layer as f64)
             .collect();
         let mean_dec = decisions.iter().sum::<f64>() / decisions.len() as f64;

@@ -227,6 +227,19 @@ pub struct PromptLens {
     /// Top-token pieces, by token id, for display.
     pub pieces: std::collections::BTreeMap<i32, String>,
     pub traces: Vec<crate::analysis::lens::LensTrace>,
+    /// Position of the last prompt token (the lens every run has, whatever --lens-all says).
+    #[serde(default)]
+    pub last_prompt_position: usize,
+}
+
+impl PromptLens {
+    /// The lens at the last prompt position.
+    pub fn last_prompt(&self) -> &crate::analysis::lens::LensTrace {
+        self.traces
+            .iter()
+            .find(|t| t.position == self.last_prompt_position)
+            .unwrap_or(&self.traces[0])
+    }
 }
 
 /// Bytes a run will take, for the estimate printed before tracing.

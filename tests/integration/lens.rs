@@ -124,6 +124,10 @@ fn lens_all_positions_on_request() {
     );
     let pl = &run.lens().unwrap().unwrap()[0];
     assert_eq!(pl.traces.len(), run.manifest.prompts[0].positions.len());
+    assert_eq!(
+        pl.last_prompt().position,
+        run.manifest.prompts[0].n_prompt_tokens - 1
+    );
     assert_eq!(run.manifest.lens.as_ref().unwrap().positions, "all");
 }
 
