@@ -44,10 +44,17 @@ pub fn candidates(views: &[RunView]) -> Vec<(usize, Vec<PromptLens>)> {
     }
 }
 
-/// First normalized depth where the mean entropy falls to half its value at point 0.
-fn entropy_halves(depth: &[f64], ent: &[f64]) -> Option<f64> {
-    let h0 = ent[0];
-    ent.iter().position(|&e| e <= h0 / 2.0).map(|k| depth[k])
+/// Depth of the mean-entropy peak, and the first depth after it where the mean entropy has fallen
+/// to half the peak. (Point 0 is no baseline: with tied embeddings the lens of the input embedding
+/// predicts the input token itself, entropy ≈ 0.)
+pub fn entropy_peak_and_half(depth: &[f64], ent: &[f64]) -> (f64, Option<f64>) {
+    let peak = (0..ent.len())
+        .max_by(|&a, &b| ent[a].total_cmp(&ent[b]))
+        .unwrap_or(0);
+    let half = (peak + 1..ent.len())
+        .find(|&k| ent[k] <= ent[peak] / 2.0)
+        .map(|k| depth[k]);
+    (depth[peak], half)
 }
 
 pub fn section(views: &[RunView]) -> Option<Section> {
@@ -57,7 +64,7 @@ pub fn section(views: &[RunView]) -> Option<Section> {
     }
     let mut dec = Plot::new();
     let mut ent = Plot::new();
-    let mut rows = String::from("<table><tr><th>model</th><th>decides at (mean decision depth)</th><th>entropy halves at</th><th>prompts</th></tr>");
+    let mut rows = String::from("<table><tr><th>model</th><th>decides at (mean decision depth)</th><th>entropy peaks at</th><th>entropy halves (from its peak) at</th><th>prompts</th></tr>");
     for (r, (i, lens)) in runs.iter().enumerate() {
         let v = &views[*i];
         let depth = v.depth();
@@ -75,7 +82,7 @@ pub fn section(views: &[RunView]) -> Option<Section> {
                 .n_bins_x(20),
         );
         let e = mean_curve(lens, |p| p.entropy);
-        let halves = entropy_halves(&depth, &e);
+        let (peak, halves) = entropy_peak_and_half(&depth, &e);
         ent.add_trace(
             Scatter::new(depth.clone(), e)
                 .mode(Mode::LinesMarkers)
@@ -83,12 +90,13 @@ pub fn section(views: &[RunView]) -> Option<Section> {
                 .name(&v.name),
         );
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{:.0}% of the depth</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.0}% of the depth</td><td>{:.0}%</td><td>{}</td><td>{}</td></tr>",
             html_escape(&v.name),
             100.0 * mean_dec,
+            100.0 * peak,
             halves
                 .map(|h| format!("{:.0}% of the depth", 100.0 * h))
-                .unwrap_or_else(|| "never".into()),
+                .unwrap_or_else(|| "not before the output".into()),
             lens.len()
         ));
     }
@@ -160,4 +168,20 @@ pub fn section(views: &[RunView]) -> Option<Section> {
         note,
         figures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn entropy_peak_and_half_by_hand() {
+        let depth = [0.0, 0.25, 0.5, 0.75, 1.0];
+        assert_eq!(
+            super::entropy_peak_and_half(&depth, &[0.0, 4.0, 3.0, 1.5, 2.0]),
+            (0.25, Some(0.75))
+        );
+        assert_eq!(
+            super::entropy_peak_and_half(&depth, &[0.0, 1.0, 2.0, 3.0, 2.0]),
+            (0.75, None)
+        );
+    }
 }
