@@ -96,7 +96,7 @@ fn bench_report() {
 /// wall time, and the share of it spent outside llama.cpp's decode (loading, tokenizing, writing,
 /// analysis and the report).
 fn bench_compare(source: &std::path::Path) {
-    use gguf_trace::cli::{CompareArgs, PositionsArg};
+    use gguf_trace::cli::{CompareArgs, PositionsArg, PromptArgs};
     let dir = tempfile::tempdir().unwrap();
     let f32_path = dir.path().join("ref.F32.gguf");
     let ty = |s: &str| gguf_trace::quant::parse_types(s).unwrap()[0].1;
@@ -118,10 +118,12 @@ fn bench_compare(source: &std::path::Path) {
     let out = dir.path().join("cmp");
     let args = CompareArgs {
         models,
-        prompts: vec![],
-        files: vec![pf],
-        chat: false,
-        system: None,
+        input: PromptArgs {
+            prompts: vec![],
+            files: vec![pf],
+            chat: false,
+            system: None,
+        },
         positions: PositionsArg::All,
         generate: 0,
         output: out.clone(),

@@ -103,18 +103,8 @@ pub struct CompareArgs {
     /// Models to compare (repeat -m; at least two).
     #[arg(short, long = "model", value_name = "MODEL.gguf", required = true)]
     pub models: Vec<PathBuf>,
-    /// A prompt (repeatable).
-    #[arg(short, long = "prompt", value_name = "TEXT")]
-    pub prompts: Vec<String>,
-    /// A prompt file (repeatable): .txt or .jsonl, as for `trace`.
-    #[arg(short, long = "file", value_name = "FILE")]
-    pub files: Vec<PathBuf>,
-    /// Render prompts through each model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    /// System message for --chat.
-    #[arg(long, value_name = "TEXT", requires = "chat")]
-    pub system: Option<String>,
+    #[command(flatten)]
+    pub input: PromptArgs,
     /// Positions to store (drift is measured over every stored prompt position).
     #[arg(long, value_enum, default_value = "all")]
     pub positions: PositionsArg,
@@ -147,21 +137,9 @@ pub struct CompareArgs {
     pub n_gpu_layers: Option<i32>,
 }
 
-#[derive(Debug, Args)]
-pub struct InspectArgs {
-    /// The GGUF model file.
-    pub model: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
+/// Where prompts come from and how they are rendered (shared by `trace` and `compare`).
 #[derive(Debug, Clone, Args)]
-pub struct TraceArgs {
-    /// The GGUF model file.
-    #[arg(short, long, value_name = "MODEL.gguf")]
-    pub model: PathBuf,
-
+pub struct PromptArgs {
     /// A prompt (repeatable). Special-token text such as <|im_start|> is parsed like llama.cpp's CLI.
     #[arg(short, long = "prompt", value_name = "TEXT")]
     pub prompts: Vec<String>,
@@ -178,6 +156,25 @@ pub struct TraceArgs {
     /// System message for --chat.
     #[arg(long, value_name = "TEXT", requires = "chat")]
     pub system: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The GGUF model file.
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// The GGUF model file.
+    #[arg(short, long, value_name = "MODEL.gguf")]
+    pub model: PathBuf,
+
+    #[command(flatten)]
+    pub input: PromptArgs,
 
     /// Positions to store: every prompt position, or only the last (generated tokens are always stored).
     #[arg(long, value_enum, default_value = "all")]

@@ -14,7 +14,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         bail!("compare needs at least two models (repeat -m)");
     }
     // Fail fast on prompts and the output directory before any model is loaded.
-    prompts::collect(&args.prompts, &args.files)?;
+    prompts::collect(&args.input.prompts, &args.input.files)?;
     run::check_output(&args.output, args.force)?;
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let reference = match &args.reference {
@@ -51,10 +51,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         eprintln!("[{}/{}] {}", i + 1, args.models.len(), m.display());
         let t = TraceArgs {
             model: m.clone(),
-            prompts: args.prompts.clone(),
-            files: args.files.clone(),
-            chat: args.chat,
-            system: args.system.clone(),
+            input: args.input.clone(),
             positions: args.positions,
             points: "all".into(),
             generate: args.generate,

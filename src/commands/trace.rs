@@ -81,7 +81,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     // Everything that can be checked without the model is checked first: no waiting for a load
     // to learn that the output exists or a prompt file is malformed.
-    let prompts = prompts::collect(&args.prompts, &args.files)?;
+    let prompts = prompts::collect(&args.input.prompts, &args.input.files)?;
     run::check_output(&args.output, args.force)?;
     if args.ctx == 0 || args.n_seq == 0 || args.batch_size == 0 || args.ubatch_size == 0 {
         bail!("--ctx, --n-seq, --batch-size and --ubatch-size must be at least 1");
@@ -102,7 +102,12 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let gguf = Gguf::open(&args.model)?;
     let facts = ModelFacts::gather(&args.model, &model, &gguf);
     let points = parse_points(&args.points, model.n_layer()).map_err(anyhow::Error::msg)?;
-    let prepared = prepare(&model, prompts, args.chat, args.system.as_deref())?;
+    let prepared = prepare(
+        &model,
+        prompts,
+        args.input.chat,
+        args.input.system.as_deref(),
+    )?;
 
     let positions: Positions = args.positions.into();
     let cfg = TraceConfig {
@@ -293,8 +298,8 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
             points,
             positions,
             generate: args.generate,
-            chat: args.chat,
-            system: args.system.clone(),
+            chat: args.input.chat,
+            system: args.input.system.clone(),
             dtype,
             format,
             ctx: cfg.ctx,

@@ -58,15 +58,7 @@ pub(crate) fn render_in_chromium(
 ) -> Option<(usize, usize, Vec<String>)> {
     let bin = chromium()?;
     let html = std::fs::read_to_string(report).unwrap();
-    let declared: usize = html
-        .split("name=\"gguf-trace-figures\" content=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let declared = declared_figures(&html);
     let profile = tempfile::tempdir().unwrap();
     let url = format!("file://{}", report.canonicalize().unwrap().display());
     let out = chrome(&bin, profile.path())
@@ -108,6 +100,15 @@ pub(crate) fn render_in_chromium(
         .unwrap();
     assert!(o.status.success() && shot.exists(), "no screenshot");
     Some((declared, rendered, errors))
+}
+
+/// The number of figures a report declares (`<meta name="gguf-trace-figures">`).
+fn declared_figures(html: &str) -> usize {
+    let v = html
+        .split("name=\"gguf-trace-figures\" content=\"")
+        .nth(1)
+        .expect("the report declares its figures");
+    v.split('"').next().unwrap().parse().unwrap()
 }
 
 fn assert_offline(html: &str) {
@@ -174,15 +175,7 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let html = std::fs::read_to_string(&report).unwrap();
     assert_offline(&html);
-    let declared: usize = html
-        .split("name=\"gguf-trace-figures\" content=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let declared = declared_figures(&html);
     // (plotly.min.js itself contains the string once; count the page body.)
     let body = html.split("<main>").nth(1).unwrap();
     assert_eq!(
