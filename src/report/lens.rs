@@ -2,6 +2,7 @@
 //! point, and the distribution of decision points.
 
 use plotly::common::{ColorScale, ColorScalePalette, Line, Mode, Title};
+use plotly::layout::update_menu::{Button, ButtonMethod, UpdateMenu};
 use plotly::layout::Axis;
 use plotly::{HeatMap, Histogram, Layout, Plot, Scatter};
 
@@ -9,9 +10,6 @@ use super::trajectories::html_escape;
 use super::view::RunView;
 use super::{color, Figure, Section};
 use crate::run::PromptLens;
-
-/// Prompts that get their own lens table.
-const TABLES: usize = 3;
 
 /// The lens of a run, if it was traced with a valid one.
 pub fn valid_lens(v: &RunView) -> Option<Vec<PromptLens>> {
@@ -53,7 +51,11 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let lens = v.run.lens().ok().flatten()?;
     let n_layer = v.n_layer;
     let mut figures = Vec::new();
-    for pl in lens.iter().take(TABLES) {
+    // One lens table per prompt, in one figure: a dropdown picks the prompt.
+    let shown: Vec<&PromptLens> = lens.iter().take(super::MAX_DRAWN).collect();
+    let mut table = Plot::new();
+    let mut buttons = Vec::new();
+    for (n, pl) in shown.iter().enumerate() {
         let tr = pl.last_prompt();
         let rec = &v.run.manifest.prompts[pl.index];
         let k = tr.points[0].top_ids.len();
@@ -80,34 +82,53 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
                     .collect()
             })
             .collect();
-        let mut plot = Plot::new();
         let hm = HeatMap::new(xs, ys, z)
             .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
             .zmin(0.0)
-            .zmax(1.0);
+            .zmax(1.0)
+            .show_scale(n == 0);
         // Token pieces written into the cells (plotly's texttemplate), set through serde.
         let mut trace = serde_json::to_value(&hm).expect("serialisable");
         trace["text"] = serde_json::json!(text);
         trace["texttemplate"] = serde_json::json!("%{text}");
         trace["hovertemplate"] =
             serde_json::json!("%{y} %{x}: %{text} (p = %{z:.3f})<extra></extra>");
-        plot.add_trace(Box::new(RawTrace(trace)));
-        plot.set_layout(
-            Layout::new()
-                .height(40 + 22 * tr.points.len())
-                .x_axis(Axis::new().title(Title::with_text("rank")))
-                .y_axis(Axis::new().title(Title::with_text("point"))),
-        );
+        trace["visible"] = serde_json::json!(n == 0);
+        table.add_trace(Box::new(RawTrace(trace)));
         let final_piece = pl.pieces.get(&tr.final_token).cloned().unwrap_or_default();
-        figures.push(Figure {
-            title: format!("Lens table: “{}” → “{}”", html_escape(&rec.text.chars().take(60).collect::<String>()), html_escape(&final_piece)),
-            caption: format!(
-                "Each row is one point's state read through the model's final norm and unembedding: its top {k} next tokens, colour = probability. The final prediction is top-1 from point {} on (the decision point).",
-                tr.decision_point
-            ),
-            plot,
-        });
+        let label = format!(
+            "{}: {} → {} (decides at {})",
+            rec.id,
+            rec.text.chars().take(40).collect::<String>(),
+            final_piece.trim(),
+            tr.decision_point
+        );
+        let vis: Vec<bool> = (0..shown.len()).map(|j| j == n).collect();
+        buttons.push(
+            Button::new()
+                .method(ButtonMethod::Restyle)
+                .label(label)
+                .args(serde_json::json!([{ "visible": vis }])),
+        );
     }
+    let rows = lens[0].last_prompt().points.len();
+    table.set_layout(
+        Layout::new()
+            .height(120 + 22 * rows)
+            .x_axis(Axis::new().title(Title::with_text("rank")))
+            .y_axis(Axis::new().title(Title::with_text("point")))
+            .update_menus(vec![UpdateMenu::new()
+                .buttons(buttons)
+                .x(0.0)
+                .x_anchor(plotly::common::Anchor::Left)
+                .y(1.12)
+                .y_anchor(plotly::common::Anchor::Top)]),
+    );
+    figures.push(Figure {
+        title: format!("Lens table per prompt ({} prompts; pick one in the menu)", shown.len()),
+        caption: "Each row is one point's state read through the model's final norm and unembedding: its top next tokens (text in the cells), colour = probability. The menu names each prompt's final prediction and its decision point — the first point from which that prediction stays top-1.".into(),
+        plot: table,
+    });
     let x = v.points.clone();
     let mut ent = Plot::new();
     let mut pf = Plot::new();
