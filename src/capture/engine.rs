@@ -204,10 +204,6 @@ impl<'m> Tracer<'m> {
         })
     }
 
-    pub fn config(&self) -> &TraceConfig {
-        &self.cfg
-    }
-
     /// Apply a control vector (`data` starts at llama.cpp layer 1, n_embd floats per layer) to
     /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
     pub fn set_control_vector(&mut self, cv: Option<(&[f32], i32, i32)>) -> Result<(), TraceError> {
@@ -374,7 +370,7 @@ impl<'m> Tracer<'m> {
         self.decode_s += t.elapsed().as_secs_f64();
         let n_tokens = self.batch.len();
         let outputs: Vec<usize> = (0..n_tokens).filter(|&i| self.batch.is_output(i)).collect();
-        let (rows, _fired) = self.ctx.captured().expect("tracer contexts always capture");
+        let rows = self.ctx.captured().expect("tracer contexts always capture");
         let e = self.n_embd;
         // Validate: every kept point delivered one row per token (the last block: per output).
         for (slot, &point) in self.cfg.points.iter().enumerate() {

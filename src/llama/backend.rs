@@ -65,12 +65,6 @@ fn lock() -> std::sync::MutexGuard<'static, LogState> {
     LOG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The most recent log lines (oldest first), at most `n`.
-pub fn recent_log(n: usize) -> Vec<String> {
-    let st = lock();
-    st.lines.iter().rev().take(n).rev().cloned().collect()
-}
-
 /// Forget the kept log lines (so a following error message only shows what is new).
 pub fn clear_log() {
     lock().lines.clear();

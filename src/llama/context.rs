@@ -61,8 +61,6 @@ struct CaptureState {
     n_embd: usize,
     /// Per slot: the captured rows of the current decode, appended ubatch by ubatch.
     rows: Vec<Vec<f32>>,
-    /// Per slot: how many times the callback delivered data in the current decode.
-    fired: Vec<usize>,
     error: Option<String>,
 }
 
@@ -142,7 +140,6 @@ impl CaptureState {
                 }
             }
         }
-        self.fired[slot] += 1;
     }
 
     fn fail(&mut self, msg: String) {
@@ -243,7 +240,6 @@ impl<'m> Context<'m> {
                 slot_of_point,
                 n_embd: spec.n_embd,
                 rows: vec![Vec::new(); spec.points.len()],
-                fired: vec![0; spec.points.len()],
                 error: None,
             })
         });
@@ -291,7 +287,6 @@ impl<'m> Context<'m> {
     pub fn decode(&mut self, batch: &Batch) -> Result<(), ContextError> {
         if let Some(st) = self.capture.as_mut() {
             st.rows.iter_mut().for_each(Vec::clear);
-            st.fired.iter_mut().for_each(|f| *f = 0);
             st.error = None;
         }
         if backend::interrupted() {
@@ -318,12 +313,9 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row), and
-    /// how many callback deliveries each point received.
-    pub fn captured(&self) -> Option<(&[Vec<f32>], &[usize])> {
-        self.capture
-            .as_ref()
-            .map(|s| (s.rows.as_slice(), s.fired.as_slice()))
+    /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row).
+    pub fn captured(&self) -> Option<&[Vec<f32>]> {
+        self.capture.as_ref().map(|s| s.rows.as_slice())
     }
 
     /// Next-token logits of output `i` (a batch index marked as output) of the last decode.

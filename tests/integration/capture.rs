@@ -229,24 +229,7 @@ fn last_point_is_the_real_last_layer() {
         let toks = tokens(model, &[PROMPT])[0].clone();
         let t = &trace_tokens(model, std::slice::from_ref(&toks), |_| {})[0];
 
-        let mut ctx = Context::new(
-            model,
-            ContextParams {
-                n_ctx: 512,
-                n_batch: 512,
-                n_ubatch: 512,
-                n_seq_max: 1,
-                n_threads: 2,
-                embeddings: true,
-                capture: None,
-            },
-        )
-        .unwrap();
-        let mut batch = Batch::new(toks.len());
-        for (i, &tk) in toks.iter().enumerate() {
-            batch.push(tk, i, 0, true);
-        }
-        ctx.decode(&batch).unwrap();
+        let ctx = decode_untraced(model, &toks, 512, true);
         let mut worst = 0f32;
         for j in 0..toks.len() {
             let h = t.states.slice(s![model.n_layer(), j, ..]);
@@ -352,12 +335,13 @@ fn too_long_prompt_is_refused_before_decoding() {
     assert!(e.contains("more than --ctx 4"), "{e}");
 }
 
-/// Logits of every position from a plain (untraced) context.
-fn plain_logits(
-    model: &gguf_trace::llama::model::Model,
+/// Decode `toks` as one sequence in an untraced context, every token an output.
+fn decode_untraced<'m>(
+    model: &'m gguf_trace::llama::model::Model,
     toks: &[i32],
     n_ubatch: u32,
-) -> Vec<Vec<f32>> {
+    embeddings: bool,
+) -> Context<'m> {
     let mut ctx = Context::new(
         model,
         ContextParams {
@@ -366,7 +350,7 @@ fn plain_logits(
             n_ubatch,
             n_seq_max: 1,
             n_threads: 2,
-            embeddings: false,
+            embeddings,
             capture: None,
         },
     )
@@ -376,6 +360,16 @@ fn plain_logits(
         batch.push(tk, i, 0, true);
     }
     ctx.decode(&batch).unwrap();
+    ctx
+}
+
+/// Logits of every position from a plain (untraced) context.
+fn plain_logits(
+    model: &gguf_trace::llama::model::Model,
+    toks: &[i32],
+    n_ubatch: u32,
+) -> Vec<Vec<f32>> {
+    let ctx = decode_untraced(model, toks, n_ubatch, false);
     (0..toks.len())
         .map(|i| ctx.logits_ith(i).unwrap().to_vec())
         .collect()
