@@ -84,7 +84,8 @@ fn bench_report() {
         gguf_trace::run::synthetic::write(&run, n, 30, 576, &["a", "b"], 1).unwrap();
         let out = dir.path().join(format!("report{n}.html"));
         let t = Instant::now();
-        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None, None).unwrap();
+        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None, None, false)
+            .unwrap();
         let secs = t.elapsed().as_secs_f64();
         let size = std::fs::metadata(&out).unwrap().len();
         println!("report_time_{n}_prompts: {secs:.2} s");
@@ -157,18 +158,11 @@ fn bench_compare(source: &std::path::Path) {
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
-    gguf_trace::llama::backend::init(false);
+    gguf_trace::llama::backend::init();
     bench_report();
     bench_compare(&paths[0]);
     for path in paths {
-        let model = Model::load(
-            &path,
-            LoadOptions {
-                n_gpu_layers: 0,
-                vocab_only: false,
-            },
-        )
-        .expect("model loads");
+        let model = Model::load(&path, LoadOptions::default()).expect("model loads");
         let name = model.meta("general.architecture").unwrap_or_default();
         let texts = prompts(64);
         let toks: Vec<Vec<i32>> = texts

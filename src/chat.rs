@@ -17,12 +17,43 @@ pub enum ChatError {
     NoTemplate,
     #[error("--chat: the model's chat template failed: {0:#}")]
     Render(minijinja::Error),
+    #[error("--chat: the model's chat template drops the {0} message (its rendering does not contain the text); trace raw prompts without --chat")]
+    Dropped(&'static str),
     #[error(transparent)]
     Tokenize(#[from] ModelError),
 }
 
+/// Instructions a template may execute for one prompt (minijinja's fuel): real chat templates
+/// take a few thousand; this stops a template that loops forever within a second.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Bytes a rendering may have beyond 8 × the messages' own size (a template that renders without
+/// end is stopped here instead of filling memory).
+const TEMPLATE_OUTPUT_SLACK: usize = 1 << 20;
+
+/// A writer that fails once more than `left` bytes were written.
+struct Bounded {
+    buf: Vec<u8>,
+    left: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if b.len() > self.left {
+            return Err(std::io::Error::other("rendering too long"));
+        }
+        self.left -= b.len();
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Render one user message (after an optional system message) with `template`, adding the
-/// assistant generation prompt, exactly as transformers' `apply_chat_template` would.
+/// assistant generation prompt, exactly as transformers' `apply_chat_template` would. The
+/// rendering is bounded in work ([`TEMPLATE_FUEL`]) and size.
 pub fn render_template(
     template: &str,
     system: Option<&str>,
@@ -31,6 +62,7 @@ pub fn render_template(
     eos_token: &str,
 ) -> Result<String, minijinja::Error> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -43,12 +75,34 @@ pub fn render_template(
         messages.push(context! { role => "system", content => s });
     }
     messages.push(context! { role => "user", content => user });
-    env.get_template("chat")?.render(context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
+    let limit = TEMPLATE_OUTPUT_SLACK + 8 * (user.len() + system.map_or(0, str::len));
+    let mut out = Bounded {
+        buf: Vec::new(),
+        left: limit,
+    };
+    env.get_template("chat")?
+        .render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            },
+            &mut out,
+        )
+        .map(drop)
+        .map_err(|e| {
+            if out.left < 64 || e.kind() == ErrorKind::WriteFailure {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("the rendering grew past {limit} bytes"),
+                )
+            } else {
+                e
+            }
+        })?;
+    String::from_utf8(out.buf)
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, "the rendering is not UTF-8"))
 }
 
 /// The model's chat template, rendered for one prompt.
@@ -58,7 +112,22 @@ pub fn render_chat(model: &Model, system: Option<&str>, user: &str) -> Result<St
         .ok_or(ChatError::NoTemplate)?;
     let bos = model.token_piece(model.bos());
     let eos = model.token_piece(model.eos());
-    render_template(&template, system, user, &bos, &eos).map_err(ChatError::Render)
+    let text = render_template(&template, system, user, &bos, &eos).map_err(ChatError::Render)?;
+    check_contains(&text, system, user)?;
+    Ok(text)
+}
+
+/// Refuse a rendering that silently dropped a message (templates may trim, so compare trimmed).
+fn check_contains(rendered: &str, system: Option<&str>, user: &str) -> Result<(), ChatError> {
+    if !rendered.contains(user.trim()) {
+        return Err(ChatError::Dropped("user"));
+    }
+    if let Some(s) = system {
+        if !rendered.contains(s.trim()) {
+            return Err(ChatError::Dropped("system"));
+        }
+    }
+    Ok(())
 }
 
 /// Tokenize a (raw or rendered) prompt like llama.cpp's CLI: special-token text is parsed, BOS/EOS
@@ -85,6 +154,32 @@ mod tests {
             out,
             "<|system|>\nsys</s>\n<|user|>\nhi</s>\n<|assistant|>\n"
         );
+    }
+
+    #[test]
+    fn endless_or_lossy_templates_are_refused() {
+        let loop_t =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let e = render_template(loop_t, None, "hi", "", "").unwrap_err();
+        assert!(format!("{e:#}").contains("fuel"), "{e:#}");
+        let big = format!(
+            "{{% for i in range(100000) %}}{}{{% endfor %}}",
+            "y".repeat(1000)
+        );
+        let e = render_template(&big, None, "hi", "", "").unwrap_err();
+        assert!(format!("{e:#}").contains("grew past"), "{e:#}");
+        let lossy = "<|user|>{{ add_generation_prompt }}";
+        let out = render_template(lossy, None, "hello there", "", "").unwrap();
+        assert!(matches!(
+            check_contains(&out, None, "hello there"),
+            Err(ChatError::Dropped("user"))
+        ));
+        let no_sys = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}";
+        let out = render_template(no_sys, Some("be brief"), "hello", "", "").unwrap();
+        assert!(matches!(
+            check_contains(&out, Some("be brief"), "hello"),
+            Err(ChatError::Dropped("system"))
+        ));
     }
 
     #[test]

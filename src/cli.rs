@@ -66,6 +66,10 @@ pub struct ReportArgs {
     /// For a quantization ladder: the reference run (default: the highest-precision one).
     #[arg(long, value_name = "RUN_DIR")]
     pub reference: Option<PathBuf>,
+    /// Overwrite an existing report written by gguf-trace (and its CSVs); other files are never
+    /// overwritten.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +82,9 @@ pub struct DirectionArgs {
     /// The control-vector GGUF to write.
     #[arg(short, long, value_name = "dir.gguf")]
     pub output: PathBuf,
+    /// Overwrite an existing control vector (never any other file).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -216,9 +223,14 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N")]
     pub n_gpu_layers: Option<i32>,
 
-    /// Prompts decoded together as separate sequences of one batch.
+    /// Prompts decoded together as separate sequences of one batch (1-256).
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub n_seq: usize,
+
+    /// Read the weights into memory instead of memory-mapping the file. With mmap (the default)
+    /// a model file that is truncated or replaced during a trace kills the process (SIGBUS).
+    #[arg(long)]
+    pub no_mmap: bool,
 
     /// Largest number of tokens in one decode.
     #[arg(long, value_name = "N", default_value_t = 512)]
@@ -246,19 +258,21 @@ pub struct TraceArgs {
     #[arg(long = "control-vector", value_name = "FILE")]
     pub control_vectors: Vec<PathBuf>,
 
-    /// Strength of the control vector(s): 1 moves group B's mean onto group A's at each point.
-    #[arg(
-        long,
-        value_name = "S",
-        default_value_t = 1.0,
-        allow_hyphen_values = true
-    )]
-    pub control_scale: f32,
+    /// Strength of the control vector(s) (default 1): 1 moves group B's mean onto group A's at
+    /// each point.
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    pub control_scale: Option<f32>,
 
     /// Points to steer, "A-B" (point p is shifted through llama.cpp layer p − 1, so A ≥ 2);
     /// default: every point the vector covers.
     #[arg(long, value_name = "A-B")]
     pub control_points: Option<String>,
+
+    /// Keep going when a state or logit is NaN or infinite (a broken model, an extreme control
+    /// vector): the first such point and position of each prompt is recorded in run.json
+    /// (prompts[].nonfinite) instead of failing the trace. Reports refuse such runs.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

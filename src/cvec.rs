@@ -28,6 +28,10 @@ pub enum CvecError {
     },
     #[error("{path}: holds no direction tensors")]
     Empty { path: String },
+    #[error("{path}: {name} holds non-finite values (NaN or infinity)")]
+    NonFinite { path: String, name: String },
+    #[error("control-vector strength {0} is not a finite number")]
+    Strength(f32),
 }
 
 /// A loaded control vector: `data[(il - 1) * n_embd ..]` is the shift at llama.cpp layer il.
@@ -51,6 +55,9 @@ pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, Cvec
         data: Vec::new(),
     };
     for &(path, strength) in files {
+        if !strength.is_finite() {
+            return Err(CvecError::Strength(strength));
+        }
         let p = path.display().to_string();
         let g = Gguf::open(path)?;
         let tensors = g.tensors();
@@ -82,6 +89,12 @@ pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, Cvec
                 });
             }
             let v = g.read_f32(&t.name)?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(CvecError::NonFinite {
+                    path: p.clone(),
+                    name: t.name.clone(),
+                });
+            }
             if cv.data.len() < il * n_embd {
                 cv.data.resize(il * n_embd, 0.0);
             }

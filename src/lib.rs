@@ -9,6 +9,7 @@ pub mod commands;
 pub mod cvec;
 pub mod llama;
 pub mod model_info;
+pub mod output;
 pub mod prompts;
 pub mod quant;
 pub mod report;

@@ -9,7 +9,8 @@ use gguf_trace::{commands, llama};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    llama::backend::init(cli.verbose);
+    llama::backend::init();
+    llama::backend::set_verbose(cli.verbose);
     // Ctrl-C: ask llama.cpp to abort the running decode (abort callback) and our loops to stop;
     // the partial run directory is removed, nothing that looks complete is left behind.
     let _ = ctrlc::set_handler(llama::backend::request_interrupt);

@@ -38,6 +38,34 @@ pub enum PromptError {
     None,
 }
 
+/// Largest prompt file read (a prompt file is text; this stops `-f /dev/zero` from eating memory).
+pub const MAX_PROMPT_FILE: u64 = 256 << 20;
+
+/// Read a prompt file as UTF-8 text: a regular file (or a pipe) of at most [`MAX_PROMPT_FILE`].
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(std::io::Error::other("is a directory"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PROMPT_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PROMPT_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB; split it into several files",
+            MAX_PROMPT_FILE >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::other(format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 /// Prompts from `-p` texts (in order) then files (in order). Ids must be unique.
 pub fn collect(texts: &[String], files: &[impl AsRef<Path>]) -> Result<Vec<Prompt>, PromptError> {
     let mut out = Vec::new();
@@ -76,7 +104,6 @@ pub fn collect(texts: &[String], files: &[impl AsRef<Path>]) -> Result<Vec<Promp
 /// unrelated.txt` gives two groups) and the default id prefix.
 pub fn load_file(path: &Path) -> Result<Vec<Prompt>, PromptError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| PromptError::Read(name.clone(), e))?;
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -85,6 +112,10 @@ pub fn load_file(path: &Path) -> Result<Vec<Prompt>, PromptError> {
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
+    if ext != "txt" && ext != "jsonl" {
+        return Err(PromptError::UnknownType(name));
+    }
+    let text = read_bounded(path).map_err(|e| PromptError::Read(name.clone(), e))?;
     let mut out = Vec::new();
     match ext.as_str() {
         "txt" => {

@@ -1,6 +1,11 @@
-//! Per-point metrics in the full hidden dimension (definitions in DESIGN.md).
+//! Per-point metrics in the full hidden dimension.
 //!
-//! A trajectory is `[n_points, d]`: h_0 … h_L for one prompt at one position.
+//! A trajectory is `[n_points, d]`: h_0 … h_L for one prompt at one position. Per point l:
+//! norm ‖h_l‖; step s_l = ‖h_{l+1} − h_l‖ and relative step s_l / ‖h_l‖; cos(h_l, h_{l+1});
+//! cos(h_l, h_L); turning angle θ_l between (h_l − h_{l−1}) and (h_{l+1} − h_l). Over a group of
+//! prompts: alignment A(l) = mean over pairs of (cos + 1) / 2 (raw, and centered on the run's
+//! per-point mean, since residual streams are anisotropic), and funnel width = mean distance to
+//! the group centroid / mean norm.
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView3, Axis};
 

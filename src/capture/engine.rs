@@ -50,6 +50,15 @@ pub enum TraceError {
     },
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
+    #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite \
+             (a broken model or an extreme control vector); nothing was written. Pass --allow-nonfinite \
+             to record such prompts instead")]
+    NonFinite {
+        index: usize,
+        what: &'static str,
+        point: usize,
+        position: usize,
+    },
     #[error("the sink rejected prompt {index}: {source}")]
     Sink { index: usize, source: anyhow::Error },
 }
@@ -71,6 +80,9 @@ pub struct TraceConfig {
     /// Physical micro-batch size (llama.cpp splits a batch into ubatches of this size).
     pub n_ubatch: usize,
     pub threads: i32,
+    /// Record the first non-finite state of each prompt (in [`PromptTrace::nonfinite`]) instead
+    /// of failing with [`TraceError::NonFinite`].
+    pub allow_nonfinite: bool,
 }
 
 impl TraceConfig {
@@ -85,6 +97,7 @@ impl TraceConfig {
             n_batch: 512,
             n_ubatch: 512,
             threads: default_threads(),
+            allow_nonfinite: false,
         }
     }
 }
@@ -110,6 +123,9 @@ pub struct PromptTrace {
     pub n_prompt: usize,
     /// Next-token logits at the last prompt position.
     pub logits: Vec<f32>,
+    /// With `allow_nonfinite`: the first (point slot, position slot) holding a NaN or infinity
+    /// (non-finite logits are reported at the last kept point and the last prompt position).
+    pub nonfinite: Option<(usize, usize)>,
 }
 
 impl PromptTrace {
@@ -137,6 +153,8 @@ struct Seq {
     logits: Option<Vec<f32>>,
     /// Next token to decode during generation, None once finished.
     next: Option<Token>,
+    /// First (point slot, position slot) that was not finite.
+    nonfinite: Option<(usize, usize)>,
 }
 
 /// Where each token of the last batch came from.
@@ -258,6 +276,7 @@ impl<'m> Tracer<'m> {
                     positions: Vec::new(),
                     logits: None,
                     next: None,
+                    nonfinite: None,
                 })
                 .collect();
             self.ctx.clear_memory();
@@ -402,10 +421,23 @@ impl<'m> Tracer<'m> {
         for (i, slot) in self.layout.iter().enumerate() {
             let s = &mut seqs[slot.seq];
             if slot.kept {
+                let j = s.positions.len();
                 s.positions.push(slot.pos);
                 for (k, &point) in self.cfg.points.iter().enumerate() {
                     let r = if point == self.n_layer { out_row[i] } else { i };
-                    s.rows[k].extend_from_slice(&rows[k][r * e..(r + 1) * e]);
+                    let row = &rows[k][r * e..(r + 1) * e];
+                    if s.nonfinite.is_none() && !row.iter().all(|x| x.is_finite()) {
+                        s.nonfinite = Some((k, j));
+                        if !self.cfg.allow_nonfinite {
+                            return Err(TraceError::NonFinite {
+                                index: s.index,
+                                what: "state",
+                                point,
+                                position: slot.pos,
+                            });
+                        }
+                    }
+                    s.rows[k].extend_from_slice(row);
                 }
             }
             if slot.pos + 1 == s.n_prompt {
@@ -413,6 +445,17 @@ impl<'m> Tracer<'m> {
                     .ctx
                     .logits_ith(i)
                     .ok_or(TraceError::NoLogits(s.index))?;
+                if s.nonfinite.is_none() && !logits.iter().all(|x| x.is_finite()) {
+                    s.nonfinite = Some((self.cfg.points.len() - 1, s.positions.len() - 1));
+                    if !self.cfg.allow_nonfinite {
+                        return Err(TraceError::NonFinite {
+                            index: s.index,
+                            what: "next-token logits",
+                            point: self.n_layer,
+                            position: slot.pos,
+                        });
+                    }
+                }
                 s.logits = Some(logits.to_vec());
             }
         }
@@ -435,6 +478,7 @@ impl<'m> Tracer<'m> {
             logits: s.logits.ok_or(TraceError::NoLogits(s.index))?,
             tokens: s.tokens,
             n_prompt: s.n_prompt,
+            nonfinite: s.nonfinite,
         })
     }
 }

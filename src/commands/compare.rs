@@ -6,16 +6,38 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::cli::{CompareArgs, DtypeArg, FormatArg, TraceArgs};
-use crate::{prompts, run};
+use super::trace::{LensOptions, TraceOptions};
+use crate::cli::CompareArgs;
+use crate::output::{check_target, Kind, Staging, COMPARE_JSON};
+use crate::prompts;
+
+/// The marker that makes a compare directory recognisable (so `--force` may replace it).
+#[derive(serde::Serialize)]
+struct CompareManifest<'a> {
+    tool: &'static str,
+    tool_version: &'static str,
+    models: Vec<String>,
+    runs: &'a [String],
+    report: &'static str,
+}
 
 pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     if args.models.len() < 2 {
         bail!("compare needs at least two models (repeat -m)");
     }
-    // Fail fast on prompts and the output directory before any model is loaded.
+    // One plan for every model; validated (with the prompts and the output) before any load.
+    let mut plan = TraceOptions::new(args.models[0].clone(), args.input.clone(), PathBuf::new());
+    plan.positions = args.positions.into();
+    plan.generate = args.generate;
+    plan.ctx = args.ctx;
+    plan.threads = super::resolve_threads(args.threads)?;
+    if let Some(n) = args.n_gpu_layers {
+        plan.n_gpu_layers = n;
+    }
+    plan.lens = args.lens.then_some(LensOptions { all: false, k: 5 });
+    plan.validate()?;
     prompts::collect(&args.input.prompts, &args.input.files)?;
-    run::check_output(&args.output, args.force)?;
+    check_target(&args.output, Kind::Compare, args.force)?;
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let reference = match &args.reference {
         None => None,
@@ -29,61 +51,65 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         ),
     };
     for m in &args.models {
-        super::check_gguf_path(m)?;
+        super::check_model_gguf(m)?;
     }
-    if args.output.exists() {
-        std::fs::remove_dir_all(&args.output)
-            .with_context(|| format!("cannot replace {}", args.output.display()))?;
-    }
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    // Everything is written in a staging directory and swapped in at the end: a failed or
+    // interrupted compare leaves the previous output (if any) as it was.
+    let name = args
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("the output path names no directory")?;
+    let staging = Staging::new(&args.output)?;
+    let work = staging.path(&name);
+    std::fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
     // One run directory per model, named after the model file (numbered when names repeat).
-    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for (i, m) in args.models.iter().enumerate() {
         let stem = m
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("model{i}"));
-        let mut dir = args.output.join(&stem);
-        if dirs.contains(&dir) {
-            dir = args.output.join(format!("{stem}-{i}"));
-        }
-        eprintln!("[{}/{}] {}", i + 1, args.models.len(), m.display());
-        let t = TraceArgs {
-            model: m.clone(),
-            input: args.input.clone(),
-            positions: args.positions,
-            points: "all".into(),
-            generate: args.generate,
-            output: dir.clone(),
-            force: true,
-            format: FormatArg::Npy,
-            dtype: DtypeArg::F32,
-            ctx: args.ctx,
-            threads: args.threads,
-            n_gpu_layers: args.n_gpu_layers,
-            n_seq: 16,
-            batch_size: 512,
-            ubatch_size: 512,
-            lens: args.lens,
-            lens_all: false,
-            lens_k: 5,
-            control_vectors: vec![],
-            control_scale: 1.0,
-            control_points: None,
+        let sub = if names.contains(&stem) {
+            format!("{stem}-{i}")
+        } else {
+            stem
         };
-        super::trace::run(&t, &mut std::io::sink())?;
-        dirs.push(dir);
+        eprintln!("[{}/{}] {}", i + 1, args.models.len(), m.display());
+        let mut t = plan.clone();
+        t.model = m.clone();
+        t.output = work.join(&sub);
+        super::trace::trace(&t)?;
+        names.push(sub);
     }
-    let report = args.output.join("report.html");
+    let dirs: Vec<PathBuf> = names.iter().map(|n| work.join(n)).collect();
     let runs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
     let n = super::report::write_report(
         &runs,
-        &report,
+        &work.join(REPORT),
         args.title.as_deref(),
         reference.map(|r| dirs[r].as_path()),
+        true,
     )?;
+    crate::run::write_json_atomic(
+        &work.join(COMPARE_JSON),
+        &CompareManifest {
+            tool: env!("CARGO_PKG_NAME"),
+            tool_version: env!("CARGO_PKG_VERSION"),
+            models: args
+                .models
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect(),
+            runs: &names,
+            report: REPORT,
+        },
+    )?;
+    staging.commit(&[name], &[])?;
     eprintln!("report with {n} figures from {} runs", dirs.len());
-    writeln!(out, "{}", report.display())?;
+    writeln!(out, "{}", args.output.join(REPORT).display())?;
     Ok(())
 }
+
+/// File name of the report inside a compare directory.
+const REPORT: &str = "report.html";

@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::analysis::contrast::{self, Contrast};
 use crate::cli::DirectionArgs;
 use crate::llama::gguf::write_control_vector;
+use crate::output::{check_target, sync_file, Kind, Staging};
 use crate::run::Run;
 
 /// The prompts of labels `a` and `b` in a run; clear errors when a label is missing or too small.
@@ -66,7 +67,9 @@ pub fn analyse(run: &Run, a: &str, b: &str) -> Result<(Contrast, Contrast)> {
 
 pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
     let (a, b) = parse_labels(&args.labels)?;
+    check_target(&args.output, Kind::ControlVector, args.force)?;
     let run = Run::open(&args.run)?;
+    run.require_finite()?;
     let (c, control) = analyse(&run, &a, &b)?;
     let points = &run.manifest.capture.points;
     // direction.<il> shifts l_out-il, i.e. point il + 1: export every stored point p ≥ 2.
@@ -82,11 +85,17 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
             args.run.display()
         );
     }
-    let tmp = args.output.with_extension("gguf.partial");
-    write_control_vector(&tmp, &run.manifest.model.architecture, &dirs)
+    let name = args
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("the output path names no file")?;
+    let staging = Staging::new(&args.output)?;
+    let staged = staging.path(&name);
+    write_control_vector(&staged, &run.manifest.model.architecture, &dirs)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    std::fs::rename(&tmp, &args.output)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    sync_file(&staged)?;
+    staging.commit(&[name], &[])?;
     let pk = c.peak;
     let s = c.separation[pk];
     let cs = control.separation[control.peak];

@@ -13,13 +13,7 @@ use crate::model_info::ModelFacts;
 pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     // Weights are memory-mapped, not read: loading is quick even for large files. (vocab_only
     // loads leave the per-layer hyper-parameters unset and llama.cpp aborts on n_head.)
-    let model = load_model(
-        &args.model,
-        LoadOptions {
-            n_gpu_layers: 0,
-            vocab_only: false,
-        },
-    )?;
+    let model = load_model(&args.model, LoadOptions::default())?;
     let gguf = Gguf::open(&args.model)?;
     let facts = ModelFacts::gather(&args.model, &model, &gguf);
     if args.json {

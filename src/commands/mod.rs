@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::llama::gguf::Gguf;
 use crate::llama::model::{LoadOptions, Model};
 
 /// Check that `path` is a readable, non-empty file that starts with the GGUF magic, so the user
@@ -42,9 +43,70 @@ pub fn check_gguf_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Check a model file before llama.cpp sees it: a GGUF whose header parses, whose tensors lie
+/// within the file, and whose hyper-parameters that llama.cpp asserts on are sane. A hostile or
+/// damaged file gets a one-line error here instead of an abort inside llama.cpp.
+pub fn check_model_gguf(path: &Path) -> Result<()> {
+    check_gguf_path(path)?;
+    let g = Gguf::open(path)?;
+    let file_len = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot open model", path.display()))?
+        .len();
+    let arch = g.get_str("general.architecture").unwrap_or_default();
+    if arch.is_empty() {
+        bail!(
+            "{}: no general.architecture in the metadata: not a model GGUF",
+            path.display()
+        );
+    }
+    if arch == "controlvector" {
+        bail!(
+            "{}: is a control vector, not a model (use it with --control-vector)",
+            path.display()
+        );
+    }
+    for (key, what) in [
+        ("block_count", "blocks"),
+        ("embedding_length", "width"),
+        ("context_length", "trained context"),
+    ] {
+        let k = format!("{arch}.{key}");
+        if let Some(v) = g.get(&k) {
+            // A scalar must be a positive count (arrays, per-layer values, are llama.cpp's to check).
+            if let Some(x) = v.as_f64() {
+                if x.is_nan() || x < 1.0 {
+                    bail!(
+                        "{}: metadata {k} = {x}: a model needs at least one {what}",
+                        path.display(),
+                        what = what.trim_end_matches('s')
+                    );
+                }
+            }
+        }
+    }
+    if let Some(v) = g.get(&format!("{arch}.attention.head_count")) {
+        if v.as_f64().is_some_and(|x| x < 1.0) {
+            bail!(
+                "{}: metadata {arch}.attention.head_count is 0: a model needs attention heads",
+                path.display()
+            );
+        }
+    }
+    for t in g.tensors() {
+        if t.offset.saturating_add(t.size as u64) > file_len {
+            bail!(
+                "{}: tensor {} lies beyond the end of the file (truncated or damaged download?)",
+                path.display(),
+                t.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Load a model with a spinner on a terminal.
 pub fn load_model(path: &Path, opts: LoadOptions) -> Result<Model> {
-    check_gguf_path(path)?;
+    check_model_gguf(path)?;
     let sp = spinner(&format!(
         "loading {}",
         path.file_name()
@@ -54,6 +116,23 @@ pub fn load_model(path: &Path, opts: LoadOptions) -> Result<Model> {
     let m = Model::load(path, opts);
     sp.finish_and_clear();
     Ok(m?)
+}
+
+/// Most CPU threads accepted, as a multiple of the CPUs available: far more threads than cores
+/// only makes llama.cpp's thread pool spin (100,000 threads ran for minutes on 2 cores).
+const MAX_THREADS_PER_CPU: usize = 4;
+
+/// `--threads`: all available CPUs by default; refused outside 1..=4 × the CPUs available.
+pub fn resolve_threads(threads: Option<i32>) -> Result<i32> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = cpus * MAX_THREADS_PER_CPU;
+    match threads {
+        None => Ok(crate::capture::engine::default_threads()),
+        Some(t) if t >= 1 && t as usize <= max => Ok(t),
+        Some(t) => bail!(
+            "--threads {t}: must be between 1 and {max} ({MAX_THREADS_PER_CPU} × the {cpus} CPUs available)"
+        ),
+    }
 }
 
 /// A spinner on stderr; hidden when stderr is not a terminal.

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{bar, check_gguf_path};
+use super::bar;
 use crate::cli::QuantizeArgs;
 use crate::llama::gguf::Gguf;
 use crate::llama::{backend, ftype_name, quantize};
 use crate::model_info::tensor_mix;
+use crate::output::{check_target, sync_file, Kind, Staging};
 use crate::quant::{output_name, parse_types};
 
 /// Types that hold full-precision values; anything else means the source is already quantized.
@@ -24,8 +25,9 @@ fn progress(line: &str) -> Option<(u64, u64)> {
 }
 
 pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
-    check_gguf_path(&args.source)?;
+    let threads = super::resolve_threads(args.threads)?;
     let types = parse_types(&args.types).map_err(anyhow::Error::msg)?;
+    super::check_model_gguf(&args.source)?;
     let src = Gguf::open(&args.source)?;
     let src_hist = src.type_histogram();
     let quantized_src = src_hist.keys().any(|t| !FLOAT_TYPES.contains(&t.as_str()));
@@ -33,16 +35,34 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
         .get_f64("general.file_type")
         .map(|f| ftype_name(f as u32))
         .unwrap_or_else(|| "?".into());
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+    if args.output.exists() && !args.output.is_dir() {
+        bail!(
+            "{}: exists and is not a directory; -o names the directory the files go into",
+            args.output.display()
+        );
+    }
     let stem = args
         .source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let threads = args
-        .threads
-        .unwrap_or_else(crate::capture::engine::default_threads);
+    // Every output is checked before anything is written (existing files need --force, and even
+    // then only GGUF files are replaced).
+    let mut planned: Vec<(PathBuf, String, &str, u32)> = Vec::new();
+    for &(name, ftype) in &types {
+        let file = output_name(&stem, name);
+        let dst = args.output.join(&file);
+        if args.output.is_dir() {
+            check_target(&dst, Kind::Gguf, args.force)?;
+        }
+        if same_file(&dst, &args.source) {
+            bail!(
+                "{}: is the source model; choose another -o directory",
+                dst.display()
+            );
+        }
+        planned.push((dst, file, name, ftype));
+    }
     if quantized_src {
         eprintln!(
             "note: {} is already quantized ({src_label}; {}): every output is a requantization. F32 is the exact reference of a quantized source (F16 rounds most values).",
@@ -50,19 +70,29 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
             tensor_mix(&src_hist)
         );
     }
-    let mut planned: Vec<(PathBuf, &str, u32)> = Vec::new();
-    for &(name, ftype) in &types {
-        let dst = args.output.join(output_name(&stem, name));
-        if dst.exists() && !args.force {
-            bail!(
-                "{} already exists; pass --force to overwrite it",
-                dst.display()
-            );
-        }
-        planned.push((dst, name, ftype));
+    let created = !args.output.exists();
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+    let result = write_all(args, out, planned, threads, quantized_src, &src_label);
+    if result.is_err() && created {
+        // A directory this command created and left empty is removed (never one with files).
+        let _ = std::fs::remove_dir(&args.output);
     }
-    for (dst, name, ftype) in planned {
-        let tmp = dst.with_extension("gguf.partial");
+    result
+}
+
+/// Quantize every planned type in turn, each file staged and swapped in when complete.
+fn write_all(
+    args: &QuantizeArgs,
+    out: &mut dyn Write,
+    planned: Vec<(PathBuf, String, &str, u32)>,
+    threads: i32,
+    quantized_src: bool,
+    src_label: &str,
+) -> Result<()> {
+    for (dst, file, name, ftype) in planned {
+        let staging = Staging::new(&dst)?;
+        let tmp = staging.path(&file);
         let pb = bar(0, "tensors");
         pb.set_message(format!("quantizing to {}", name.to_uppercase()));
         let pbc = Arc::new(Mutex::new(pb.clone()));
@@ -73,32 +103,52 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
                 pb.set_position(i);
             }
         })));
-        let result = quantize::quantize(&args.source, &tmp, ftype, threads, quantized_src);
+        // llama_model_quantize cannot be cancelled: run it on a worker and stop waiting on Ctrl-C
+        // (the staging directory is removed on the way out; the worker ends with the process).
+        let (src_path, tmp_path) = (args.source.clone(), tmp.clone());
+        let worker = std::thread::spawn(move || {
+            quantize::quantize(&src_path, &tmp_path, ftype, threads, quantized_src)
+        });
+        while !worker.is_finished() && !backend::interrupted() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         backend::set_log_observer(None);
         pb.finish_and_clear();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
+        if backend::interrupted() {
+            bail!("interrupted: {} was not written", dst.display());
         }
-        std::fs::rename(&tmp, &dst).with_context(|| format!("cannot write {}", dst.display()))?;
-        let g = Gguf::open(&dst)?;
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the quantization thread panicked"))??;
+        sync_file(&tmp)?;
+        let g = Gguf::open(&tmp)?;
         let label = g
             .get_f64("general.file_type")
             .map(|f| ftype_name(f as u32))
             .unwrap_or_else(|| "?".into());
+        let mix = tensor_mix(&g.type_histogram());
+        drop(g);
+        staging.commit(&[file], &[])?;
         eprintln!(
-            "{}: {label}{} — real tensor mix: {}",
+            "{}: {label}{} — real tensor mix: {mix}",
             dst.display(),
             if quantized_src {
                 format!(" (requantized from {src_label})")
             } else {
                 String::new()
             },
-            tensor_mix(&g.type_histogram())
         );
         writeln!(out, "{}", dst.display())?;
     }
     Ok(())
+}
+
+/// Whether two paths name the same existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

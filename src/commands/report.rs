@@ -7,15 +7,19 @@ use anyhow::{bail, Context as _, Result};
 
 use super::spinner;
 use crate::cli::ReportArgs;
+use crate::output::{check_target, write_synced, Kind, Staging};
 use crate::report::{self, csv_out, page, view::RunView};
 use crate::run::Run;
 
-/// Build the report for `runs` and write it (HTML and CSVs) atomically. Returns the figure count.
+/// Build the report for `runs` and write it (HTML and CSVs) atomically: every file is staged
+/// and swapped into place only when all are written. `force` allows replacing an earlier
+/// gguf-trace report (never any other file). Returns the figure count.
 pub fn write_report(
     runs: &[&Path],
     out: &Path,
     title: Option<&str>,
     reference: Option<&Path>,
+    force: bool,
 ) -> Result<usize> {
     if runs.is_empty() {
         bail!("no run directories given");
@@ -27,29 +31,32 @@ pub fn write_report(
             out.display()
         );
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        bail!(
-            "cannot write {}: {} is not a directory",
-            out.display(),
-            parent.display()
-        );
+    // The page and every CSV it may have: all must be free (or earlier output of ours with --force).
+    let html_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("the output path names no file")?;
+    check_target(out, Kind::Report, force)?;
+    for k in csv_out::kinds(true) {
+        check_target(&csv_out::path(out, k), Kind::Report, force)?;
     }
     let opened: Vec<Run> = runs
         .iter()
-        .map(|d| Run::open(d))
-        .collect::<Result<_, _>>()?;
-    let sp = spinner("analysing");
-    let views: Vec<RunView> = opened
-        .into_iter()
-        .map(|r| {
-            let d = r.dir.display().to_string();
-            RunView::new(r).with_context(|| format!("{d}: analysing"))
+        .map(|d| {
+            let r = Run::open(d)?;
+            r.require_finite()?;
+            Ok(r)
         })
         .collect::<Result<_>>()?;
+    let sp = spinner("analysing");
+    let mut views: Vec<RunView> = Vec::with_capacity(opened.len());
+    for (i, r) in opened.into_iter().enumerate() {
+        check_interrupt()?;
+        sp.set_message(format!("analysing run {}/{}", i + 1, runs.len()));
+        let d = r.dir.display().to_string();
+        views.push(RunView::new(r).with_context(|| format!("{d}: analysing"))?);
+    }
+    check_interrupt()?;
     sp.set_message("drawing");
     let reference = match reference {
         None => None,
@@ -66,9 +73,10 @@ pub fn write_report(
         }
     };
     let (sections, ladder) = report::build(&views, reference)?;
-    let csv_paths: Vec<_> = csv_out::kinds(ladder.is_some())
+    check_interrupt()?;
+    let csv_names: Vec<String> = csv_out::kinds(ladder.is_some())
         .into_iter()
-        .map(|k| csv_out::path(out, k))
+        .map(|k| file_name(&csv_out::path(out, k)))
         .collect();
     let default_title = format!(
         "gguf-trace: {}",
@@ -82,19 +90,39 @@ pub fn write_report(
         title: title.unwrap_or(&default_title),
         views: &views,
         sections: &sections,
-        csv_files: csv_paths
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect(),
+        csv_files: csv_names.clone(),
     })
     .context("rendering the report page")?;
     sp.set_message("writing");
-    csv_out::write(out, &views, ladder.as_ref())?;
-    let tmp = out.with_extension("html.tmp");
-    std::fs::write(&tmp, html).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    let staging = Staging::new(out)?;
+    let staged = staging.path(&html_name);
+    csv_out::write(&staged, &views, ladder.as_ref())?;
+    write_synced(&staged, html.as_bytes())?;
+    let mut names = csv_names;
+    names.push(html_name);
+    // CSVs of an earlier report that this one does not have (a ladder's drift/kl) would be stale.
+    let stale: Vec<String> = csv_out::kinds(true)
+        .into_iter()
+        .map(|k| file_name(&csv_out::path(out, k)))
+        .filter(|n| !names.contains(n))
+        .collect();
+    staging.commit(&names, &stale)?;
     sp.finish_and_clear();
     Ok(page::n_figures(&sections))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Stop with an error if Ctrl-C or SIGTERM arrived.
+fn check_interrupt() -> Result<()> {
+    if crate::llama::backend::interrupted() {
+        bail!("interrupted: the report was not written");
+    }
+    Ok(())
 }
 
 pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
@@ -104,6 +132,7 @@ pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
         &args.output,
         args.title.as_deref(),
         args.reference.as_deref(),
+        args.force,
     )?;
     eprintln!("report with {n} figures from {} run(s)", runs.len());
     writeln!(out, "{}", args.output.display())?;

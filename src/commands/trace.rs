@@ -12,7 +12,7 @@ use crate::analysis::lens;
 use crate::capture::arch;
 use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
-use crate::cli::{default_gpu_layers, parse_control_points, parse_points, TraceArgs};
+use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
 use crate::llama::gguf::Gguf;
 use crate::llama::lens::LensHead;
@@ -20,7 +20,8 @@ use crate::llama::model::{LoadOptions, Model};
 use crate::model_info::ModelFacts;
 use crate::prompts::{self, Prompt};
 use crate::run::{
-    self, CaptureSettings, Manifest, PromptRecord, Provenance, RunShape, RunWriter, Timings,
+    self, CaptureSettings, Dtype, Format, Manifest, PromptRecord, Provenance, RunShape, RunWriter,
+    Timings,
 };
 use crate::run::{LensInfo, PromptLens};
 
@@ -77,50 +78,244 @@ fn hash_in_background(path: PathBuf) -> std::thread::JoinHandle<std::io::Result<
     })
 }
 
+/// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`).
+pub const MAX_SEQ: usize = 256;
+
+/// Largest `--ctx` accepted (tokens for one prompt plus its generation).
+pub const MAX_CTX: usize = 1 << 22;
+
+/// The logit lens settings of a trace.
+#[derive(Debug, Clone)]
+pub struct LensOptions {
+    /// Every stored position, not only the last prompt position.
+    pub all: bool,
+    /// Top tokens kept per point (≥ 1).
+    pub k: usize,
+}
+
+/// Steering with control vectors.
+#[derive(Debug, Clone)]
+pub struct Steering {
+    pub files: Vec<PathBuf>,
+    pub scale: f32,
+    /// `--control-points A-B`, parsed once the model's depth is known.
+    pub points: Option<String>,
+}
+
+/// One trace, resolved from the command line (or built by `compare`) and validated before any
+/// model is loaded: every command that traces runs this plan, and nothing downstream sees clap.
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    pub model: PathBuf,
+    pub input: PromptArgs,
+    pub positions: Positions,
+    /// `--points` spec, parsed once the model's depth is known.
+    pub points: String,
+    pub generate: usize,
+    pub output: PathBuf,
+    pub force: bool,
+    pub format: Format,
+    pub dtype: Dtype,
+    pub ctx: usize,
+    pub n_seq: usize,
+    pub n_batch: usize,
+    pub n_ubatch: usize,
+    pub threads: i32,
+    pub n_gpu_layers: i32,
+    pub use_mmap: bool,
+    pub lens: Option<LensOptions>,
+    pub steering: Option<Steering>,
+    /// Record non-finite states instead of failing.
+    pub allow_nonfinite: bool,
+}
+
+impl TraceOptions {
+    /// Defaults for tracing `input` through `model` into `output` (what `trace` does without
+    /// options).
+    pub fn new(model: PathBuf, input: PromptArgs, output: PathBuf) -> TraceOptions {
+        TraceOptions {
+            model,
+            input,
+            positions: Positions::All,
+            points: "all".into(),
+            generate: 0,
+            output,
+            force: false,
+            format: Format::Npy,
+            dtype: Dtype::F32,
+            ctx: 512,
+            n_seq: 16,
+            n_batch: 512,
+            n_ubatch: 512,
+            threads: crate::capture::engine::default_threads(),
+            n_gpu_layers: default_gpu_layers(),
+            use_mmap: true,
+            lens: None,
+            steering: None,
+            allow_nonfinite: false,
+        }
+    }
+
+    /// Resolve and validate `trace`'s arguments.
+    pub fn from_args(a: &TraceArgs) -> Result<TraceOptions> {
+        if a.control_scale.is_some() && a.control_vectors.is_empty() {
+            bail!("--control-scale needs --control-vector");
+        }
+        if a.control_points.is_some() && a.control_vectors.is_empty() {
+            bail!("--control-points needs --control-vector");
+        }
+        let threads = super::resolve_threads(a.threads)?;
+        let o = TraceOptions {
+            positions: a.positions.into(),
+            points: a.points.clone(),
+            generate: a.generate,
+            force: a.force,
+            format: a.format.into(),
+            dtype: a.dtype.into(),
+            ctx: a.ctx,
+            n_seq: a.n_seq,
+            n_batch: a.batch_size,
+            n_ubatch: a.ubatch_size,
+            threads,
+            n_gpu_layers: a.n_gpu_layers.unwrap_or_else(default_gpu_layers),
+            use_mmap: !a.no_mmap,
+            lens: a.lens.then_some(LensOptions {
+                all: a.lens_all,
+                k: a.lens_k,
+            }),
+            steering: (!a.control_vectors.is_empty()).then(|| Steering {
+                files: a.control_vectors.clone(),
+                scale: a.control_scale.unwrap_or(1.0),
+                points: a.control_points.clone(),
+            }),
+            allow_nonfinite: a.allow_nonfinite,
+            ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
+        };
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// Check every option that can be checked without the model.
+    pub fn validate(&self) -> Result<()> {
+        super::resolve_threads(Some(self.threads))?;
+        if self.ctx == 0 || self.ctx > MAX_CTX {
+            bail!("--ctx {}: must be between 1 and {MAX_CTX}", self.ctx);
+        }
+        if self.n_seq == 0 || self.n_seq > MAX_SEQ {
+            bail!("--n-seq {}: must be between 1 and {MAX_SEQ}", self.n_seq);
+        }
+        if self.n_batch == 0 || self.n_ubatch == 0 {
+            bail!("--batch-size and --ubatch-size must be at least 1");
+        }
+        if self
+            .ctx
+            .checked_mul(self.n_seq)
+            .is_none_or(|n| n > u32::MAX as usize)
+        {
+            bail!("--ctx × --n-seq is too large for one KV cache; lower one of them");
+        }
+        if self.dtype == Dtype::F16 && !self.format.npy() {
+            bail!("--dtype f16 applies to NPY states; with --format csv it would be ignored (use --format both)");
+        }
+        if self.n_gpu_layers < -1 {
+            bail!(
+                "--n-gpu-layers {}: must be -1 (all) or more",
+                self.n_gpu_layers
+            );
+        }
+        if let Some(l) = &self.lens {
+            if l.k == 0 {
+                bail!("--lens-k 0: the lens needs at least one top token per point");
+            }
+        }
+        if let Some(st) = &self.steering {
+            if !st.scale.is_finite() {
+                bail!("--control-scale {}: must be a finite number", st.scale);
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
+    let opts = TraceOptions::from_args(args)?;
+    let dir = trace(&opts)?;
+    writeln!(out, "{}", display_path(&dir))?;
+    Ok(())
+}
+
+/// Run a trace plan: check, load, prepare prompts, trace, write. Returns the run directory.
+pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let t0 = Instant::now();
+    opts.validate()?;
     // Everything that can be checked without the model is checked first: no waiting for a load
     // to learn that the output exists or a prompt file is malformed.
-    let prompts = prompts::collect(&args.input.prompts, &args.input.files)?;
-    run::check_output(&args.output, args.force)?;
-    if args.ctx == 0 || args.n_seq == 0 || args.batch_size == 0 || args.ubatch_size == 0 {
-        bail!("--ctx, --n-seq, --batch-size and --ubatch-size must be at least 1");
+    let prompts = prompts::collect(&opts.input.prompts, &opts.input.files)?;
+    run::check_output(&opts.output, opts.force)?;
+    if let Some(st) = &opts.steering {
+        for p in &st.files {
+            super::check_gguf_path(p)?;
+        }
     }
-    let n_gpu_layers = args.n_gpu_layers.unwrap_or_else(default_gpu_layers);
     let model = load_model(
-        &args.model,
+        &opts.model,
         LoadOptions {
-            n_gpu_layers,
+            n_gpu_layers: opts.n_gpu_layers,
             vocab_only: false,
+            use_mmap: opts.use_mmap,
         },
     )?;
-    let load_s = t0.elapsed().as_secs_f64();
-    let hasher = hash_in_background(args.model.clone());
-    if let Some(why) = arch::untraceable_reason(&model) {
-        bail!("{}: cannot be traced: {why}", args.model.display());
+    if opts.n_gpu_layers != 0 && !cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan"))
+    {
+        eprintln!(
+            "note: this gguf-trace was built without a GPU backend; --n-gpu-layers has no effect"
+        );
     }
-    let gguf = Gguf::open(&args.model)?;
-    let facts = ModelFacts::gather(&args.model, &model, &gguf);
-    let points = parse_points(&args.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let hasher = hash_in_background(opts.model.clone());
+    if let Some(why) = arch::untraceable_reason(&model) {
+        bail!("{}: cannot be traced: {why}", opts.model.display());
+    }
+    let gguf = Gguf::open(&opts.model)?;
+    let facts = ModelFacts::gather(&opts.model, &model, &gguf);
+    let points = parse_points(&opts.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    if let Some(l) = &opts.lens {
+        if l.k > model.n_vocab() {
+            bail!(
+                "--lens-k {}: the model has only {} tokens",
+                l.k,
+                model.n_vocab()
+            );
+        }
+    }
     let prepared = prepare(
         &model,
         prompts,
-        args.input.chat,
-        args.input.system.as_deref(),
+        opts.input.chat,
+        opts.input.system.as_deref(),
     )?;
 
-    let positions: Positions = args.positions.into();
+    // Generation decodes one token of every sequence at once, and llama.cpp sizes its output
+    // buffers by the batch size: more sequences than --batch-size would abort inside llama.cpp.
+    let mut n_seq = opts.n_seq.min(prepared.len());
+    if n_seq > opts.n_batch {
+        eprintln!(
+            "note: decoding {} sequences together instead of {n_seq}, to fit --batch-size {}",
+            opts.n_batch, opts.n_batch
+        );
+        n_seq = opts.n_batch;
+    }
+    let positions = opts.positions;
     let cfg = TraceConfig {
         positions,
         points: points.clone(),
-        generate: args.generate,
-        ctx: args.ctx,
-        n_seq: args.n_seq.min(prepared.len()),
-        n_batch: args.batch_size,
-        n_ubatch: args.ubatch_size,
-        threads: args
-            .threads
-            .unwrap_or_else(crate::capture::engine::default_threads),
+        generate: opts.generate,
+        ctx: opts.ctx,
+        n_seq,
+        n_batch: opts.n_batch,
+        n_ubatch: opts.n_ubatch,
+        threads: opts.threads,
+        allow_nonfinite: opts.allow_nonfinite,
     };
     let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
 
@@ -128,11 +323,11 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let kept: Vec<usize> = token_lists
         .iter()
         .map(|t| match positions {
-            Positions::All => t.len() + args.generate,
-            Positions::Last => 1 + args.generate,
+            Positions::All => t.len() + opts.generate,
+            Positions::Last => 1 + opts.generate,
         })
         .collect();
-    let (dtype, format) = (args.dtype.into(), args.format.into());
+    let (dtype, format) = (opts.dtype, opts.format);
     let estimate = run::estimate_bytes(
         points.len(),
         &kept,
@@ -141,10 +336,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         dtype,
         format,
     );
-    let parent = match args.output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::output::parent_dir(&opts.output);
     let free = fs4::available_space(&parent).ok();
     eprintln!(
         "tracing {} prompt(s) through {} ({} points × {} width); estimated output {}{}",
@@ -169,32 +361,43 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
 
     let mut tracer = Tracer::new(&model, cfg.clone())?;
     tracer.check_prompts(&token_lists)?;
-    let control_points = steer(&mut tracer, args, &model)?;
+    let control_points = steer(&mut tracer, opts.steering.as_ref(), &model)?;
     let shape = RunShape {
         n_prompts: prepared.len(),
         n_points: points.len(),
         n_embd: model.n_embd(),
         n_vocab: model.n_vocab(),
     };
-    let mut lens = match args.lens {
-        false => None,
-        true => {
+    let mut lens = match &opts.lens {
+        None => None,
+        Some(lo) => {
             if points.len() != model.n_layer() + 1 {
                 bail!("--lens needs every point (the last point is the model's own output); drop --points");
             }
-            let head = LensHead::load(&args.model, &gguf, cfg.threads).with_context(|| {
-                format!("{}: loading the logit-lens head", args.model.display())
+            let head = LensHead::load(&opts.model, &gguf, cfg.threads).with_context(|| {
+                format!("{}: loading the logit-lens head", opts.model.display())
             })?;
+            if head.n_embd() != model.n_embd() || head.n_vocab() != model.n_vocab() {
+                bail!(
+                    "{}: the output matrix is {}×{}, the model {}×{}: the logit lens cannot read this file",
+                    opts.model.display(),
+                    head.n_embd(),
+                    head.n_vocab(),
+                    model.n_embd(),
+                    model.n_vocab()
+                );
+            }
             Some(LensState {
                 head,
+                opts: lo.clone(),
                 prompts: Vec::new(),
                 max_diff: 0.0,
             })
         }
     };
-    let mut writer = RunWriter::create(&args.output, args.force, shape, dtype, format)?;
+    let mut writer = RunWriter::create(&opts.output, opts.force, shape, dtype, format)?;
 
-    let total_tokens: usize = token_lists.iter().map(|t| t.len() + args.generate).sum();
+    let total_tokens: usize = token_lists.iter().map(|t| t.len() + opts.generate).sum();
     let pb = bar(total_tokens as u64, "tokens");
     pb.set_message("tracing");
     let mut records: Vec<PromptRecord> = Vec::with_capacity(prepared.len());
@@ -213,7 +416,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
                 &pieces,
             )?;
             if let Some(l) = lens.as_mut() {
-                l.add(&t, &points, args.lens_all, args.lens_k, &model)?;
+                l.add(&t, &points, &model)?;
             }
             records.push(PromptRecord {
                 index: t.index,
@@ -223,6 +426,10 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
                 text: p.prompt.text.clone(),
                 rendered: p.rendered.clone(),
                 generated_text: model.detokenize(t.generated(), false),
+                nonfinite: t.nonfinite.map(|(k, j)| run::NonFinite {
+                    point: points[k],
+                    position: t.positions[j],
+                }),
                 tokens: t.tokens,
                 pieces,
                 n_prompt_tokens: t.n_prompt,
@@ -244,10 +451,25 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         return Err(e.into());
     }
     let trace_s = t_trace.elapsed().as_secs_f64();
+    let bad: Vec<String> = records
+        .iter()
+        .filter_map(|r| {
+            r.nonfinite
+                .as_ref()
+                .map(|n| format!("prompt {} from point {}", r.index, n.point))
+        })
+        .collect();
+    if !bad.is_empty() {
+        eprintln!(
+            "warning: {} prompt(s) went non-finite ({}); recorded in run.json (prompts[].nonfinite)",
+            bad.len(),
+            bad.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     let lens_info = match lens {
         None => None,
         Some(l) => {
-            writer.write_json(run::LENS_JSON, &l.prompts)?;
+            crate::run::write_json_atomic(&writer.dir().join(run::LENS_JSON), &l.prompts)?;
             let valid = l.max_diff <= LENS_TOLERANCE;
             if !valid {
                 eprintln!(
@@ -256,8 +478,8 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
                 );
             }
             Some(LensInfo {
-                k: args.lens_k,
-                positions: if args.lens_all {
+                k: l.opts.k,
+                positions: if l.opts.all {
                     "all".into()
                 } else {
                     "last".into()
@@ -275,7 +497,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let sha = hasher
         .join()
         .map_err(|_| anyhow::anyhow!("hashing thread panicked"))?
-        .with_context(|| format!("{}: hashing", args.model.display()))?;
+        .with_context(|| format!("{}: hashing", opts.model.display()))?;
 
     let manifest = Manifest {
         schema_version: run::SCHEMA_VERSION,
@@ -297,9 +519,9 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
                 .collect(),
             points,
             positions,
-            generate: args.generate,
-            chat: args.input.chat,
-            system: args.input.system.clone(),
+            generate: opts.generate,
+            chat: opts.input.chat,
+            system: opts.input.system.clone(),
             dtype,
             format,
             ctx: cfg.ctx,
@@ -307,18 +529,15 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
             n_batch: cfg.n_batch,
             n_ubatch: cfg.n_ubatch,
             threads: cfg.threads,
-            n_gpu_layers,
-            control_vectors: args
-                .control_vectors
+            n_gpu_layers: opts.n_gpu_layers,
+            control_vectors: opts
+                .steering
                 .iter()
-                .map(|p| p.display().to_string())
+                .flat_map(|s| s.files.iter().map(|p| p.display().to_string()))
                 .collect(),
-            control_scale: if args.control_vectors.is_empty() {
-                0.0
-            } else {
-                args.control_scale
-            },
+            control_scale: opts.steering.as_ref().map_or(0.0, |s| s.scale),
             control_points,
+            allow_nonfinite: opts.allow_nonfinite,
         },
         model: facts,
         prompts: records,
@@ -340,8 +559,7 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         trace_s,
         manifest.timings.tokens_per_s
     );
-    writeln!(out, "{}", display_path(&dir))?;
-    Ok(())
+    Ok(dir)
 }
 
 /// Largest |lens logit − model logit| accepted by the self-check. The lens runs the same ggml CPU
@@ -353,26 +571,21 @@ pub const LENS_TOLERANCE: f64 = 1e-2;
 /// The logit lens during a trace: the head, the per-prompt results, the self-check.
 struct LensState {
     head: LensHead,
+    opts: LensOptions,
     prompts: Vec<PromptLens>,
     max_diff: f64,
 }
 
 impl LensState {
-    fn add(
-        &mut self,
-        t: &PromptTrace,
-        points: &[usize],
-        all: bool,
-        k: usize,
-        model: &Model,
-    ) -> Result<()> {
+    fn add(&mut self, t: &PromptTrace, points: &[usize], model: &Model) -> Result<()> {
+        let (all, k) = (self.opts.all, self.opts.k);
         let last = t.last_prompt_slot();
         let cols: Vec<usize> = if all {
             (0..t.positions.len()).collect()
         } else {
             vec![last]
         };
-        let (n_points, n_vocab) = (points.len(), self.head.n_vocab);
+        let (n_points, n_vocab) = (points.len(), self.head.n_vocab());
         let mut traces = Vec::with_capacity(cols.len());
         let mut pieces = std::collections::BTreeMap::new();
         for j in cols {
@@ -414,26 +627,23 @@ impl LensState {
 
 /// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen
 /// points. Returns the steered points.
-fn steer(tracer: &mut Tracer, args: &TraceArgs, model: &Model) -> Result<Option<(usize, usize)>> {
-    if args.control_vectors.is_empty() {
-        if args.control_points.is_some() {
-            bail!("--control-points needs --control-vector");
-        }
+fn steer(
+    tracer: &mut Tracer,
+    steering: Option<&Steering>,
+    model: &Model,
+) -> Result<Option<(usize, usize)>> {
+    let Some(st) = steering else {
         return Ok(None);
-    }
-    let files: Vec<(&Path, f32)> = args
-        .control_vectors
-        .iter()
-        .map(|p| (p.as_path(), args.control_scale))
-        .collect();
-    for (p, _) in &files {
-        super::check_gguf_path(p)?;
-    }
+    };
+    let files: Vec<(&Path, f32)> = st.files.iter().map(|p| (p.as_path(), st.scale)).collect();
     let cv = crate::cvec::load(&files, model.n_embd())?;
     let n_layer = model.n_layer();
-    let (a, b) = match &args.control_points {
+    if n_layer < 2 {
+        bail!("a control vector needs a model of at least 2 blocks (llama.cpp has no slot for block 0)");
+    }
+    let (a, b) = match &st.points {
         Some(spec) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
-        None => (2, (cv.n_layers() + 1).min(n_layer)),
+        None => (2, (cv.n_layers() + 1).clamp(2, n_layer)),
     };
     // The buffer llama.cpp takes covers layers 1..n_layer-1; pad (or cut) to that.
     let mut data = cv.data.clone();

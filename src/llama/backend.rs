@@ -44,9 +44,10 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Initialise llama.cpp's backends and install the log router. Safe to call many times.
-pub fn init(verbose: bool) {
-    set_verbose(verbose);
+/// Initialise llama.cpp's backends and install the log router. Safe to call many times; only the
+/// first call does anything. Verbosity is separate ([`set_verbose`]) so that library code calling
+/// `init()` never undoes the user's `-v`.
+pub fn init() {
     INIT.call_once(|| {
         // SAFETY: `log_callback` is a valid `extern "C"` function for the whole process lifetime and
         // does not unwind (its body runs in catch_unwind); a null user_data is never dereferenced.
@@ -70,17 +71,44 @@ pub fn clear_log() {
     lock().lines.clear();
 }
 
-/// The last log line that looks like an error, if any.
+/// llama.cpp's own reason for the last failure, from the log lines kept since [`clear_log`].
+///
+/// llama.cpp logs the specific cause first ("llama_model_load: error loading model: tensor
+/// 'blk.0.attn_q.weight' data is not within the file bounds") and a generic summary after it
+/// ("failed to load model"), so the *first* error-like line is the informative one. The function
+/// prefix ("llama_model_load: ") and the repeated "error loading model:" are dropped.
 pub fn last_error_line() -> Option<String> {
     let st = lock();
-    st.lines
-        .iter()
-        .rev()
-        .find(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("error") || l.contains("failed") || l.contains("invalid")
-        })
-        .cloned()
+    let find = |word: &str| {
+        st.lines
+            .iter()
+            .find(|l| l.to_ascii_lowercase().contains(word))
+    };
+    let line = find("error")
+        .or_else(|| find("failed"))
+        .or_else(|| find("invalid"))?;
+    Some(clean_reason(line))
+}
+
+/// "llama_model_load: error loading model: X" → "X"; "func: X" → "X".
+fn clean_reason(line: &str) -> String {
+    let mut s = line.trim();
+    if let Some((head, rest)) = s.split_once(": ") {
+        if !head.contains(' ') {
+            s = rest;
+        }
+    }
+    for prefix in [
+        "error loading model: ",
+        "error loading model hyperparameters: ",
+        "error loading model architecture: ",
+        "error loading model vocabulary: ",
+    ] {
+        if let Some(rest) = s.strip_prefix(prefix) {
+            s = rest;
+        }
+    }
+    s.trim().to_string()
 }
 
 /// Attach (or detach with `None`) an observer that sees every complete log line.
@@ -90,7 +118,8 @@ pub fn set_log_observer(observer: Option<LogObserver>) {
 
 unsafe extern "C" fn log_callback(_level: u32, text: *const c_char, _user: *mut c_void) {
     let _ = std::panic::catch_unwind(|| {
-        let text = super::c_str_to_string(text);
+        // SAFETY: llama.cpp passes a NUL-terminated string (or null) valid during this call.
+        let text = unsafe { super::c_str_to_string(text) };
         let mut st = lock();
         if st.verbose {
             eprint!("{text}");
@@ -112,8 +141,9 @@ unsafe extern "C" fn log_callback(_level: u32, text: *const c_char, _user: *mut 
 
 /// llama.cpp's description of the CPU features and backends it was built with.
 pub fn system_info() -> String {
-    // SAFETY: returns a pointer to a static buffer owned by llama.cpp; copied immediately.
-    super::c_str_to_string(unsafe { llama_cpp_sys_2::llama_print_system_info() })
+    // SAFETY: returns a pointer to a static NUL-terminated buffer owned by llama.cpp; copied
+    // immediately.
+    unsafe { super::c_str_to_string(llama_cpp_sys_2::llama_print_system_info()) }
         .trim()
         .to_string()
 }

@@ -3,7 +3,7 @@
 //! ## How capture works
 //! llama.cpp's scheduler calls the eval callback twice per graph node: first with `ask = true`
 //! ("do you want to see this tensor?") and, for the tensors we said yes to, with `ask = false` once
-//! their data is computed. We want one tensor per *point* (see DESIGN.md, Indexing): the input of
+//! their data is computed. We want one tensor per *point* (README, "Points"): the input of
 //! block 0 and `l_out-0 … l_out-{L-1}`. The callback fires once per ubatch, so each wanted tensor
 //! arrives in slices of `ne[1]` rows; we append them per point and the caller maps rows back to
 //! (sequence, position) from the batch layout. With `kv_unified = true` llama.cpp splits a batch into
@@ -52,8 +52,10 @@ pub struct CaptureSpec {
     pub points: Vec<usize>,
 }
 
-/// Callback state: owned by the [`Context`] (boxed, so its address is stable) and outliving the
-/// llama.cpp context that points at it.
+/// Callback state: allocated with `Box::into_raw` when the [`Context`] is created, reached only
+/// through that raw pointer (by the callback during a decode, by the context between decodes —
+/// never both at once, since decoding needs `&mut Context`), and freed in `Drop` after
+/// `llama_free`, so it outlives the llama.cpp context that points at it.
 struct CaptureState {
     point0: Vec<u8>,
     /// For every point 0..=n_layer, its slot among the kept points.
@@ -74,8 +76,12 @@ impl CaptureState {
         self.slot_of_point.get(il + 1).copied().flatten()
     }
 
-    /// Copy a computed tensor's rows. `t` must be a live tensor handed to us by the scheduler.
-    fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
+    /// Copy a computed tensor's rows.
+    ///
+    /// # Safety
+    /// `t` is a live tensor handed to the eval callback by llama.cpp's scheduler in the data phase
+    /// (`ask == false`): its data is computed, and `view_src`, when set, points to its live source.
+    unsafe fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
         let name = tensor_name(t);
         if t.type_ != sys::GGML_TYPE_F32 {
             self.fail(format!(
@@ -161,9 +167,9 @@ fn tensor_name(t: &sys::ggml_tensor) -> String {
 
 unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     let result = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: user_data is the Box<CaptureState> owned by the Context, alive for the whole
-        // life of the llama context; llama.cpp calls the callback from the thread that called
-        // llama_decode, so there is no concurrent access. t is a live graph tensor.
+        // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
+        // llama_free; llama.cpp calls the callback from the thread inside llama_decode (which holds
+        // &mut Context), so no other reference to the state is live. t is a live graph tensor.
         let (state, t) = unsafe { (&mut *(user as *mut CaptureState), &*t) };
         let name: &[u8] =
             // SAFETY: the name is a NUL-terminated char array inside the tensor; reinterpreting
@@ -175,7 +181,8 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
             return slot.is_some();
         }
         if let Some(slot) = slot {
-            state.copy(t, slot);
+            // SAFETY: data phase (ask is false): llama.cpp hands us a computed, live tensor.
+            unsafe { state.copy(t, slot) };
         }
         true
     }));
@@ -217,20 +224,29 @@ pub struct ContextParams {
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
     model: &'m Model,
-    capture: Option<Box<CaptureState>>,
+    /// The callback's state (from `Box::into_raw`), owned by this context.
+    capture: Option<NonNull<CaptureState>>,
+    /// Output flags of the batch of the last successful decode: which indices have logits.
+    outputs: Vec<bool>,
 }
 
 impl Drop for Context<'_> {
     fn drop(&mut self) {
-        // SAFETY: ptr came from llama_init_from_model and is freed once; the capture state is a
-        // field and is dropped only after this body, so the callback never sees freed memory.
-        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+        // SAFETY: ptr came from llama_init_from_model and is freed once. After llama_free no
+        // callback can run, so the capture state (from Box::into_raw in `new`, freed nowhere
+        // else) is reclaimed exactly once.
+        unsafe {
+            sys::llama_free(self.ptr.as_ptr());
+            if let Some(st) = self.capture.take() {
+                drop(Box::from_raw(st.as_ptr()));
+            }
+        }
     }
 }
 
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, p: ContextParams) -> Result<Context<'m>, ContextError> {
-        let mut capture = p.capture.as_ref().map(|spec| {
+        let capture = p.capture.as_ref().map(|spec| {
             let mut slot_of_point = vec![None; spec.n_layer + 1];
             for (slot, &pt) in spec.points.iter().enumerate() {
                 slot_of_point[pt] = Some(slot);
@@ -243,6 +259,14 @@ impl<'m> Context<'m> {
                 error: None,
             })
         });
+        // From here the state is reached only through this pointer (see CaptureState).
+        let capture = capture.map(|b| NonNull::from(Box::leak(b)));
+        let free_capture = |c: Option<NonNull<CaptureState>>| {
+            if let Some(st) = c {
+                // SAFETY: from Box::leak above, not yet shared with llama.cpp (no context).
+                drop(unsafe { Box::from_raw(st.as_ptr()) });
+            }
+        };
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = p.n_ctx;
@@ -259,22 +283,25 @@ impl<'m> Context<'m> {
             cp.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
         }
         cp.no_perf = true;
-        if let Some(state) = capture.as_mut() {
+        if let Some(state) = capture {
             cp.cb_eval = Some(eval_callback);
-            cp.cb_eval_user_data = (&mut **state as *mut CaptureState).cast();
+            cp.cb_eval_user_data = state.as_ptr().cast();
         }
         cp.abort_callback = Some(abort_callback);
         cp.abort_callback_data = std::ptr::null_mut();
         backend::clear_log();
-        // SAFETY: the model outlives the context (borrow 'm); cb_eval_user_data points into a Box
-        // that this Context owns and drops after llama_free.
+        // SAFETY: the model outlives the context (borrow 'm); cb_eval_user_data is the leaked
+        // capture state that this Context frees after llama_free.
         let ptr = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
-        let ptr =
-            NonNull::new(ptr).ok_or_else(|| ContextError::Create(backend::last_error_line()))?;
+        let Some(ptr) = NonNull::new(ptr) else {
+            free_capture(capture);
+            return Err(ContextError::Create(backend::last_error_line()));
+        };
         Ok(Context {
             ptr,
             model,
             capture,
+            outputs: Vec::new(),
         })
     }
 
@@ -285,7 +312,8 @@ impl<'m> Context<'m> {
     /// Decode a batch. On success the captured rows of this decode are available through
     /// [`Context::captured`].
     pub fn decode(&mut self, batch: &Batch) -> Result<(), ContextError> {
-        if let Some(st) = self.capture.as_mut() {
+        self.outputs.clear();
+        if let Some(st) = self.state_mut() {
             st.rows.iter_mut().for_each(Vec::clear);
             st.error = None;
         }
@@ -307,20 +335,41 @@ impl<'m> Context<'m> {
                 })
             }
         }
-        if let Some(err) = self.capture.as_ref().and_then(|s| s.error.clone()) {
+        if let Some(err) = self.state().and_then(|s| s.error.clone()) {
             return Err(ContextError::Capture(err));
         }
+        self.outputs = (0..batch.len()).map(|i| batch.is_output(i)).collect();
         Ok(())
+    }
+
+    fn state(&self) -> Option<&CaptureState> {
+        // SAFETY: the state lives until Drop; the callback only touches it inside llama_decode,
+        // which needs &mut self, so no mutable access overlaps this shared borrow.
+        self.capture.map(|p| unsafe { &*p.as_ptr() })
+    }
+
+    fn state_mut(&mut self) -> Option<&mut CaptureState> {
+        // SAFETY: as in `state`; &mut self excludes every other borrow of the state.
+        self.capture.map(|p| unsafe { &mut *p.as_ptr() })
     }
 
     /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row).
     pub fn captured(&self) -> Option<&[Vec<f32>]> {
-        self.capture.as_ref().map(|s| s.rows.as_slice())
+        self.state().map(|s| s.rows.as_slice())
     }
 
-    /// Next-token logits of output `i` (a batch index marked as output) of the last decode.
+    /// Whether batch index `i` of the last successful decode was an output (has logits).
+    fn has_output(&self, i: usize) -> bool {
+        self.outputs.get(i).copied().unwrap_or(false)
+    }
+
+    /// Next-token logits of output `i` (a batch index marked as output) of the last decode; None
+    /// for any other index (checked here: llama.cpp's own check is an assertion).
     pub fn logits_ith(&self, i: usize) -> Option<&[f32]> {
-        // SAFETY: the context is valid; llama.cpp returns null for an index that is not an output.
+        if !self.has_output(i) {
+            return None;
+        }
+        // SAFETY: the context is valid and i is an output of the last decode (checked above).
         let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
         if p.is_null() {
             return None;
@@ -332,7 +381,11 @@ impl<'m> Context<'m> {
 
     /// The normed last hidden state of output `i` in embeddings mode (pooling none).
     pub fn embeddings_ith(&self, i: usize) -> Option<&[f32]> {
-        // SAFETY: the context is valid; null for an invalid index or when embeddings are off.
+        if !self.has_output(i) {
+            return None;
+        }
+        // SAFETY: the context is valid and i is an output of the last decode (checked above);
+        // null when embeddings are off.
         let p = unsafe { sys::llama_get_embeddings_ith(self.ptr.as_ptr(), i as i32) };
         if p.is_null() {
             return None;
@@ -344,6 +397,7 @@ impl<'m> Context<'m> {
 
     /// Forget the KV cache of all sequences.
     pub fn clear_memory(&mut self) {
+        self.outputs.clear();
         // SAFETY: the context is valid; its memory handle is valid while the context lives.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }

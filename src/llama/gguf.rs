@@ -65,7 +65,7 @@ pub type MetaValue = serde_json::Value;
 impl Gguf {
     /// Open a GGUF file's header (metadata and tensor directory only).
     pub fn open(path: &Path) -> Result<Gguf, GgufError> {
-        super::backend::init(false);
+        super::backend::init();
         let cpath = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| GgufError::Open(path.display().to_string()))?;
         let params = sys::gguf_init_params {
@@ -96,10 +96,9 @@ impl Gguf {
         if unsafe { sys::gguf_get_kv_type(self.ptr.as_ptr(), id) } != sys::GGUF_TYPE_STRING {
             return None;
         }
-        // SAFETY: the key holds a string (checked); the pointer lives as long as the context.
-        Some(c_str_to_string(unsafe {
-            sys::gguf_get_val_str(self.ptr.as_ptr(), id)
-        }))
+        // SAFETY: the key holds a string (checked); the NUL-terminated value lives as long as the
+        // context and is copied immediately.
+        Some(unsafe { c_str_to_string(sys::gguf_get_val_str(self.ptr.as_ptr(), id)) })
     }
 
     /// A scalar value of any numeric or bool type, as JSON; arrays as their length and type.
@@ -220,7 +219,7 @@ pub fn write_control_vector(
     model_hint: &str,
     directions: &[(usize, Vec<f32>)],
 ) -> Result<(), GgufError> {
-    super::backend::init(false);
+    super::backend::init();
     let err = || GgufError::Open(path.display().to_string());
     assert!(
         directions.iter().all(|(il, _)| *il >= 1),

@@ -22,6 +22,8 @@ pub enum LensError {
         name: String,
         source: std::io::Error,
     },
+    #[error("{0}: tensor {1} has an unexpected shape or type ({2}); the logit lens cannot use it")]
+    Shape(String, String, String),
     #[error("ggml could not allocate {0} bytes for the lens")]
     Alloc(usize),
     #[error("the lens graph failed to compute (ggml status {0})")]
@@ -45,8 +47,8 @@ pub struct LensHead {
     pub norm: Norm,
     pub eps: f32,
     pub softcap: f32,
-    pub n_embd: usize,
-    pub n_vocab: usize,
+    n_embd: usize,
+    n_vocab: usize,
     /// Name of the unembedding tensor used (`output.weight`, or `token_embd.weight` when tied).
     pub output_tensor: String,
     threads: i32,
@@ -59,7 +61,16 @@ impl Drop for LensHead {
     }
 }
 
-fn read_into(path: &Path, t: &TensorInfo, dst: *mut c_void, len: usize) -> Result<(), LensError> {
+/// Read tensor `t`'s bytes from the file into `dst`.
+///
+/// # Safety
+/// `dst` points to `len` writable bytes that nothing else references during the call.
+unsafe fn read_into(
+    path: &Path,
+    t: &TensorInfo,
+    dst: *mut c_void,
+    len: usize,
+) -> Result<(), LensError> {
     let io = |source| LensError::Io {
         path: path.display().to_string(),
         name: t.name.clone(),
@@ -67,8 +78,7 @@ fn read_into(path: &Path, t: &TensorInfo, dst: *mut c_void, len: usize) -> Resul
     };
     let mut f = std::fs::File::open(path).map_err(io)?;
     f.seek(SeekFrom::Start(t.offset)).map_err(io)?;
-    // SAFETY: dst points to a ggml tensor buffer of exactly `len` bytes (checked by the caller
-    // against ggml_nbytes), which nothing else references during this call.
+    // SAFETY: the caller guarantees dst is `len` writable, unaliased bytes.
     let buf = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
     f.read_exact(buf).map_err(io)
 }
@@ -76,7 +86,7 @@ fn read_into(path: &Path, t: &TensorInfo, dst: *mut c_void, len: usize) -> Resul
 impl LensHead {
     /// Load the final norm and the unembedding of the model at `path`.
     pub fn load(path: &Path, gguf: &Gguf, threads: i32) -> Result<LensHead, LensError> {
-        super::backend::init(false);
+        super::backend::init();
         let p = path.display().to_string();
         let arch = gguf.get_str("general.architecture").unwrap_or_default();
         let tensors = gguf.tensors();
@@ -100,6 +110,27 @@ impl LensHead {
             w_out_info.shape[0],
             w_out_info.shape.get(1).copied().unwrap_or(1),
         );
+        // A hostile or unusual file must not reach ggml's assertions: check shapes and types.
+        let shape_ok = |t: &TensorInfo, want: &[usize], float: bool| {
+            t.shape.as_slice() == want
+                && t.ty_id < sys::GGML_TYPE_COUNT
+                && (!float || t.ty_id == sys::GGML_TYPE_F32)
+        };
+        for (t, want, float) in [
+            (Some(&w_out_info), vec![n_embd, n_vocab], false),
+            (Some(&w_norm_info), vec![n_embd], true),
+            (b_norm_info.as_ref(), vec![n_embd], true),
+        ] {
+            if let Some(t) = t {
+                if n_embd == 0 || n_vocab == 0 || !shape_ok(t, &want, float) {
+                    return Err(LensError::Shape(
+                        p.clone(),
+                        t.name.clone(),
+                        format!("{} {:?}", t.ty, t.shape),
+                    ));
+                }
+            }
+        }
         let mut bytes =
             w_out_info.size + w_norm_info.size + b_norm_info.as_ref().map(|b| b.size).unwrap_or(0);
         // SAFETY: pure size query.
@@ -160,7 +191,8 @@ impl LensHead {
                     )),
                 });
             }
-            read_into(path, t, data, nbytes)?;
+            // SAFETY: data is this fresh tensor's buffer of nbytes bytes, referenced by nothing else.
+            unsafe { read_into(path, t, data, nbytes)? };
             Ok(g)
         };
         head.w_out = load(&w_out_info, true)?;
@@ -171,7 +203,20 @@ impl LensHead {
         Ok(head)
     }
 
+    /// Width of the states the head reads.
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    /// Number of logits per state.
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
     /// Logits `[n_rows, n_vocab]` (row-major) of `n_rows` states `x` (`[n_rows, n_embd]`).
+    ///
+    /// # Panics
+    /// When `x.len() != n_rows * n_embd` (the graph would read past `x`).
     pub fn logits(&self, x: &[f32], n_rows: usize) -> Result<Vec<f32>, LensError> {
         assert_eq!(x.len(), n_rows * self.n_embd);
         let out_bytes = n_rows * self.n_vocab * 4;

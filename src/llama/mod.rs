@@ -28,12 +28,15 @@ pub use llama_cpp_sys_2::llama_token as Token;
 /// Copy a C string owned by llama.cpp into an owned `String` (lossy on invalid UTF-8).
 ///
 /// Returns an empty string for a null pointer.
-fn c_str_to_string(p: *const c_char) -> String {
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that stays valid and unmodified for the
+/// duration of the call (llama.cpp/ggml's static strings and the strings they hand to callbacks).
+unsafe fn c_str_to_string(p: *const c_char) -> String {
     if p.is_null() {
         return String::new();
     }
-    // SAFETY: llama.cpp/ggml return NUL-terminated strings that stay valid at least until the
-    // next call on the same object; we copy immediately.
+    // SAFETY: the caller guarantees a valid NUL-terminated string; we copy immediately.
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
@@ -42,12 +45,14 @@ pub fn ggml_type_name(t: u32) -> String {
     if t >= llama_cpp_sys_2::GGML_TYPE_COUNT {
         return format!("type{t}");
     }
-    // SAFETY: ggml_type_name accepts any valid ggml_type (checked above) and returns a static string.
-    c_str_to_string(unsafe { llama_cpp_sys_2::ggml_type_name(t as _) })
+    // SAFETY: ggml_type_name accepts any valid ggml_type (checked above) and returns a static
+    // NUL-terminated string (or null for a removed type, which c_str_to_string handles).
+    unsafe { c_str_to_string(llama_cpp_sys_2::ggml_type_name(t as _)) }
 }
 
 /// llama.cpp's label of a file type number ("Q4_1", "Q4_K - Medium", ...).
 pub fn ftype_name(ftype: u32) -> String {
-    // SAFETY: llama_ftype_name returns a static string for any value ("unknown" when out of range).
-    c_str_to_string(unsafe { llama_cpp_sys_2::llama_ftype_name(ftype as _) })
+    // SAFETY: llama_ftype_name returns a static NUL-terminated string for any value ("unknown"
+    // when out of range).
+    unsafe { c_str_to_string(llama_cpp_sys_2::llama_ftype_name(ftype as _)) }
 }

@@ -29,6 +29,20 @@ pub struct LoadOptions {
     pub n_gpu_layers: i32,
     /// Load only the vocabulary and hyper-parameters, no weights (for `inspect`).
     pub vocab_only: bool,
+    /// Memory-map the weights (llama.cpp's default). Mapped weights are read lazily from the file:
+    /// if the file is truncated or replaced while a trace runs, the process gets SIGBUS, which no
+    /// user-space check can turn into an error. `false` reads the weights into memory up front.
+    pub use_mmap: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            n_gpu_layers: 0,
+            vocab_only: false,
+            use_mmap: true,
+        }
+    }
 }
 
 /// An owned `llama_model`. Freed on drop; contexts borrow it.
@@ -54,13 +68,16 @@ impl Model {
     /// Load a GGUF model. The caller should have validated that the path is a readable GGUF file
     /// for a friendlier error; llama.cpp's own reason (from its log) is attached on failure.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, ModelError> {
-        backend::init(false);
+        backend::init();
         let cpath = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| ModelError::NulInPath(path.display().to_string()))?;
         // SAFETY: returns a plain struct of defaults.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;
         params.vocab_only = opts.vocab_only;
+        if !opts.use_mmap {
+            params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
+        }
         backend::clear_log();
         // SAFETY: cpath is a valid NUL-terminated string for the duration of the call; params is
         // a fully initialised struct whose pointers are the defaults (null or static).
@@ -69,7 +86,7 @@ impl Model {
             Some(ptr) => Ok(Model { ptr }),
             None => Err(ModelError::Load {
                 path: path.display().to_string(),
-                reason: backend::last_error_line().map(|l| clean_log_line(&l)),
+                reason: backend::last_error_line(),
             }),
         }
     }
@@ -290,9 +307,4 @@ impl Model {
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
-}
-
-/// llama.cpp log lines start with the function name ("llama_model_load: error loading ...").
-fn clean_log_line(l: &str) -> String {
-    l.trim().to_string()
 }

@@ -28,7 +28,7 @@ pub fn quantize(
     threads: i32,
     allow_requantize: bool,
 ) -> Result<(), QuantizeError> {
-    backend::init(false);
+    backend::init();
     let c = |p: &Path| {
         CString::new(p.to_string_lossy().as_bytes())
             .map_err(|_| QuantizeError::NulInPath(p.display().to_string()))

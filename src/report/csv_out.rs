@@ -51,7 +51,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
         path(report, "groups"),
         path(report, "delta"),
     );
-    write_atomic(&mp, |w| {
+    write_csv(&mp, |w| {
         let mut h = vec!["run", "model", "prompt", "id", "label", "point", "depth"];
         h.extend(TrajectoryMetrics::NAMES);
         h.extend(["pc1", "pc2", "pc3"]);
@@ -84,7 +84,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
         }
         Ok(())
     })?;
-    write_atomic(&gp, |w| {
+    write_csv(&gp, |w| {
         w.write_record([
             "run",
             "model",
@@ -116,7 +116,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
         }
         Ok(())
     })?;
-    write_atomic(&dp, |w| {
+    write_csv(&dp, |w| {
         w.write_record([
             "run",
             "model",
@@ -147,7 +147,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
         Ok(())
     })?;
     if let Some(l) = ladder {
-        write_atomic(&path(report, "drift"), |w| {
+        write_csv(&path(report, "drift"), |w| {
             w.write_record([
                 "run",
                 "file_type",
@@ -180,7 +180,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
             }
             Ok(())
         })?;
-        write_atomic(&path(report, "kl"), |w| {
+        write_csv(&path(report, "kl"), |w| {
             w.write_record([
                 "run",
                 "file_type",
@@ -210,16 +210,17 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
     Ok(())
 }
 
-fn write_atomic(
+fn write_csv(
     path: &Path,
     body: impl FnOnce(&mut csv::Writer<std::fs::File>) -> Result<(), csv::Error>,
 ) -> Result<()> {
-    let tmp = path.with_extension("csv.tmp");
+    // `path` is inside the report's staging directory: written once, synced, swapped in later.
     let mut w =
-        csv::Writer::from_path(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    body(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+        csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    body(&mut w).with_context(|| format!("writing {}", path.display()))?;
     w.flush()
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(w);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    w.get_ref()
+        .sync_all()
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::metrics::{self, TrajectoryMetrics};
 use crate::capture::engine::{Positions, PromptTrace};
 use crate::model_info::ModelFacts;
+use crate::output::{Kind, OutputError, Staging};
 use npy::{NpyRows, F16};
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -42,8 +43,6 @@ pub const LENS_JSON: &str = "lens.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0} already exists; pass --force to overwrite it")]
-    Exists(String),
     #[error("cannot write to {path}: {source}")]
     Unwritable {
         path: String,
@@ -71,6 +70,10 @@ pub enum RunError {
     Npy { path: String, msg: String },
     #[error("{0}: the run has no prompts")]
     NoPrompts(String),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -185,6 +188,9 @@ pub struct CaptureSettings {
     /// Steered points (first, last); point p is shifted through llama.cpp layer p − 1.
     #[serde(default)]
     pub control_points: Option<(usize, usize)>,
+    /// Traced with `--allow-nonfinite` (non-finite prompts recorded instead of failing).
+    #[serde(default)]
+    pub allow_nonfinite: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -206,6 +212,17 @@ pub struct PromptRecord {
     pub generated_text: String,
     /// Relative path of the states file (None with --format csv).
     pub states_file: Option<String>,
+    /// The first point and position whose state (or the next-token logits, reported at the last
+    /// point) was NaN or infinite — only in runs traced with `--allow-nonfinite`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonfinite: Option<NonFinite>,
+}
+
+/// Where a prompt first went non-finite.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NonFinite {
+    pub point: usize,
+    pub position: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -275,11 +292,13 @@ pub struct RunShape {
     pub n_vocab: usize,
 }
 
-/// Writes a run directory, prompt by prompt.
+/// Writes a run directory, prompt by prompt, inside a [`Staging`] directory that is swapped into
+/// place only when everything (run.json with `"complete": true` last) is written and synced.
 pub struct RunWriter {
     final_dir: PathBuf,
+    name: String,
     tmp_dir: PathBuf,
-    force: bool,
+    staging: Staging,
     dtype: Dtype,
     format: Format,
     width: usize,
@@ -288,7 +307,8 @@ pub struct RunWriter {
     tokens_csv: csv::Writer<fs::File>,
     states_csv: Option<csv::Writer<fs::File>>,
     metrics_csv: csv::Writer<fs::File>,
-    finished: bool,
+    /// Relative paths of the per-prompt states files written so far (synced at the end).
+    states_files: Vec<String>,
 }
 
 impl RunWriter {
@@ -307,20 +327,17 @@ impl RunWriter {
             n_vocab,
         } = shape;
         check_output(out, force)?;
-        let parent = parent_dir(out);
+        let staging = Staging::new(out)?;
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "run".into());
-        let tmp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        }
+        let tmp_dir = staging.path(&name);
         fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
-            path: parent.display().to_string(),
+            path: tmp_dir.display().to_string(),
             source,
         })?;
-        let w = || -> Result<RunWriter, RunError> {
+        let w = move || -> Result<RunWriter, RunError> {
             if format.npy() {
                 let d = tmp_dir.join(STATES_DIR);
                 fs::create_dir(&d).map_err(io_err(&d))?;
@@ -382,8 +399,9 @@ impl RunWriter {
             };
             Ok(RunWriter {
                 final_dir: out.to_path_buf(),
-                tmp_dir: tmp_dir.clone(),
-                force,
+                name,
+                tmp_dir,
+                staging,
                 dtype,
                 format,
                 width: n_prompts.saturating_sub(1).to_string().len().max(5),
@@ -392,12 +410,10 @@ impl RunWriter {
                 tokens_csv,
                 states_csv,
                 metrics_csv,
-                finished: false,
+                states_files: Vec::new(),
             })
         };
-        w().inspect_err(|_| {
-            let _ = fs::remove_dir_all(&tmp_dir);
-        })
+        w()
     }
 
     /// Relative path of a prompt's states file: the zero-padded prompt index, never the user's id.
@@ -427,6 +443,7 @@ impl RunWriter {
                 path: p.display().to_string(),
                 msg: e.to_string(),
             })?;
+            self.states_files.push(rel.clone());
         }
         let slot = t.last_prompt_slot();
         let p = self.tmp_dir.join(LAST_NPY);
@@ -506,74 +523,43 @@ impl RunWriter {
         write_json_atomic(&self.tmp_dir.join(name), value)
     }
 
-    /// Write run.json (complete) and move the directory into place.
+    /// Sync every data file, write run.json (complete) last, and swap the directory into place.
     pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, RunError> {
-        let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| w.flush().map_err(io_err(&p));
+        let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| -> Result<(), RunError> {
+            w.flush().map_err(io_err(&p))?;
+            w.get_ref().sync_all().map_err(io_err(&p))
+        };
         flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
         flush(&mut self.metrics_csv, self.tmp_dir.join(METRICS_CSV))?;
         if let Some(w) = self.states_csv.as_mut() {
             flush(w, self.tmp_dir.join(STATES_CSV))?;
         }
+        let p = self.tmp_dir.join(LAST_NPY);
+        self.last.sync().map_err(io_err(&p))?;
+        let p = self.tmp_dir.join(LOGITS_NPY);
+        self.logits.sync().map_err(io_err(&p))?;
+        for rel in &self.states_files {
+            crate::output::sync_file(&self.tmp_dir.join(rel))?;
+        }
+        crate::output::sync_dir(&self.tmp_dir.join(STATES_DIR));
         let mut m = manifest.clone();
         m.complete = true;
         write_json_atomic(&self.tmp_dir.join(RUN_JSON), &m)?;
-        check_output(&self.final_dir, self.force)?;
-        let old = self.final_dir.exists().then(|| {
-            let name = self
-                .final_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            parent_dir(&self.final_dir).join(format!(".{name}.old-{}", std::process::id()))
-        });
-        if let Some(old) = &old {
-            fs::rename(&self.final_dir, old).map_err(io_err(&self.final_dir))?;
-        }
-        fs::rename(&self.tmp_dir, &self.final_dir).map_err(io_err(&self.final_dir))?;
-        self.finished = true;
-        if let Some(old) = &old {
-            let _ = fs::remove_dir_all(old);
-        }
+        crate::output::sync_dir(&self.tmp_dir);
+        self.staging.commit(std::slice::from_ref(&self.name), &[])?;
         Ok(self.final_dir.clone())
     }
-}
 
-impl Drop for RunWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = fs::remove_dir_all(&self.tmp_dir);
-        }
+    /// The directory being written (inside the staging area) — for extra files such as lens.json.
+    pub fn dir(&self) -> &Path {
+        &self.tmp_dir
     }
 }
 
-fn parent_dir(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Refuse to overwrite without `force`, and refuse anything that is not a directory.
+/// Refuse an existing `out` without `force`; with `force`, refuse anything that is not a run
+/// directory written by gguf-trace (see [`crate::output::check_target`]).
 pub fn check_output(out: &Path, force: bool) -> Result<(), RunError> {
-    if out.exists() {
-        if !force {
-            return Err(RunError::Exists(out.display().to_string()));
-        }
-        if !out.is_dir() {
-            return Err(RunError::Unwritable {
-                path: out.display().to_string(),
-                source: std::io::Error::other("exists and is not a directory"),
-            });
-        }
-    }
-    let parent = parent_dir(out);
-    if !parent.is_dir() {
-        return Err(RunError::Unwritable {
-            path: parent.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-        });
-    }
-    Ok(())
+    Ok(crate::output::check_target(out, Kind::Run, force)?)
 }
 
 /// Write JSON to a temporary file beside `path`, then rename it over `path`.
@@ -587,6 +573,42 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Run
     f.write_all(b"\n").map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Check an `.npy` file's element type, shape and size against what the manifest says.
+fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> {
+    let invalid = |msg: String| RunError::Invalid {
+        path: path.display().to_string(),
+        msg,
+    };
+    let h = npy::NpyHeader::read(path).map_err(|e| {
+        invalid(if e.kind() == std::io::ErrorKind::NotFound {
+            "missing".into()
+        } else {
+            e.to_string()
+        })
+    })?;
+    if h.descr != descr || h.fortran_order {
+        return Err(invalid(format!(
+            "element type {} (fortran order {}), expected {descr}",
+            h.descr, h.fortran_order
+        )));
+    }
+    if h.shape != shape {
+        return Err(invalid(format!(
+            "shape {:?}, but run.json says {:?}",
+            h.shape, shape
+        )));
+    }
+    let item = if descr == "<f2" { 2 } else { 4 };
+    let want = h.data_offset + shape.iter().product::<usize>() as u64 * item;
+    let len = fs::metadata(path).map_err(io_err(path))?.len();
+    if len != want {
+        return Err(invalid(format!(
+            "{len} bytes, expected {want} (truncated or damaged)"
+        )));
+    }
+    Ok(())
 }
 
 /// A complete run directory, opened for reading.
@@ -631,9 +653,141 @@ impl Run {
         if manifest.prompts.is_empty() {
             return Err(RunError::NoPrompts(d));
         }
-        Ok(Run {
+        let run = Run {
             dir: dir.to_path_buf(),
             manifest,
+        };
+        run.validate()?;
+        Ok(run)
+    }
+
+    /// Check that the manifest is consistent with itself and that every data file it names
+    /// exists with the shape, type and size it declares (headers only: cheap for big runs), so
+    /// readers never index out of bounds or skip a damaged file silently.
+    pub fn validate(&self) -> Result<(), RunError> {
+        let m = &self.manifest;
+        let invalid = |path: &Path, msg: String| RunError::Invalid {
+            path: path.display().to_string(),
+            msg,
+        };
+        let rj = self.dir.join(RUN_JSON);
+        let (n_layer, n_embd, n_vocab) = (m.model.n_layer, m.model.n_embd, m.model.n_vocab);
+        let points = &m.capture.points;
+        if n_embd == 0 || n_vocab == 0 {
+            return Err(invalid(&rj, "model width or vocabulary is 0".into()));
+        }
+        if points.is_empty()
+            || points.windows(2).any(|w| w[0] >= w[1])
+            || points.iter().any(|&p| p > n_layer)
+        {
+            return Err(invalid(
+                &rj,
+                format!(
+                    "capture.points {points:?} are not sorted, unique points within 0..={n_layer}"
+                ),
+            ));
+        }
+        if m.capture.point_tensors.len() != points.len() {
+            return Err(invalid(
+                &rj,
+                "capture.point_tensors and capture.points differ in length".into(),
+            ));
+        }
+        let (n_prompts, n_points) = (m.prompts.len(), points.len());
+        for (i, p) in m.prompts.iter().enumerate() {
+            let bad = |msg: String| invalid(&rj, format!("prompt {i}: {msg}"));
+            if p.index != i {
+                return Err(bad(format!("index {} out of order", p.index)));
+            }
+            if p.tokens.len() != p.pieces.len()
+                || p.n_prompt_tokens == 0
+                || p.n_prompt_tokens > p.tokens.len()
+            {
+                return Err(bad("tokens, pieces and n_prompt_tokens disagree".into()));
+            }
+            if p.positions.windows(2).any(|w| w[0] >= w[1])
+                || p.positions.iter().any(|&q| q >= p.tokens.len())
+                || !p.positions.contains(&(p.n_prompt_tokens - 1))
+            {
+                return Err(bad(
+                    "positions must be sorted token positions that include the last prompt token"
+                        .into(),
+                ));
+            }
+            if p.states_file.is_some() != m.capture.format.npy() {
+                return Err(bad("states_file does not match capture.format".into()));
+            }
+            if let Some(rel) = &p.states_file {
+                let path = self.contained(rel)?;
+                let descr = match m.capture.dtype {
+                    Dtype::F32 => "<f4",
+                    Dtype::F16 => "<f2",
+                };
+                check_npy(&path, descr, &[n_points, p.positions.len(), n_embd])?;
+            }
+        }
+        check_npy(
+            &self.dir.join(LAST_NPY),
+            "<f4",
+            &[n_prompts, n_points, n_embd],
+        )?;
+        check_npy(&self.dir.join(LOGITS_NPY), "<f4", &[n_prompts, n_vocab])?;
+        if m.lens.is_some() {
+            let p = self.dir.join(LENS_JSON);
+            let lens = self.lens()?.unwrap_or_default();
+            let ok = lens.len() == n_prompts
+                && lens.iter().enumerate().all(|(i, l)| {
+                    l.index == i
+                        && !l.traces.is_empty()
+                        && l.traces.iter().all(|t| t.points.len() == n_points)
+                });
+            if !ok {
+                return Err(invalid(
+                    &p,
+                    format!("does not hold one lens of {n_points} points per prompt ({n_prompts})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `dir/rel`, refusing a relative path that leaves the run directory.
+    fn contained(&self, rel: &str) -> Result<PathBuf, RunError> {
+        let r = Path::new(rel);
+        if r.is_absolute()
+            || r.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(RunError::Invalid {
+                path: self.dir.join(RUN_JSON).display().to_string(),
+                msg: format!("states file \"{rel}\" is not inside the run directory"),
+            });
+        }
+        Ok(self.dir.join(r))
+    }
+
+    /// Refuse a run holding non-finite states (traced with `--allow-nonfinite`) for analysis.
+    pub fn require_finite(&self) -> Result<(), RunError> {
+        let bad: Vec<String> = self
+            .manifest
+            .prompts
+            .iter()
+            .filter_map(|p| {
+                p.nonfinite
+                    .as_ref()
+                    .map(|n| format!("prompt {} (\"{}\") from point {}", p.index, p.id, n.point))
+            })
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(RunError::Invalid {
+            path: self.dir.display().to_string(),
+            msg: format!(
+                "holds non-finite states ({}{}); they cannot be analysed — trace again without the cause, or leave those prompts out",
+                bad.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                if bad.len() > 3 { ", …" } else { "" }
+            ),
         })
     }
 

@@ -112,7 +112,89 @@ impl NpyRows {
         self.file.write_all(&bytes)
     }
 
-    pub fn finish(self) -> io::Result<()> {
+    /// Flush the file to disk.
+    pub fn sync(&self) -> io::Result<()> {
         self.file.sync_all()
+    }
+}
+
+/// The header of an `.npy` file: element type, shape, and where the data starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyHeader {
+    /// numpy's type descriptor ("<f4", "<f2").
+    pub descr: String,
+    pub fortran_order: bool,
+    pub shape: Vec<usize>,
+    /// Byte offset of the first element.
+    pub data_offset: u64,
+}
+
+impl NpyHeader {
+    /// Read and parse the header of `path` (format versions 1–3), without reading the data.
+    pub fn read(path: &Path) -> io::Result<NpyHeader> {
+        use std::io::Read;
+        let bad = |msg: &str| io::Error::new(io::ErrorKind::InvalidData, msg.to_string());
+        let mut f = File::open(path)?;
+        let mut pre = [0u8; 10];
+        f.read_exact(&mut pre)
+            .map_err(|_| bad("too short for an NPY header"))?;
+        if &pre[..6] != b"\x93NUMPY" {
+            return Err(bad("not an NPY file (bad magic)"));
+        }
+        let (len, start) = match pre[6] {
+            1 => (u16::from_le_bytes([pre[8], pre[9]]) as usize, 10u64),
+            2 | 3 => {
+                let mut more = [0u8; 2];
+                f.read_exact(&mut more)
+                    .map_err(|_| bad("truncated NPY header"))?;
+                (
+                    u32::from_le_bytes([pre[8], pre[9], more[0], more[1]]) as usize,
+                    12u64,
+                )
+            }
+            v => return Err(bad(&format!("unsupported NPY version {v}"))),
+        };
+        if len > 1 << 20 {
+            return Err(bad("NPY header too long"));
+        }
+        let mut text = vec![0u8; len];
+        f.read_exact(&mut text)
+            .map_err(|_| bad("truncated NPY header"))?;
+        let text = String::from_utf8_lossy(&text);
+        let dict: PyValue = text
+            .trim()
+            .parse()
+            .map_err(|_| bad("unreadable NPY header"))?;
+        let PyValue::Dict(items) = dict else {
+            return Err(bad("NPY header is not a dict"));
+        };
+        let get = |k: &str| {
+            items
+                .iter()
+                .find(|(key, _)| matches!(key, PyValue::String(s) if s == k))
+                .map(|(_, v)| v)
+        };
+        let descr = match get("descr") {
+            Some(PyValue::String(s)) => s.clone(),
+            _ => return Err(bad("NPY header has no descr")),
+        };
+        let fortran_order = matches!(get("fortran_order"), Some(PyValue::Boolean(true)));
+        let shape = match get("shape") {
+            Some(PyValue::Tuple(t)) => t
+                .iter()
+                .map(|v| match v {
+                    PyValue::Integer(i) => usize::try_from(i.clone()).ok(),
+                    _ => None,
+                })
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| bad("NPY shape is not a tuple of sizes"))?,
+            _ => return Err(bad("NPY header has no shape")),
+        };
+        Ok(NpyHeader {
+            descr,
+            fortran_order,
+            shape,
+            data_offset: start + len as u64,
+        })
     }
 }

@@ -66,6 +66,7 @@ pub fn write(
             tokens: vec![1],
             n_prompt: 1,
             logits: vec![0.0; n_vocab],
+            nonfinite: None,
         };
         let id = format!("s{i}");
         let label = labels.get(g).copied();
@@ -78,6 +79,7 @@ pub fn write(
             text: format!("synthetic prompt {i}"),
             rendered: format!("synthetic prompt {i}"),
             tokens: vec![1],
+            nonfinite: None,
             pieces: vec!["x".into()],
             n_prompt_tokens: 1,
             positions: vec![0],
@@ -136,6 +138,7 @@ pub fn write(
             control_vectors: vec![],
             control_scale: 0.0,
             control_points: None,
+            allow_nonfinite: false,
         },
         prompts,
         timings: Timings::default(),

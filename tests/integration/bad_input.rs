@@ -1,142 +1,1055 @@
-//! Bad input: one `error:` line naming the problem, non-zero exit, no crash, no complete run.
+//! Bad input, attacker-style, for every subcommand: each case asserts the exit status, the one
+//! `error:` line (it names the problem), and what is left on disk — nothing the user owns is
+//! touched, no partial output stays behind, and no earlier output is lost.
+//!
+//! The classes (issue "Hardening"): data loss (overwrite without --force, --force on what
+//! gguf-trace did not write, a failed command replacing good output), crashes and hangs (options
+//! llama.cpp would assert on, hostile GGUF metadata, inconsistent run directories, endless chat
+//! templates), wrong results with exit 0 (NaN states, options silently ignored), vague errors
+//! (llama.cpp's own reason), and signals (SIGINT, SIGTERM, SIGKILL at any moment).
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::require;
 
-fn trace_err(model: &str, extra: &[&str], needle: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let mut args = vec!["trace", "-m", model, "-o", s(&out)];
-    args.extend(extra);
-    let o = run_bin(&args);
-    assert_clean_error(&o, needle, Some(&out));
+// ---------------------------------------------------------------------------------------------
+// Helpers: a snapshot of a directory tree, hostile model files, the CLI.
+
+/// Every path under `dir` with its size and first bytes (enough to see a file replaced, created or
+/// removed; large model copies are compared by size and head).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            if m.is_dir() {
+                out.insert(rel, (0, b"<dir>".to_vec()));
+                stack.push(p);
+            } else {
+                let mut head = vec![0u8; 4096];
+                let n = std::fs::File::open(&p).unwrap().read(&mut head).unwrap();
+                head.truncate(n);
+                out.insert(rel, (m.len(), head));
+            }
+        }
+    }
+    out
 }
 
-#[test]
-fn bad_model_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("nope.gguf");
-    trace_err(s(&missing), &["-p", "x"], "cannot open model");
-    trace_err(s(dir.path()), &["-p", "x"], "is a directory");
-    let empty = dir.path().join("empty.gguf");
-    std::fs::write(&empty, b"").unwrap();
-    trace_err(s(&empty), &["-p", "x"], "empty file");
-    let text = dir.path().join("notes.gguf");
-    std::fs::write(&text, b"this is not a model at all").unwrap();
-    trace_err(s(&text), &["-p", "x"], "not a GGUF file");
-    let o = run_bin(&["inspect", s(&text)]);
-    assert_clean_error(&o, "not a GGUF file", None);
-
-    let path = require!(model_path(SMOL));
-    let bytes = std::fs::read(&path).unwrap();
-    let trunc = dir.path().join("truncated.gguf");
-    std::fs::write(&trunc, &bytes[..bytes.len() / 3]).unwrap();
-    trace_err(s(&trunc), &["-p", "x"], "could not load the model");
-    let o = run_bin(&["inspect", s(&trunc)]);
-    assert_clean_error(&o, "could not load the model", None);
+/// Assert `dir` holds exactly what `before` recorded.
+fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, (u64, Vec<u8>)>, what: &str) {
+    let after = snapshot(dir);
+    let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    let removed: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after.get(*k).is_some_and(|a| a != *v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        added.is_empty() && removed.is_empty() && changed.is_empty(),
+        "{what}: disk changed — added {added:?}, removed {removed:?}, changed {changed:?}"
+    );
 }
 
+/// Run the binary in `work` and assert a clean failure mentioning `needle` that left `work` as
+/// it was.
+fn fails(work: &Path, args: &[&str], needle: &str) -> Output {
+    let before = snapshot(work);
+    let o = bin().args(args).current_dir(work).output().unwrap();
+    assert_clean_error(&o, needle, None);
+    assert_unchanged(work, &before, &format!("{args:?}"));
+    o
+}
+
+fn ok(work: &Path, args: &[&str]) -> Output {
+    let o = bin().args(args).current_dir(work).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn smol_path() -> PathBuf {
+    model_path(SMOL).unwrap()
+}
+
+/// A copy of SmolLM2 with one change, made once per process in a shared directory.
+fn variant(name: &str, make: impl FnOnce(&Path, &Path)) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let p = dir.path().join(name);
+    if !p.exists() {
+        let tmp = dir.path().join(format!("{name}.tmp"));
+        make(&smol_path(), &tmp);
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+    p
+}
+
+/// Byte offset of the value of GGUF metadata key `key` (after its u64 length, name and u32 type).
+fn meta_value_offset(bytes: &[u8], key: &str) -> (usize, u32) {
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .unwrap_or_else(|| panic!("key {key} not in the model"));
+    let t = at + needle.len();
+    let ty = u32::from_le_bytes(bytes[t..t + 4].try_into().unwrap());
+    (t + 4, ty)
+}
+
+/// SmolLM2 with an unsigned 32-bit metadata value replaced.
+fn with_u32(key: &str, value: u32) -> PathBuf {
+    variant(&format!("{key}={value}.gguf"), |src, dst| {
+        let mut b = std::fs::read(src).unwrap();
+        let (off, ty) = meta_value_offset(&b, key);
+        assert!(
+            ty == 4 || ty == 5,
+            "{key} is not a 32-bit integer (type {ty})"
+        );
+        b[off..off + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(dst, b).unwrap();
+    })
+}
+
+/// SmolLM2 claiming an architecture llama.cpp does not know ("llamx").
+fn unknown_arch() -> PathBuf {
+    variant("llamx.gguf", |src, dst| {
+        let mut b = std::fs::read(src).unwrap();
+        let (off, ty) = meta_value_offset(&b, "general.architecture");
+        assert_eq!(ty, 8, "string");
+        // u64 length then the bytes "llama".
+        b[off + 8 + 4] = b'x';
+        std::fs::write(dst, b).unwrap();
+    })
+}
+
+/// SmolLM2 with NaN in block 0's attention norm: every state from point 1 on is NaN.
+fn nan_weights() -> PathBuf {
+    variant("nan.gguf", |src, dst| {
+        let g = gguf_trace::llama::gguf::Gguf::open(src).unwrap();
+        let t = g
+            .tensors()
+            .into_iter()
+            .find(|t| t.name == "blk.0.attn_norm.weight")
+            .unwrap();
+        let mut b = std::fs::read(src).unwrap();
+        for i in 0..t.size / 4 {
+            let o = t.offset as usize + 4 * i;
+            b[o..o + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        std::fs::write(dst, b).unwrap();
+    })
+}
+
+/// SmolLM2 with another chat template (None: without one), through the gguf package's own tool.
+fn with_template(name: &str, template: Option<&str>) -> PathBuf {
+    variant(name, |src, dst| {
+        let mut c = python();
+        c.args([
+            "-m",
+            "gguf.scripts.gguf_new_metadata",
+            s(src),
+            s(dst),
+            "--force",
+        ]);
+        match template {
+            Some(t) => c.args(["--chat-template", t]),
+            None => c.args(["--remove-metadata", "tokenizer.chat_template"]),
+        };
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    })
+}
+
+/// A small finished run of SmolLM2 (two labels, three prompts each) that tests copy and damage.
+fn base_run() -> &'static Path {
+    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &RUN.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let pf = d.path().join("p.jsonl");
+        let body: String = ["a", "b", "c"]
+            .iter()
+            .flat_map(|x| {
+                [
+                    format!("{{\"text\": \"I love {x} so much\", \"label\": \"pos\"}}\n"),
+                    format!("{{\"text\": \"I hate {x} so much\", \"label\": \"neg\"}}\n"),
+                ]
+            })
+            .collect();
+        std::fs::write(&pf, body).unwrap();
+        ok(
+            d.path(),
+            &["trace", "-m", s(&smol_path()), "-f", "p.jsonl", "-o", "run"],
+        );
+        let run = d.path().join("run");
+        (d, run)
+    })
+    .1
+}
+
+/// Copy a run directory into `work/name`.
+fn copy_run(work: &Path, name: &str) -> PathBuf {
+    let dst = work.join(name);
+    let src = base_run();
+    std::fs::create_dir_all(dst.join("states")).unwrap();
+    for e in walk(src) {
+        let rel = e.strip_prefix(src).unwrap();
+        if e.is_file() {
+            std::fs::copy(&e, dst.join(rel)).unwrap();
+        }
+    }
+    dst
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model files: inspect, trace and quantize refuse damaged or hostile GGUFs with a reason.
+
 #[test]
-fn bad_prompts() {
-    let path = require!(model_path(SMOL));
-    let m = s(&path);
-    let dir = tempfile::tempdir().unwrap();
-    trace_err(m, &["-p", "   "], "empty prompt");
-    trace_err(m, &[], "no prompts");
-    let dup = dir.path().join("dup.jsonl");
-    std::fs::write(
-        &dup,
-        "{\"text\":\"a\",\"id\":\"x\"}\n{\"text\":\"b\",\"id\":\"x\"}\n",
-    )
-    .unwrap();
-    trace_err(m, &["-f", s(&dup)], "duplicate prompt id");
-    let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"text\":\"a\"}\n\n{\"text\": oops}\n").unwrap();
-    trace_err(m, &["-f", s(&bad)], "bad.jsonl:3");
-    let md = dir.path().join("prompts.md");
-    std::fs::write(&md, "hello\n").unwrap();
-    trace_err(m, &["-f", s(&md)], "unknown prompt file type");
+fn model_files() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(w.join("empty.gguf"), b"").unwrap();
+    std::fs::write(w.join("notes.gguf"), b"this is not a model at all").unwrap();
+    std::fs::create_dir(w.join("dir.gguf")).unwrap();
+    let bytes = std::fs::read(smol_path()).unwrap();
+    std::fs::write(w.join("truncated.gguf"), &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::write(w.join("header.gguf"), &bytes[..20]).unwrap();
+    let (block0, heads0, width0) = (
+        with_u32("llama.block_count", 0),
+        with_u32("llama.attention.head_count", 0),
+        with_u32("llama.embedding_length", 0),
+    );
+    let arch = unknown_arch();
+    let cases: Vec<(String, &str)> = vec![
+        ("nope.gguf".into(), "cannot open model"),
+        ("dir.gguf".into(), "is a directory"),
+        ("empty.gguf".into(), "empty file"),
+        ("notes.gguf".into(), "not a GGUF file"),
+        ("header.gguf".into(), "not a readable GGUF"),
+        ("truncated.gguf".into(), "beyond the end of the file"),
+        (s(&block0).into(), "block_count = 0"),
+        (s(&heads0).into(), "head_count is 0"),
+        (s(&width0).into(), "embedding_length = 0"),
+        // llama.cpp's own reason, not only "failed to load".
+        (s(&arch).into(), "unknown model architecture: 'llamx'"),
+    ];
+    for (model, needle) in &cases {
+        fails(w, &["inspect", model], needle);
+        fails(w, &["trace", "-m", model, "-p", "x", "-o", "run"], needle);
+        fails(
+            w,
+            &["quantize", model, "--type", "q8_0", "-o", "ladder"],
+            needle,
+        );
+    }
+    // -v shows llama.cpp's own log (it was silenced by every internal init).
+    let o = bin()
+        .args(["-v", "inspect", s(&smol_path())])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("llama_model_loader"),
+        "-v shows no llama.cpp log"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// trace: prompts and options.
+
+#[test]
+fn trace_prompts_and_options() {
+    let m = smol_path();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let file = |name: &str, body: &[u8]| {
+        std::fs::write(w.join(name), body).unwrap();
+    };
+    file(
+        "dup.jsonl",
+        b"{\"text\":\"a\",\"id\":\"x\"}\n{\"text\":\"b\",\"id\":\"x\"}\n",
+    );
+    file("bad.jsonl", b"{\"text\":\"a\"}\n\n{\"text\": oops}\n");
+    file("num.jsonl", b"{\"text\": 42}\n");
+    file("lab.jsonl", b"{\"text\": \"hi\", \"label\": [1]}\n");
+    file("prompts.md", b"hello\n");
+    file("latin1.txt", b"caf\xe9\n");
+    file("comments.txt", b"# only a comment\n\n");
+    std::fs::create_dir(w.join("folder.txt")).unwrap();
     let long = "word ".repeat(600);
-    trace_err(m, &["-p", &long], "more than --ctx 512");
-    trace_err(
-        m,
+    let t = |extra: &[&str], needle: &str| {
+        let mut a = vec!["trace", "-m", m, "-o", "run"];
+        a.extend(extra);
+        fails(w, &a, needle);
+    };
+    t(&["-p", "   "], "empty prompt");
+    t(&[], "no prompts");
+    t(&["-f", "dup.jsonl"], "duplicate prompt id");
+    t(&["-f", "bad.jsonl"], "bad.jsonl:3");
+    t(
+        &["-f", "num.jsonl"],
+        "num.jsonl:1: missing string field \"text\"",
+    );
+    t(&["-f", "lab.jsonl"], "field \"label\" must be a string");
+    t(&["-f", "prompts.md"], "unknown prompt file type");
+    t(&["-f", "latin1.txt"], "not UTF-8");
+    t(&["-f", "comments.txt"], "holds no prompts");
+    t(&["-f", "folder.txt"], "is a directory");
+    t(&["-f", "missing.txt"], "cannot read prompt file");
+    t(&["-p", &long], "more than --ctx 512");
+    t(
         &["-p", "hello", "--ctx", "4", "--generate", "8"],
         "raise --ctx",
     );
-    trace_err(m, &["-p", "hello", "--points", "31"], "out of range");
-}
-
-#[test]
-fn bad_output_directories() {
-    let path = require!(model_path(SMOL));
-    let m = s(&path);
-    let dir = tempfile::tempdir().unwrap();
-    // Existing directory without --force: refused, and left untouched.
-    let existing = dir.path().join("existing");
-    std::fs::create_dir(&existing).unwrap();
-    std::fs::write(existing.join("keep.txt"), "mine").unwrap();
-    let o = run_bin(&["trace", "-m", m, "-p", "x", "-o", s(&existing)]);
-    assert_clean_error(&o, "--force", None);
-    assert_eq!(
-        std::fs::read_to_string(existing.join("keep.txt")).unwrap(),
-        "mine"
+    t(&["-p", "hello", "--points", "31"], "out of range");
+    t(&["-p", "hello", "--points", "5-2"], "backwards");
+    t(&["-p", "hello", "--points", "x"], "not a point number");
+    t(&["-p", "hello", "--threads", "0"], "--threads 0");
+    t(&["-p", "hello", "--threads", "100000"], "--threads 100000");
+    t(&["-p", "hello", "--ctx", "0"], "--ctx 0");
+    t(
+        &["-p", "hello", "--ctx", "99999999999"],
+        "--ctx 99999999999",
     );
-    // With --force it is replaced by a complete run.
-    let o = run_bin(&["trace", "-m", m, "-p", "x", "-o", s(&existing), "--force"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(existing.join("run.json").exists() && !existing.join("keep.txt").exists());
-    // A parent that does not exist / is a file / cannot be written (even by root).
-    let o = run_bin(&[
-        "trace",
-        "-m",
-        m,
-        "-p",
-        "x",
-        "-o",
-        s(&dir.path().join("no/such/dir")),
-    ]);
-    assert_clean_error(&o, "no such directory", None);
-    let file = dir.path().join("file");
-    std::fs::write(&file, "").unwrap();
-    let o = run_bin(&["trace", "-m", m, "-p", "x", "-o", s(&file.join("run"))]);
-    assert_clean_error(&o, "cannot write", None);
-    let o = run_bin(&[
-        "trace",
-        "-m",
-        m,
-        "-p",
-        "x",
-        "-o",
-        "/proc/gguf-trace-test-run",
-    ]);
-    // (/proc reports no free space, so the disk-space check is what refuses it: still one line naming /proc.)
-    assert_clean_error(&o, "/proc", None);
+    t(&["-p", "hello", "--n-seq", "0"], "--n-seq 0");
+    t(&["-p", "hello", "--n-seq", "1000"], "--n-seq 1000");
+    t(&["-p", "hello", "--batch-size", "0"], "--batch-size");
+    t(&["-p", "hello", "--n-gpu-layers=-5"], "--n-gpu-layers -5");
+    t(&["-p", "hello", "--lens", "--lens-k", "0"], "--lens-k 0");
+    t(
+        &["-p", "hello", "--lens", "--lens-k", "99999999"],
+        "only 49152 tokens",
+    );
+    t(
+        &["-p", "hello", "--lens", "--points", "0-5"],
+        "needs every point",
+    );
+    t(&["-p", "hello", "--lens-all"], "required arguments");
+    t(
+        &["-p", "hello", "--control-scale", "2"],
+        "--control-scale needs --control-vector",
+    );
+    t(
+        &["-p", "hello", "--control-points", "2-5"],
+        "--control-points needs --control-vector",
+    );
+    t(&["-p", "hello", "--system", "x"], "required arguments");
+    t(&["-p", "hello", "--format", "xml"], "xml");
+    t(
+        &["-p", "hello", "--dtype", "f16", "--format", "csv"],
+        "--dtype f16 applies to NPY",
+    );
 }
 
+/// Options llama.cpp would abort on are adapted before it sees them: more sequences than
+/// --batch-size decode fewer at a time and give the same states.
 #[test]
-fn ctrl_c_during_a_trace_leaves_no_run() {
-    let path = require!(model_path(GEMMA));
-    let dir = tempfile::tempdir().unwrap();
-    let pf = dir.path().join("many.txt");
-    let body: String = (0..400).map(|i| format!("Prompt number {i} asks about something long and winding, again and again and again.\n")).collect();
-    std::fs::write(&pf, body).unwrap();
-    let out = dir.path().join("run");
-    let mut child = bin()
-        .args([
+fn trace_adapts_batch_size_below_sequences() {
+    let m = smol_path();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let args = |out: &'static str, extra: &[&'static str]| {
+        let mut a = vec![
             "trace",
             "-m",
-            s(&path),
-            "-f",
-            s(&pf),
+            s(&m),
+            "-p",
+            "The cat",
+            "-p",
+            "A dog ran",
             "-o",
-            s(&out),
-            "--generate",
-            "8",
-        ])
+            out,
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let a1 = args("small", &["--batch-size", "1", "--generate", "2"]);
+    let o = ok(w, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("to fit --batch-size 1"));
+    let a2 = args("default", &["--generate", "2"]);
+    ok(w, &a2.iter().map(String::as_str).collect::<Vec<_>>());
+    let (a, b) = (
+        gguf_trace::run::Run::open(&w.join("small")).unwrap(),
+        gguf_trace::run::Run::open(&w.join("default")).unwrap(),
+    );
+    assert_eq!(a.manifest.capture.n_seq, 1);
+    for i in 0..2 {
+        // SmolLM2 is bit-identical across batch shapes (capture tests).
+        assert_eq!(a.states(i).unwrap(), b.states(i).unwrap());
+    }
+}
+
+/// Chat templates: a model without one, one that loops for ever, one that grows without end, one
+/// that drops the user's message — each a clear error, none a hang.
+#[test]
+fn trace_chat_templates() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let none = with_template("no-template.gguf", None);
+    let endless = with_template(
+        "endless.gguf",
+        Some("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"),
+    );
+    let chunk = "y".repeat(1000);
+    let huge_t = format!("{{% for i in range(100000) %}}{chunk}{{% endfor %}}");
+    let huge = with_template("huge.gguf", Some(&huge_t));
+    let lossy = with_template("lossy.gguf", Some("<|im_start|>assistant\n"));
+    let chat = |model: &Path, needle: &str| {
+        let start = Instant::now();
+        fails(
+            w,
+            &[
+                "trace",
+                "-m",
+                s(model),
+                "--chat",
+                "-p",
+                "hello there",
+                "-o",
+                "run",
+            ],
+            needle,
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{needle}: too slow"
+        );
+    };
+    chat(&none, "has no chat template");
+    chat(&endless, "fuel");
+    chat(&huge, "grew past");
+    chat(&lossy, "drops the user message");
+    // A system prompt the template ignores is refused as well (SmolLM2's own template keeps it).
+    let user_only = with_template(
+        "user-only.gguf",
+        Some("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"),
+    );
+    fails(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&user_only),
+            "--chat",
+            "--system",
+            "Be brief.",
+            "-p",
+            "hello",
+            "-o",
+            "run",
+        ],
+        "drops the system message",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wrong results with exit 0: non-finite states and control vectors.
+
+#[test]
+fn nonfinite_states_are_never_written_silently() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let nan = nan_weights();
+    fails(
+        w,
+        &["trace", "-m", s(&nan), "-p", "hello", "-o", "run"],
+        "state at point 1, position 0 is NaN or infinite",
+    );
+    // With the explicit flag the run records where, and the report refuses it by name.
+    ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&nan),
+            "-p",
+            "hello",
+            "-o",
+            "run",
+            "--allow-nonfinite",
+        ],
+    );
+    let run = gguf_trace::run::Run::open(&w.join("run")).unwrap();
+    let nf = run.manifest.prompts[0].nonfinite.clone().unwrap();
+    assert_eq!((nf.point, nf.position), (1, 0));
+    fails(
+        w,
+        &["report", "run", "-o", "r.html"],
+        "holds non-finite states",
+    );
+    fails(
+        w,
+        &["direction", "run", "--labels", "a,b", "-o", "d.gguf"],
+        "holds non-finite states",
+    );
+
+    // Control vectors: a NaN strength, a vector holding NaN, an overflowing strength.
+    let cv = w.join("d.gguf");
+    gguf_trace::llama::gguf::write_control_vector(
+        &cv,
+        "llama",
+        &(1..30)
+            .map(|il| (il, vec![0.5f32; 576]))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let nan_cv = w.join("nan.gguf");
+    let mut v = vec![0.5f32; 576];
+    v[7] = f32::NAN;
+    gguf_trace::llama::gguf::write_control_vector(&nan_cv, "llama", &[(3, v)]).unwrap();
+    let m = smol_path();
+    let st = |extra: &[&str], needle: &str| {
+        let mut a = vec!["trace", "-m", s(&m), "-p", "hello", "-o", "steered"];
+        a.extend(extra);
+        fails(w, &a, needle);
+    };
+    st(
+        &["--control-vector", "d.gguf", "--control-scale", "nan"],
+        "finite",
+    );
+    st(
+        &["--control-vector", "d.gguf", "--control-scale", "inf"],
+        "finite",
+    );
+    st(&["--control-vector", "nan.gguf"], "non-finite values");
+    st(
+        &["--control-vector", "d.gguf", "--control-scale", "1e38"],
+        "NaN or infinite",
+    );
+    st(&["--control-vector", "missing.gguf"], "cannot open model");
+    st(
+        &["--control-vector", s(&m)],
+        "not a control-vector direction",
+    );
+    st(
+        &["--control-vector", "d.gguf", "--control-points", "1-5"],
+        "outside 2-30",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data loss: outputs are never overwritten without --force, and --force only replaces what
+// gguf-trace wrote.
+
+#[test]
+fn outputs_are_never_lost() {
+    let m = smol_path();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::create_dir(w.join("thesis")).unwrap();
+    std::fs::write(w.join("thesis/thesis.tex"), "my thesis").unwrap();
+    std::fs::write(w.join("notes.txt"), "mine").unwrap();
+    std::fs::copy(m, w.join("model.gguf")).unwrap();
+    copy_run(w, "run");
+
+    // trace
+    fails(w, &["trace", "-m", m, "-p", "x", "-o", "thesis"], "--force");
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "thesis", "--force"],
+        "not a gguf-trace run directory",
+    );
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "notes.txt", "--force"],
+        "not a gguf-trace run directory",
+    );
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "run"],
+        "already exists",
+    );
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "no/such/dir"],
+        "not an existing directory",
+    );
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "notes.txt/run"],
+        "not an existing directory",
+    );
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "."],
+        "names no file or directory",
+    );
+    fails(
+        w,
+        &[
+            "trace",
+            "-m",
+            m,
+            "-p",
+            "x",
+            "-o",
+            "/proc/gguf-trace-test-run",
+        ],
+        "/proc",
+    );
+
+    // report
+    fails(
+        w,
+        &["report", "run", "-o", "run/run.json"],
+        "already exists",
+    );
+    fails(
+        w,
+        &["report", "run", "-o", "run/run.json", "--force"],
+        "not a gguf-trace report",
+    );
+    fails(
+        w,
+        &["report", "run", "-o", "notes.txt", "--force"],
+        "not a gguf-trace report",
+    );
+    fails(w, &["report", "run", "-o", "run"], "is a directory");
+    fails(
+        w,
+        &["report", "run", "-o", "nowhere/r.html"],
+        "not an existing directory",
+    );
+    std::fs::write(w.join("r.metrics.csv"), "my,own,table\n").unwrap();
+    fails(
+        w,
+        &["report", "run", "-o", "r.html"],
+        "r.metrics.csv already exists",
+    );
+    fails(
+        w,
+        &["report", "run", "-o", "r.html", "--force"],
+        "r.metrics.csv exists and is not",
+    );
+    std::fs::remove_file(w.join("r.metrics.csv")).unwrap();
+
+    // direction
+    fails(
+        w,
+        &[
+            "direction",
+            "run",
+            "--labels",
+            "pos,neg",
+            "-o",
+            "model.gguf",
+        ],
+        "already exists",
+    );
+    fails(
+        w,
+        &[
+            "direction",
+            "run",
+            "--labels",
+            "pos,neg",
+            "-o",
+            "model.gguf",
+            "--force",
+        ],
+        "not a control-vector GGUF",
+    );
+    fails(
+        w,
+        &[
+            "direction",
+            "run",
+            "--labels",
+            "pos,neg",
+            "-o",
+            "thesis",
+            "--force",
+        ],
+        "not a control-vector GGUF",
+    );
+
+    // quantize: the existing file is kept, a non-GGUF is never replaced, -o must be a directory.
+    std::fs::create_dir(w.join("ladder")).unwrap();
+    std::fs::write(w.join("ladder/model.Q8_0.gguf"), "not a model").unwrap();
+    fails(
+        w,
+        &["quantize", "model.gguf", "--type", "q8_0", "-o", "ladder"],
+        "already exists",
+    );
+    fails(
+        w,
+        &[
+            "quantize",
+            "model.gguf",
+            "--type",
+            "q8_0",
+            "-o",
+            "ladder",
+            "--force",
+        ],
+        "not a GGUF file",
+    );
+    fails(
+        w,
+        &[
+            "quantize",
+            "model.gguf",
+            "--type",
+            "q8_0",
+            "-o",
+            "notes.txt",
+        ],
+        "not a directory",
+    );
+    fails(
+        w,
+        &["quantize", "model.gguf", "--type", "q9_9", "-o", "ladder"],
+        "q9_9",
+    );
+    fails(
+        w,
+        &[
+            "quantize",
+            "model.gguf",
+            "--type",
+            "q8_0",
+            "-o",
+            "ladder2",
+            "--threads",
+            "0",
+        ],
+        "--threads 0",
+    );
+
+    // compare
+    fails(
+        w,
+        &["compare", "-m", m, "-p", "x", "-o", "cmp"],
+        "at least two models",
+    );
+    fails(
+        w,
+        &[
+            "compare", "-m", m, "-m", m, "-p", "x", "-o", "thesis", "--force",
+        ],
+        "not a gguf-trace compare directory",
+    );
+    fails(
+        w,
+        &[
+            "compare", "-m", m, "-m", m, "-p", "x", "-o", "run", "--force",
+        ],
+        "not a gguf-trace compare directory",
+    );
+    fails(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            m,
+            "-p",
+            "x",
+            "-o",
+            "cmp",
+            "--reference",
+            "notes.txt",
+        ],
+        "not one of the -m models",
+    );
+    fails(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            "nope.gguf",
+            "-p",
+            "x",
+            "-o",
+            "cmp",
+        ],
+        "cannot open model",
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.join("thesis/thesis.tex")).unwrap(),
+        "my thesis"
+    );
+
+    // --force replaces what gguf-trace wrote: a run, a report (and drops its stale CSVs).
+    ok(w, &["trace", "-m", m, "-p", "x", "-o", "run", "--force"]);
+    ok(w, &["report", "run", "-o", "r.html"]);
+    std::fs::write(w.join("r.drift.csv"), "run,level\n").unwrap();
+    ok(w, &["report", "run", "-o", "r.html", "--force"]);
+    assert!(
+        !w.join("r.drift.csv").exists(),
+        "a stale CSV of our own stays"
+    );
+}
+
+/// A compare that fails on its second model leaves the previous compare output as it was, and
+/// nothing that blocks a re-run.
+#[test]
+fn a_failed_compare_keeps_the_previous_output() {
+    let m = smol_path();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    ok(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            m,
+            "-p",
+            "Hello there",
+            "-o",
+            "cmp",
+        ],
+    );
+    assert!(w.join("cmp/compare.json").exists() && w.join("cmp/report.html").exists());
+    let block0 = with_u32("llama.block_count", 0);
+    fails(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            s(&block0),
+            "-p",
+            "Hello there",
+            "-o",
+            "cmp",
+            "--force",
+        ],
+        "block_count = 0",
+    );
+    // A second model that loads but cannot trace the prompt fails after the first trace ran.
+    let nan = nan_weights();
+    fails(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            s(&nan),
+            "-p",
+            "Hello there",
+            "-o",
+            "cmp",
+            "--force",
+        ],
+        "NaN or infinite",
+    );
+    fails(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            s(&nan),
+            "-p",
+            "Hello there",
+            "-o",
+            "fresh",
+        ],
+        "NaN or infinite",
+    );
+    // Nothing left at "fresh": a re-run without --force is not blocked.
+    ok(
+        w,
+        &[
+            "compare",
+            "-m",
+            m,
+            "-m",
+            m,
+            "-p",
+            "Hello there",
+            "-o",
+            "fresh",
+        ],
+    );
+    ok(
+        w,
+        &[
+            "compare", "-m", m, "-m", m, "-p", "Hi", "-o", "cmp", "--force",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// report and direction on damaged or inconsistent run directories: the file is named, no panic.
+
+#[test]
+fn damaged_runs() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let damage = |name: &str, f: &dyn Fn(&Path)| {
+        let d = copy_run(w, name);
+        f(&d);
+    };
+    damage("incomplete", &|d| {
+        edit_json(&d.join("run.json"), |v| v["complete"] = false.into())
+    });
+    damage("badjson", &|d| {
+        std::fs::write(d.join("run.json"), "{ not json").unwrap()
+    });
+    damage("schema", &|d| {
+        edit_json(&d.join("run.json"), |v| v["schema_version"] = 99.into())
+    });
+    damage("points", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            v["capture"]["points"] = serde_json::json!([0, 1, 2])
+        })
+    });
+    damage("points-range", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            let n = v["capture"]["points"].as_array().unwrap().len();
+            v["capture"]["points"] = (0..n).map(|p| p * 7).collect::<Vec<_>>().into()
+        })
+    });
+    damage("last", &|d| {
+        // A valid NPY of the wrong shape.
+        let a = ndarray::Array3::<f32>::zeros((2, 3, 4));
+        ndarray_npy::write_npy(d.join("last.npy"), &a).unwrap();
+    });
+    damage("logits-missing", &|d| {
+        std::fs::remove_file(d.join("logits.npy")).unwrap()
+    });
+    damage("states-missing", &|d| {
+        std::fs::remove_file(d.join("states/00003.npy")).unwrap()
+    });
+    damage("states-truncated", &|d| {
+        let p = d.join("states/00001.npy");
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+    });
+    damage("states-garbage", &|d| {
+        std::fs::write(d.join("states/00002.npy"), b"garbage").unwrap()
+    });
+    damage("escape", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            v["prompts"][0]["states_file"] = "../../../etc/passwd".into()
+        })
+    });
+    damage("tokens", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            v["prompts"][1]["positions"] = serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 90])
+        })
+    });
+    damage("lens", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            v["lens"] = serde_json::json!({"k": 5, "positions": "last", "output_tensor": "x",
+                "norm": "rms", "eps": 1e-5, "softcap": 0.0, "self_check_max_abs_diff": 0.0,
+                "tolerance": 0.01, "valid": true})
+        })
+    });
+    std::fs::create_dir(w.join("empty")).unwrap();
+    let cases = [
+        ("empty", "not a gguf-trace run directory"),
+        ("missing", "not a gguf-trace run directory"),
+        ("incomplete", "incomplete run"),
+        ("badjson", "invalid run.json"),
+        ("schema", "unsupported schema_version 99"),
+        ("points", "capture.point_tensors and capture.points differ"),
+        ("points-range", "are not sorted, unique points"),
+        ("last", "last.npy: shape [2, 3, 4]"),
+        ("logits-missing", "logits.npy: missing"),
+        ("states-missing", "00003.npy: missing"),
+        ("states-truncated", "00001.npy"),
+        ("states-garbage", "00002.npy"),
+        ("escape", "is not inside the run directory"),
+        ("tokens", "prompt 1: positions"),
+        ("lens", "lens.json"),
+    ];
+    for (run, needle) in cases {
+        fails(w, &["report", run, "-o", "r.html"], needle);
+        fails(
+            w,
+            &["direction", run, "--labels", "pos,neg", "-o", "d.gguf"],
+            needle,
+        );
+    }
+    let base = copy_run(w, "good");
+    let _ = base;
+    fails(
+        w,
+        &["report", "good", "-o", "r.html", "--reference", "badjson"],
+        "not one of the runs",
+    );
+    fails(
+        w,
+        &["direction", "good", "--labels", "pos", "-o", "d.gguf"],
+        "--labels",
+    );
+    fails(
+        w,
+        &["direction", "good", "--labels", "pos,pos", "-o", "d.gguf"],
+        "two different labels",
+    );
+    fails(
+        w,
+        &["direction", "good", "--labels", "pos,kind", "-o", "d.gguf"],
+        "label \"kind\" is not in",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals: SIGINT and SIGTERM stop cleanly; SIGKILL leaves leftovers that the next command
+// writing the same place removes (and says so); the previous output always survives.
+
+/// Spawn the binary in `work`, wait until a stderr line contains `ready` (then `delay`), send
+/// `signal`, and return (exit code, stderr lines).
+fn interrupt(
+    work: &Path,
+    args: &[&str],
+    ready: &str,
+    delay: Duration,
+    signal: &str,
+) -> (Option<i32>, Vec<String>) {
+    let mut child = bin()
+        .args(args)
+        .current_dir(work)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -145,28 +1058,28 @@ fn ctrl_c_during_a_trace_leaves_no_run() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap_or_default();
-            let _ = tx.send(line);
+            let _ = tx.send(line.unwrap_or_default());
         }
     });
-    let start = Instant::now();
     let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("trace started");
-        seen.push(line.clone());
-        if line.contains("estimated output") {
-            break;
+    if !ready.is_empty() {
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{args:?} never printed {ready:?}: {seen:?}"));
+            seen.push(line.clone());
+            if line.contains(ready) {
+                break;
+            }
         }
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(delay);
     assert!(
         child.try_wait().unwrap().is_none(),
-        "trace finished before it could be interrupted"
+        "{args:?} finished before it could be interrupted: {seen:?}"
     );
     let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -174,17 +1087,161 @@ fn ctrl_c_during_a_trace_leaves_no_run() {
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
         seen.push(l);
     }
-    assert_eq!(status.code(), Some(130), "stderr: {seen:?}");
-    assert!(start.elapsed() < Duration::from_secs(120));
-    assert!(
-        seen.iter().filter(|l| l.starts_with("error:")).count() == 1,
-        "{seen:?}"
-    );
-    assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
-    assert!(!out.exists(), "an interrupted trace left {}", out.display());
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
+    (status.code(), seen)
+}
+
+fn many_prompts(w: &Path) {
+    let body: String = (0..400)
+        .map(|i| format!("Prompt number {i} asks about something long and winding, again and again and again.\n"))
         .collect();
-    assert_eq!(left.len(), 1, "partial files left behind: {left:?}");
+    std::fs::write(w.join("many.txt"), body).unwrap();
+}
+
+#[test]
+fn signals_during_a_trace() {
+    let m = smol_path();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    many_prompts(w);
+    ok(w, &["trace", "-m", s(&m), "-p", "previous", "-o", "run"]);
+    let before = snapshot(w);
+    let args = [
+        "trace",
+        "-m",
+        s(&m),
+        "-f",
+        "many.txt",
+        "--generate",
+        "8",
+        "-o",
+        "run",
+        "--force",
+    ];
+    for signal in ["INT", "TERM"] {
+        let (code, seen) = interrupt(
+            w,
+            &args,
+            "estimated output",
+            Duration::from_millis(1500),
+            signal,
+        );
+        assert_eq!(code, Some(130), "SIG{signal}: {seen:?}");
+        assert_eq!(
+            seen.iter().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
+        assert_unchanged(w, &before, &format!("SIG{signal}"));
+    }
+    // SIGKILL leaves a partial run; the previous run is intact and the next trace cleans up.
+    let (code, _) = interrupt(
+        w,
+        &args,
+        "estimated output",
+        Duration::from_millis(1500),
+        "KILL",
+    );
+    assert_eq!(code, None);
+    let left: Vec<String> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".gguf-trace-run."))
+        .collect();
+    assert!(!left.is_empty(), "SIGKILL left nothing to clean up?");
+    assert!(gguf_trace::run::Run::open(&w.join("run")).is_ok());
+    let o = ok(
+        w,
+        &["trace", "-m", s(&m), "-p", "again", "-o", "run", "--force"],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("removed the leftovers of an interrupted gguf-trace"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with(".gguf-trace")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn signals_during_report_and_quantize() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // A large synthetic run makes the report take seconds.
+    let big = w.join("big");
+    gguf_trace::run::synthetic::write(&big, 3000, 30, 576, &["a", "b"], 3).unwrap();
+    ok(w, &["report", "big", "-o", "r.html"]);
+    let before = snapshot(w);
+    for signal in ["INT", "TERM"] {
+        let (code, seen) = interrupt(
+            w,
+            &["report", "big", "-o", "r.html", "--force"],
+            "",
+            Duration::from_millis(1000),
+            signal,
+        );
+        assert_eq!(code, Some(130), "report SIG{signal}: {seen:?}");
+        assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
+        assert_unchanged(w, &before, &format!("report SIG{signal}"));
+    }
+    let (code, _) = interrupt(
+        w,
+        &["report", "big", "-o", "r.html", "--force"],
+        "",
+        Duration::from_millis(1000),
+        "KILL",
+    );
+    assert_eq!(code, None);
+    let o = ok(w, &["report", "big", "-o", "r.html", "--force"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The kill may land before the staging directory exists; when it left something, it was cleaned.
+    let names: Vec<String> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with(".gguf-trace")),
+        "{names:?} / {err}"
+    );
+
+    // quantize: an F32 copy of SmolLM2 takes seconds to write.
+    std::fs::create_dir(w.join("ladder")).unwrap();
+    let m = smol_path();
+    let before = snapshot(w);
+    for signal in ["INT", "TERM"] {
+        let (code, seen) = interrupt(
+            w,
+            &["quantize", s(&m), "--type", "f32", "-o", "ladder"],
+            "",
+            Duration::from_millis(300),
+            signal,
+        );
+        assert_eq!(code, Some(130), "quantize SIG{signal}: {seen:?}");
+        assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
+        assert_unchanged(w, &before, &format!("quantize SIG{signal}"));
+    }
+}
+
+/// The tool's own CLI parsing errors are one line too (clap), and unknown subcommands fail.
+#[test]
+fn cli_usage_errors() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let o = bin().args(["frobnicate"]).current_dir(w).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = bin()
+        .args(["trace", "--positions", "some"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("error:"));
+    assert!(snapshot(w).is_empty());
 }

@@ -379,7 +379,9 @@ fn plain_logits(
 /// are bit-identical to an untraced decode of the same batch.
 #[test]
 fn tracing_does_not_change_the_model_outputs() {
-    for model in [smol(), gemma()] {
+    // Bounds on llama.cpp's own batch-shape dependence of untraced logits (relative L2):
+    // SmolLM2 measured bit-identical; Gemma-3 measured 11.5% (README, "Exactness"), bound 15%.
+    for (model, bound) in [(smol(), 0.0f32), (gemma(), 0.15)] {
         let model = require!(model);
         let toks = tokens(model, &[PROMPT])[0].clone();
         let traced = trace_tokens(model, std::slice::from_ref(&toks), |_| {});
@@ -411,6 +413,10 @@ fn tracing_does_not_change_the_model_outputs() {
             .map(|i| rel(&plain[i], &plain_small_ub[i]))
             .fold(0f32, f32::max);
         eprintln!("untraced logits: appended text rel {worst_long:e}, ubatch 7 rel {worst_ub:e}");
+        assert!(
+            worst_long <= bound && worst_ub <= bound,
+            "untraced logits move by {worst_long:e} (appended text) / {worst_ub:e} (ubatch 7), bound {bound:e}"
+        );
     }
 }
 

@@ -43,10 +43,11 @@ fn lens_self_check_on_both_models() {
             "{name}: lens self-check max |diff| = {:e} ({})",
             info.self_check_max_abs_diff, info.output_tensor
         );
-        assert!(
-            info.valid && info.self_check_max_abs_diff <= info.tolerance,
-            "{info:?}"
-        );
+        // The lens runs the same ggml kernels on the same quantized matrix as the model's own
+        // output layer: measured exactly 0 on both models; 1e-5 allows for float re-association
+        // only (the tool's own tolerance, 1e-2, is far looser).
+        assert!(info.self_check_max_abs_diff <= 1e-5, "{info:?}");
+        assert!(info.valid, "{info:?}");
         let lens = run.lens().unwrap().unwrap();
         let logits = run.logits().unwrap();
         for pl in &lens {

@@ -1,7 +1,7 @@
 //! The one integration test binary: real models through real llama.cpp.
 //!
 //! Models come from `$GGUF_TRACE_MODELS` (default `~/.cache/gguf-trace/models`, where
-//! `scripts/test` puts them). Without them a test is skipped locally but fails under `CI=true`.
+//! `scripts/test` puts them). Without them a test fails: no test passes without measuring.
 
 mod common;
 

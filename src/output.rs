@@ -1,0 +1,461 @@
+//! Writing outputs safely: the one place that decides whether a path may be (over)written and that
+//! swaps finished outputs into place.
+//!
+//! Every command that writes (a run, a compare directory, a report and its CSVs, a control vector,
+//! a quantized model) goes through [`Staging`]:
+//!
+//! 1. [`check_target`] refuses an existing target without `--force`, and with `--force` refuses
+//!    anything gguf-trace did not write (a run directory, a compare directory, a report, a control
+//!    vector, a GGUF) — `--force` never deletes a user's folder or file.
+//! 2. [`Staging::new`] first cleans up what dead processes left for the same target (see below),
+//!    then creates a hidden directory `.gguf-trace-<name>.<pid>.partial` beside the target and
+//!    holds an exclusive lock on `.gguf-trace-<name>.<pid>.lock` while the process lives.
+//! 3. Everything is written inside the staging directory and synced.
+//! 4. [`Staging::commit`] journals the target names, moves each existing target into
+//!    `.gguf-trace-<name>.<pid>.old`, moves each new output into place, marks the journal
+//!    committed, and removes the old outputs.
+//!
+//! Ctrl-C or an error drops the `Staging` (removing its files); SIGKILL or a power cut leaves them,
+//! and the lock dies with the process. The next command that writes the same target finds lock
+//! files it can lock (their owner is dead), rolls an interrupted swap back (the old outputs return,
+//! nothing half-new stays) or finishes a committed one, removes the leftovers, and says so.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+
+/// What kind of output a target is (decides what `--force` may replace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A run directory (`run.json` written by gguf-trace).
+    Run,
+    /// A `compare` output directory (`compare.json` written by gguf-trace).
+    Compare,
+    /// A report page (generator meta tag) or one of its CSVs.
+    Report,
+    /// A control-vector GGUF (`general.architecture = controlvector`).
+    ControlVector,
+    /// A quantized model written by `quantize` (a GGUF file).
+    Gguf,
+}
+
+impl Kind {
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Run => "a gguf-trace run directory",
+            Kind::Compare => "a gguf-trace compare directory",
+            Kind::Report => "a gguf-trace report",
+            Kind::ControlVector => "a control-vector GGUF",
+            Kind::Gguf => "a GGUF file",
+        }
+    }
+}
+
+/// The marker file of a compare directory.
+pub const COMPARE_JSON: &str = "compare.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{0} already exists; pass --force to overwrite it")]
+    Exists(String),
+    #[error("{path} exists and is not {what}; --force only replaces what gguf-trace wrote, so remove or rename it yourself")]
+    NotOurs { path: String, what: &'static str },
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {why}")]
+    BadTarget { path: String, why: String },
+    #[error("interrupted: nothing was written")]
+    Interrupted,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The directory a target lives in ("." for a bare name).
+pub fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn file_name(p: &Path) -> Result<String, OutputError> {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n != "." && n != "..")
+        .ok_or_else(|| OutputError::BadTarget {
+            path: p.display().to_string(),
+            why: "the path names no file or directory".into(),
+        })
+}
+
+/// Refuse `target` unless it is absent, or `force` is given and it is `kind` written by gguf-trace.
+/// Also checks that the target's directory exists.
+pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
+    file_name(target)?;
+    let parent = parent_dir(target);
+    if !parent.is_dir() {
+        return Err(OutputError::BadTarget {
+            path: target.display().to_string(),
+            why: format!("{} is not an existing directory", parent.display()),
+        });
+    }
+    if fs::symlink_metadata(target).is_err() {
+        return Ok(());
+    }
+    if !force {
+        return Err(OutputError::Exists(target.display().to_string()));
+    }
+    if !is_ours(target, kind) {
+        return Err(OutputError::NotOurs {
+            path: target.display().to_string(),
+            what: kind.describe(),
+        });
+    }
+    Ok(())
+}
+
+fn read_head(path: &Path, n: usize) -> Option<Vec<u8>> {
+    let mut f = fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(got);
+    Some(buf)
+}
+
+fn json_tool_is_ours(path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(path) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.get("tool")
+                .and_then(|t| t.as_str())
+                .map(|t| t == "gguf-trace")
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `target` (which exists) is `kind` as gguf-trace writes it. Symbolic links never are.
+pub fn is_ours(target: &Path, kind: Kind) -> bool {
+    let Ok(meta) = fs::symlink_metadata(target) else {
+        return false;
+    };
+    if meta.file_type().is_symlink() {
+        return false;
+    }
+    match kind {
+        Kind::Run => meta.is_dir() && json_tool_is_ours(&target.join(crate::run::RUN_JSON)),
+        Kind::Compare => meta.is_dir() && json_tool_is_ours(&target.join(COMPARE_JSON)),
+        Kind::Report => {
+            meta.is_file()
+                && read_head(target, 4096).is_some_and(|h| {
+                    let h = String::from_utf8_lossy(&h);
+                    if target.extension().is_some_and(|e| e == "csv") {
+                        h.starts_with("run,")
+                    } else {
+                        h.contains("<meta name=\"generator\" content=\"gguf-trace")
+                    }
+                })
+        }
+        Kind::ControlVector => {
+            meta.is_file()
+                && crate::llama::gguf::Gguf::open(target).is_ok_and(|g| {
+                    g.get_str("general.architecture").as_deref() == Some("controlvector")
+                })
+        }
+        Kind::Gguf => meta.is_file() && read_head(target, 4).is_some_and(|h| h == b"GGUF"),
+    }
+}
+
+const PREFIX: &str = ".gguf-trace-";
+
+/// Files written while an output is being produced, and the swap into place.
+pub struct Staging {
+    parent: PathBuf,
+    key: String,
+    pid: u32,
+    dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: fs::File,
+    done: bool,
+}
+
+impl Staging {
+    /// Start staging outputs for `target` (its file name is the key: a report's CSVs share its
+    /// key). Cleans up what dead processes left for the same key first, telling the user.
+    pub fn new(target: &Path) -> Result<Staging, OutputError> {
+        let parent = parent_dir(target);
+        let key = file_name(target)?;
+        for msg in recover_stale(&parent, &key) {
+            eprintln!("note: {msg}");
+        }
+        let pid = std::process::id();
+        let lock_path = parent.join(format!("{PREFIX}{key}.{pid}.lock"));
+        let dir = parent.join(format!("{PREFIX}{key}.{pid}.partial"));
+        let lock = fs::File::create(&lock_path).map_err(io_err(&parent))?;
+        lock.try_lock_exclusive().map_err(io_err(&lock_path))?;
+        if dir.exists() {
+            // Our own pid: a leftover of an earlier Staging in this process.
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        if let Err(e) = fs::create_dir(&dir) {
+            let _ = fs::remove_file(&lock_path);
+            return Err(io_err(&parent)(e));
+        }
+        Ok(Staging {
+            parent,
+            key,
+            pid,
+            dir,
+            lock_path,
+            _lock: lock,
+            done: false,
+        })
+    }
+
+    /// Where to write the output that will become `parent/name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The staging directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn old_dir(&self) -> PathBuf {
+        self.parent
+            .join(format!("{PREFIX}{}.{}.old", self.key, self.pid))
+    }
+
+    /// Move the staged outputs `names` (files or directories inside the staging directory) into
+    /// the target directory, replacing what is there, and remove `stale` targets (earlier outputs
+    /// of the same key that this output no longer has). Every name must already have passed
+    /// [`check_target`].
+    pub fn commit(mut self, names: &[String], stale: &[String]) -> Result<(), OutputError> {
+        if crate::llama::backend::interrupted() {
+            return Err(OutputError::Interrupted);
+        }
+        for n in names {
+            let p = self.dir.join(n);
+            if fs::symlink_metadata(&p).is_err() {
+                return Err(OutputError::BadTarget {
+                    path: p.display().to_string(),
+                    why: "staged output missing".into(),
+                });
+            }
+        }
+        let all: Vec<&String> = names.iter().chain(stale).collect();
+        let journal = self.dir.join(".targets");
+        write_synced(
+            &journal,
+            all.iter()
+                .map(|n| format!("{n}\n"))
+                .collect::<String>()
+                .as_bytes(),
+        )?;
+        sync_dir(&self.dir);
+        let old = self.old_dir();
+        fs::create_dir(&old).map_err(io_err(&old))?;
+        for n in &all {
+            let target = self.parent.join(n);
+            if fs::symlink_metadata(&target).is_ok() {
+                fs::rename(&target, old.join(n)).map_err(io_err(&target))?;
+            }
+        }
+        for n in names {
+            let target = self.parent.join(n);
+            fs::rename(self.dir.join(n), &target).map_err(io_err(&target))?;
+        }
+        write_synced(&self.dir.join(".committed"), b"")?;
+        sync_dir(&self.parent);
+        self.done = true;
+        let _ = fs::remove_dir_all(&old);
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.lock_path);
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.dir);
+            let _ = fs::remove_file(&self.lock_path);
+        }
+    }
+}
+
+/// Write a file and flush it to disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    let mut f = fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Flush a file that is already written (fsync), e.g. an NPY file written by ndarray-npy.
+pub fn sync_file(path: &Path) -> Result<(), OutputError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+/// Flush a directory's entries (renames) to disk; best effort (not every platform allows it).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(f) = fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Clean up what dead processes left while writing `key` in `parent`; returns what was done.
+fn recover_stale(parent: &Path, key: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let prefix = format!("{PREFIX}{key}.");
+    let mut pids: Vec<String> = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(&prefix) {
+            if let Some((pid, _what)) = rest.split_once('.') {
+                if pid.chars().all(|c| c.is_ascii_digit()) && !pids.contains(&pid.to_string()) {
+                    pids.push(pid.to_string());
+                }
+            }
+        }
+    }
+    let mut notes = Vec::new();
+    for pid in pids {
+        let base = format!("{prefix}{pid}");
+        let lock_path = parent.join(format!("{base}.lock"));
+        // The owner is alive exactly when it still holds the lock.
+        if let Ok(f) = fs::File::options().write(true).open(&lock_path) {
+            if !f.try_lock_exclusive().unwrap_or(false) {
+                continue;
+            }
+        } else if std::process::id().to_string() == pid {
+            continue;
+        }
+        let partial = parent.join(format!("{base}.partial"));
+        let old = parent.join(format!("{base}.old"));
+        let committed = partial.join(".committed").exists();
+        let mut restored = 0;
+        if old.exists() && !committed {
+            // An interrupted swap: put every earlier output back, remove what was half moved in.
+            let targets = fs::read_to_string(partial.join(".targets")).unwrap_or_default();
+            for n in targets.lines().filter(|n| !n.is_empty()) {
+                let target = parent.join(n);
+                let was = old.join(n);
+                if fs::symlink_metadata(&was).is_ok() {
+                    remove_any(&target);
+                    if fs::rename(&was, &target).is_ok() {
+                        restored += 1;
+                    }
+                } else if fs::symlink_metadata(partial.join(n)).is_err() {
+                    remove_any(&target);
+                }
+            }
+        }
+        remove_any(&partial);
+        remove_any(&old);
+        let _ = fs::remove_file(&lock_path);
+        notes.push(if restored > 0 {
+            format!(
+                "an earlier gguf-trace (pid {pid}) was killed while replacing {}: restored the previous output and removed its leftovers",
+                parent.join(key).display()
+            )
+        } else {
+            format!(
+                "removed the leftovers of an interrupted gguf-trace (pid {pid}) writing {}",
+                parent.join(key).display()
+            )
+        });
+    }
+    notes
+}
+
+fn remove_any(p: &Path) {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => {
+            let _ = fs::remove_dir_all(p);
+        }
+        Ok(_) => {
+            let _ = fs::remove_file(p);
+        }
+        Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn force_only_replaces_our_outputs() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = d.path().join("thesis");
+        fs::create_dir(&mine).unwrap();
+        fs::write(mine.join("thesis.tex"), "x").unwrap();
+        assert!(matches!(
+            check_target(&mine, Kind::Run, false),
+            Err(OutputError::Exists(_))
+        ));
+        assert!(matches!(
+            check_target(&mine, Kind::Run, true),
+            Err(OutputError::NotOurs { .. })
+        ));
+        fs::write(mine.join("run.json"), r#"{"tool": "gguf-trace"}"#).unwrap();
+        assert!(check_target(&mine, Kind::Run, true).is_ok());
+        let html = d.path().join("r.html");
+        fs::write(&html, "<html>mine</html>").unwrap();
+        assert!(check_target(&html, Kind::Report, true).is_err());
+        assert!(check_target(&d.path().join("absent"), Kind::Report, false).is_ok());
+        assert!(check_target(&d.path().join("no/such/x"), Kind::Report, false).is_err());
+    }
+
+    #[test]
+    fn commit_swaps_and_a_killed_swap_is_rolled_back() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("out.txt");
+        fs::write(&target, "old").unwrap();
+        let st = Staging::new(&target).unwrap();
+        fs::write(st.path("out.txt"), "new").unwrap();
+        st.commit(&["out.txt".into()], &[]).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+
+        // Simulate a process killed mid-swap: its lock is free, the old output is in `.old`,
+        // the half-new one in place.
+        let base = d.path().join(".gguf-trace-out.txt.999999999");
+        let partial = PathBuf::from(format!("{}.partial", base.display()));
+        let old = PathBuf::from(format!("{}.old", base.display()));
+        fs::create_dir(&partial).unwrap();
+        fs::create_dir(&old).unwrap();
+        fs::write(partial.join(".targets"), "out.txt\n").unwrap();
+        fs::rename(&target, old.join("out.txt")).unwrap();
+        fs::write(&target, "half").unwrap();
+        fs::write(format!("{}.lock", base.display()), "").unwrap();
+        let st = Staging::new(&target).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+        drop(st);
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}
