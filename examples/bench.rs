@@ -132,6 +132,7 @@ fn bench_compare(source: &std::path::Path) {
         reference: None,
         lens: false,
         title: None,
+        resume: false,
         ctx: 512,
         threads: None,
         n_gpu_layers: None,

@@ -133,6 +133,10 @@ pub struct CompareArgs {
     /// Page title of the report.
     #[arg(long, value_name = "T")]
     pub title: Option<String>,
+    /// Continue an interrupted compare of the same OUT_DIR: finished runs are kept, an
+    /// interrupted one resumes from its last prompt on disk.
+    #[arg(long)]
+    pub resume: bool,
     /// Token limit for one prompt plus its generation.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub ctx: usize,
@@ -260,13 +264,19 @@ pub struct TraceArgs {
 
     /// Strength of the control vector(s) (default 1): 1 moves group B's mean onto group A's at
     /// each point.
-    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    #[arg(long, value_name = "S", allow_hyphen_values = true, value_parser = finite_f32)]
     pub control_scale: Option<f32>,
 
     /// Points to steer, "A-B" (point p is shifted through llama.cpp layer p − 1, so A ≥ 2);
     /// default: every point the vector covers.
     #[arg(long, value_name = "A-B")]
     pub control_points: Option<String>,
+
+    /// Continue an interrupted trace of the same -o directory (after Ctrl-C, SIGTERM, SIGKILL or a
+    /// power cut) from the last prompt fully on disk. Needs the same model file, options and
+    /// prompts; a run that is already complete is left as it is.
+    #[arg(long)]
+    pub resume: bool,
 
     /// Keep going when a state or logit is NaN or infinite (a broken model, an extreme control
     /// vector): the first such point and position of each prompt is recorded in run.json
@@ -322,6 +332,15 @@ impl From<DtypeArg> for Dtype {
     }
 }
 
+/// A finite f32 (NaN, infinities and values beyond f32's range are refused with the text typed).
+fn finite_f32(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(_) => Err(format!("{s} is not a finite number within f32's range")),
+        Err(_) => Err(format!("{s} is not a number")),
+    }
+}
+
 /// Default GPU offload: everything when a GPU backend is compiled in, nothing on CPU builds.
 pub fn default_gpu_layers() -> i32 {
     if cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan")) {
@@ -343,7 +362,10 @@ pub fn parse_control_points(spec: &str, n_layer: usize) -> Result<(usize, usize)
             .map_err(|_| format!("--control-points: \"{s}\" is not a point number"))
     };
     let (a, b) = (p(a)?, p(b)?);
-    if a < 2 || b > n_layer || a > b {
+    if a > b {
+        return Err(format!("--control-points: range {a}-{b} is backwards"));
+    }
+    if a < 2 || b > n_layer {
         return Err(format!("--control-points: {a}-{b} is outside 2-{n_layer} (a control vector shifts points 2..={n_layer})"));
     }
     Ok((a, b))

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod cvec;
 pub mod llama;
+pub mod model_hash;
 pub mod model_info;
 pub mod output;
 pub mod prompts;

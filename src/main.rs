@@ -8,7 +8,10 @@ use gguf_trace::cli::{Cli, Command};
 use gguf_trace::{commands, llama};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => usage_error(e),
+    };
     llama::backend::init();
     llama::backend::set_verbose(cli.verbose);
     // Ctrl-C: ask llama.cpp to abort the running decode (abort callback) and our loops to stop;
@@ -30,7 +33,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            let msg = one_line(&e);
             eprintln!("error: {msg}");
             if llama::backend::interrupted() {
                 ExitCode::from(130)
@@ -39,6 +42,45 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (a cause whose text the message
+/// already holds is not repeated).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let t = c.to_string().replace('\n', " ");
+        if parts.iter().any(|p| p.contains(&t)) {
+            continue;
+        }
+        parts.push(t);
+    }
+    parts.join(": ")
+}
+
+/// clap's usage errors as one `error:` line (help and version print as usual).
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let body = text.split("\nUsage:").next().unwrap_or(&text);
+    let body = body.split("\nFor more information").next().unwrap_or(body);
+    let line = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    eprintln!("error: {line} (see gguf-trace --help)");
+    std::process::exit(2);
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

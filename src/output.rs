@@ -71,6 +71,8 @@ pub enum OutputError {
     BadTarget { path: String, why: String },
     #[error("interrupted: nothing was written")]
     Interrupted,
+    #[error("{path} holds files gguf-trace did not write ({names}); --force would delete them, so move them out first")]
+    Foreign { path: String, names: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -101,8 +103,12 @@ fn file_name(p: &Path) -> Result<String, OutputError> {
 /// Refuse `target` unless it is absent, or `force` is given and it is `kind` written by gguf-trace.
 /// Also checks that the target's directory exists.
 pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
-    file_name(target)?;
+    let key = file_name(target)?;
     let parent = parent_dir(target);
+    // A swap a killed process left half done is undone first, so the check sees the real state.
+    for msg in recover_stale(&parent, &key, false) {
+        eprintln!("note: {msg}");
+    }
     if !parent.is_dir() {
         return Err(OutputError::BadTarget {
             path: target.display().to_string(),
@@ -121,7 +127,93 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
             what: kind.describe(),
         });
     }
+    let foreign = foreign_entries(target, kind);
+    if !foreign.is_empty() {
+        return Err(OutputError::Foreign {
+            path: target.display().to_string(),
+            names: foreign.join(", "),
+        });
+    }
     Ok(())
+}
+
+/// Entries inside a run or compare directory that gguf-trace does not write (a user's notes):
+/// `--force` would delete them, so it is refused while they are there.
+fn foreign_entries(dir: &Path, kind: Kind) -> Vec<String> {
+    use crate::run::{
+        LAST_NPY, LENS_JSON, LOGITS_NPY, METRICS_CSV, RUN_JSON, STATES_CSV, STATES_DIR, TOKENS_CSV,
+    };
+    let names = |d: &Path| -> Vec<(String, bool)> {
+        fs::read_dir(d)
+            .map(|it| {
+                it.flatten()
+                    .map(|e| {
+                        let dir = e.file_type().is_ok_and(|t| t.is_dir());
+                        (e.file_name().to_string_lossy().into_owned(), dir)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    match kind {
+        Kind::Run => {
+            let files = [
+                RUN_JSON,
+                LAST_NPY,
+                LOGITS_NPY,
+                TOKENS_CSV,
+                METRICS_CSV,
+                STATES_CSV,
+                LENS_JSON,
+            ];
+            for (n, is_dir) in names(dir) {
+                if n == STATES_DIR && is_dir {
+                    for (f, sub_dir) in names(&dir.join(STATES_DIR)) {
+                        let npy = f.strip_suffix(".npy").is_some_and(|i| {
+                            !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())
+                        });
+                        if sub_dir || !npy {
+                            out.push(format!("{STATES_DIR}/{f}"));
+                        }
+                    }
+                } else if is_dir || !files.contains(&n.as_str()) {
+                    out.push(n);
+                }
+            }
+        }
+        Kind::Compare => {
+            let runs: Vec<String> = fs::read_to_string(dir.join(COMPARE_JSON))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| {
+                    v.get("runs")?.as_array().map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
+            for (n, is_dir) in names(dir) {
+                let ours = if is_dir {
+                    runs.contains(&n)
+                        && is_ours(&dir.join(&n), Kind::Run)
+                        && foreign_entries(&dir.join(&n), Kind::Run).is_empty()
+                } else {
+                    n == COMPARE_JSON
+                        || n == "report.html"
+                        || (n.starts_with("report.") && n.ends_with(".csv"))
+                        || n.starts_with(PREFIX)
+                };
+                if !ours {
+                    out.push(n);
+                }
+            }
+        }
+        _ => {}
+    }
+    out.sort();
+    out
 }
 
 fn read_head(path: &Path, n: usize) -> Option<Vec<u8>> {
@@ -204,7 +296,7 @@ impl Staging {
     pub fn new(target: &Path) -> Result<Staging, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
-        for msg in recover_stale(&parent, &key) {
+        for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
         }
         let pid = std::process::id();
@@ -229,6 +321,91 @@ impl Staging {
             _lock: lock,
             done: false,
         })
+    }
+
+    /// Like [`Staging::new`]; with `adopt`, first take over the staging directory of an
+    /// interrupted (dead) process that was writing the same target and had not begun its swap —
+    /// the basis of `--resume`. Returns whether one was adopted.
+    pub fn new_or_adopt(target: &Path, adopt: bool) -> Result<(Staging, bool), OutputError> {
+        if adopt {
+            if let Some(st) = Self::adopt(target)? {
+                return Ok((st, true));
+            }
+        }
+        Ok((Self::new(target)?, false))
+    }
+
+    fn adopt(target: &Path) -> Result<Option<Staging>, OutputError> {
+        let parent = parent_dir(target);
+        let key = file_name(target)?;
+        let prefix = format!("{PREFIX}{key}.");
+        let me = std::process::id();
+        let mut found: Option<(std::time::SystemTime, String)> = None;
+        for e in fs::read_dir(&parent).map_err(io_err(&parent))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".partial"))
+            else {
+                continue;
+            };
+            if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me.to_string() {
+                continue;
+            }
+            let base = format!("{prefix}{pid}");
+            let dead = match fs::File::options()
+                .write(true)
+                .open(parent.join(format!("{base}.lock")))
+            {
+                Ok(f) => f.try_lock_exclusive().unwrap_or(false),
+                Err(_) => true,
+            };
+            let dir = e.path();
+            let swapping =
+                parent.join(format!("{base}.old")).exists() || dir.join(".committed").exists();
+            if dead && !swapping && dir.join(&key).is_dir() {
+                let t = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                if found.as_ref().is_none_or(|(best, _)| t > *best) {
+                    found = Some((t, pid.to_string()));
+                }
+            }
+        }
+        let Some((_, pid)) = found else {
+            return Ok(None);
+        };
+        let old_base = parent.join(format!("{prefix}{pid}"));
+        let lock_path = parent.join(format!("{PREFIX}{key}.{me}.lock"));
+        let dir = parent.join(format!("{PREFIX}{key}.{me}.partial"));
+        let lock = fs::File::create(&lock_path).map_err(io_err(&parent))?;
+        lock.try_lock_exclusive().map_err(io_err(&lock_path))?;
+        let old_dir = PathBuf::from(format!("{}.partial", old_base.display()));
+        if let Err(e) = fs::rename(&old_dir, &dir) {
+            let _ = fs::remove_file(&lock_path);
+            return Err(io_err(&old_dir)(e));
+        }
+        let _ = fs::remove_file(format!("{}.lock", old_base.display()));
+        // Anything else dead processes left for this target goes.
+        for msg in recover_stale(&parent, &key, true) {
+            eprintln!("note: {msg}");
+        }
+        Ok(Some(Staging {
+            parent,
+            key,
+            pid: me,
+            dir,
+            lock_path,
+            _lock: lock,
+            done: false,
+        }))
+    }
+
+    /// Leave the staging directory where it is (for a later `--resume`); its lock is released
+    /// when this process exits, which is what marks it resumable.
+    pub fn keep(mut self) {
+        self.done = true;
     }
 
     /// Where to write the output that will become `parent/name`.
@@ -281,6 +458,7 @@ impl Staging {
                 fs::rename(&target, old.join(n)).map_err(io_err(&target))?;
             }
         }
+        failpoint("swap");
         for n in names {
             let target = self.parent.join(n);
             fs::rename(self.dir.join(n), &target).map_err(io_err(&target))?;
@@ -301,6 +479,14 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.dir);
             let _ = fs::remove_file(&self.lock_path);
         }
+    }
+}
+
+/// Test hook: abort the process here (like SIGKILL or a power cut) when the environment variable
+/// `GGUF_TRACE_FAILPOINT` names this point. Used by the tests of atomic writes and `--resume`.
+pub fn failpoint(name: &str) {
+    if std::env::var("GGUF_TRACE_FAILPOINT").is_ok_and(|v| v == name) {
+        std::process::abort();
     }
 }
 
@@ -326,7 +512,9 @@ pub fn sync_dir(dir: &Path) {
 }
 
 /// Clean up what dead processes left while writing `key` in `parent`; returns what was done.
-fn recover_stale(parent: &Path, key: &str) -> Vec<String> {
+/// An interrupted swap is always rolled back; other leftovers (unfinished outputs, which `--resume`
+/// may still adopt) are removed only with `remove_partials`.
+fn recover_stale(parent: &Path, key: &str, remove_partials: bool) -> Vec<String> {
     let Ok(entries) = fs::read_dir(parent) else {
         return Vec::new();
     };
@@ -356,6 +544,9 @@ fn recover_stale(parent: &Path, key: &str) -> Vec<String> {
         }
         let partial = parent.join(format!("{base}.partial"));
         let old = parent.join(format!("{base}.old"));
+        if !remove_partials && !old.exists() {
+            continue;
+        }
         let committed = partial.join(".committed").exists();
         let mut restored = 0;
         if old.exists() && !committed {

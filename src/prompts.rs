@@ -58,6 +58,10 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
             MAX_PROMPT_FILE >> 20
         )));
     }
+    // A UTF-8 byte-order mark (some editors write one) is not part of the first prompt.
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
     String::from_utf8(bytes).map_err(|e| {
         std::io::Error::other(format!(
             "not UTF-8 text (invalid byte at offset {})",

@@ -102,6 +102,26 @@ impl TraceConfig {
     }
 }
 
+impl TraceConfig {
+    /// Check every prompt (plus its generation) fits the context, before any work is done.
+    pub fn check_prompts(&self, prompts: &[Vec<Token>]) -> Result<(), TraceError> {
+        for (index, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(TraceError::Empty(index));
+            }
+            if p.len().saturating_add(self.generate) > self.ctx {
+                return Err(TraceError::TooLong {
+                    index,
+                    tokens: p.len(),
+                    generate: self.generate,
+                    ctx: self.ctx,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Physical cores are what llama.cpp's matmuls scale with; use all available ones.
 pub fn default_threads() -> i32 {
     std::thread::available_parallelism()
@@ -232,6 +252,11 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
+    /// Bytes of states read from the backend so far (only stored rows are read).
+    pub fn bytes_read(&self) -> u64 {
+        self.ctx.bytes_read()
+    }
+
     /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
     pub fn decode_seconds(&self) -> f64 {
         self.decode_s
@@ -239,20 +264,7 @@ impl<'m> Tracer<'m> {
 
     /// Check every prompt fits before any work is done.
     pub fn check_prompts(&self, prompts: &[Vec<Token>]) -> Result<(), TraceError> {
-        for (index, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                return Err(TraceError::Empty(index));
-            }
-            if p.len() + self.cfg.generate > self.cfg.ctx {
-                return Err(TraceError::TooLong {
-                    index,
-                    tokens: p.len(),
-                    generate: self.cfg.generate,
-                    ctx: self.cfg.ctx,
-                });
-            }
-        }
-        Ok(())
+        self.cfg.check_prompts(prompts)
     }
 
     /// Trace `prompts`, handing each finished prompt to `sink` in input order. `progress` is told
@@ -382,24 +394,34 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
-    /// Decode the current batch and copy the kept rows into their sequences.
+    /// Decode the current batch and copy the kept rows into their sequences. Only kept rows are
+    /// read from the backend.
     fn decode_and_collect(&mut self, seqs: &mut [Seq]) -> Result<(), TraceError> {
+        let n_tokens = self.batch.len();
+        let outputs: Vec<usize> = (0..n_tokens).filter(|&i| self.batch.is_output(i)).collect();
+        let kept: Vec<bool> = self.layout.iter().map(|s| s.kept).collect();
+        let kept_out: Vec<bool> = outputs.iter().map(|&i| kept[i]).collect();
+        self.ctx.set_wanted_rows(&kept, &kept_out);
         let t = std::time::Instant::now();
         self.ctx.decode(&self.batch)?;
         self.decode_s += t.elapsed().as_secs_f64();
-        let n_tokens = self.batch.len();
-        let outputs: Vec<usize> = (0..n_tokens).filter(|&i| self.batch.is_output(i)).collect();
         let rows = self.ctx.captured().expect("tracer contexts always capture");
+        let seen = self
+            .ctx
+            .rows_seen()
+            .expect("tracer contexts always capture");
         let e = self.n_embd;
-        // Validate: every kept point delivered one row per token (the last block: per output).
+        let n_kept = kept.iter().filter(|&&k| k).count();
+        let n_kept_out = kept_out.iter().filter(|&&k| k).count();
+        // Validate: every kept point delivered one row per token (the last block: per output),
+        // and the kept ones were copied.
         for (slot, &point) in self.cfg.points.iter().enumerate() {
-            let want = if point == self.n_layer {
-                outputs.len()
+            let (want, copied) = if point == self.n_layer {
+                (outputs.len(), n_kept_out)
             } else {
-                n_tokens
+                (n_tokens, n_kept)
             };
-            let got = rows[slot].len() / e;
-            if got != want {
+            if seen[slot] != want || rows[slot].len() != copied * e {
                 return Err(TraceError::Incomplete {
                     point,
                     tensor: if point == 0 {
@@ -407,16 +429,29 @@ impl<'m> Tracer<'m> {
                     } else {
                         arch::point_tensor(&self.arch, point)
                     },
-                    got,
+                    got: seen[slot],
                     want,
                     arch: self.arch.clone(),
                 });
             }
         }
-        // Row of each batch token in the last block's output-only rows.
+        // Row of each kept batch token among the copied rows: for the last block counted over
+        // kept outputs, for every other point over kept tokens.
+        let mut kept_row = vec![usize::MAX; n_tokens];
         let mut out_row = vec![usize::MAX; n_tokens];
-        for (k, &i) in outputs.iter().enumerate() {
-            out_row[i] = k;
+        let mut k = 0;
+        for (i, &kp) in kept.iter().enumerate() {
+            if kp {
+                kept_row[i] = k;
+                k += 1;
+            }
+        }
+        let mut k = 0;
+        for &i in &outputs {
+            if kept[i] {
+                out_row[i] = k;
+                k += 1;
+            }
         }
         for (i, slot) in self.layout.iter().enumerate() {
             let s = &mut seqs[slot.seq];
@@ -424,7 +459,11 @@ impl<'m> Tracer<'m> {
                 let j = s.positions.len();
                 s.positions.push(slot.pos);
                 for (k, &point) in self.cfg.points.iter().enumerate() {
-                    let r = if point == self.n_layer { out_row[i] } else { i };
+                    let r = if point == self.n_layer {
+                        out_row[i]
+                    } else {
+                        kept_row[i]
+                    };
                     let row = &rows[k][r * e..(r + 1) * e];
                     if s.nonfinite.is_none() && !row.iter().all(|x| x.is_finite()) {
                         s.nonfinite = Some((k, j));

@@ -35,6 +35,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         plan.n_gpu_layers = n;
     }
     plan.lens = args.lens.then_some(LensOptions { all: false, k: 5 });
+    plan.resume = args.resume;
     plan.validate()?;
     prompts::collect(&args.input.prompts, &args.input.files)?;
     check_target(&args.output, Kind::Compare, args.force)?;
@@ -60,9 +61,41 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .context("the output path names no directory")?;
-    let staging = Staging::new(&args.output)?;
+    let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume)?;
+    if args.resume && !adopted {
+        eprintln!(
+            "note: no interrupted compare of {} to resume; starting it",
+            args.output.display()
+        );
+    }
     let work = staging.path(&name);
-    std::fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    if !work.is_dir() {
+        std::fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    }
+    match compare_into(args, &plan, &work, reference) {
+        Ok(n) => {
+            staging.commit(&[name], &[])?;
+            eprintln!("report with {n} figures from {} runs", args.models.len());
+            writeln!(out, "{}", args.output.join(REPORT).display())?;
+            Ok(())
+        }
+        Err(e) if crate::llama::backend::interrupted() => {
+            // The runs finished so far (and the interrupted one's checkpoints) stay for --resume.
+            staging.keep();
+            Err(e.context("compare interrupted; run the same command with --resume to continue"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Trace every model into `work` (runs already complete there for the same plan are kept when
+/// resuming) and write the report. Returns the figure count.
+fn compare_into(
+    args: &CompareArgs,
+    plan: &TraceOptions,
+    work: &Path,
+    reference: Option<usize>,
+) -> Result<usize> {
     // One run directory per model, named after the model file (numbered when names repeat).
     let mut names: Vec<String> = Vec::new();
     for (i, m) in args.models.iter().enumerate() {
@@ -70,7 +103,12 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("model{i}"));
-        let sub = if names.contains(&stem) {
+        // Numbered when names repeat or would clash with the compare directory's own files.
+        let reserved = stem == REPORT
+            || stem == COMPARE_JSON
+            || stem.starts_with("report.")
+            || stem.starts_with('.');
+        let sub = if names.contains(&stem) || reserved {
             format!("{stem}-{i}")
         } else {
             stem
@@ -79,6 +117,9 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         let mut t = plan.clone();
         t.model = m.clone();
         t.output = work.join(&sub);
+        t.shown_as = Some(args.output.join(&sub));
+        // A run left by an interrupted compare is ours to replace.
+        t.force = true;
         super::trace::trace(&t)?;
         names.push(sub);
     }
@@ -105,10 +146,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             report: REPORT,
         },
     )?;
-    staging.commit(&[name], &[])?;
-    eprintln!("report with {n} figures from {} runs", dirs.len());
-    writeln!(out, "{}", args.output.join(REPORT).display())?;
-    Ok(())
+    Ok(n)
 }
 
 /// File name of the report inside a compare directory.

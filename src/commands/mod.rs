@@ -84,6 +84,24 @@ pub fn check_model_gguf(path: &Path) -> Result<()> {
             }
         }
     }
+    // Floating-point hyper-parameters must be numbers; norm epsilons must not be negative
+    // (ggml asserts eps >= 0 inside a decode).
+    for key in g.keys() {
+        if let Some(x) = g.get(&key).and_then(|v| v.as_f64()) {
+            if !x.is_finite() {
+                bail!("{}: metadata {key} is {x}: not a number", path.display());
+            }
+            if key.contains("epsilon") && x < 0.0 {
+                bail!(
+                    "{}: metadata {key} = {x}: a norm epsilon cannot be negative",
+                    path.display()
+                );
+            }
+        }
+        if g.get(&key).is_some_and(|v| v.is_null()) {
+            bail!("{}: metadata {key} is not a number", path.display());
+        }
+    }
     if let Some(v) = g.get(&format!("{arch}.attention.head_count")) {
         if v.as_f64().is_some_and(|x| x < 1.0) {
             bail!(

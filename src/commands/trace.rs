@@ -1,11 +1,10 @@
 //! `gguf-trace trace`: prompts → run directory.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use sha2::{Digest, Sha256};
 
 use super::{bar, human_bytes, load_model};
 use crate::analysis::lens;
@@ -61,21 +60,10 @@ pub fn prepare(
         .collect()
 }
 
-/// SHA-256 of a file, computed on a background thread while tracing runs.
+/// SHA-256 of the model, from the cache (`model_hash`) or computed on a background thread while
+/// tracing runs.
 fn hash_in_background(path: PathBuf) -> std::thread::JoinHandle<std::io::Result<String>> {
-    std::thread::spawn(move || {
-        let mut f = std::fs::File::open(&path)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(format!("{:x}", h.finalize()))
-    })
+    std::thread::spawn(move || crate::model_hash::sha256(&path).map(|(sha, _)| sha))
 }
 
 /// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`).
@@ -127,6 +115,10 @@ pub struct TraceOptions {
     pub steering: Option<Steering>,
     /// Record non-finite states instead of failing.
     pub allow_nonfinite: bool,
+    /// Continue an interrupted trace of the same output (see [`RunWriter::open`]).
+    pub resume: bool,
+    /// How messages name the output when it is written somewhere else first (compare's runs).
+    pub shown_as: Option<PathBuf>,
 }
 
 impl TraceOptions {
@@ -153,7 +145,18 @@ impl TraceOptions {
             lens: None,
             steering: None,
             allow_nonfinite: false,
+            resume: false,
+            shown_as: None,
         }
+    }
+
+    /// The output as messages name it.
+    fn shown(&self) -> String {
+        self.shown_as
+            .as_ref()
+            .unwrap_or(&self.output)
+            .display()
+            .to_string()
     }
 
     /// Resolve and validate `trace`'s arguments.
@@ -189,6 +192,7 @@ impl TraceOptions {
                 points: a.control_points.clone(),
             }),
             allow_nonfinite: a.allow_nonfinite,
+            resume: a.resume,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         };
         o.validate()?;
@@ -251,7 +255,10 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     // Everything that can be checked without the model is checked first: no waiting for a load
     // to learn that the output exists or a prompt file is malformed.
     let prompts = prompts::collect(&opts.input.prompts, &opts.input.files)?;
-    run::check_output(&opts.output, opts.force)?;
+    // (--resume of a run that is already complete is answered once its plan is known.)
+    if !(opts.resume && crate::run::Run::open(&opts.output).is_ok()) {
+        run::check_output(&opts.output, opts.force)?;
+    }
     if let Some(st) = &opts.steering {
         for p in &st.files {
             super::check_gguf_path(p)?;
@@ -318,6 +325,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         allow_nonfinite: opts.allow_nonfinite,
     };
     let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
+    cfg.check_prompts(&token_lists)?;
 
     // Size estimate (generation may stop early at an end-of-generation token, so this is an upper bound).
     let kept: Vec<usize> = token_lists
@@ -395,17 +403,70 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             })
         }
     };
-    let mut writer = RunWriter::create(&opts.output, opts.force, shape, dtype, format)?;
+    let plan = plan_fingerprint(opts, &cfg, &prepared)?;
+    if opts.resume {
+        if let Ok(done) = crate::run::Run::open(&opts.output) {
+            if done.manifest.plan.as_deref() == Some(plan.as_str()) {
+                eprintln!(
+                    "{} is already complete (same model, options and prompts): nothing to resume",
+                    opts.shown()
+                );
+                return Ok(opts.output.clone());
+            }
+        }
+    }
+    let (mut writer, journal) = RunWriter::open(
+        &opts.output,
+        opts.force,
+        shape,
+        dtype,
+        format,
+        &plan,
+        opts.resume,
+    )?;
+    let start = journal.len();
+    let mut records: Vec<PromptRecord> = Vec::with_capacity(prepared.len());
+    for e in journal {
+        if let (Some(l), Some(pl)) = (lens.as_mut(), e.lens) {
+            l.prompts.push(pl);
+            l.max_diff = l.max_diff.max(e.lens_diff);
+        }
+        records.push(e.record);
+    }
+    if writer.resumed() {
+        eprintln!(
+            "resuming {}: {start} of {} prompt(s) already on disk",
+            opts.shown(),
+            prepared.len()
+        );
+    } else if opts.resume {
+        eprintln!(
+            "note: no interrupted trace of {} to resume; tracing from the start",
+            opts.shown()
+        );
+    }
 
-    let total_tokens: usize = token_lists.iter().map(|t| t.len() + opts.generate).sum();
+    let total_tokens: usize = token_lists[start..]
+        .iter()
+        .map(|t| t.len() + opts.generate)
+        .sum();
     let pb = bar(total_tokens as u64, "tokens");
     pb.set_message("tracing");
-    let mut records: Vec<PromptRecord> = Vec::with_capacity(prepared.len());
     let t_trace = Instant::now();
     let mut decoded = 0usize;
+    // Prompts written since the last checkpoint; a checkpoint (at most one a second) makes them
+    // durable and journals them, so an interrupted trace resumes after them.
+    let mut pending: Vec<run::JournalEntry> = Vec::new();
+    let mut last_checkpoint = Instant::now();
+    let n_prompts = prepared.len();
+    if start % n_seq != 0 {
+        bail!("internal error: the journal of the interrupted trace ends inside a batch group");
+    }
     let result = tracer.trace(
-        &token_lists,
-        |t: PromptTrace| {
+        &token_lists[start..],
+        |mut t: PromptTrace| {
+            t.index += start;
+            let t_index = t.index;
             let p = &prepared[t.index];
             let pieces: Vec<String> = t.tokens.iter().map(|&tok| model.token_piece(tok)).collect();
             let states_file = writer.write_prompt(
@@ -415,10 +476,11 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                 p.prompt.label.as_deref(),
                 &pieces,
             )?;
+            let mut lens_entry = (None, 0.0);
             if let Some(l) = lens.as_mut() {
-                l.add(&t, &points, &model)?;
+                lens_entry = l.add(&t, &points, &model)?;
             }
-            records.push(PromptRecord {
+            let record = PromptRecord {
                 index: t.index,
                 id: p.prompt.id.clone(),
                 label: p.prompt.label.clone(),
@@ -435,7 +497,22 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                 n_prompt_tokens: t.n_prompt,
                 positions: t.positions,
                 states_file,
+            };
+            pending.push(run::JournalEntry {
+                record: record.clone(),
+                lens: lens_entry.0,
+                lens_diff: lens_entry.1,
+                csv_lengths: [0; 3],
             });
+            records.push(record);
+            // Checkpoints fall on group boundaries: a resumed trace then decodes the same groups
+            // of sequences as an uninterrupted one, so its states are the same bits.
+            let group_end = (t_index + 1) % n_seq == 0 || t_index + 1 == n_prompts;
+            if group_end && last_checkpoint.elapsed().as_secs_f64() >= CHECKPOINT_SECONDS {
+                writer.checkpoint(&mut pending)?;
+                pending.clear();
+                last_checkpoint = Instant::now();
+            }
             Ok(())
         },
         |n| {
@@ -446,6 +523,16 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     pb.finish_and_clear();
     if let Err(e) = result {
         if backend::interrupted() {
+            // Every prompt handed to the sink is complete on disk: journal them and keep the
+            // staging directory for --resume (when there is anything to resume).
+            if !records.is_empty() && writer.checkpoint(&mut pending).is_ok() {
+                writer.keep_for_resume();
+                bail!(
+                    "interrupted after {} of {} prompt(s); run the same command with --resume to continue",
+                    records.len(),
+                    prepared.len()
+                );
+            }
             bail!("interrupted: no run was written");
         }
         return Err(e.into());
@@ -548,8 +635,10 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             total_s: t0.elapsed().as_secs_f64(),
             tokens_decoded: decoded,
             tokens_per_s: decoded as f64 / trace_s.max(1e-9),
+            bytes_read: tracer.bytes_read(),
         },
         lens: lens_info,
+        plan: Some(plan),
     };
     let dir = writer.finish(&manifest)?;
     eprintln!(
@@ -560,6 +649,47 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         manifest.timings.tokens_per_s
     );
     Ok(dir)
+}
+
+/// Seconds between checkpoints of a running trace (what `--resume` can continue from).
+const CHECKPOINT_SECONDS: f64 = 1.0;
+
+/// A fingerprint of what makes a run: the model file (path, size, modification time, inode —
+/// as the sha256 cache identifies it), every capture option, and every prompt as tokenized. A
+/// resumed trace must match it exactly.
+fn plan_fingerprint(
+    opts: &TraceOptions,
+    cfg: &TraceConfig,
+    prepared: &[Prepared],
+) -> Result<String> {
+    let value = serde_json::json!({
+        "model": crate::model_hash::stamp(&opts.model)
+            .with_context(|| format!("{}: cannot read", opts.model.display()))?,
+        "positions": cfg.positions,
+        "points": cfg.points,
+        "generate": cfg.generate,
+        "ctx": cfg.ctx,
+        "n_seq": cfg.n_seq,
+        "n_batch": cfg.n_batch,
+        "n_ubatch": cfg.n_ubatch,
+        "threads": cfg.threads,
+        "allow_nonfinite": cfg.allow_nonfinite,
+        "n_gpu_layers": opts.n_gpu_layers,
+        "dtype": opts.dtype,
+        "format": opts.format,
+        "chat": opts.input.chat,
+        "system": opts.input.system,
+        "lens": opts.lens.as_ref().map(|l| (l.all, l.k)),
+        "steering": opts.steering.as_ref().map(|s| (
+            s.files.iter().map(|f| crate::model_hash::stamp(f).ok()).collect::<Vec<_>>(),
+            s.scale,
+            s.points.clone(),
+        )),
+        "prompts": prepared.iter().map(|p| (
+            &p.prompt.id, &p.prompt.label, &p.prompt.text, &p.rendered, &p.tokens,
+        )).collect::<Vec<_>>(),
+    });
+    Ok(crate::model_hash::hex_sha256(value.to_string().as_bytes()))
 }
 
 /// Largest |lens logit − model logit| accepted by the self-check. The lens runs the same ggml CPU
@@ -577,7 +707,14 @@ struct LensState {
 }
 
 impl LensState {
-    fn add(&mut self, t: &PromptTrace, points: &[usize], model: &Model) -> Result<()> {
+    /// Add a prompt's lens; returns it and its self-check difference (for the journal).
+    fn add(
+        &mut self,
+        t: &PromptTrace,
+        points: &[usize],
+        model: &Model,
+    ) -> Result<(Option<PromptLens>, f64)> {
+        let mut diff = 0f64;
         let (all, k) = (self.opts.all, self.opts.k);
         let last = t.last_prompt_slot();
         let cols: Vec<usize> = if all {
@@ -603,6 +740,7 @@ impl LensState {
                     .zip(&t.logits)
                     .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
                 self.max_diff = self.max_diff.max(d);
+                diff = d;
             }
             let tr = lens::lens(&logits, n_vocab, points, k, t.positions[j]);
             for lp in &tr.points {
@@ -615,13 +753,14 @@ impl LensState {
                 .or_insert_with(|| model.token_piece(tr.final_token));
             traces.push(tr);
         }
-        self.prompts.push(PromptLens {
+        let pl = PromptLens {
             index: t.index,
             pieces,
             traces,
             last_prompt_position: t.n_prompt - 1,
-        });
-        Ok(())
+        };
+        self.prompts.push(pl.clone());
+        Ok((Some(pl), diff))
     }
 }
 
@@ -648,6 +787,17 @@ fn steer(
     // The buffer llama.cpp takes covers layers 1..n_layer-1; pad (or cut) to that.
     let mut data = cv.data.clone();
     data.resize(model.n_embd() * (n_layer - 1), 0.0);
+    // Something must be steered: a direction inside the model and inside the chosen points.
+    let steered = data
+        .chunks(model.n_embd())
+        .enumerate()
+        .any(|(k, d)| (a..=b).contains(&(k + 2)) && d.iter().any(|&x| x != 0.0));
+    if !steered {
+        bail!(
+            "the control vector has no non-zero direction at points {a}-{b} of this {n_layer}-block model (its directions cover llama.cpp layers 1..={}), so nothing would be steered",
+            cv.n_layers()
+        );
+    }
     tracer.set_control_vector(Some((&data, (a - 1) as i32, (b - 1) as i32)))?;
     Ok(Some((a, b)))
 }

@@ -63,6 +63,16 @@ struct CaptureState {
     n_embd: usize,
     /// Per slot: the captured rows of the current decode, appended ubatch by ubatch.
     rows: Vec<Vec<f32>>,
+    /// Per slot: rows the tensor has delivered in the current decode (wanted or not).
+    seen: Vec<usize>,
+    /// Which rows of the current decode to copy: per batch token for every point but the last
+    /// block, per output for the last block (whose tensor holds output rows only). Empty: all.
+    wanted: Vec<bool>,
+    wanted_out: Vec<bool>,
+    /// Index of the slot of the last block's output (point n_layer), if kept.
+    last_slot: Option<usize>,
+    /// Bytes copied from backend tensors since the context was created.
+    bytes_read: u64,
     error: Option<String>,
 }
 
@@ -115,36 +125,47 @@ impl CaptureState {
             self.fail(format!("tensor {name} has no backend buffer"));
             return;
         }
-        let rows = &mut self.rows[slot];
-        let start = rows.len();
-        rows.resize(start + ne0 * ne1, 0.0);
-        let dst = &mut rows[start..];
+        // Only the rows the caller stores are read from the backend (on a GPU or an RPC server
+        // each read is a transfer): maximal runs of wanted rows, one get per run.
+        let first = self.seen[slot];
+        self.seen[slot] += ne1;
+        let wanted = if Some(slot) == self.last_slot {
+            &self.wanted_out
+        } else {
+            &self.wanted
+        };
+        let want = |r: usize| wanted.is_empty() || wanted.get(first + r).copied().unwrap_or(false);
         let row_bytes = ne0 * 4;
-        if t.nb[1] == row_bytes {
-            // SAFETY: the tensor is computed (data phase), has a buffer (checked), and holds
-            // ne0*ne1 contiguous f32 values (type, nb[0] and nb[1] checked); dst has exactly that
-            // many f32 slots. ggml_backend_tensor_get copies from host or device memory.
+        let rows = &mut self.rows[slot];
+        let mut r = 0;
+        while r < ne1 {
+            if !want(r) {
+                r += 1;
+                continue;
+            }
+            let mut end = r + 1;
+            // A run of consecutive rows is one contiguous byte range when rows are packed.
+            while end < ne1 && want(end) && t.nb[1] == row_bytes {
+                end += 1;
+            }
+            let start = rows.len();
+            rows.resize(start + ne0 * (end - r), 0.0);
+            let dst = &mut rows[start..];
+            // SAFETY: the tensor is computed (data phase), has a buffer (checked), and holds ne1
+            // rows of ne0 contiguous f32 (type and nb[0] checked) starting every nb[1] bytes; rows
+            // r..end lie within it, and when end > r + 1 they are packed (nb[1] == row_bytes), so
+            // the range r*nb[1] .. + (end-r)*row_bytes is inside the tensor. dst has exactly
+            // (end-r)*ne0 f32 slots. ggml_backend_tensor_get copies from host or device memory.
             unsafe {
                 sys::ggml_backend_tensor_get(
                     t,
                     dst.as_mut_ptr().cast::<c_void>(),
-                    0,
-                    row_bytes * ne1,
+                    r * t.nb[1],
+                    row_bytes * (end - r),
                 );
             }
-        } else {
-            for r in 0..ne1 {
-                // SAFETY: as above, row by row: row r starts at byte r*nb[1] within the tensor and
-                // holds ne0 contiguous f32; dst[r*ne0..] has ne0 slots.
-                unsafe {
-                    sys::ggml_backend_tensor_get(
-                        t,
-                        dst[r * ne0..].as_mut_ptr().cast::<c_void>(),
-                        r * t.nb[1],
-                        row_bytes,
-                    );
-                }
-            }
+            self.bytes_read += (row_bytes * (end - r)) as u64;
+            r = end;
         }
     }
 
@@ -251,11 +272,17 @@ impl<'m> Context<'m> {
             for (slot, &pt) in spec.points.iter().enumerate() {
                 slot_of_point[pt] = Some(slot);
             }
+            let last_slot = slot_of_point.last().copied().flatten();
             Box::new(CaptureState {
                 point0: spec.point0_name.as_bytes().to_vec(),
                 slot_of_point,
                 n_embd: spec.n_embd,
                 rows: vec![Vec::new(); spec.points.len()],
+                seen: vec![0; spec.points.len()],
+                wanted: Vec::new(),
+                wanted_out: Vec::new(),
+                last_slot,
+                bytes_read: 0,
                 error: None,
             })
         });
@@ -315,6 +342,7 @@ impl<'m> Context<'m> {
         self.outputs.clear();
         if let Some(st) = self.state_mut() {
             st.rows.iter_mut().for_each(Vec::clear);
+            st.seen.iter_mut().for_each(|n| *n = 0);
             st.error = None;
         }
         if backend::interrupted() {
@@ -353,9 +381,32 @@ impl<'m> Context<'m> {
         self.capture.map(|p| unsafe { &mut *p.as_ptr() })
     }
 
-    /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row).
+    /// Rows captured by the last decode, per kept point (row-major, n_embd floats per row): the
+    /// wanted rows only (see [`Context::set_wanted_rows`]), in batch order.
     pub fn captured(&self) -> Option<&[Vec<f32>]> {
         self.state().map(|s| s.rows.as_slice())
+    }
+
+    /// Rows each kept point's tensor delivered in the last decode (wanted or not): n_tokens, or
+    /// the number of outputs for the last block.
+    pub fn rows_seen(&self) -> Option<&[usize]> {
+        self.state().map(|s| s.seen.as_slice())
+    }
+
+    /// Choose the rows the next decodes copy: `tokens[i]` for batch token i (every point but the
+    /// last block), `outputs[k]` for the k-th output (the last block). Empty slices: every row.
+    pub fn set_wanted_rows(&mut self, tokens: &[bool], outputs: &[bool]) {
+        if let Some(st) = self.state_mut() {
+            st.wanted.clear();
+            st.wanted.extend_from_slice(tokens);
+            st.wanted_out.clear();
+            st.wanted_out.extend_from_slice(outputs);
+        }
+    }
+
+    /// Bytes copied from backend tensors since this context was created.
+    pub fn bytes_read(&self) -> u64 {
+        self.state().map_or(0, |s| s.bytes_read)
     }
 
     /// Whether batch index `i` of the last successful decode was an output (has logits).

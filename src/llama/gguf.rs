@@ -89,6 +89,18 @@ impl Gguf {
         (id >= 0).then_some(id)
     }
 
+    /// Every metadata key, in file order.
+    pub fn keys(&self) -> Vec<String> {
+        let c = self.ptr.as_ptr();
+        // SAFETY: valid context; ids below gguf_get_n_kv are valid; each key is a NUL-terminated
+        // string owned by the context, copied immediately.
+        unsafe {
+            (0..sys::gguf_get_n_kv(c))
+                .map(|i| c_str_to_string(sys::gguf_get_key(c, i)))
+                .collect()
+        }
+    }
+
     /// A string value.
     pub fn get_str(&self, key: &str) -> Option<String> {
         let id = self.key_id(key)?;

@@ -40,6 +40,41 @@ pub const LOGITS_NPY: &str = "logits.npy";
 pub const TOKENS_CSV: &str = "tokens.csv";
 pub const METRICS_CSV: &str = "metrics.csv";
 pub const LENS_JSON: &str = "lens.json";
+/// While a trace runs (staging only): the plan fingerprint a resumed trace must match.
+pub const RESUME_PLAN: &str = ".plan";
+/// While a trace runs (staging only): one line per prompt fully on disk.
+pub const JOURNAL: &str = ".journal.jsonl";
+
+/// One prompt of an unfinished trace, fully written and synced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub record: PromptRecord,
+    /// Its logit lens, when traced with --lens.
+    #[serde(default)]
+    pub lens: Option<PromptLens>,
+    /// Its lens self-check difference.
+    #[serde(default)]
+    pub lens_diff: f64,
+    /// Lengths of tokens.csv, metrics.csv and states.csv at the checkpoint.
+    #[serde(default)]
+    pub csv_lengths: [u64; 3],
+}
+
+/// The journal's complete lines, in order (a torn last line — a power cut — is ignored).
+fn read_journal(path: &Path) -> Vec<JournalEntry> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut out: Vec<JournalEntry> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            break;
+        }
+        match serde_json::from_str::<JournalEntry>(line) {
+            Ok(e) if e.record.index == out.len() => out.push(e),
+            _ => break,
+        }
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -132,6 +167,9 @@ pub struct Manifest {
     /// Logit-lens settings and self-check (None without --lens).
     #[serde(default)]
     pub lens: Option<LensInfo>,
+    /// Fingerprint of the model file, the options and the prompts (what `--resume` matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// How the logit lens was computed, and whether it reproduces the model.
@@ -235,6 +273,9 @@ pub struct Timings {
     pub total_s: f64,
     pub tokens_decoded: usize,
     pub tokens_per_s: f64,
+    /// Bytes of states read from the backend (only the stored rows and points are read).
+    #[serde(default)]
+    pub bytes_read: u64,
 }
 
 /// The lens of one prompt (lens.json holds one per prompt, in prompt order).
@@ -307,12 +348,14 @@ pub struct RunWriter {
     tokens_csv: csv::Writer<fs::File>,
     states_csv: Option<csv::Writer<fs::File>>,
     metrics_csv: csv::Writer<fs::File>,
-    /// Relative paths of the per-prompt states files written so far (synced at the end).
+    /// Relative paths of the per-prompt states files written since the last sync.
     states_files: Vec<String>,
+    /// Whether this writer continues an interrupted trace (`--resume`).
+    resumed: bool,
 }
 
 impl RunWriter {
-    /// Refuse an existing `out` without `force`, then start writing in a hidden sibling directory.
+    /// Refuse an existing `out` without `force`, then start writing in a staging directory.
     pub fn create(
         out: &Path,
         force: bool,
@@ -320,100 +363,239 @@ impl RunWriter {
         dtype: Dtype,
         format: Format,
     ) -> Result<RunWriter, RunError> {
+        Ok(Self::open(out, force, shape, dtype, format, "", false)?.0)
+    }
+
+    /// Like [`RunWriter::create`], but resumable: `plan` (a fingerprint of the model file, the
+    /// options and the prompts) is stored in the staging directory, and with `resume` the
+    /// staging directory of an interrupted trace of the same target is taken over — when its plan
+    /// is the same — with every prompt its journal records as fully on disk. Returns the writer
+    /// and those prompts (none when starting fresh).
+    pub fn open(
+        out: &Path,
+        force: bool,
+        shape: RunShape,
+        dtype: Dtype,
+        format: Format,
+        plan: &str,
+        resume: bool,
+    ) -> Result<(RunWriter, Vec<JournalEntry>), RunError> {
+        check_output(out, force)?;
+        let (staging, adopted) = Staging::new_or_adopt(out, resume)?;
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        let tmp_dir = staging.path(&name);
+        let mut done = Vec::new();
+        let journal = read_journal(&tmp_dir.join(JOURNAL));
+        if adopted && journal.is_empty() {
+            // Interrupted before its first checkpoint: nothing to keep; start afresh in place.
+            fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        }
+        let fresh = match adopted && !journal.is_empty() {
+            true => {
+                let found = fs::read_to_string(tmp_dir.join(RESUME_PLAN)).unwrap_or_default();
+                if found.trim() != plan {
+                    // Keep it for a resume with the right inputs.
+                    staging.keep();
+                    return Err(RunError::Invalid {
+                        path: out.display().to_string(),
+                        msg: "the interrupted trace was made with another model file, other options or other prompts; run without --resume to start over".into(),
+                    });
+                }
+                done = journal;
+                false
+            }
+            false => {
+                fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
+                    path: tmp_dir.display().to_string(),
+                    source,
+                })?;
+                crate::output::write_synced(&tmp_dir.join(RESUME_PLAN), plan.as_bytes())?;
+                true
+            }
+        };
+        let mut w =
+            RunWriter::open_files(out, name, tmp_dir, staging, shape, dtype, format, fresh)?;
+        if let Some(last) = done.last() {
+            // Cut what was written after the last checkpoint (a torn tail).
+            w.truncate_csvs(last.csv_lengths)?;
+        }
+        Ok((w, done))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_files(
+        out: &Path,
+        name: String,
+        tmp_dir: PathBuf,
+        staging: Staging,
+        shape: RunShape,
+        dtype: Dtype,
+        format: Format,
+        fresh: bool,
+    ) -> Result<RunWriter, RunError> {
         let RunShape {
             n_prompts,
             n_points,
             n_embd,
             n_vocab,
         } = shape;
-        check_output(out, force)?;
-        let staging = Staging::new(out)?;
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into());
-        let tmp_dir = staging.path(&name);
-        fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
-            path: tmp_dir.display().to_string(),
-            source,
-        })?;
-        let w = move || -> Result<RunWriter, RunError> {
-            if format.npy() {
-                let d = tmp_dir.join(STATES_DIR);
-                fs::create_dir(&d).map_err(io_err(&d))?;
+        let csv_io = |p: &Path| {
+            let path = p.display().to_string();
+            move |e: csv::Error| RunError::Io {
+                path,
+                source: e.into(),
             }
-            let p = tmp_dir.join(LAST_NPY);
-            let last = NpyRows::create(&p, &[n_prompts, n_points, n_embd]).map_err(io_err(&p))?;
-            let p = tmp_dir.join(LOGITS_NPY);
-            let logits = NpyRows::create(&p, &[n_prompts, n_vocab]).map_err(io_err(&p))?;
-            let p = tmp_dir.join(TOKENS_CSV);
-            let mut tokens_csv = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
-                path: p.display().to_string(),
-                source: e.into(),
-            })?;
-            tokens_csv
-                .write_record([
-                    "prompt",
-                    "id",
-                    "label",
-                    "position",
-                    "token_id",
-                    "piece",
-                    "generated",
-                ])
-                .map_err(|e| RunError::Io {
-                    path: p.display().to_string(),
-                    source: e.into(),
-                })?;
-            let p = tmp_dir.join(METRICS_CSV);
-            let mut metrics_csv = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
-                path: p.display().to_string(),
-                source: e.into(),
-            })?;
-            let mut header = vec!["prompt", "id", "label", "point"];
-            header.extend(TrajectoryMetrics::NAMES);
-            metrics_csv
-                .write_record(&header)
-                .map_err(|e| RunError::Io {
-                    path: p.display().to_string(),
-                    source: e.into(),
-                })?;
-            let states_csv = if format.csv() {
-                let p = tmp_dir.join(STATES_CSV);
-                let mut w = csv::Writer::from_path(&p).map_err(|e| RunError::Io {
-                    path: p.display().to_string(),
-                    source: e.into(),
-                })?;
-                let mut header: Vec<String> = ["prompt", "point", "position"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                header.extend((0..n_embd).map(|d| format!("d{d}")));
-                w.write_record(&header).map_err(|e| RunError::Io {
-                    path: p.display().to_string(),
-                    source: e.into(),
-                })?;
-                Some(w)
-            } else {
-                None
-            };
-            Ok(RunWriter {
-                final_dir: out.to_path_buf(),
-                name,
-                tmp_dir,
-                staging,
-                dtype,
-                format,
-                width: n_prompts.saturating_sub(1).to_string().len().max(5),
-                last,
-                logits,
-                tokens_csv,
-                states_csv,
-                metrics_csv,
-                states_files: Vec::new(),
-            })
         };
-        w()
+        // A CSV with its header (fresh) or reopened for appending (resumed).
+        let csv_file = |p: &Path, header: &[String]| -> Result<csv::Writer<fs::File>, RunError> {
+            if fresh {
+                let mut w = csv::Writer::from_path(p).map_err(csv_io(p))?;
+                w.write_record(header).map_err(csv_io(p))?;
+                Ok(w)
+            } else {
+                let f = fs::File::options()
+                    .append(true)
+                    .open(p)
+                    .map_err(io_err(p))?;
+                Ok(csv::WriterBuilder::new().from_writer(f))
+            }
+        };
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if fresh && format.npy() {
+            let d = tmp_dir.join(STATES_DIR);
+            fs::create_dir(&d).map_err(io_err(&d))?;
+        }
+        let rows = |p: &Path, shape: &[usize]| {
+            if fresh {
+                NpyRows::create(p, shape)
+            } else {
+                NpyRows::open(p, shape)
+            }
+            .map_err(io_err(p))
+        };
+        let last = rows(&tmp_dir.join(LAST_NPY), &[n_prompts, n_points, n_embd])?;
+        let logits = rows(&tmp_dir.join(LOGITS_NPY), &[n_prompts, n_vocab])?;
+        let tokens_csv = csv_file(
+            &tmp_dir.join(TOKENS_CSV),
+            &strings(&[
+                "prompt",
+                "id",
+                "label",
+                "position",
+                "token_id",
+                "piece",
+                "generated",
+            ]),
+        )?;
+        let mut header = strings(&["prompt", "id", "label", "point"]);
+        header.extend(strings(&TrajectoryMetrics::NAMES));
+        let metrics_csv = csv_file(&tmp_dir.join(METRICS_CSV), &header)?;
+        let states_csv = if format.csv() {
+            let mut header = strings(&["prompt", "point", "position"]);
+            header.extend((0..n_embd).map(|d| format!("d{d}")));
+            Some(csv_file(&tmp_dir.join(STATES_CSV), &header)?)
+        } else {
+            None
+        };
+        Ok(RunWriter {
+            final_dir: out.to_path_buf(),
+            name,
+            tmp_dir,
+            staging,
+            dtype,
+            format,
+            width: n_prompts.saturating_sub(1).to_string().len().max(5),
+            last,
+            logits,
+            tokens_csv,
+            states_csv,
+            metrics_csv,
+            states_files: Vec::new(),
+            resumed: !fresh,
+        })
+    }
+
+    /// Whether this writer continues an interrupted trace.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Truncate the CSVs to the lengths of a checkpoint.
+    fn truncate_csvs(&mut self, lengths: [u64; 3]) -> Result<(), RunError> {
+        let files = [
+            (self.tmp_dir.join(TOKENS_CSV), lengths[0]),
+            (self.tmp_dir.join(METRICS_CSV), lengths[1]),
+            (self.tmp_dir.join(STATES_CSV), lengths[2]),
+        ];
+        for (p, len) in files {
+            if p.exists() {
+                fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.set_len(len))
+                    .map_err(io_err(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable and record `entries` (the prompts written since
+    /// the last checkpoint) in the journal: a resumed trace continues after the last of them.
+    pub fn checkpoint(&mut self, entries: &mut [JournalEntry]) -> Result<(), RunError> {
+        self.sync_data()?;
+        let len = |p: PathBuf| fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        let lengths = [
+            len(self.tmp_dir.join(TOKENS_CSV)),
+            len(self.tmp_dir.join(METRICS_CSV)),
+            len(self.tmp_dir.join(STATES_CSV)),
+        ];
+        let p = self.tmp_dir.join(JOURNAL);
+        let mut f = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io_err(&p))?;
+        for e in entries.iter_mut() {
+            e.csv_lengths = lengths;
+            let mut line = serde_json::to_vec(&*e).map_err(|e| RunError::Io {
+                path: p.display().to_string(),
+                source: e.into(),
+            })?;
+            line.push(b'\n');
+            f.write_all(&line).map_err(io_err(&p))?;
+        }
+        f.sync_all().map_err(io_err(&p))
+    }
+
+    /// Flush and sync every data file written so far.
+    fn sync_data(&mut self) -> Result<(), RunError> {
+        let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| -> Result<(), RunError> {
+            w.flush().map_err(io_err(&p))?;
+            w.get_ref().sync_all().map_err(io_err(&p))
+        };
+        flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
+        flush(&mut self.metrics_csv, self.tmp_dir.join(METRICS_CSV))?;
+        if let Some(w) = self.states_csv.as_mut() {
+            flush(w, self.tmp_dir.join(STATES_CSV))?;
+        }
+        let p = self.tmp_dir.join(LAST_NPY);
+        self.last.sync().map_err(io_err(&p))?;
+        let p = self.tmp_dir.join(LOGITS_NPY);
+        self.logits.sync().map_err(io_err(&p))?;
+        for rel in self.states_files.drain(..) {
+            crate::output::sync_file(&self.tmp_dir.join(rel))?;
+        }
+        crate::output::sync_dir(&self.tmp_dir.join(STATES_DIR));
+        Ok(())
+    }
+
+    /// Leave the staging directory in place for `--resume` (after a checkpoint) instead of
+    /// removing it.
+    pub fn keep_for_resume(self) {
+        self.staging.keep();
     }
 
     /// Relative path of a prompt's states file: the zero-padded prompt index, never the user's id.
@@ -525,26 +707,15 @@ impl RunWriter {
 
     /// Sync every data file, write run.json (complete) last, and swap the directory into place.
     pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, RunError> {
-        let flush = |w: &mut csv::Writer<fs::File>, p: PathBuf| -> Result<(), RunError> {
-            w.flush().map_err(io_err(&p))?;
-            w.get_ref().sync_all().map_err(io_err(&p))
-        };
-        flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
-        flush(&mut self.metrics_csv, self.tmp_dir.join(METRICS_CSV))?;
-        if let Some(w) = self.states_csv.as_mut() {
-            flush(w, self.tmp_dir.join(STATES_CSV))?;
-        }
-        let p = self.tmp_dir.join(LAST_NPY);
-        self.last.sync().map_err(io_err(&p))?;
-        let p = self.tmp_dir.join(LOGITS_NPY);
-        self.logits.sync().map_err(io_err(&p))?;
-        for rel in &self.states_files {
-            crate::output::sync_file(&self.tmp_dir.join(rel))?;
-        }
-        crate::output::sync_dir(&self.tmp_dir.join(STATES_DIR));
+        self.sync_data()?;
         let mut m = manifest.clone();
         m.complete = true;
+        crate::output::failpoint("run-json");
         write_json_atomic(&self.tmp_dir.join(RUN_JSON), &m)?;
+        crate::output::failpoint("after-run-json");
+        // The resume files go only now: a kill before this point resumes with nothing to trace.
+        let _ = fs::remove_file(self.tmp_dir.join(JOURNAL));
+        let _ = fs::remove_file(self.tmp_dir.join(RESUME_PLAN));
         crate::output::sync_dir(&self.tmp_dir);
         self.staging.commit(std::slice::from_ref(&self.name), &[])?;
         Ok(self.final_dir.clone())
@@ -611,6 +782,21 @@ fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> 
     Ok(())
 }
 
+/// Refuse an array read from `path` that holds NaN or infinity (runs hold finite numbers only;
+/// a run traced with `--allow-nonfinite` is refused earlier, by name).
+fn finite<D: ndarray::Dimension>(
+    path: &Path,
+    a: ndarray::Array<f32, D>,
+) -> Result<ndarray::Array<f32, D>, RunError> {
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        return Err(RunError::Invalid {
+            path: path.display().to_string(),
+            msg: format!("holds a NaN or infinite value (element {i}); the file is damaged"),
+        });
+    }
+    Ok(a)
+}
+
 /// A complete run directory, opened for reading.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -645,8 +831,9 @@ impl Run {
                 found,
             });
         }
+        // Parsed from the text (not the Value) so an error names its line and column.
         let manifest: Manifest =
-            serde_json::from_value(value).map_err(|source| RunError::BadManifest {
+            serde_json::from_str(&text).map_err(|source| RunError::BadManifest {
                 path: p.display().to_string(),
                 source,
             })?;
@@ -693,6 +880,18 @@ impl Run {
                 "capture.point_tensors and capture.points differ in length".into(),
             ));
         }
+        for (k, &p) in points.iter().enumerate() {
+            if p > 0 && m.capture.point_tensors[k] != format!("l_out-{}", p - 1) {
+                return Err(invalid(
+                    &rj,
+                    format!(
+                        "capture.point_tensors[{k}] is \"{}\", but point {p} is l_out-{}",
+                        m.capture.point_tensors[k],
+                        p - 1
+                    ),
+                ));
+            }
+        }
         let (n_prompts, n_points) = (m.prompts.len(), points.len());
         for (i, p) in m.prompts.iter().enumerate() {
             let bad = |msg: String| invalid(&rj, format!("prompt {i}: {msg}"));
@@ -718,6 +917,12 @@ impl Run {
                 return Err(bad("states_file does not match capture.format".into()));
             }
             if let Some(rel) = &p.states_file {
+                let w = n_prompts.saturating_sub(1).to_string().len().max(5);
+                if *rel != format!("{STATES_DIR}/{i:0w$}.npy") {
+                    return Err(bad(format!(
+                        "states_file \"{rel}\" is not this prompt's file ({STATES_DIR}/{i:0w$}.npy)"
+                    )));
+                }
                 let path = self.contained(rel)?;
                 let descr = match m.capture.dtype {
                     Dtype::F32 => "<f4",
@@ -801,7 +1006,7 @@ impl Run {
     /// `[n_prompts, n_points, n_embd]` at the last prompt position.
     pub fn last(&self) -> Result<Array3<f32>, RunError> {
         let p = self.dir.join(LAST_NPY);
-        ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))
+        finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 
     /// The logit lens per prompt (when traced with --lens).
@@ -822,7 +1027,7 @@ impl Run {
     /// `[n_prompts, n_vocab]` next-token logits at the last prompt position.
     pub fn logits(&self) -> Result<Array2<f32>, RunError> {
         let p = self.dir.join(LOGITS_NPY);
-        ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))
+        finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 
     /// A prompt's states `[n_points, n_positions, n_embd]` as f32 (f16 files are widened).
@@ -833,12 +1038,13 @@ impl Run {
             msg: "this run was written with --format csv: no NPY states".into(),
         })?;
         let p = self.dir.join(rel);
-        match self.manifest.capture.dtype {
-            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p)),
+        let a = match self.manifest.capture.dtype {
+            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?,
             Dtype::F16 => {
                 let a: Array3<F16> = ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
-                Ok(a.mapv(|x| x.0.to_f32()))
+                a.mapv(|x| x.0.to_f32())
             }
-        }
+        };
+        finite(&p, a)
     }
 }

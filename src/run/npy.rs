@@ -93,6 +93,27 @@ impl NpyRows {
         })
     }
 
+    /// Reopen an f32 `.npy` file written by [`NpyRows::create`] (to resume writing rows).
+    pub fn open(path: &Path, shape: &[usize]) -> io::Result<NpyRows> {
+        let h = NpyHeader::read(path)?;
+        if h.descr != "<f4" || h.shape != shape {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "shape {:?} ({}), expected {shape:?} (<f4)",
+                    h.shape, h.descr
+                ),
+            ));
+        }
+        let file = File::options().read(true).write(true).open(path)?;
+        Ok(NpyRows {
+            file,
+            data_start: h.data_offset,
+            row_len: shape[1..].iter().product(),
+            n_rows: shape[0],
+        })
+    }
+
     /// Write row `i` (any shape whose element count is the row length, e.g. `[n_points, n_embd]`).
     pub fn set_row<D: Dimension>(
         &mut self,

@@ -122,7 +122,10 @@ pub fn write(
         },
         capture: CaptureSettings {
             points: points.clone(),
-            point_tensors: vec![String::new(); n_points],
+            point_tensors: points
+                .iter()
+                .map(|&p| crate::capture::arch::point_tensor("synthetic", p))
+                .collect(),
             positions: Positions::Last,
             generate: 0,
             chat: false,
@@ -142,6 +145,7 @@ pub fn write(
         },
         prompts,
         timings: Timings::default(),
+        plan: None,
         lens: None,
     };
     w.finish(&manifest)?;

@@ -8,10 +8,8 @@
 //! templates), wrong results with exit 0 (NaN states, options silently ignored), vague errors
 //! (llama.cpp's own reason), and signals (SIGINT, SIGTERM, SIGKILL at any moment).
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -20,46 +18,6 @@ use crate::common::*;
 // ---------------------------------------------------------------------------------------------
 // Helpers: a snapshot of a directory tree, hostile model files, the CLI.
 
-/// Every path under `dir` with its size and first bytes (enough to see a file replaced, created or
-/// removed; large model copies are compared by size and head).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
-            if m.is_dir() {
-                out.insert(rel, (0, b"<dir>".to_vec()));
-                stack.push(p);
-            } else {
-                let mut head = vec![0u8; 4096];
-                let n = std::fs::File::open(&p).unwrap().read(&mut head).unwrap();
-                head.truncate(n);
-                out.insert(rel, (m.len(), head));
-            }
-        }
-    }
-    out
-}
-
-/// Assert `dir` holds exactly what `before` recorded.
-fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, (u64, Vec<u8>)>, what: &str) {
-    let after = snapshot(dir);
-    let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    let removed: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
-    let changed: Vec<_> = before
-        .iter()
-        .filter(|(k, v)| after.get(*k).is_some_and(|a| a != *v))
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        added.is_empty() && removed.is_empty() && changed.is_empty(),
-        "{what}: disk changed — added {added:?}, removed {removed:?}, changed {changed:?}"
-    );
-}
-
 /// Run the binary in `work` and assert a clean failure mentioning `needle` that left `work` as
 /// it was.
 fn fails(work: &Path, args: &[&str], needle: &str) -> Output {
@@ -67,16 +25,6 @@ fn fails(work: &Path, args: &[&str], needle: &str) -> Output {
     let o = bin().args(args).current_dir(work).output().unwrap();
     assert_clean_error(&o, needle, None);
     assert_unchanged(work, &before, &format!("{args:?}"));
-    o
-}
-
-fn ok(work: &Path, args: &[&str]) -> Output {
-    let o = bin().args(args).current_dir(work).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     o
 }
 
@@ -121,6 +69,17 @@ fn with_u32(key: &str, value: u32) -> PathBuf {
             ty == 4 || ty == 5,
             "{key} is not a 32-bit integer (type {ty})"
         );
+        b[off..off + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(dst, b).unwrap();
+    })
+}
+
+/// SmolLM2 with a 32-bit float metadata value replaced.
+fn with_f32(key: &str, value: f32, tag: &str) -> PathBuf {
+    variant(&format!("{key}={tag}.gguf"), |src, dst| {
+        let mut b = std::fs::read(src).unwrap();
+        let (off, ty) = meta_value_offset(&b, key);
+        assert_eq!(ty, 6, "{key} is not a float32");
         b[off..off + 4].copy_from_slice(&value.to_le_bytes());
         std::fs::write(dst, b).unwrap();
     })
@@ -255,7 +214,11 @@ fn model_files() {
         with_u32("llama.embedding_length", 0),
     );
     let arch = unknown_arch();
+    let eps_nan = with_f32("llama.attention.layer_norm_rms_epsilon", f32::NAN, "nan");
+    let eps_neg = with_f32("llama.attention.layer_norm_rms_epsilon", -1.0, "neg");
     let cases: Vec<(String, &str)> = vec![
+        (s(&eps_nan).into(), "layer_norm_rms_epsilon is not a number"),
+        (s(&eps_neg).into(), "cannot be negative"),
         ("nope.gguf".into(), "cannot open model"),
         ("dir.gguf".into(), "is a directory"),
         ("empty.gguf".into(), "empty file"),
@@ -579,7 +542,14 @@ fn outputs_are_never_lost() {
     std::fs::copy(m, w.join("model.gguf")).unwrap();
     copy_run(w, "run");
 
-    // trace
+    // trace: a run directory holding the user's own files is not replaced either.
+    let mine = copy_run(w, "annotated");
+    std::fs::write(mine.join("notes.txt"), "my notes").unwrap();
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "annotated", "--force"],
+        "holds files gguf-trace did not write (notes.txt)",
+    );
     fails(w, &["trace", "-m", m, "-p", "x", "-o", "thesis"], "--force");
     fails(
         w,
@@ -894,6 +864,23 @@ fn a_failed_compare_keeps_the_previous_output() {
         ],
         "NaN or infinite",
     );
+    // Models whose names clash with the compare directory's own files get numbered runs.
+    std::fs::copy(m, w.join("report.html.gguf")).unwrap();
+    ok(
+        w,
+        &[
+            "compare",
+            "-m",
+            "report.html.gguf",
+            "-m",
+            m,
+            "-p",
+            "Hi",
+            "-o",
+            "clash",
+        ],
+    );
+    assert!(w.join("clash/report.html").is_file() && w.join("clash/report.html-0").is_dir());
     // Nothing left at "fresh": a re-run without --force is not blocked.
     ok(
         w,
@@ -984,6 +971,19 @@ fn damaged_runs() {
                 "tolerance": 0.01, "valid": true})
         })
     });
+    damage("nan-last", &|d| {
+        let mut a: ndarray::Array3<f32> = ndarray_npy::read_npy(d.join("last.npy")).unwrap();
+        a[[0, 5, 3]] = f32::NAN;
+        ndarray_npy::write_npy(d.join("last.npy"), &a).unwrap();
+    });
+    damage("dup-states", &|d| {
+        edit_json(&d.join("run.json"), |v| {
+            v["prompts"][1]["states_file"] = v["prompts"][0]["states_file"].clone()
+        })
+    });
+    damage("label-type", &|d| {
+        edit_json(&d.join("run.json"), |v| v["prompts"][0]["label"] = 5.into())
+    });
     std::fs::create_dir(w.join("empty")).unwrap();
     let cases = [
         ("empty", "not a gguf-trace run directory"),
@@ -998,12 +998,21 @@ fn damaged_runs() {
         ("states-missing", "00003.npy: missing"),
         ("states-truncated", "00001.npy"),
         ("states-garbage", "00002.npy"),
-        ("escape", "is not inside the run directory"),
+        ("escape", "is not this prompt's file"),
         ("tokens", "prompt 1: positions"),
         ("lens", "lens.json"),
+        ("nan-last", "last.npy: holds a NaN or infinite value"),
+        ("dup-states", "is not this prompt's file"),
+        ("label-type", "line"),
     ];
     for (run, needle) in cases {
-        fails(w, &["report", run, "-o", "r.html"], needle);
+        let o = fails(w, &["report", run, "-o", "r.html"], needle);
+        // Each cause once: no message repeats its own cause.
+        let line = String::from_utf8_lossy(&o.stderr).to_string();
+        let parts: Vec<&str> = line.trim().split(": ").collect();
+        for win in parts.windows(2) {
+            assert_ne!(win[0], win[1], "repeated cause in {line}");
+        }
         fails(
             w,
             &["direction", run, "--labels", "pos,neg", "-o", "d.gguf"],
@@ -1038,58 +1047,6 @@ fn damaged_runs() {
 // Signals: SIGINT and SIGTERM stop cleanly; SIGKILL leaves leftovers that the next command
 // writing the same place removes (and says so); the previous output always survives.
 
-/// Spawn the binary in `work`, wait until a stderr line contains `ready` (then `delay`), send
-/// `signal`, and return (exit code, stderr lines).
-fn interrupt(
-    work: &Path,
-    args: &[&str],
-    ready: &str,
-    delay: Duration,
-    signal: &str,
-) -> (Option<i32>, Vec<String>) {
-    let mut child = bin()
-        .args(args)
-        .current_dir(work)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let _ = tx.send(line.unwrap_or_default());
-        }
-    });
-    let mut seen = Vec::new();
-    if !ready.is_empty() {
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("{args:?} never printed {ready:?}: {seen:?}"));
-            seen.push(line.clone());
-            if line.contains(ready) {
-                break;
-            }
-        }
-    }
-    std::thread::sleep(delay);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "{args:?} finished before it could be interrupted: {seen:?}"
-    );
-    let kill = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push(l);
-    }
-    (status.code(), seen)
-}
-
 fn many_prompts(w: &Path) {
     let body: String = (0..400)
         .map(|i| format!("Prompt number {i} asks about something long and winding, again and again and again.\n"))
@@ -1104,7 +1061,7 @@ fn signals_during_a_trace() {
     let w = work.path();
     many_prompts(w);
     ok(w, &["trace", "-m", s(&m), "-p", "previous", "-o", "run"]);
-    let before = snapshot(w);
+    let previous = snapshot(&w.join("run"));
     let args = [
         "trace",
         "-m",
@@ -1118,30 +1075,41 @@ fn signals_during_a_trace() {
         "--force",
     ];
     for signal in ["INT", "TERM"] {
-        let (code, seen) = interrupt(
-            w,
-            &args,
-            "estimated output",
-            Duration::from_millis(1500),
-            signal,
-        );
+        let (code, seen) = interrupt_when(w, &args, || journaled(w, "") > 0, signal);
         assert_eq!(code, Some(130), "SIG{signal}: {seen:?}");
         assert_eq!(
             seen.iter().filter(|l| l.starts_with("error:")).count(),
             1,
             "{seen:?}"
         );
-        assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
-        assert_unchanged(w, &before, &format!("SIG{signal}"));
+        // The prompts already on disk are kept for --resume, and the user is told how.
+        assert!(
+            seen.iter()
+                .any(|l| l.contains("interrupted after") && l.contains("--resume")),
+            "{seen:?}"
+        );
+        assert_unchanged(&w.join("run"), &previous, &format!("SIG{signal}"));
+        for e in std::fs::read_dir(w).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                n == "run" || n == "many.txt" || n.starts_with(".gguf-trace-run."),
+                "{n}"
+            );
+        }
+        // (The next signal must hit a fresh trace, not this one's kept progress.)
+        for e in std::fs::read_dir(w).unwrap() {
+            let p = e.unwrap().path();
+            if p.to_string_lossy().contains(".gguf-trace-run.") {
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    std::fs::remove_file(&p).unwrap();
+                }
+            }
+        }
     }
     // SIGKILL leaves a partial run; the previous run is intact and the next trace cleans up.
-    let (code, _) = interrupt(
-        w,
-        &args,
-        "estimated output",
-        Duration::from_millis(1500),
-        "KILL",
-    );
+    let (code, _) = interrupt_when(w, &args, || journaled(w, "") > 0, "KILL");
     assert_eq!(code, None);
     let left: Vec<String> = std::fs::read_dir(w)
         .unwrap()

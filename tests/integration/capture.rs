@@ -12,7 +12,7 @@
 
 use crate::common::*;
 use crate::require;
-use gguf_trace::capture::engine::Positions;
+use gguf_trace::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use gguf_trace::llama::context::{Batch, Context, ContextParams};
 use gguf_trace::llama::gguf::Gguf;
 use ndarray::s;
@@ -299,6 +299,65 @@ fn generation_adds_n_positions_and_matches_plain_greedy() {
             d <= layout_tol(model),
             "generated-token states differ from a full re-trace by {d}"
         );
+    }
+}
+
+/// Only the rows and points a run stores are copied from the backend (on a GPU or an RPC server
+/// every byte read is a transfer): the byte count is exact, and the states are the same values a
+/// full read gives.
+#[test]
+fn only_stored_rows_are_read_from_the_backend() {
+    let model = require!(smol());
+    let toks = tokens(
+        model,
+        &[
+            PROMPT,
+            "A second, longer prompt about something else entirely",
+        ],
+    );
+    let run = |f: &dyn Fn(&mut TraceConfig)| -> (u64, Vec<PromptTrace>) {
+        let mut cfg = TraceConfig::new(model);
+        cfg.threads = 2;
+        f(&mut cfg);
+        let mut t = Tracer::new(model, cfg).unwrap();
+        let mut out = Vec::new();
+        t.trace(
+            &toks,
+            |p| {
+                out.push(p);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        (t.bytes_read(), out)
+    };
+    let row = model.n_embd() as u64 * 4;
+    let points = model.n_layer() as u64 + 1;
+    let kept = |v: &[PromptTrace]| v.iter().map(|t| t.positions.len() as u64).sum::<u64>();
+    let (all, a) = run(&|_| {});
+    assert_eq!(all, points * kept(&a) * row);
+    assert_eq!(kept(&a), toks.iter().map(|t| t.len() as u64).sum::<u64>());
+    let (last, l) = run(&|c| c.positions = Positions::Last);
+    assert_eq!(
+        last,
+        points * 2 * row,
+        "--positions last reads one row per point and prompt"
+    );
+    let (sub, _) = run(&|c| {
+        c.positions = Positions::Last;
+        c.points = vec![0, 10, 20];
+    });
+    assert_eq!(sub, 3 * 2 * row);
+    let (gen, g) = run(&|c| {
+        c.positions = Positions::Last;
+        c.generate = 3;
+    });
+    assert_eq!(gen, points * kept(&g) * row);
+    for i in 0..2 {
+        let n = a[i].n_prompt;
+        assert_eq!(l[i].states, a[i].states.slice(s![.., n - 1..n, ..]));
+        assert_eq!(g[i].states.slice(s![.., 0..1, ..]), l[i].states);
     }
 }
 

@@ -1,8 +1,11 @@
 //! Test fixture: finds the models, loads each once per process, traces, runs the binary.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use gguf_trace::capture::engine::{PromptTrace, TraceConfig, Tracer};
 use gguf_trace::chat::tokenize_prompt;
@@ -191,4 +194,180 @@ pub fn assert_clean_error(o: &Output, needle: &str, out: Option<&Path>) {
 
 pub fn argmax_ref(v: &[f32]) -> usize {
     gguf_trace::capture::engine::argmax(v)
+}
+
+/// Every path under `dir` with its size and first bytes (enough to see a file replaced, created or
+/// removed; large model copies are compared by size and head).
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            if m.is_dir() {
+                out.insert(rel, (0, b"<dir>".to_vec()));
+                stack.push(p);
+            } else {
+                let mut head = vec![0u8; 4096];
+                let n = std::fs::File::open(&p).unwrap().read(&mut head).unwrap();
+                head.truncate(n);
+                out.insert(rel, (m.len(), head));
+            }
+        }
+    }
+    out
+}
+
+/// Assert `dir` holds exactly what `before` recorded.
+pub fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, (u64, Vec<u8>)>, what: &str) {
+    let after = snapshot(dir);
+    let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    let removed: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after.get(*k).is_some_and(|a| a != *v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        added.is_empty() && removed.is_empty() && changed.is_empty(),
+        "{what}: disk changed — added {added:?}, removed {removed:?}, changed {changed:?}"
+    );
+}
+
+/// Run the binary in `work` and assert it succeeded.
+pub fn ok(work: &Path, args: &[&str]) -> Output {
+    let o = bin().args(args).current_dir(work).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Spawn the binary in `work`, wait until a stderr line contains `ready` (then `delay`), send
+/// `signal`, and return (exit code, stderr lines).
+pub fn interrupt(
+    work: &Path,
+    args: &[&str],
+    ready: &str,
+    delay: Duration,
+    signal: &str,
+) -> (Option<i32>, Vec<String>) {
+    let mut child = bin()
+        .args(args)
+        .current_dir(work)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let mut seen = Vec::new();
+    if !ready.is_empty() {
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{args:?} never printed {ready:?}: {seen:?}"));
+            seen.push(line.clone());
+            if line.contains(ready) {
+                break;
+            }
+        }
+    }
+    std::thread::sleep(delay);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{args:?} finished before it could be interrupted: {seen:?}"
+    );
+    let kill = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(l);
+    }
+    (status.code(), seen)
+}
+
+/// Spawn the binary in `work`, wait until `ready()` holds (polled; at most 5 minutes), send
+/// `signal`, and return (exit code, stderr lines). Progress-based, so it holds on a loaded machine.
+pub fn interrupt_when(
+    work: &Path,
+    args: &[&str],
+    ready: impl Fn() -> bool,
+    signal: &str,
+) -> (Option<i32>, Vec<String>) {
+    let mut child = bin()
+        .args(args)
+        .current_dir(work)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{args:?} finished before it could be interrupted: {:?}",
+            rx.try_iter().collect::<Vec<_>>()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{args:?}: never ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut seen = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(l);
+    }
+    (status.code(), seen)
+}
+
+/// Prompts journaled (checkpointed to disk) by unfinished traces under `dir` whose staging path
+/// contains `filter`.
+pub fn journaled(dir: &Path, filter: &str) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(it) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in it.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|f| f == ".journal.jsonl")
+                && p.to_string_lossy().contains(filter)
+            {
+                n += std::fs::read_to_string(&p)
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    n
 }

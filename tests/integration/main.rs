@@ -12,4 +12,5 @@ mod cli_trace;
 mod lens;
 mod quant;
 mod report;
+mod resume;
 mod steering;

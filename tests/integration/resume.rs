@@ -1,0 +1,220 @@
+//! Resumable runs: a trace killed at any moment (SIGKILL, SIGINT, an abort at a named point inside
+//! the final write — `GGUF_TRACE_FAILPOINT`) is completed by `--resume` into a run identical to an
+//! uninterrupted one; `--resume` with another model or other prompts is refused.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::*;
+
+const N: usize = 96;
+
+fn prompts(w: &Path, name: &str, n: usize) {
+    let body: String = (0..n)
+        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
+        .collect();
+    std::fs::write(w.join(name), body).unwrap();
+}
+
+fn args<'a>(m: &'a str, file: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec!["trace", "-m", m, "-f", file, "--generate", "4", "-o", out]
+}
+
+/// Two run directories hold the same results: every data file byte for byte, and run.json apart
+/// from what differs by nature (creation time, timings, command line and provenance).
+fn assert_same_run(a: &Path, b: &Path) {
+    for f in ["last.npy", "logits.npy", "tokens.csv", "metrics.csv"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+    let states: Vec<_> = std::fs::read_dir(b.join("states"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(states.len(), N);
+    for f in states {
+        let p = Path::new("states").join(&f);
+        assert!(
+            std::fs::read(a.join(&p)).unwrap() == std::fs::read(b.join(&p)).unwrap(),
+            "{} differs",
+            p.display()
+        );
+    }
+    let json = |d: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+        for k in ["created", "timings", "provenance"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    assert_eq!(json(a), json(b), "run.json differs beyond timestamps");
+    let hidden: Vec<_> = std::fs::read_dir(a.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".gguf-trace"))
+        .collect();
+    assert!(hidden.is_empty(), "leftovers: {hidden:?}");
+}
+
+#[test]
+fn resume_after_any_interruption_equals_an_uninterrupted_run() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    prompts(w, "p.txt", N);
+    ok(w, &args(m, "p.txt", "reference"));
+    let reference = w.join("reference");
+
+    // SIGKILL before the first prompt is on disk, then SIGKILL mid-run, then Ctrl-C mid-run
+    // (which says how to resume), then --resume to the end.
+    let a = args(m, "p.txt", "run");
+    let (code, _) = interrupt(w, &a, "estimated output", Duration::from_millis(0), "KILL");
+    assert_eq!(code, None);
+    let mut r = a.clone();
+    r.push("--resume");
+    let (code, _) = interrupt_when(w, &r, || journaled(w, "") > 0, "KILL");
+    assert_eq!(code, None);
+    let before = journaled(w, "");
+    let (code, seen) = interrupt_when(w, &r, || journaled(w, "") > before, "INT");
+    assert_eq!(code, Some(130), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.contains("resuming")),
+        "the second run did not resume: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("run the same command with --resume")),
+        "{seen:?}"
+    );
+    assert!(!w.join("run").exists(), "an unfinished run looks complete");
+    let o = ok(w, &r);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
+    assert_same_run(&w.join("run"), &reference);
+
+    // Abort while run.json is being written, and right after: --resume finishes without
+    // tracing again. An abort in the middle of the swap leaves the previous run, restored by the
+    // next command.
+    for point in ["run-json", "after-run-json"] {
+        let out = format!("fp-{point}");
+        let a = args(m, "p.txt", &out);
+        let o = bin()
+            .args(&a)
+            .current_dir(w)
+            .env("GGUF_TRACE_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.code().is_none(),
+            "{point}: the failpoint did not abort"
+        );
+        assert!(!w.join(&out).exists());
+        let mut r = a.clone();
+        r.push("--resume");
+        let o = ok(w, &r);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("{N} of {N} prompt(s) already on disk")),
+            "{err}"
+        );
+        assert_same_run(&w.join(&out), &reference);
+    }
+    let a = [&args(m, "p.txt", "run")[..], &["--force"]].concat();
+    let o = bin()
+        .args(&a)
+        .current_dir(w)
+        .env("GGUF_TRACE_FAILPOINT", "swap")
+        .output()
+        .unwrap();
+    assert!(o.status.code().is_none());
+    assert!(!w.join("run").exists(), "the swap had begun");
+    // Any later command writing "run" puts the previous run back first.
+    let o = bin()
+        .args(["trace", "-m", m, "-p", "x", "-o", "run"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "already exists", None);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("restored the previous output"));
+    assert_same_run(&w.join("run"), &reference);
+
+    // A complete run is left alone by --resume.
+    let o = ok(w, &[&args(m, "p.txt", "run")[..], &["--resume"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already complete"));
+}
+
+#[test]
+fn resume_refuses_other_inputs() {
+    let m = model_path(SMOL).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    prompts(w, "p.txt", N);
+    prompts(w, "q.txt", N - 1);
+    std::fs::copy(&m, w.join("copy.gguf")).unwrap();
+    let a = args(s(&m), "p.txt", "run");
+    let (code, _) = interrupt_when(w, &a, || journaled(w, "") > 0, "KILL");
+    assert_eq!(code, None);
+    let refuse = |extra: &[&str], model: &str, file: &str| {
+        let mut r = args(model, file, "run");
+        r.extend(extra);
+        r.push("--resume");
+        let o = bin().args(&r).current_dir(w).output().unwrap();
+        assert_clean_error(
+            &o,
+            "another model file, other options or other prompts",
+            None,
+        );
+    };
+    refuse(&[], s(&m), "q.txt");
+    refuse(&[], "copy.gguf", "p.txt");
+    refuse(&["--positions", "last"], s(&m), "p.txt");
+    // The interrupted trace is still there for the right --resume.
+    let o = ok(w, &[&a[..], &["--resume"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
+}
+
+#[test]
+fn compare_resumes() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    prompts(w, "p.txt", N);
+    let a = [
+        "compare",
+        "-m",
+        m,
+        "-m",
+        m,
+        "-f",
+        "p.txt",
+        "--generate",
+        "4",
+        "-o",
+        "cmp",
+    ];
+    // Interrupt during the second model's trace.
+    let (code, seen) = interrupt_when(w, &a, || journaled(w, "Q4_1-1") > 0, "INT");
+    assert_eq!(code, Some(130), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains("--resume")), "{seen:?}");
+    assert!(!w.join("cmp").exists());
+    let o = ok(w, &[&a[..], &["--resume"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("already complete"),
+        "the first run was traced again: {err}"
+    );
+    assert!(err.contains("resuming"), "{err}");
+    assert!(w.join("cmp/report.html").exists() && w.join("cmp/compare.json").exists());
+    let names: Vec<_> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".gguf-trace"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
