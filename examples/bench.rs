@@ -136,6 +136,10 @@ fn bench_compare(source: &std::path::Path) {
         ctx: 512,
         threads: None,
         n_gpu_layers: None,
+        rpc: gguf_trace::cli::RpcArgs {
+            rpc: None,
+            tensor_split: None,
+        },
     };
     let t = Instant::now();
     gguf_trace::commands::compare::run(&args, &mut std::io::sink()).unwrap();
@@ -163,7 +167,7 @@ fn main() {
     bench_report();
     bench_compare(&paths[0]);
     for path in paths {
-        let model = Model::load(&path, LoadOptions::default()).expect("model loads");
+        let model = Model::load(&path, &LoadOptions::default()).expect("model loads");
         let name = model.meta("general.architecture").unwrap_or_default();
         let texts = prompts(64);
         let toks: Vec<Vec<i32>> = texts

@@ -50,6 +50,74 @@ pub enum Command {
     /// Trace the same prompts through several models and report them together (quantization drift
     /// when they are one model at several precisions).
     Compare(CompareArgs),
+    /// Serve this machine's CPU to tracing clients over llama.cpp's RPC protocol (as llama.cpp's
+    /// rpc-server does; the two interoperate). Unauthenticated: keep it on a trusted network.
+    RpcServer(RpcServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RpcServerArgs {
+    /// Address to listen on (loopback by default; anything else is reachable by others).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(short, long, default_value_t = 50052)]
+    pub port: u16,
+    /// CPU threads for the served backend (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
+}
+
+/// Where the layers run: llama.cpp RPC servers (shared by `trace` and `compare`).
+#[derive(Debug, Clone, Args)]
+pub struct RpcArgs {
+    /// Run layers on llama.cpp RPC servers, "HOST:PORT[,HOST:PORT...]" (`gguf-trace rpc-server`
+    /// or llama.cpp's rpc-server on each worker). Every layer goes remote unless --n-gpu-layers
+    /// says how many; the rest run here.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
+    /// Share of the remote layers per server, e.g. "3,1" (llama.cpp's --tensor-split).
+    #[arg(long, value_name = "A,B,...", requires = "rpc")]
+    pub tensor_split: Option<String>,
+}
+
+impl RpcArgs {
+    /// The endpoints and split, checked for form.
+    pub fn resolve(&self) -> Result<(Vec<String>, Vec<f32>), String> {
+        let endpoints: Vec<String> = match &self.rpc {
+            None => Vec::new(),
+            Some(s) => s.split(',').map(|e| e.trim().to_string()).collect(),
+        };
+        if endpoints.iter().any(|e| e.is_empty()) {
+            return Err("--rpc: empty endpoint in the list".into());
+        }
+        let split = match &self.tensor_split {
+            None => Vec::new(),
+            Some(s) => s
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|v| v.is_finite() && *v >= 0.0)
+                        .ok_or_else(|| {
+                            format!("--tensor-split: \"{x}\" is not a share (a number ≥ 0)")
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if !split.is_empty() && split.len() != endpoints.len() {
+            return Err(format!(
+                "--tensor-split has {} shares for {} RPC servers",
+                split.len(),
+                endpoints.len()
+            ));
+        }
+        if !split.is_empty() && split.iter().sum::<f32>() <= 0.0 {
+            return Err("--tensor-split: the shares add up to 0".into());
+        }
+        Ok((endpoints, split))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -143,9 +211,11 @@ pub struct CompareArgs {
     /// CPU threads (default: all available).
     #[arg(short, long, value_name = "N")]
     pub threads: Option<i32>,
-    /// Layers to offload to the GPU.
-    #[arg(long, value_name = "N")]
+    /// Layers to offload to the GPU (or to the --rpc servers).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub n_gpu_layers: Option<i32>,
+    #[command(flatten)]
+    pub rpc: RpcArgs,
 }
 
 /// Where prompts come from and how they are rendered (shared by `trace` and `compare`).
@@ -223,9 +293,13 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "N")]
     pub threads: Option<i32>,
 
-    /// Layers to offload to the GPU (builds with the cuda, metal or vulkan feature; default: all there, 0 on CPU builds).
-    #[arg(long, value_name = "N")]
+    /// Layers to offload to the GPU or the --rpc servers (default: all there; 0 on CPU builds
+    /// without --rpc).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub n_gpu_layers: Option<i32>,
+
+    #[command(flatten)]
+    pub rpc: RpcArgs,
 
     /// Prompts decoded together as separate sequences of one batch (1-256).
     #[arg(long, value_name = "N", default_value_t = 16)]

@@ -14,9 +14,11 @@ fn main() -> ExitCode {
     };
     llama::backend::init();
     llama::backend::set_verbose(cli.verbose);
-    // Ctrl-C: ask llama.cpp to abort the running decode (abort callback) and our loops to stop;
-    // the partial run directory is removed, nothing that looks complete is left behind.
-    let _ = ctrlc::set_handler(llama::backend::request_interrupt);
+    // Ctrl-C / SIGTERM: ask llama.cpp to abort the running decode (abort callback) and our loops
+    // to stop; nothing that looks complete is left behind. (An RPC server just ends.)
+    if !matches!(cli.command, Command::RpcServer(_)) {
+        let _ = ctrlc::set_handler(llama::backend::request_interrupt);
+    }
 
     let stdout = io::stdout();
     let mut out = stdout.lock();
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => commands::quantize::run(a, &mut out),
         Command::Compare(a) => commands::compare::run(a, &mut out),
         Command::Direction(a) => commands::direction::run(a, &mut out),
+        Command::RpcServer(a) => commands::rpc_server::run(a, &mut out),
     };
     let _ = out.flush();
     match result {

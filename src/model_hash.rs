@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
     size: u64,
-    mtime_ns: i128,
+    mtime_ns: u64,
     inode: u64,
 }
 
@@ -28,7 +28,7 @@ impl Stamp {
         let mtime_ns = m
             .modified()?
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(0);
         #[cfg(unix)]
         let inode = std::os::unix::fs::MetadataExt::ino(&m);
@@ -95,7 +95,7 @@ pub fn stamp(path: &Path) -> std::io::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "path": key,
         "size": s.size,
-        "mtime_ns": s.mtime_ns.to_string(),
+        "mtime_ns": s.mtime_ns,
         "inode": s.inode,
     }))
 }

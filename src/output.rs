@@ -614,6 +614,12 @@ mod tests {
             Err(OutputError::NotOurs { .. })
         ));
         fs::write(mine.join("run.json"), r#"{"tool": "gguf-trace"}"#).unwrap();
+        // A run directory that also holds the user's file is not replaced either.
+        assert!(matches!(
+            check_target(&mine, Kind::Run, true),
+            Err(OutputError::Foreign { .. })
+        ));
+        fs::remove_file(mine.join("thesis.tex")).unwrap();
         assert!(check_target(&mine, Kind::Run, true).is_ok());
         let html = d.path().join("r.html");
         fs::write(&html, "<html>mine</html>").unwrap();

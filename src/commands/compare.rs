@@ -31,9 +31,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     plan.generate = args.generate;
     plan.ctx = args.ctx;
     plan.threads = super::resolve_threads(args.threads)?;
-    if let Some(n) = args.n_gpu_layers {
-        plan.n_gpu_layers = n;
-    }
+    let mut plan = plan.with_rpc(&args.rpc, args.n_gpu_layers)?;
     plan.lens = args.lens.then_some(LensOptions { all: false, k: 5 });
     plan.resume = args.resume;
     plan.validate()?;

@@ -5,6 +5,7 @@ pub mod direction;
 pub mod inspect;
 pub mod quantize;
 pub mod report;
+pub mod rpc_server;
 pub mod trace;
 
 use std::io::Read;
@@ -131,7 +132,7 @@ pub fn load_model(path: &Path, opts: LoadOptions) -> Result<Model> {
             .map(|f| f.to_string_lossy())
             .unwrap_or_default()
     ));
-    let m = Model::load(path, opts);
+    let m = Model::load(path, &opts);
     sp.finish_and_clear();
     Ok(m?)
 }

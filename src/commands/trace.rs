@@ -119,6 +119,9 @@ pub struct TraceOptions {
     pub resume: bool,
     /// How messages name the output when it is written somewhere else first (compare's runs).
     pub shown_as: Option<PathBuf>,
+    /// llama.cpp RPC servers the layers run on ("HOST:PORT"), and their shares of the layers.
+    pub rpc: Vec<String>,
+    pub tensor_split: Vec<f32>,
 }
 
 impl TraceOptions {
@@ -147,7 +150,26 @@ impl TraceOptions {
             allow_nonfinite: false,
             resume: false,
             shown_as: None,
+            rpc: Vec::new(),
+            tensor_split: Vec::new(),
         }
+    }
+
+    /// Place the layers on `rpc` servers (all of them remote unless `n_gpu_layers` says).
+    pub fn with_rpc(
+        mut self,
+        rpc: &crate::cli::RpcArgs,
+        n_gpu_layers: Option<i32>,
+    ) -> Result<Self> {
+        let (endpoints, split) = rpc.resolve().map_err(anyhow::Error::msg)?;
+        self.n_gpu_layers = match n_gpu_layers {
+            Some(n) => n,
+            None if !endpoints.is_empty() => 999,
+            None => default_gpu_layers(),
+        };
+        self.rpc = endpoints;
+        self.tensor_split = split;
+        Ok(self)
     }
 
     /// The output as messages name it.
@@ -180,7 +202,6 @@ impl TraceOptions {
             n_batch: a.batch_size,
             n_ubatch: a.ubatch_size,
             threads,
-            n_gpu_layers: a.n_gpu_layers.unwrap_or_else(default_gpu_layers),
             use_mmap: !a.no_mmap,
             lens: a.lens.then_some(LensOptions {
                 all: a.lens_all,
@@ -194,7 +215,8 @@ impl TraceOptions {
             allow_nonfinite: a.allow_nonfinite,
             resume: a.resume,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
-        };
+        }
+        .with_rpc(&a.rpc, a.n_gpu_layers)?;
         o.validate()?;
         Ok(o)
     }
@@ -264,15 +286,21 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             super::check_gguf_path(p)?;
         }
     }
+    if !opts.rpc.is_empty() {
+        crate::llama::rpc::add_servers(&opts.rpc)?;
+    }
     let model = load_model(
         &opts.model,
         LoadOptions {
             n_gpu_layers: opts.n_gpu_layers,
             vocab_only: false,
             use_mmap: opts.use_mmap,
+            tensor_split: opts.tensor_split.clone(),
         },
     )?;
-    if opts.n_gpu_layers != 0 && !cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan"))
+    if opts.n_gpu_layers != 0
+        && opts.rpc.is_empty()
+        && !cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan"))
     {
         eprintln!(
             "note: this gguf-trace was built without a GPU backend; --n-gpu-layers has no effect"
@@ -625,6 +653,8 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             control_scale: opts.steering.as_ref().map_or(0.0, |s| s.scale),
             control_points,
             allow_nonfinite: opts.allow_nonfinite,
+            rpc: opts.rpc.clone(),
+            tensor_split: opts.tensor_split.clone(),
         },
         model: facts,
         prompts: records,

@@ -6,6 +6,7 @@
 //! long operations whose only progress report is the log (quantization's `[i/n]` lines).
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::os::raw::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
@@ -54,6 +55,9 @@ pub fn init() {
         unsafe { llama_cpp_sys_2::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
         // SAFETY: called once per process (guarded by `Once`) before any model or context exists.
         unsafe { llama_cpp_sys_2::llama_backend_init() };
+        // SAFETY: `ggml_abort_handler` is a valid `extern "C"` function for the process lifetime
+        // and never returns or unwinds.
+        unsafe { llama_cpp_sys_2::ggml_set_abort_callback(Some(ggml_abort_handler)) };
     });
 }
 
@@ -137,6 +141,31 @@ unsafe extern "C" fn log_callback(_level: u32, text: *const c_char, _user: *mut 
             st.lines.push_back(line);
         }
     });
+}
+
+/// Where llama.cpp would abort (a failed GGML_ASSERT, an RPC server that died, a check we did not
+/// anticipate): print one `error:` line with llama.cpp's own message and end the process at once
+/// with status 1 — no backtrace dump, no core. Outputs being written stay unfinished in their
+/// staging directories, which the next command removes (or `--resume` continues).
+unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
+    // SAFETY: ggml passes its NUL-terminated message buffer, valid during this call.
+    let text = unsafe { super::c_str_to_string(message) };
+    // "path/to/file.c:123: message" → "message (file.c:123)".
+    let (place, msg) = match text.split_once(": ") {
+        Some((p, m)) if p.contains(':') => (
+            p.rsplit('/').next().unwrap_or(p).to_string(),
+            m.trim().to_string(),
+        ),
+        _ => (String::new(), text.trim().to_string()),
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "error: llama.cpp stopped: {msg}{} — nothing was completed; a trace that was running can be continued with --resume",
+        if place.is_empty() { String::new() } else { format!(" ({place})") }
+    );
+    // SAFETY: _exit ends the process immediately without running destructors that llama.cpp's
+    // other threads may still be using; nothing is unwound across the C frames.
+    unsafe { libc::_exit(1) }
 }
 
 /// llama.cpp's description of the CPU features and backends it was built with.

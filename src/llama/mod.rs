@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod lens;
 pub mod model;
 pub mod quantize;
+pub mod rpc;
 
 use std::ffi::CStr;
 use std::os::raw::c_char;

@@ -23,7 +23,7 @@ pub enum ModelError {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Layers to offload to a GPU (0 = CPU only; a large number = all).
     pub n_gpu_layers: i32,
@@ -33,6 +33,8 @@ pub struct LoadOptions {
     /// if the file is truncated or replaced while a trace runs, the process gets SIGBUS, which no
     /// user-space check can turn into an error. `false` reads the weights into memory up front.
     pub use_mmap: bool,
+    /// Share of the offloaded layers per device (llama.cpp's `--tensor-split`); empty: even.
+    pub tensor_split: Vec<f32>,
 }
 
 impl Default for LoadOptions {
@@ -41,6 +43,7 @@ impl Default for LoadOptions {
             n_gpu_layers: 0,
             vocab_only: false,
             use_mmap: true,
+            tensor_split: Vec::new(),
         }
     }
 }
@@ -67,7 +70,7 @@ impl Drop for Model {
 impl Model {
     /// Load a GGUF model. The caller should have validated that the path is a readable GGUF file
     /// for a friendlier error; llama.cpp's own reason (from its log) is attached on failure.
-    pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, ModelError> {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, ModelError> {
         backend::init();
         let cpath = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| ModelError::NulInPath(path.display().to_string()))?;
@@ -78,9 +81,26 @@ impl Model {
         if !opts.use_mmap {
             params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         }
+        // llama.cpp reads llama_max_devices() floats from tensor_split.
+        // SAFETY: pure getter.
+        let max_devices = unsafe { sys::llama_max_devices() };
+        let mut split = vec![0f32; max_devices];
+        if !opts.tensor_split.is_empty() {
+            if opts.tensor_split.len() > max_devices {
+                return Err(ModelError::Load {
+                    path: path.display().to_string(),
+                    reason: Some(format!(
+                        "--tensor-split names more than {max_devices} devices"
+                    )),
+                });
+            }
+            split[..opts.tensor_split.len()].copy_from_slice(&opts.tensor_split);
+            params.tensor_split = split.as_ptr();
+        }
         backend::clear_log();
         // SAFETY: cpath is a valid NUL-terminated string for the duration of the call; params is
-        // a fully initialised struct whose pointers are the defaults (null or static).
+        // a fully initialised struct whose pointers are the defaults (null or static) or `split`,
+        // which holds llama_max_devices() floats and outlives the call.
         let ptr = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         match NonNull::new(ptr) {
             Some(ptr) => Ok(Model { ptr }),

@@ -229,6 +229,11 @@ pub struct CaptureSettings {
     /// Traced with `--allow-nonfinite` (non-finite prompts recorded instead of failing).
     #[serde(default)]
     pub allow_nonfinite: bool,
+    /// llama.cpp RPC servers that ran layers (`--rpc`), and their shares (`--tensor-split`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rpc: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tensor_split: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

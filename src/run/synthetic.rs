@@ -142,6 +142,8 @@ pub fn write(
             control_scale: 0.0,
             control_points: None,
             allow_nonfinite: false,
+            rpc: vec![],
+            tensor_split: vec![],
         },
         prompts,
         timings: Timings::default(),

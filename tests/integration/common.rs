@@ -44,7 +44,7 @@ pub fn model_path(name: &str) -> Option<PathBuf> {
 fn load(name: &str, cell: &'static OnceLock<Option<Model>>) -> Option<&'static Model> {
     cell.get_or_init(|| {
         let p = model_path(name)?;
-        Some(Model::load(&p, LoadOptions::default()).expect("test model loads"))
+        Some(Model::load(&p, &LoadOptions::default()).expect("test model loads"))
     })
     .as_ref()
 }

@@ -13,4 +13,5 @@ mod lens;
 mod quant;
 mod report;
 mod resume;
+mod rpc;
 mod steering;
