@@ -160,13 +160,146 @@ fn bench_compare(source: &std::path::Path) {
     );
 }
 
+/// Peak resident memory (VmHWM) of a `gguf-trace` run, polled from /proc while it runs.
+fn peak_rss_mib(args: &[&str]) -> f64 {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("gguf-trace");
+    let mut child = std::process::Command::new(&bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("target/release/gguf-trace (scripts/bench builds it)");
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(t) = std::fs::read_to_string(&status) {
+            if let Some(v) = t
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(v);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    peak_kib as f64 / 1024.0
+}
+
+/// Peak memory of `trace` for 200 vs 2,000 prompts (`--positions last`) and one ~2,000-token
+/// prompt: memory must not grow with the number or length of prompts beyond one batch.
+fn bench_memory(model: &std::path::Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model.to_str().unwrap();
+    for n in [200, 2000] {
+        let pf = dir.path().join(format!("p{n}.txt"));
+        std::fs::write(&pf, prompts(n).join("\n")).unwrap();
+        let out = dir.path().join(format!("r{n}"));
+        let rss = peak_rss_mib(&[
+            "trace",
+            "-m",
+            m,
+            "-f",
+            pf.to_str().unwrap(),
+            "--positions",
+            "last",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        println!("trace_peak_rss_{n}_prompts: {rss:.0} MiB");
+    }
+    let long = "The river bends past the old mill and the valley widens. ".repeat(170);
+    let out = dir.path().join("long");
+    let rss = peak_rss_mib(&[
+        "trace",
+        "-m",
+        m,
+        "-p",
+        &long,
+        "--ctx",
+        "2200",
+        "--positions",
+        "last",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    println!("trace_peak_rss_one_2000_token_prompt: {rss:.0} MiB");
+}
+
+/// Traced over an in-process loopback RPC server vs local, same prompts: time ratio and bytes read
+/// from the backend per token, with every position and with the last only.
+fn bench_rpc(path: &std::path::Path) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let ep = endpoint.clone();
+    std::thread::spawn(move || gguf_trace::llama::rpc::serve(&ep, default_threads() as usize));
+    while std::net::TcpStream::connect(&endpoint).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let local = Model::load(path, &LoadOptions::default()).unwrap();
+    gguf_trace::llama::rpc::add_servers(std::slice::from_ref(&endpoint)).unwrap();
+    let remote = Model::load(
+        path,
+        &LoadOptions {
+            n_gpu_layers: 999,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let toks: Vec<Vec<i32>> = prompts(16)
+        .iter()
+        .map(|t| tokenize_prompt(&local, t).unwrap())
+        .collect();
+    let n_tokens: usize = toks.iter().map(Vec::len).sum();
+    let timed = |model: &Model, last: bool| -> (f64, u64) {
+        let mut cfg = TraceConfig::new(model);
+        if last {
+            cfg.positions = Positions::Last;
+        }
+        let mut tracer = Tracer::new(model, cfg).unwrap();
+        let t = Instant::now();
+        tracer.trace(&toks, |_| Ok(()), |_| {}).unwrap();
+        (t.elapsed().as_secs_f64(), tracer.bytes_read())
+    };
+    timed(&remote, false);
+    for (label, last) in [("all", false), ("last", true)] {
+        let (mut r, mut l, mut bytes) = (vec![], vec![], 0);
+        for _ in 0..3 {
+            let (t, b) = timed(&remote, last);
+            r.push(t);
+            bytes = b;
+            l.push(timed(&local, last).0);
+        }
+        println!(
+            "rpc_loopback_vs_local_traced_positions_{label}: {:.2} x",
+            median(r) / median(l)
+        );
+        println!(
+            "bytes_read_per_token_positions_{label}: {:.0} B ({n_tokens} prompt tokens)",
+            bytes as f64 / n_tokens as f64
+        );
+    }
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init();
     bench_report();
     bench_compare(&paths[0]);
-    for path in paths {
+    bench_memory(&paths[0]);
+    for path in paths.clone() {
         let model = Model::load(&path, &LoadOptions::default()).expect("model loads");
         let name = model.meta("general.architecture").unwrap_or_default();
         let texts = prompts(64);
@@ -248,4 +381,6 @@ fn main() {
         );
         println!("{name} batched_vs_one_at_a_time_speedup: {:.2} x", s / b);
     }
+    // Last: once an RPC server is registered it joins every later load's device list.
+    bench_rpc(&paths[0]);
 }
