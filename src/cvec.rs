@@ -12,7 +12,7 @@ use crate::llama::gguf::Gguf;
 pub enum CvecError {
     #[error(transparent)]
     Gguf(#[from] crate::llama::gguf::GgufError),
-    #[error("{path}: tensor {name}: not a control-vector direction (expected direction.<layer> with layer ≥ 1)")]
+    #[error("{path}: tensor {name}: not a control-vector direction (expected direction.<layer> with layer 1..=4096)")]
     BadName { path: String, name: String },
     #[error("{path}: {name} is {ty}, expected a 1-D f32 tensor")]
     BadType {
@@ -39,6 +39,8 @@ pub enum CvecError {
 pub struct ControlVector {
     pub n_embd: usize,
     pub data: Vec<f32>,
+    /// The llama.cpp layers (il) the files hold a direction for.
+    pub layers: std::collections::BTreeSet<usize>,
 }
 
 impl ControlVector {
@@ -48,11 +50,16 @@ impl ControlVector {
     }
 }
 
+/// Highest layer index accepted (no model has more blocks; a larger index would only make the
+/// loader allocate for nothing).
+pub const MAX_LAYER: usize = 4096;
+
 /// Load and sum control-vector files (each with its strength) for a model of width `n_embd`.
 pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, CvecError> {
     let mut cv = ControlVector {
         n_embd,
         data: Vec::new(),
+        layers: Default::default(),
     };
     for &(path, strength) in files {
         if !strength.is_finite() {
@@ -69,7 +76,7 @@ pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, Cvec
                 .name
                 .strip_prefix("direction.")
                 .and_then(|n| n.parse().ok())
-                .filter(|&il| il >= 1)
+                .filter(|&il| (1..=MAX_LAYER).contains(&il))
                 .ok_or_else(|| CvecError::BadName {
                     path: p.clone(),
                     name: t.name.clone(),
@@ -95,6 +102,7 @@ pub fn load(files: &[(&Path, f32)], n_embd: usize) -> Result<ControlVector, Cvec
                     name: t.name.clone(),
                 });
             }
+            cv.layers.insert(il);
             if cv.data.len() < il * n_embd {
                 cv.data.resize(il * n_embd, 0.0);
             }

@@ -252,6 +252,11 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
+    /// Sequences decoded together (the size of a batch group).
+    pub fn n_seq(&self) -> usize {
+        self.cfg.n_seq
+    }
+
     /// Bytes of states read from the backend so far (only stored rows are read).
     pub fn bytes_read(&self) -> u64 {
         self.ctx.bytes_read()

@@ -270,12 +270,109 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// Run a trace plan: check, load, prepare prompts, trace, write. Returns the run directory.
+/// Run a trace plan in the steps a reader can name: check what needs no model, load, prepare the
+/// prompts, lay out the batches (and check the disk), trace (checkpointing for `--resume`), write.
+/// Returns the run directory.
 pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let t0 = Instant::now();
+    let prompts = check(opts)?;
+    let loaded = load(opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let hasher = hash_in_background(opts.model.clone());
+    let model = &loaded.model;
+    let prepared = prepare(
+        model,
+        prompts,
+        opts.input.chat,
+        opts.input.system.as_deref(),
+    )?;
+    let cfg = batch_config(opts, &loaded, prepared.len());
+    let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
+    cfg.check_prompts(&token_lists)?;
+    check_disk(opts, &loaded, &token_lists)?;
+    let mut tracer = Tracer::new(model, cfg.clone())?;
+    let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
+    let mut lens = open_lens(opts, &loaded, cfg.threads)?;
+    let plan = plan_fingerprint(opts, &cfg, &prepared)?;
+    if opts.resume {
+        if let Ok(done) = crate::run::Run::open(&opts.output) {
+            if done.manifest.plan.as_deref() == Some(plan.as_str()) {
+                eprintln!(
+                    "{} is already complete (same model, options and prompts): nothing to resume",
+                    opts.shown()
+                );
+                return Ok(opts.output.clone());
+            }
+        }
+    }
+    let shape = RunShape {
+        n_prompts: prepared.len(),
+        n_points: loaded.points.len(),
+        n_embd: model.n_embd(),
+        n_vocab: model.n_vocab(),
+    };
+    let (writer, journal) = RunWriter::open(
+        &opts.output,
+        opts.force,
+        shape,
+        opts.dtype,
+        opts.format,
+        &plan,
+        opts.resume,
+    )?;
+    let t_trace = Instant::now();
+    let (writer, records, decoded) = trace_prompts(
+        opts,
+        &loaded,
+        &mut tracer,
+        writer,
+        journal,
+        &prepared,
+        &token_lists,
+        lens.as_mut(),
+    )?;
+    let trace_s = t_trace.elapsed().as_secs_f64();
+    let sha = hasher
+        .join()
+        .map_err(|_| anyhow::anyhow!("hashing thread panicked"))?
+        .with_context(|| format!("{}: hashing", opts.model.display()))?;
+    let timings = Timings {
+        load_s,
+        trace_s,
+        decode_s: tracer.decode_seconds(),
+        total_s: t0.elapsed().as_secs_f64(),
+        tokens_decoded: decoded,
+        tokens_per_s: decoded as f64 / trace_s.max(1e-9),
+        bytes_read: tracer.bytes_read(),
+    };
+    write_run(
+        opts,
+        loaded.facts,
+        &cfg,
+        writer,
+        records,
+        lens,
+        control_points,
+        sha,
+        timings,
+        plan,
+    )
+}
+
+/// What a trace knows once its model is loaded.
+struct Loaded {
+    model: Model,
+    gguf: Gguf,
+    facts: ModelFacts,
+    /// Points kept, resolved against the model's depth.
+    points: Vec<usize>,
+}
+
+/// Step 1: everything that can be checked without the model, so nobody waits for a load to learn
+/// that the output exists, a prompt file is malformed or an RPC worker is unreachable. Returns the
+/// prompts.
+fn check(opts: &TraceOptions) -> Result<Vec<Prompt>> {
     opts.validate()?;
-    // Everything that can be checked without the model is checked first: no waiting for a load
-    // to learn that the output exists or a prompt file is malformed.
     let prompts = prompts::collect(&opts.input.prompts, &opts.input.files)?;
     // (--resume of a run that is already complete is answered once its plan is known.)
     if !(opts.resume && crate::run::Run::open(&opts.output).is_ok()) {
@@ -289,6 +386,12 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     if !opts.rpc.is_empty() {
         crate::llama::rpc::add_servers(&opts.rpc)?;
     }
+    Ok(prompts)
+}
+
+/// Step 2: load the model (on the RPC workers registered in step 1, when asked) and resolve what
+/// depends on it.
+fn load(opts: &TraceOptions) -> Result<Loaded> {
     let model = load_model(
         &opts.model,
         LoadOptions {
@@ -306,8 +409,6 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             "note: this gguf-trace was built without a GPU backend; --n-gpu-layers has no effect"
         );
     }
-    let load_s = t0.elapsed().as_secs_f64();
-    let hasher = hash_in_background(opts.model.clone());
     if let Some(why) = arch::untraceable_reason(&model) {
         bail!("{}: cannot be traced: {why}", opts.model.display());
     }
@@ -323,16 +424,19 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             );
         }
     }
-    let prepared = prepare(
-        &model,
-        prompts,
-        opts.input.chat,
-        opts.input.system.as_deref(),
-    )?;
+    Ok(Loaded {
+        model,
+        gguf,
+        facts,
+        points,
+    })
+}
 
+/// Step 4: how prompts are grouped into batches.
+fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> TraceConfig {
     // Generation decodes one token of every sequence at once, and llama.cpp sizes its output
     // buffers by the batch size: more sequences than --batch-size would abort inside llama.cpp.
-    let mut n_seq = opts.n_seq.min(prepared.len());
+    let mut n_seq = opts.n_seq.min(n_prompts);
     if n_seq > opts.n_batch {
         eprintln!(
             "note: decoding {} sequences together instead of {n_seq}, to fit --batch-size {}",
@@ -340,10 +444,9 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         );
         n_seq = opts.n_batch;
     }
-    let positions = opts.positions;
-    let cfg = TraceConfig {
-        positions,
-        points: points.clone(),
+    TraceConfig {
+        positions: opts.positions,
+        points: loaded.points.clone(),
         generate: opts.generate,
         ctx: opts.ctx,
         n_seq,
@@ -351,38 +454,64 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         n_ubatch: opts.n_ubatch,
         threads: opts.threads,
         allow_nonfinite: opts.allow_nonfinite,
-    };
-    let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
-    cfg.check_prompts(&token_lists)?;
+    }
+}
 
-    // Size estimate (generation may stop early at an end-of-generation token, so this is an upper bound).
-    let kept: Vec<usize> = token_lists
-        .iter()
-        .map(|t| match positions {
-            Positions::All => t.len() + opts.generate,
-            Positions::Last => 1 + opts.generate,
-        })
-        .collect();
-    let (dtype, format) = (opts.dtype, opts.format);
-    let estimate = run::estimate_bytes(
-        points.len(),
-        &kept,
-        model.n_embd(),
-        model.n_vocab(),
-        dtype,
-        format,
-    );
+/// The output's estimated size (printed, with cheaper alternatives when large), refused when the
+/// disk lacks room.
+fn check_disk(opts: &TraceOptions, loaded: &Loaded, token_lists: &[Vec<i32>]) -> Result<()> {
+    let model = &loaded.model;
+    let n_points = loaded.points.len();
+    let estimate_for = |positions: Positions, dtype: Dtype| {
+        let kept: Vec<usize> = token_lists
+            .iter()
+            .map(|t| match positions {
+                Positions::All => t.len() + opts.generate,
+                Positions::Last => 1 + opts.generate,
+            })
+            .collect();
+        run::estimate_bytes(
+            n_points,
+            &kept,
+            model.n_embd(),
+            model.n_vocab(),
+            dtype,
+            opts.format,
+        )
+    };
+    // Generation may stop early at an end-of-generation token: an upper bound.
+    let estimate = estimate_for(opts.positions, opts.dtype);
+    let mut cheaper = Vec::new();
+    if estimate > LARGE_OUTPUT {
+        if opts.dtype == Dtype::F32 && opts.format.npy() {
+            cheaper.push(format!(
+                "--dtype f16: {}",
+                human_bytes(estimate_for(opts.positions, Dtype::F16))
+            ));
+        }
+        if opts.positions == Positions::All {
+            cheaper.push(format!(
+                "--positions last: {}",
+                human_bytes(estimate_for(Positions::Last, opts.dtype))
+            ));
+        }
+    }
     let parent = crate::output::parent_dir(&opts.output);
     let free = fs4::available_space(&parent).ok();
     eprintln!(
-        "tracing {} prompt(s) through {} ({} points × {} width); estimated output {}{}",
-        prepared.len(),
-        facts.file_name,
-        points.len(),
+        "tracing {} prompt(s) through {} ({} points × {} width); estimated output {}{}{}",
+        token_lists.len(),
+        loaded.facts.file_name,
+        n_points,
         model.n_embd(),
         human_bytes(estimate),
         free.map(|f| format!(", {} free", human_bytes(f)))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if cheaper.is_empty() {
+            String::new()
+        } else {
+            format!(" (with {})", cheaper.join("; "))
+        }
     );
     if let Some(free) = free {
         if free < estimate {
@@ -394,23 +523,22 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             );
         }
     }
+    Ok(())
+}
 
-    let mut tracer = Tracer::new(&model, cfg.clone())?;
-    tracer.check_prompts(&token_lists)?;
-    let control_points = steer(&mut tracer, opts.steering.as_ref(), &model)?;
-    let shape = RunShape {
-        n_prompts: prepared.len(),
-        n_points: points.len(),
-        n_embd: model.n_embd(),
-        n_vocab: model.n_vocab(),
-    };
-    let mut lens = match &opts.lens {
+/// Estimates above this size also say what `--dtype f16` or `--positions last` would take.
+const LARGE_OUTPUT: u64 = 1 << 30;
+
+/// The logit-lens head, when asked for.
+fn open_lens(opts: &TraceOptions, loaded: &Loaded, threads: i32) -> Result<Option<LensState>> {
+    let (model, gguf, points) = (&loaded.model, &loaded.gguf, &loaded.points);
+    Ok(match &opts.lens {
         None => None,
         Some(lo) => {
             if points.len() != model.n_layer() + 1 {
                 bail!("--lens needs every point (the last point is the model's own output); drop --points");
             }
-            let head = LensHead::load(&opts.model, &gguf, cfg.threads).with_context(|| {
+            let head = LensHead::load(&opts.model, gguf, threads).with_context(|| {
                 format!("{}: loading the logit-lens head", opts.model.display())
             })?;
             if head.n_embd() != model.n_embd() || head.n_vocab() != model.n_vocab() {
@@ -430,28 +558,25 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                 max_diff: 0.0,
             })
         }
-    };
-    let plan = plan_fingerprint(opts, &cfg, &prepared)?;
-    if opts.resume {
-        if let Ok(done) = crate::run::Run::open(&opts.output) {
-            if done.manifest.plan.as_deref() == Some(plan.as_str()) {
-                eprintln!(
-                    "{} is already complete (same model, options and prompts): nothing to resume",
-                    opts.shown()
-                );
-                return Ok(opts.output.clone());
-            }
-        }
-    }
-    let (mut writer, journal) = RunWriter::open(
-        &opts.output,
-        opts.force,
-        shape,
-        dtype,
-        format,
-        &plan,
-        opts.resume,
-    )?;
+    })
+}
+
+/// Step 5: trace the prompts not yet on disk into `writer`, checkpointing on batch-group
+/// boundaries. Returns the writer, every prompt's record (resumed ones first) and the tokens
+/// decoded.
+#[allow(clippy::too_many_arguments)]
+fn trace_prompts(
+    opts: &TraceOptions,
+    loaded: &Loaded,
+    tracer: &mut Tracer,
+    mut writer: RunWriter,
+    journal: Vec<run::JournalEntry>,
+    prepared: &[Prepared],
+    token_lists: &[Vec<i32>],
+    mut lens: Option<&mut LensState>,
+) -> Result<(RunWriter, Vec<PromptRecord>, usize)> {
+    let (model, points) = (&loaded.model, &loaded.points);
+    let n_seq = tracer.n_seq();
     let start = journal.len();
     let mut records: Vec<PromptRecord> = Vec::with_capacity(prepared.len());
     for e in journal {
@@ -473,14 +598,12 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             opts.shown()
         );
     }
-
     let total_tokens: usize = token_lists[start..]
         .iter()
         .map(|t| t.len() + opts.generate)
         .sum();
     let pb = bar(total_tokens as u64, "tokens");
     pb.set_message("tracing");
-    let t_trace = Instant::now();
     let mut decoded = 0usize;
     // Prompts written since the last checkpoint; a checkpoint (at most one a second) makes them
     // durable and journals them, so an interrupted trace resumes after them.
@@ -499,14 +622,14 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             let pieces: Vec<String> = t.tokens.iter().map(|&tok| model.token_piece(tok)).collect();
             let states_file = writer.write_prompt(
                 &t,
-                &points,
+                points,
                 &p.prompt.id,
                 p.prompt.label.as_deref(),
                 &pieces,
             )?;
             let mut lens_entry = (None, 0.0);
             if let Some(l) = lens.as_mut() {
-                lens_entry = l.add(&t, &points, &model)?;
+                lens_entry = l.add(&t, points, model)?;
             }
             let record = PromptRecord {
                 index: t.index,
@@ -565,7 +688,24 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         }
         return Err(e.into());
     }
-    let trace_s = t_trace.elapsed().as_secs_f64();
+    Ok((writer, records, decoded))
+}
+
+/// Step 6: the manifest, written last; the run directory swapped into place.
+#[allow(clippy::too_many_arguments)]
+fn write_run(
+    opts: &TraceOptions,
+    facts: ModelFacts,
+    cfg: &TraceConfig,
+    writer: RunWriter,
+    records: Vec<PromptRecord>,
+    lens: Option<LensState>,
+    control_points: Option<(usize, usize)>,
+    sha: String,
+    timings: Timings,
+    plan: String,
+) -> Result<PathBuf> {
+    let points = cfg.points.clone();
     let bad: Vec<String> = records
         .iter()
         .filter_map(|r| {
@@ -609,11 +749,6 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             })
         }
     };
-    let sha = hasher
-        .join()
-        .map_err(|_| anyhow::anyhow!("hashing thread panicked"))?
-        .with_context(|| format!("{}: hashing", opts.model.display()))?;
-
     let manifest = Manifest {
         schema_version: run::SCHEMA_VERSION,
         complete: false,
@@ -633,12 +768,12 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                 .map(|&p| arch::point_tensor(&facts.architecture, p))
                 .collect(),
             points,
-            positions,
+            positions: cfg.positions,
             generate: opts.generate,
             chat: opts.input.chat,
             system: opts.input.system.clone(),
-            dtype,
-            format,
+            dtype: opts.dtype,
+            format: opts.format,
             ctx: cfg.ctx,
             n_seq: cfg.n_seq,
             n_batch: cfg.n_batch,
@@ -658,15 +793,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         },
         model: facts,
         prompts: records,
-        timings: Timings {
-            load_s,
-            trace_s,
-            decode_s: tracer.decode_seconds(),
-            total_s: t0.elapsed().as_secs_f64(),
-            tokens_decoded: decoded,
-            tokens_per_s: decoded as f64 / trace_s.max(1e-9),
-            bytes_read: tracer.bytes_read(),
-        },
+        timings,
         lens: lens_info,
         plan: Some(plan),
     };
@@ -674,8 +801,8 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     eprintln!(
         "traced {} prompt(s), {} tokens in {:.1} s ({:.0} tokens/s)",
         manifest.prompts.len(),
-        decoded,
-        trace_s,
+        manifest.timings.tokens_decoded,
+        manifest.timings.trace_s,
         manifest.timings.tokens_per_s
     );
     Ok(dir)
@@ -817,15 +944,12 @@ fn steer(
     // The buffer llama.cpp takes covers layers 1..n_layer-1; pad (or cut) to that.
     let mut data = cv.data.clone();
     data.resize(model.n_embd() * (n_layer - 1), 0.0);
-    // Something must be steered: a direction inside the model and inside the chosen points.
-    let steered = data
-        .chunks(model.n_embd())
-        .enumerate()
-        .any(|(k, d)| (a..=b).contains(&(k + 2)) && d.iter().any(|&x| x != 0.0));
-    if !steered {
+    // Something must be steered: a direction of the files at one of the chosen points (point
+    // il + 1 is shifted through layer il; a scale of 0 still counts, as the identity).
+    if !cv.layers.iter().any(|&il| (a..=b).contains(&(il + 1))) {
         bail!(
-            "the control vector has no non-zero direction at points {a}-{b} of this {n_layer}-block model (its directions cover llama.cpp layers 1..={}), so nothing would be steered",
-            cv.n_layers()
+            "the control vector has no direction at points {a}-{b} of this {n_layer}-block model (it holds llama.cpp layers {:?}), so nothing would be steered",
+            cv.layers.iter().take(8).collect::<Vec<_>>()
         );
     }
     tracer.set_control_vector(Some((&data, (a - 1) as i32, (b - 1) as i32)))?;

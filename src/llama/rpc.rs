@@ -79,21 +79,27 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
 /// Register RPC servers: their devices join the devices every later model load uses (layers go
 /// to them with `n_gpu_layers`). Registering the same endpoint twice is harmless.
 pub fn add_servers(endpoints: &[String]) -> Result<(), RpcError> {
+    // ggml_backend_register appends: registering an endpoint twice would list its devices twice.
+    static REGISTERED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut registered = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
     let f = proc_address(c"ggml_backend_rpc_add_server")?;
     // SAFETY: the registry returned this symbol for that name; its C signature is
     // `ggml_backend_reg_t (*)(const char *)` (ggml-rpc.h).
     let add: AddServerFn = unsafe { std::mem::transmute::<*mut std::ffi::c_void, AddServerFn>(f) };
     for e in endpoints {
         check_endpoint(e)?;
+        if registered.contains(e) {
+            continue;
+        }
         let c = CString::new(e.as_str()).map_err(|_| RpcError::Endpoint(e.clone()))?;
         // SAFETY: c is NUL-terminated and lives across the call (ggml copies it).
         let reg = unsafe { add(c.as_ptr()) };
         if reg.is_null() {
             return Err(RpcError::NoDevice(e.clone()));
         }
-        // SAFETY: reg is a valid registry entry from ggml-rpc; registering it twice is prevented
-        // by ggml-rpc returning the same entry for the same endpoint, which ggml ignores.
+        // SAFETY: reg is a valid registry entry from ggml-rpc, registered once (checked above).
         unsafe { sys::ggml_backend_register(reg) };
+        registered.push(e.clone());
     }
     Ok(())
 }
