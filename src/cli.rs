@@ -305,6 +305,12 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub n_seq: usize,
 
+    /// Keep quantized weights in the file's layout on the CPU. By default llama.cpp repacks some
+    /// types (e.g. Q4_K) into interleaved layouts computed by other kernels, as RPC workers and
+    /// GPUs do not: with --no-repack a local trace is bit-identical to one over --rpc.
+    #[arg(long)]
+    pub no_repack: bool,
+
     /// Read the weights into memory instead of memory-mapping the file. With mmap (the default)
     /// a model file that is truncated or replaced during a trace kills the process (SIGBUS).
     #[arg(long)]

@@ -122,6 +122,8 @@ pub struct TraceOptions {
     /// llama.cpp RPC servers the layers run on ("HOST:PORT"), and their shares of the layers.
     pub rpc: Vec<String>,
     pub tensor_split: Vec<f32>,
+    /// Let llama.cpp repack quantized weights for the CPU (its default; see `--no-repack`).
+    pub cpu_repack: bool,
 }
 
 impl TraceOptions {
@@ -152,6 +154,7 @@ impl TraceOptions {
             shown_as: None,
             rpc: Vec::new(),
             tensor_split: Vec::new(),
+            cpu_repack: true,
         }
     }
 
@@ -214,6 +217,7 @@ impl TraceOptions {
             }),
             allow_nonfinite: a.allow_nonfinite,
             resume: a.resume,
+            cpu_repack: !a.no_repack,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
         .with_rpc(&a.rpc, a.n_gpu_layers)?;
@@ -399,6 +403,7 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
             vocab_only: false,
             use_mmap: opts.use_mmap,
             tensor_split: opts.tensor_split.clone(),
+            cpu_repack: opts.cpu_repack,
         },
     )?;
     if opts.n_gpu_layers != 0
@@ -790,6 +795,7 @@ fn write_run(
             allow_nonfinite: opts.allow_nonfinite,
             rpc: opts.rpc.clone(),
             tensor_split: opts.tensor_split.clone(),
+            cpu_repack: opts.cpu_repack,
         },
         model: facts,
         prompts: records,
@@ -832,6 +838,7 @@ fn plan_fingerprint(
         "threads": cfg.threads,
         "allow_nonfinite": cfg.allow_nonfinite,
         "n_gpu_layers": opts.n_gpu_layers,
+        "cpu_repack": opts.cpu_repack,
         "dtype": opts.dtype,
         "format": opts.format,
         "chat": opts.input.chat,

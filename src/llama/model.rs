@@ -35,6 +35,10 @@ pub struct LoadOptions {
     pub use_mmap: bool,
     /// Share of the offloaded layers per device (llama.cpp's `--tensor-split`); empty: even.
     pub tensor_split: Vec<f32>,
+    /// Let the CPU backend repack quantized weights into its interleaved layouts (llama.cpp's
+    /// default, "extra buffer types"): other kernels, so slightly different numbers than the same
+    /// model on an RPC worker or a GPU, which use the file's layout.
+    pub cpu_repack: bool,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,7 @@ impl Default for LoadOptions {
             vocab_only: false,
             use_mmap: true,
             tensor_split: Vec::new(),
+            cpu_repack: true,
         }
     }
 }
@@ -78,6 +83,7 @@ impl Model {
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;
         params.vocab_only = opts.vocab_only;
+        params.use_extra_bufts = opts.cpu_repack;
         if !opts.use_mmap {
             params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         }

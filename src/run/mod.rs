@@ -234,6 +234,13 @@ pub struct CaptureSettings {
     pub rpc: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tensor_split: Vec<f32>,
+    /// Whether llama.cpp repacked quantized weights for the CPU (false with `--no-repack`).
+    #[serde(default = "yes")]
+    pub cpu_repack: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -144,6 +144,7 @@ pub fn write(
             allow_nonfinite: false,
             rpc: vec![],
             tensor_split: vec![],
+            cpu_repack: true,
         },
         prompts,
         timings: Timings::default(),

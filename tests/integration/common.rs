@@ -247,6 +247,60 @@ pub fn ok(work: &Path, args: &[&str]) -> Output {
     o
 }
 
+/// A running `gguf-trace` whose stderr lines are collected as they come.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watched {
+    fn spawn(work: &Path, args: &[&str]) -> Watched {
+        let mut child = bin()
+            .args(args)
+            .current_dir(work)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let _ = tx.send(line.unwrap_or_default());
+            }
+        });
+        Watched {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn assert_running(&mut self, args: &[&str]) {
+        self.seen.extend(self.lines.try_iter());
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "{args:?} finished before it could be interrupted: {:?}",
+            self.seen
+        );
+    }
+
+    /// Send `signal`, wait for the exit; (exit code, every stderr line).
+    fn signal(mut self, signal: &str) -> (Option<i32>, Vec<String>) {
+        let kill = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        (status.code(), self.seen)
+    }
+}
+
 /// Spawn the binary in `work`, wait until a stderr line contains `ready` (then `delay`), send
 /// `signal`, and return (exit code, stderr lines).
 pub fn interrupt(
@@ -256,47 +310,22 @@ pub fn interrupt(
     delay: Duration,
     signal: &str,
 ) -> (Option<i32>, Vec<String>) {
-    let mut child = bin()
-        .args(args)
-        .current_dir(work)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let _ = tx.send(line.unwrap_or_default());
-        }
-    });
-    let mut seen = Vec::new();
+    let mut w = Watched::spawn(work, args);
     if !ready.is_empty() {
         loop {
-            let line = rx
+            let line = w
+                .lines
                 .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("{args:?} never printed {ready:?}: {seen:?}"));
-            seen.push(line.clone());
+                .unwrap_or_else(|_| panic!("{args:?} never printed {ready:?}: {:?}", w.seen));
+            w.seen.push(line.clone());
             if line.contains(ready) {
                 break;
             }
         }
     }
     std::thread::sleep(delay);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "{args:?} finished before it could be interrupted: {seen:?}"
-    );
-    let kill = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push(l);
-    }
-    (status.code(), seen)
+    w.assert_running(args);
+    w.signal(signal)
 }
 
 /// Spawn the binary in `work`, wait until `ready()` holds (polled; at most 5 minutes), send
@@ -307,44 +336,40 @@ pub fn interrupt_when(
     ready: impl Fn() -> bool,
     signal: &str,
 ) -> (Option<i32>, Vec<String>) {
-    let mut child = bin()
-        .args(args)
-        .current_dir(work)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let _ = tx.send(line.unwrap_or_default());
-        }
-    });
+    let mut w = Watched::spawn(work, args);
     let start = std::time::Instant::now();
     while !ready() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "{args:?} finished before it could be interrupted: {:?}",
-            rx.try_iter().collect::<Vec<_>>()
-        );
+        w.assert_running(args);
         assert!(
             start.elapsed() < Duration::from_secs(300),
             "{args:?}: never ready"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let kill = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
-    let mut seen = Vec::new();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push(l);
+    w.signal(signal)
+}
+
+/// Two run directories hold the same data: every data file byte for byte (run.json is compared
+/// by the callers that need it, apart from times and provenance).
+pub fn assert_same_data(a: &Path, b: &Path) {
+    let mut files = vec![
+        PathBuf::from("last.npy"),
+        PathBuf::from("logits.npy"),
+        PathBuf::from("tokens.csv"),
+        PathBuf::from("metrics.csv"),
+    ];
+    for e in std::fs::read_dir(b.join("states")).unwrap() {
+        files.push(Path::new("states").join(e.unwrap().file_name()));
     }
-    (status.code(), seen)
+    for f in files {
+        assert!(
+            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
+            "{} differs between {} and {}",
+            f.display(),
+            a.display(),
+            b.display()
+        );
+    }
 }
 
 /// Prompts journaled (checkpointed to disk) by unfinished traces under `dir` whose staging path
