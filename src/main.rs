@@ -16,8 +16,23 @@ fn main() -> ExitCode {
     llama::backend::set_verbose(cli.verbose);
     // Ctrl-C / SIGTERM: ask llama.cpp to abort the running decode (abort callback) and our loops
     // to stop; nothing that looks complete is left behind. (An RPC server just ends.)
+    // If llama.cpp cannot be stopped (blocked on an RPC worker that never answers), a second signal
+    // or 10 s end the process the hard way; its outputs stay staged, as after SIGKILL.
     if !matches!(cli.command, Command::RpcServer(_)) {
-        let _ = ctrlc::set_handler(llama::backend::request_interrupt);
+        let _ = ctrlc::set_handler(|| {
+            if llama::backend::interrupted() {
+                eprintln!("error: interrupted again: stopping now");
+                llama::backend::exit_now(130);
+            }
+            llama::backend::request_interrupt();
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                eprintln!(
+                    "error: interrupted, and llama.cpp did not stop within 10 s: stopping now"
+                );
+                llama::backend::exit_now(130);
+            });
+        });
     }
 
     let stdout = io::stdout();

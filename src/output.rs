@@ -71,6 +71,12 @@ pub enum OutputError {
     BadTarget { path: String, why: String },
     #[error("interrupted: nothing was written")]
     Interrupted,
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "{path} is being written by another gguf-trace (pid {pid}); wait for it or stop it first"
+    )]
+    Busy { path: String, pid: String },
     #[error("{path} holds files gguf-trace did not write ({names}); --force would delete them, so move them out first")]
     Foreign { path: String, names: String },
 }
@@ -296,6 +302,12 @@ impl Staging {
     pub fn new(target: &Path) -> Result<Staging, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
+        if let Some(pid) = busy(&parent, &key) {
+            return Err(OutputError::Busy {
+                path: target.display().to_string(),
+                pid,
+            });
+        }
         for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
         }
@@ -326,18 +338,34 @@ impl Staging {
     /// Like [`Staging::new`]; with `adopt`, first take over the staging directory of an
     /// interrupted (dead) process that was writing the same target and had not begun its swap —
     /// the basis of `--resume`. Returns whether one was adopted.
-    pub fn new_or_adopt(target: &Path, adopt: bool) -> Result<(Staging, bool), OutputError> {
+    ///
+    /// `accept` sees a candidate staging directory before anything is changed; a candidate it
+    /// refuses (its error) is left exactly as it was.
+    pub fn new_or_adopt(
+        target: &Path,
+        adopt: bool,
+        accept: &dyn Fn(&Path) -> Result<(), OutputError>,
+    ) -> Result<(Staging, bool), OutputError> {
         if adopt {
-            if let Some(st) = Self::adopt(target)? {
+            if let Some(st) = Self::adopt(target, accept)? {
                 return Ok((st, true));
             }
         }
         Ok((Self::new(target)?, false))
     }
 
-    fn adopt(target: &Path) -> Result<Option<Staging>, OutputError> {
+    fn adopt(
+        target: &Path,
+        accept: &dyn Fn(&Path) -> Result<(), OutputError>,
+    ) -> Result<Option<Staging>, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
+        if let Some(pid) = busy(&parent, &key) {
+            return Err(OutputError::Busy {
+                path: target.display().to_string(),
+                pid,
+            });
+        }
         let prefix = format!("{PREFIX}{key}.");
         let me = std::process::id();
         let mut found: Option<(std::time::SystemTime, String)> = None;
@@ -353,12 +381,17 @@ impl Staging {
                 continue;
             }
             let base = format!("{prefix}{pid}");
+            // Ours (a lock file exists) and its owner dead (the lock is free).
             let dead = match fs::File::options()
                 .write(true)
                 .open(parent.join(format!("{base}.lock")))
             {
-                Ok(f) => f.try_lock_exclusive().unwrap_or(false),
-                Err(_) => true,
+                Ok(f) => {
+                    let free = f.try_lock_exclusive().unwrap_or(false);
+                    let _ = FileExt::unlock(&f);
+                    free
+                }
+                Err(_) => false,
             };
             let dir = e.path();
             let swapping =
@@ -377,6 +410,7 @@ impl Staging {
             return Ok(None);
         };
         let old_base = parent.join(format!("{prefix}{pid}"));
+        accept(&PathBuf::from(format!("{}.partial", old_base.display())).join(&key))?;
         let lock_path = parent.join(format!("{PREFIX}{key}.{me}.lock"));
         let dir = parent.join(format!("{PREFIX}{key}.{me}.partial"));
         let lock = fs::File::create(&lock_path).map_err(io_err(&parent))?;
@@ -511,6 +545,31 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// A live gguf-trace (other than this one) writing `key` in `parent`: its pid.
+fn busy(parent: &Path, key: &str) -> Option<String> {
+    let prefix = format!("{PREFIX}{key}.");
+    let me = std::process::id().to_string();
+    for e in fs::read_dir(parent).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".lock"))
+        else {
+            continue;
+        };
+        if pid == me || !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(f) = fs::File::options().write(true).open(e.path()) {
+            if !f.try_lock_exclusive().unwrap_or(false) {
+                return Some(pid.to_string());
+            }
+            let _ = FileExt::unlock(&f);
+        }
+    }
+    None
+}
+
 /// Clean up what dead processes left while writing `key` in `parent`; returns what was done.
 /// An interrupted swap is always rolled back; other leftovers (unfinished outputs, which `--resume`
 /// may still adopt) are removed only with `remove_partials`.
@@ -534,13 +593,11 @@ fn recover_stale(parent: &Path, key: &str, remove_partials: bool) -> Vec<String>
     for pid in pids {
         let base = format!("{prefix}{pid}");
         let lock_path = parent.join(format!("{base}.lock"));
-        // The owner is alive exactly when it still holds the lock.
-        if let Ok(f) = fs::File::options().write(true).open(&lock_path) {
-            if !f.try_lock_exclusive().unwrap_or(false) {
-                continue;
-            }
-        } else if std::process::id().to_string() == pid {
-            continue;
+        // Only what a gguf-trace left is touched: it always holds a lock file while it writes, and
+        // its owner is alive exactly when it still holds the lock.
+        match fs::File::options().write(true).open(&lock_path) {
+            Ok(f) if f.try_lock_exclusive().unwrap_or(false) => {}
+            _ => continue,
         }
         let partial = parent.join(format!("{base}.partial"));
         let old = parent.join(format!("{base}.old"));

@@ -59,7 +59,8 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .context("the output path names no directory")?;
-    let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume)?;
+    // (Each model's run checks its own plan when it resumes.)
+    let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume, &|_| Ok(()))?;
     if args.resume && !adopted {
         eprintln!(
             "note: no interrupted compare of {} to resume; starting it",

@@ -323,6 +323,18 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         opts.format,
         &plan,
         opts.resume,
+        // A journaled prompt is kept only if it is the prompt at that index now.
+        &|e: &run::JournalEntry| {
+            let r = &e.record;
+            prepared.get(r.index).is_some_and(|p| {
+                r.id == p.prompt.id
+                    && r.label == p.prompt.label
+                    && r.text == p.prompt.text
+                    && r.rendered == p.rendered
+                    && r.n_prompt_tokens == p.tokens.len()
+                    && r.tokens.get(..p.tokens.len()) == Some(&p.tokens[..])
+            })
+        },
     )?;
     let t_trace = Instant::now();
     let (writer, records, decoded) = trace_prompts(
@@ -659,6 +671,7 @@ fn trace_prompts(
                 lens: lens_entry.0,
                 lens_diff: lens_entry.1,
                 csv_lengths: [0; 3],
+                checkpoint_size: 0,
             });
             records.push(record);
             // Checkpoints fall on group boundaries: a resumed trace then decodes the same groups

@@ -160,12 +160,21 @@ unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
     };
     let _ = writeln!(
         std::io::stderr(),
-        "error: llama.cpp stopped: {msg}{} — nothing was completed; a trace that was running can be continued with --resume",
+        "error: llama.cpp stopped: {msg}{} — the output was not completed; a trace keeps its checkpoints: run the same command with --resume to continue",
         if place.is_empty() { String::new() } else { format!(" ({place})") }
     );
     // SAFETY: _exit ends the process immediately without running destructors that llama.cpp's
     // other threads may still be using; nothing is unwound across the C frames.
     unsafe { libc::_exit(1) }
+}
+
+/// End the process at once with `code`, without unwinding or running destructors (for when
+/// llama.cpp is blocked and cannot be asked to stop, e.g. waiting on an RPC worker that never
+/// answers). Outputs in progress stay in their staging directories, as after SIGKILL.
+pub fn exit_now(code: i32) -> ! {
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit takes any status and never returns.
+    unsafe { libc::_exit(code) }
 }
 
 /// llama.cpp's description of the CPU features and backends it was built with.

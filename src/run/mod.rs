@@ -58,6 +58,9 @@ pub struct JournalEntry {
     /// Lengths of tokens.csv, metrics.csv and states.csv at the checkpoint.
     #[serde(default)]
     pub csv_lengths: [u64; 3],
+    /// How many prompts the checkpoint of this entry journaled (to tell a whole one).
+    #[serde(default)]
+    pub checkpoint_size: usize,
 }
 
 /// The journal's complete lines, in order (a torn last line — a power cut — is ignored).
@@ -336,6 +339,42 @@ pub fn estimate_bytes(
     b
 }
 
+/// The open files of a run being written (a [`RunWriter`] without its staging).
+struct RunFiles {
+    final_dir: PathBuf,
+    name: String,
+    tmp_dir: PathBuf,
+    dtype: Dtype,
+    format: Format,
+    width: usize,
+    last: NpyRows,
+    logits: NpyRows,
+    tokens_csv: csv::Writer<fs::File>,
+    states_csv: Option<csv::Writer<fs::File>>,
+    metrics_csv: csv::Writer<fs::File>,
+}
+
+impl RunFiles {
+    fn into_writer(self, staging: Staging, resumed: bool) -> RunWriter {
+        RunWriter {
+            final_dir: self.final_dir,
+            name: self.name,
+            tmp_dir: self.tmp_dir,
+            staging,
+            dtype: self.dtype,
+            format: self.format,
+            width: self.width,
+            last: self.last,
+            logits: self.logits,
+            tokens_csv: self.tokens_csv,
+            states_csv: self.states_csv,
+            metrics_csv: self.metrics_csv,
+            states_files: Vec::new(),
+            resumed,
+        }
+    }
+}
+
 /// The sizes a run directory is laid out for.
 #[derive(Debug, Clone, Copy)]
 pub struct RunShape {
@@ -375,14 +414,16 @@ impl RunWriter {
         dtype: Dtype,
         format: Format,
     ) -> Result<RunWriter, RunError> {
-        Ok(Self::open(out, force, shape, dtype, format, "", false)?.0)
+        Ok(Self::open(out, force, shape, dtype, format, "", false, &|_| true)?.0)
     }
 
     /// Like [`RunWriter::create`], but resumable: `plan` (a fingerprint of the model file, the
     /// options and the prompts) is stored in the staging directory, and with `resume` the
-    /// staging directory of an interrupted trace of the same target is taken over — when its plan
-    /// is the same — with every prompt its journal records as fully on disk. Returns the writer
-    /// and those prompts (none when starting fresh).
+    /// staging directory of an interrupted trace of the same target is taken over when its plan
+    /// is the same (a different plan is refused and left untouched). The prompts its journal
+    /// records are kept as far as `valid` accepts them and their states files are sound, cut back
+    /// to a checkpoint; the rest is traced again. Returns the writer and the prompts kept.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         out: &Path,
         force: bool,
@@ -391,63 +432,124 @@ impl RunWriter {
         format: Format,
         plan: &str,
         resume: bool,
+        valid: &dyn Fn(&JournalEntry) -> bool,
     ) -> Result<(RunWriter, Vec<JournalEntry>), RunError> {
         check_output(out, force)?;
-        let (staging, adopted) = Staging::new_or_adopt(out, resume)?;
+        let accept = |dir: &Path| -> Result<(), OutputError> {
+            let found = fs::read_to_string(dir.join(RESUME_PLAN)).unwrap_or_default();
+            if found.trim() == plan {
+                Ok(())
+            } else {
+                Err(OutputError::Refused(format!(
+                    "the interrupted trace of {} was made with another model file, other options or other prompts; run without --resume to start over (it is discarded then)",
+                    out.display()
+                )))
+            }
+        };
+        let (staging, adopted) = Staging::new_or_adopt(out, resume, &accept)?;
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "run".into());
         let tmp_dir = staging.path(&name);
-        let mut done = Vec::new();
-        let journal = read_journal(&tmp_dir.join(JOURNAL));
-        if adopted && journal.is_empty() {
-            // Interrupted before its first checkpoint: nothing to keep; start afresh in place.
+        if adopted {
+            let journal = read_journal(&tmp_dir.join(JOURNAL));
+            let descr = match dtype {
+                Dtype::F32 => "<f4",
+                Dtype::F16 => "<f2",
+            };
+            let sound = |e: &JournalEntry| {
+                valid(e)
+                    && e.record.states_file.as_ref().is_none_or(|rel| {
+                        check_npy(
+                            &tmp_dir.join(rel),
+                            descr,
+                            &[shape.n_points, e.record.positions.len(), shape.n_embd],
+                        )
+                        .is_ok()
+                    })
+            };
+            let ok = journal.iter().take_while(|e| sound(e)).count();
+            // Keep whole checkpoints only (their CSV lengths are known, and they end on a batch
+            // group), as far as every prompt in them is sound.
+            let mut cut = 0;
+            while cut < ok {
+                let size = journal[cut].checkpoint_size;
+                let end = cut + size;
+                let whole = size > 0
+                    && end <= ok
+                    && journal[cut..end].iter().all(|e| {
+                        e.csv_lengths == journal[cut].csv_lengths && e.checkpoint_size == size
+                    });
+                if !whole {
+                    break;
+                }
+                cut = end;
+            }
+            if cut < journal.len() {
+                eprintln!(
+                    "note: {} prompt(s) of the interrupted trace of {} are damaged or no longer match; they are traced again",
+                    journal.len() - cut,
+                    out.display()
+                );
+            }
+            if cut > 0 {
+                let reopened = RunWriter::open_files(
+                    out,
+                    name.clone(),
+                    tmp_dir.clone(),
+                    shape,
+                    dtype,
+                    format,
+                    false,
+                );
+                if let Ok(files) = reopened {
+                    let mut w = files.into_writer(staging, true);
+                    w.truncate_csvs(journal[cut - 1].csv_lengths)?;
+                    let kept: Vec<JournalEntry> = journal.into_iter().take(cut).collect();
+                    w.rewrite_journal(&kept)?;
+                    return Ok((w, kept));
+                }
+                eprintln!(
+                    "note: the files of the interrupted trace of {} are damaged; tracing from the start",
+                    out.display()
+                );
+            }
             fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         }
-        let fresh = match adopted && !journal.is_empty() {
-            true => {
-                let found = fs::read_to_string(tmp_dir.join(RESUME_PLAN)).unwrap_or_default();
-                if found.trim() != plan {
-                    // Keep it for a resume with the right inputs.
-                    staging.keep();
-                    return Err(RunError::Invalid {
-                        path: out.display().to_string(),
-                        msg: "the interrupted trace was made with another model file, other options or other prompts; run without --resume to start over".into(),
-                    });
-                }
-                done = journal;
-                false
-            }
-            false => {
-                fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
-                    path: tmp_dir.display().to_string(),
-                    source,
-                })?;
-                crate::output::write_synced(&tmp_dir.join(RESUME_PLAN), plan.as_bytes())?;
-                true
-            }
-        };
-        let mut w =
-            RunWriter::open_files(out, name, tmp_dir, staging, shape, dtype, format, fresh)?;
-        if let Some(last) = done.last() {
-            // Cut what was written after the last checkpoint (a torn tail).
-            w.truncate_csvs(last.csv_lengths)?;
-        }
-        Ok((w, done))
+        fs::create_dir(&tmp_dir).map_err(|source| RunError::Unwritable {
+            path: tmp_dir.display().to_string(),
+            source,
+        })?;
+        crate::output::write_synced(&tmp_dir.join(RESUME_PLAN), plan.as_bytes())?;
+        let files = RunWriter::open_files(out, name, tmp_dir, shape, dtype, format, true)?;
+        Ok((files.into_writer(staging, false), Vec::new()))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Replace the journal by `entries` (after cutting a damaged tail).
+    fn rewrite_journal(&self, entries: &[JournalEntry]) -> Result<(), RunError> {
+        let p = self.tmp_dir.join(JOURNAL);
+        let mut text = Vec::new();
+        for e in entries {
+            serde_json::to_writer(&mut text, e).map_err(|e| RunError::Io {
+                path: p.display().to_string(),
+                source: e.into(),
+            })?;
+            text.push(b'\n');
+        }
+        crate::output::write_synced(&p, &text)?;
+        Ok(())
+    }
+
     fn open_files(
         out: &Path,
         name: String,
         tmp_dir: PathBuf,
-        staging: Staging,
         shape: RunShape,
         dtype: Dtype,
         format: Format,
         fresh: bool,
-    ) -> Result<RunWriter, RunError> {
+    ) -> Result<RunFiles, RunError> {
         let RunShape {
             n_prompts,
             n_points,
@@ -512,11 +614,10 @@ impl RunWriter {
         } else {
             None
         };
-        Ok(RunWriter {
+        Ok(RunFiles {
             final_dir: out.to_path_buf(),
             name,
             tmp_dir,
-            staging,
             dtype,
             format,
             width: n_prompts.saturating_sub(1).to_string().len().max(5),
@@ -525,8 +626,6 @@ impl RunWriter {
             tokens_csv,
             states_csv,
             metrics_csv,
-            states_files: Vec::new(),
-            resumed: !fresh,
         })
     }
 
@@ -570,8 +669,10 @@ impl RunWriter {
             .append(true)
             .open(&p)
             .map_err(io_err(&p))?;
+        let size = entries.len();
         for e in entries.iter_mut() {
             e.csv_lengths = lengths;
+            e.checkpoint_size = size;
             let mut line = serde_json::to_vec(&*e).map_err(|e| RunError::Io {
                 path: p.display().to_string(),
                 source: e.into(),

@@ -21,6 +21,16 @@ use crate::common::*;
 /// Run the binary in `work` and assert a clean failure mentioning `needle` that left `work` as
 /// it was.
 fn fails(work: &Path, args: &[&str], needle: &str) -> Output {
+    // (`GGUF_TRACE_COUNT_CASES=FILE` lists the subcommand of every case, for counting.)
+    if let Some(f) = std::env::var_os("GGUF_TRACE_COUNT_CASES") {
+        use std::io::Write;
+        let mut f = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(f)
+            .unwrap();
+        writeln!(f, "{}", args[0]).unwrap();
+    }
     let before = snapshot(work);
     let o = bin().args(args).current_dir(work).output().unwrap();
     assert_clean_error(&o, needle, None);
@@ -541,6 +551,22 @@ fn outputs_are_never_lost() {
     std::fs::write(w.join("notes.txt"), "mine").unwrap();
     std::fs::copy(m, w.join("model.gguf")).unwrap();
     copy_run(w, "run");
+
+    // Hidden folders that merely look like gguf-trace's staging (no lock file of ours) are the
+    // user's: a trace writing "x" leaves them alone.
+    for d in [".gguf-trace-x.1.partial", ".gguf-trace-x.4000000.partial"] {
+        std::fs::create_dir(w.join(d)).unwrap();
+        std::fs::write(w.join(d).join("thesis.txt"), "mine").unwrap();
+    }
+    ok(w, &["trace", "-m", m, "-p", "x", "-o", "x"]);
+    for d in [".gguf-trace-x.1.partial", ".gguf-trace-x.4000000.partial"] {
+        assert_eq!(
+            std::fs::read_to_string(w.join(d).join("thesis.txt")).unwrap(),
+            "mine"
+        );
+        std::fs::remove_dir_all(w.join(d)).unwrap();
+    }
+    std::fs::remove_dir_all(w.join("x")).unwrap();
 
     // trace: a run directory holding the user's own files is not replaced either.
     let mine = copy_run(w, "annotated");
@@ -1195,6 +1221,67 @@ fn signals_during_report_and_quantize() {
         assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
         assert_unchanged(w, &before, &format!("quantize SIG{signal}"));
     }
+}
+
+/// Two commands writing the same output at once: the second is refused while the first runs.
+#[test]
+fn a_second_writer_of_the_same_output_is_refused() {
+    let m = smol_path();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    many_prompts(w);
+    let args = ["trace", "-m", s(&m), "-f", "many.txt", "-o", "run"];
+    let (code, seen) = interrupt_when(
+        w,
+        &args,
+        || {
+            if journaled(w, "") == 0 {
+                return false;
+            }
+            let o = bin().args(args).current_dir(w).output().unwrap();
+            assert_clean_error(&o, "is being written by another gguf-trace", None);
+            true
+        },
+        "INT",
+    );
+    assert_eq!(code, Some(130), "{seen:?}");
+}
+
+/// An RPC "worker" that accepts the connection and never answers: llama.cpp blocks inside, but
+/// Ctrl-C still ends the command (exit 130) within seconds.
+#[test]
+fn ctrl_c_ends_a_trace_blocked_on_a_silent_worker() {
+    let m = smol_path();
+    let work = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let start = Instant::now();
+    let (code, seen) = interrupt(
+        work.path(),
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-p",
+            "hi",
+            "--rpc",
+            &endpoint,
+            "-o",
+            "run",
+        ],
+        "",
+        Duration::from_millis(2000),
+        "INT",
+    );
+    assert_eq!(code, Some(130), "{seen:?}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(!work.path().join("run").exists());
 }
 
 /// The tool's own CLI parsing errors are one line too (clap), and unknown subcommands fail.

@@ -145,6 +145,7 @@ fn resume_refuses_other_inputs() {
     let (code, _) = interrupt_when(w, &a, || journaled(w, "") > 0, "KILL");
     assert_eq!(code, None);
     let refuse = |extra: &[&str], model: &str, file: &str| {
+        let before = snapshot(w);
         let mut r = args(model, file, "run");
         r.extend(extra);
         r.push("--resume");
@@ -154,6 +155,8 @@ fn resume_refuses_other_inputs() {
             "another model file, other options or other prompts",
             None,
         );
+        // The interrupted trace is left exactly as it was.
+        assert_unchanged(w, &before, &format!("{r:?}"));
     };
     refuse(&[], s(&m), "q.txt");
     refuse(&[], "copy.gguf", "p.txt");
@@ -161,6 +164,55 @@ fn resume_refuses_other_inputs() {
     // The interrupted trace is still there for the right --resume.
     let o = ok(w, &[&a[..], &["--resume"]].concat());
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
+}
+
+/// A damaged or edited staging directory is never trusted: a deleted or truncated states file, a
+/// journal torn mid-line, a journaled prompt that no longer matches — the affected prompts are
+/// traced again and the run still equals an uninterrupted one.
+#[test]
+fn resume_repairs_a_damaged_interrupted_trace() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    prompts(w, "p.txt", N);
+    ok(w, &args(m, "p.txt", "reference"));
+    let partial = |w: &Path| -> std::path::PathBuf {
+        std::fs::read_dir(w)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(".partial"))
+            .unwrap()
+            .join("run")
+    };
+    type Damage = Box<dyn Fn(&Path)>;
+    let damages: Vec<Damage> = vec![
+        Box::new(|d: &Path| std::fs::remove_file(d.join("states/00001.npy")).unwrap()),
+        Box::new(|d: &Path| {
+            let p = d.join("states/00000.npy");
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..100]).unwrap();
+        }),
+        Box::new(|d: &Path| {
+            let p = d.join(".journal.jsonl");
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() - 50]).unwrap();
+        }),
+        Box::new(|d: &Path| {
+            let p = d.join(".journal.jsonl");
+            let t = std::fs::read_to_string(&p).unwrap();
+            std::fs::write(&p, t.replacen("Prompt number 0 ", "Prompt number X ", 1)).unwrap();
+        }),
+    ];
+    for damage in damages {
+        let a = args(m, "p.txt", "run");
+        let (code, _) = interrupt_when(w, &a, || journaled(w, "") > 0, "KILL");
+        assert_eq!(code, None);
+        damage(&partial(w));
+        ok(w, &[&a[..], &["--resume"]].concat());
+        assert_same_run(&w.join("run"), &w.join("reference"));
+        std::fs::remove_dir_all(w.join("run")).unwrap();
+    }
 }
 
 #[test]
