@@ -302,12 +302,7 @@ impl Staging {
     pub fn new(target: &Path) -> Result<Staging, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
-        if let Some(pid) = busy(&parent, &key) {
-            return Err(OutputError::Busy {
-                path: target.display().to_string(),
-                pid,
-            });
-        }
+        refuse_if_busy(&parent, &key, target)?;
         for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
         }
@@ -360,12 +355,7 @@ impl Staging {
     ) -> Result<Option<Staging>, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
-        if let Some(pid) = busy(&parent, &key) {
-            return Err(OutputError::Busy {
-                path: target.display().to_string(),
-                pid,
-            });
-        }
+        refuse_if_busy(&parent, &key, target)?;
         let prefix = format!("{PREFIX}{key}.");
         let me = std::process::id();
         let mut found: Option<(std::time::SystemTime, String)> = None;
@@ -542,6 +532,17 @@ pub fn sync_file(path: &Path) -> Result<(), OutputError> {
 pub fn sync_dir(dir: &Path) {
     if let Ok(f) = fs::File::open(dir) {
         let _ = f.sync_all();
+    }
+}
+
+/// Refuse to write `target` while another live gguf-trace writes it.
+fn refuse_if_busy(parent: &Path, key: &str, target: &Path) -> Result<(), OutputError> {
+    match busy(parent, key) {
+        Some(pid) => Err(OutputError::Busy {
+            path: target.display().to_string(),
+            pid,
+        }),
+        None => Ok(()),
     }
 }
 
