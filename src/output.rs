@@ -437,11 +437,6 @@ impl Staging {
         self.dir.join(name)
     }
 
-    /// The staging directory itself.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn old_dir(&self) -> PathBuf {
         self.parent
             .join(format!("{PREFIX}{}.{}.old", self.key, self.pid))

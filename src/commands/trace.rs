@@ -742,7 +742,7 @@ fn write_run(
     let lens_info = match lens {
         None => None,
         Some(l) => {
-            crate::run::write_json_atomic(&writer.dir().join(run::LENS_JSON), &l.prompts)?;
+            writer.write_json(run::LENS_JSON, &l.prompts)?;
             let valid = l.max_diff <= LENS_TOLERANCE;
             if !valid {
                 eprintln!(

@@ -104,14 +104,6 @@ pub fn add_servers(endpoints: &[String]) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Names of the RPC devices registered so far (for run.json).
-pub fn devices() -> Vec<String> {
-    backend::devices()
-        .into_iter()
-        .filter(|d| d.starts_with("RPC"))
-        .collect()
-}
-
 /// Serve this machine's CPU backend over llama.cpp's RPC protocol at `endpoint` (HOST:PORT).
 /// Blocks while serving; returns only when the server cannot start.
 pub fn serve(endpoint: &str, threads: usize) -> Result<(), RpcError> {

@@ -357,18 +357,8 @@ struct RunFiles {
 impl RunFiles {
     fn into_writer(self, staging: Staging, resumed: bool) -> RunWriter {
         RunWriter {
-            final_dir: self.final_dir,
-            name: self.name,
-            tmp_dir: self.tmp_dir,
+            files: self,
             staging,
-            dtype: self.dtype,
-            format: self.format,
-            width: self.width,
-            last: self.last,
-            logits: self.logits,
-            tokens_csv: self.tokens_csv,
-            states_csv: self.states_csv,
-            metrics_csv: self.metrics_csv,
             states_files: Vec::new(),
             resumed,
         }
@@ -387,18 +377,8 @@ pub struct RunShape {
 /// Writes a run directory, prompt by prompt, inside a [`Staging`] directory that is swapped into
 /// place only when everything (run.json with `"complete": true` last) is written and synced.
 pub struct RunWriter {
-    final_dir: PathBuf,
-    name: String,
-    tmp_dir: PathBuf,
+    files: RunFiles,
     staging: Staging,
-    dtype: Dtype,
-    format: Format,
-    width: usize,
-    last: NpyRows,
-    logits: NpyRows,
-    tokens_csv: csv::Writer<fs::File>,
-    states_csv: Option<csv::Writer<fs::File>>,
-    metrics_csv: csv::Writer<fs::File>,
     /// Relative paths of the per-prompt states files written since the last sync.
     states_files: Vec<String>,
     /// Whether this writer continues an interrupted trace (`--resume`).
@@ -528,7 +508,7 @@ impl RunWriter {
 
     /// Replace the journal by `entries` (after cutting a damaged tail).
     fn rewrite_journal(&self, entries: &[JournalEntry]) -> Result<(), RunError> {
-        let p = self.tmp_dir.join(JOURNAL);
+        let p = self.files.tmp_dir.join(JOURNAL);
         let mut text = Vec::new();
         for e in entries {
             serde_json::to_writer(&mut text, e).map_err(|e| RunError::Io {
@@ -637,9 +617,9 @@ impl RunWriter {
     /// Truncate the CSVs to the lengths of a checkpoint.
     fn truncate_csvs(&mut self, lengths: [u64; 3]) -> Result<(), RunError> {
         let files = [
-            (self.tmp_dir.join(TOKENS_CSV), lengths[0]),
-            (self.tmp_dir.join(METRICS_CSV), lengths[1]),
-            (self.tmp_dir.join(STATES_CSV), lengths[2]),
+            (self.files.tmp_dir.join(TOKENS_CSV), lengths[0]),
+            (self.files.tmp_dir.join(METRICS_CSV), lengths[1]),
+            (self.files.tmp_dir.join(STATES_CSV), lengths[2]),
         ];
         for (p, len) in files {
             if p.exists() {
@@ -659,11 +639,11 @@ impl RunWriter {
         self.sync_data()?;
         let len = |p: PathBuf| fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         let lengths = [
-            len(self.tmp_dir.join(TOKENS_CSV)),
-            len(self.tmp_dir.join(METRICS_CSV)),
-            len(self.tmp_dir.join(STATES_CSV)),
+            len(self.files.tmp_dir.join(TOKENS_CSV)),
+            len(self.files.tmp_dir.join(METRICS_CSV)),
+            len(self.files.tmp_dir.join(STATES_CSV)),
         ];
-        let p = self.tmp_dir.join(JOURNAL);
+        let p = self.files.tmp_dir.join(JOURNAL);
         let mut f = fs::File::options()
             .create(true)
             .append(true)
@@ -689,19 +669,25 @@ impl RunWriter {
             w.flush().map_err(io_err(&p))?;
             w.get_ref().sync_all().map_err(io_err(&p))
         };
-        flush(&mut self.tokens_csv, self.tmp_dir.join(TOKENS_CSV))?;
-        flush(&mut self.metrics_csv, self.tmp_dir.join(METRICS_CSV))?;
-        if let Some(w) = self.states_csv.as_mut() {
-            flush(w, self.tmp_dir.join(STATES_CSV))?;
+        flush(
+            &mut self.files.tokens_csv,
+            self.files.tmp_dir.join(TOKENS_CSV),
+        )?;
+        flush(
+            &mut self.files.metrics_csv,
+            self.files.tmp_dir.join(METRICS_CSV),
+        )?;
+        if let Some(w) = self.files.states_csv.as_mut() {
+            flush(w, self.files.tmp_dir.join(STATES_CSV))?;
         }
-        let p = self.tmp_dir.join(LAST_NPY);
-        self.last.sync().map_err(io_err(&p))?;
-        let p = self.tmp_dir.join(LOGITS_NPY);
-        self.logits.sync().map_err(io_err(&p))?;
+        let p = self.files.tmp_dir.join(LAST_NPY);
+        self.files.last.sync().map_err(io_err(&p))?;
+        let p = self.files.tmp_dir.join(LOGITS_NPY);
+        self.files.logits.sync().map_err(io_err(&p))?;
         for rel in self.states_files.drain(..) {
-            crate::output::sync_file(&self.tmp_dir.join(rel))?;
+            crate::output::sync_file(&self.files.tmp_dir.join(rel))?;
         }
-        crate::output::sync_dir(&self.tmp_dir.join(STATES_DIR));
+        crate::output::sync_dir(&self.files.tmp_dir.join(STATES_DIR));
         Ok(())
     }
 
@@ -713,7 +699,7 @@ impl RunWriter {
 
     /// Relative path of a prompt's states file: the zero-padded prompt index, never the user's id.
     pub fn states_file(&self, index: usize) -> String {
-        format!("{STATES_DIR}/{index:0w$}.npy", w = self.width)
+        format!("{STATES_DIR}/{index:0w$}.npy", w = self.files.width)
     }
 
     /// Write one prompt's files. Returns the relative states path (None with --format csv).
@@ -725,10 +711,10 @@ impl RunWriter {
         label: Option<&str>,
         pieces: &[String],
     ) -> Result<Option<String>, RunError> {
-        let rel = self.format.npy().then(|| self.states_file(t.index));
+        let rel = self.files.format.npy().then(|| self.states_file(t.index));
         if let Some(rel) = &rel {
-            let p = self.tmp_dir.join(rel);
-            let res = match self.dtype {
+            let p = self.files.tmp_dir.join(rel);
+            let res = match self.files.dtype {
                 Dtype::F32 => ndarray_npy::write_npy(&p, &t.states),
                 Dtype::F16 => {
                     ndarray_npy::write_npy(&p, &t.states.mapv(|x| F16(half::f16::from_f32(x))))
@@ -741,12 +727,14 @@ impl RunWriter {
             self.states_files.push(rel.clone());
         }
         let slot = t.last_prompt_slot();
-        let p = self.tmp_dir.join(LAST_NPY);
-        self.last
+        let p = self.files.tmp_dir.join(LAST_NPY);
+        self.files
+            .last
             .set_row(t.index, t.states.index_axis(Axis(1), slot))
             .map_err(io_err(&p))?;
-        let p = self.tmp_dir.join(LOGITS_NPY);
-        self.logits
+        let p = self.files.tmp_dir.join(LOGITS_NPY);
+        self.files
+            .logits
             .set_row(t.index, ndarray::ArrayView1::from(&t.logits[..]))
             .map_err(io_err(&p))?;
 
@@ -757,10 +745,11 @@ impl RunWriter {
                 source: e.into(),
             }
         };
-        let p = self.tmp_dir.join(TOKENS_CSV);
+        let p = self.files.tmp_dir.join(TOKENS_CSV);
         let index = t.index.to_string();
         for (pos, (&tok, piece)) in t.tokens.iter().zip(pieces).enumerate() {
-            self.tokens_csv
+            self.files
+                .tokens_csv
                 .write_record([
                     index.as_str(),
                     id,
@@ -774,7 +763,7 @@ impl RunWriter {
         }
         // Per-trajectory metrics of the last prompt position (full hidden dimension).
         let m = metrics::trajectory(t.states.index_axis(Axis(1), slot));
-        let p = self.tmp_dir.join(METRICS_CSV);
+        let p = self.files.tmp_dir.join(METRICS_CSV);
         for (k, &point) in points.iter().enumerate() {
             let mut rec = vec![
                 index.clone(),
@@ -790,10 +779,13 @@ impl RunWriter {
                     String::new()
                 }
             }));
-            self.metrics_csv.write_record(&rec).map_err(csv_err(&p))?;
+            self.files
+                .metrics_csv
+                .write_record(&rec)
+                .map_err(csv_err(&p))?;
         }
-        if let Some(w) = self.states_csv.as_mut() {
-            let p = self.tmp_dir.join(STATES_CSV);
+        if let Some(w) = self.files.states_csv.as_mut() {
+            let p = self.files.tmp_dir.join(STATES_CSV);
             for (k, &point) in points.iter().enumerate() {
                 for (j, &pos) in t.positions.iter().enumerate() {
                     let mut rec = Vec::with_capacity(3 + t.states.shape()[2]);
@@ -815,7 +807,7 @@ impl RunWriter {
 
     /// Write an extra JSON file into the run (e.g. lens.json).
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), RunError> {
-        write_json_atomic(&self.tmp_dir.join(name), value)
+        write_json_atomic(&self.files.tmp_dir.join(name), value)
     }
 
     /// Sync every data file, write run.json (complete) last, and swap the directory into place.
@@ -824,19 +816,15 @@ impl RunWriter {
         let mut m = manifest.clone();
         m.complete = true;
         crate::output::failpoint("run-json");
-        write_json_atomic(&self.tmp_dir.join(RUN_JSON), &m)?;
+        write_json_atomic(&self.files.tmp_dir.join(RUN_JSON), &m)?;
         crate::output::failpoint("after-run-json");
         // The resume files go only now: a kill before this point resumes with nothing to trace.
-        let _ = fs::remove_file(self.tmp_dir.join(JOURNAL));
-        let _ = fs::remove_file(self.tmp_dir.join(RESUME_PLAN));
-        crate::output::sync_dir(&self.tmp_dir);
-        self.staging.commit(std::slice::from_ref(&self.name), &[])?;
-        Ok(self.final_dir.clone())
-    }
-
-    /// The directory being written (inside the staging area) — for extra files such as lens.json.
-    pub fn dir(&self) -> &Path {
-        &self.tmp_dir
+        let _ = fs::remove_file(self.files.tmp_dir.join(JOURNAL));
+        let _ = fs::remove_file(self.files.tmp_dir.join(RESUME_PLAN));
+        crate::output::sync_dir(&self.files.tmp_dir);
+        self.staging
+            .commit(std::slice::from_ref(&self.files.name), &[])?;
+        Ok(self.files.final_dir.clone())
     }
 }
 
@@ -1036,7 +1024,8 @@ impl Run {
                         "states_file \"{rel}\" is not this prompt's file ({STATES_DIR}/{i:0w$}.npy)"
                     )));
                 }
-                let path = self.contained(rel)?;
+                // (The exact name above also keeps the path inside the run directory.)
+                let path = self.dir.join(rel);
                 let descr = match m.capture.dtype {
                     Dtype::F32 => "<f4",
                     Dtype::F16 => "<f2",
@@ -1067,21 +1056,6 @@ impl Run {
             }
         }
         Ok(())
-    }
-
-    /// `dir/rel`, refusing a relative path that leaves the run directory.
-    fn contained(&self, rel: &str) -> Result<PathBuf, RunError> {
-        let r = Path::new(rel);
-        if r.is_absolute()
-            || r.components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(RunError::Invalid {
-                path: self.dir.join(RUN_JSON).display().to_string(),
-                msg: format!("states file \"{rel}\" is not inside the run directory"),
-            });
-        }
-        Ok(self.dir.join(r))
     }
 
     /// Refuse a run holding non-finite states (traced with `--allow-nonfinite`) for analysis.
