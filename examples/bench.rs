@@ -162,6 +162,11 @@ fn bench_compare(source: &std::path::Path) {
 
 /// Peak resident memory (VmHWM) of a `gguf-trace` run, polled from /proc while it runs.
 fn peak_rss_mib(args: &[&str]) -> f64 {
+    peak_rss_and_time(args).0
+}
+
+/// Peak resident memory (MiB), wall time (s) and success of a `gguf-trace` run.
+fn peak_rss_and_time(args: &[&str]) -> (f64, f64, bool) {
     let bin = std::env::current_exe()
         .unwrap()
         .parent()
@@ -169,6 +174,7 @@ fn peak_rss_mib(args: &[&str]) -> f64 {
         .parent()
         .unwrap()
         .join("gguf-trace");
+    let t = Instant::now();
     let mut child = std::process::Command::new(&bin)
         .args(args)
         .stdout(std::process::Stdio::null())
@@ -177,7 +183,10 @@ fn peak_rss_mib(args: &[&str]) -> f64 {
         .expect("target/release/gguf-trace (scripts/bench builds it)");
     let status = format!("/proc/{}/status", child.id());
     let mut peak_kib = 0u64;
-    while child.try_wait().unwrap().is_none() {
+    let ok = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.success();
+        }
         if let Ok(t) = std::fs::read_to_string(&status) {
             if let Some(v) = t
                 .lines()
@@ -189,18 +198,57 @@ fn peak_rss_mib(args: &[&str]) -> f64 {
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (peak_kib as f64 / 1024.0, t.elapsed().as_secs_f64(), ok)
+}
+
+/// `report` on the traced SmolLM2 runs of [`bench_memory`] (200 and 2,000 labeled prompts) and
+/// on a synthetic run the size of a big-model study — 2,000 prompts × 81 points × 8,192 wide
+/// (last.npy 5.3 GB in f32, states 2.7 GB in f16), written with the run-format code: time and
+/// peak RSS. Memory must follow what is drawn, not the number of prompts or the width.
+fn bench_report_scale(traced: &std::path::Path) {
+    for n in [200, 2000] {
+        let run = traced.join(format!("r{n}"));
+        let out = traced.join(format!("report{n}.html"));
+        let (rss, secs, ok) = peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert!(ok, "report of r{n}");
+        println!("report_smollm2_{n}_prompts: {secs:.2} s, peak RSS {rss:.0} MiB");
     }
-    peak_kib as f64 / 1024.0
+    let (n, layers, width) = (2000, 80, 8192);
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("big");
+    let t = Instant::now();
+    gguf_trace::run::synthetic::write_with(&run, n, layers, width, &["a", "b"], 3, gguf_trace::run::Dtype::F16).unwrap();
+    let last = std::fs::metadata(run.join("last.npy")).unwrap().len();
+    println!(
+        "synthetic_run: {n} prompts x {} points x {width} wide, last.npy {:.2} GB (written in {:.0} s)",
+        layers + 1,
+        last as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    let out = dir.path().join("big.html");
+    let (rss, secs, ok) = peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "report of the synthetic run");
+    println!("report_synthetic_{n}x{}x{width}: {secs:.1} s, peak RSS {rss:.0} MiB", layers + 1);
 }
 
 /// Peak memory of `trace` for 200 vs 2,000 prompts (`--positions last`) and one ~2,000-token
 /// prompt: memory must not grow with the number or length of prompts beyond one batch.
-fn bench_memory(model: &std::path::Path) {
+fn bench_memory(model: &std::path::Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let m = model.to_str().unwrap();
     for n in [200, 2000] {
-        let pf = dir.path().join(format!("p{n}.txt"));
-        std::fs::write(&pf, prompts(n).join("\n")).unwrap();
+        // Labeled (two labels) so the report of these runs has groups and a contrast.
+        let pf = dir.path().join(format!("p{n}.jsonl"));
+        let lines: Vec<String> = prompts(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let label = if i % 2 == 0 { "even" } else { "odd" };
+                serde_json::json!({"text": t, "label": label}).to_string()
+            })
+            .collect();
+        std::fs::write(&pf, lines.join("\n")).unwrap();
         let out = dir.path().join(format!("r{n}"));
         let rss = peak_rss_mib(&[
             "trace",
@@ -231,6 +279,7 @@ fn bench_memory(model: &std::path::Path) {
         out.to_str().unwrap(),
     ]);
     println!("trace_peak_rss_one_2000_token_prompt: {rss:.0} MiB");
+    dir
 }
 
 /// Traced over an in-process loopback RPC server vs local, same prompts: time ratio and bytes read
@@ -298,7 +347,9 @@ fn main() {
     gguf_trace::llama::backend::init();
     bench_report();
     bench_compare(&paths[0]);
-    bench_memory(&paths[0]);
+    let traced = bench_memory(&paths[0]);
+    bench_report_scale(traced.path());
+    drop(traced);
     for path in paths.clone() {
         let model = Model::load(&path, &LoadOptions::default()).expect("model loads");
         let name = model.meta("general.architecture").unwrap_or_default();

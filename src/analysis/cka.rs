@@ -49,19 +49,38 @@ pub fn cka_plain(k: &Array2<f64>, l: &Array2<f64>) -> f64 {
 /// Debiased CKA between every point of `a` (`[n, Pa, d_a]`) and every point of `b`
 /// (`[n, Pb, d_b]`): `[Pa, Pb]`. `order` permutes b's inputs (the shuffled control); None keeps them.
 pub fn cka_matrix(a: ArrayView3<f32>, b: ArrayView3<f32>, order: Option<&[usize]>) -> Array2<f64> {
-    let ga: Vec<Array2<f64>> = (0..a.shape()[1])
-        .map(|p| gram(a.index_axis(Axis(1), p)))
-        .collect();
-    let gb: Vec<Array2<f64>> = (0..b.shape()[1])
-        .map(|p| {
-            let x = b.index_axis(Axis(1), p);
-            match order {
-                Some(o) => gram(x.select(Axis(0), o).view()),
-                None => gram(x),
-            }
-        })
-        .collect();
-    Array2::from_shape_fn((ga.len(), gb.len()), |(i, j)| cka_debiased(&ga[i], &gb[j]))
+    let rows: Vec<usize> = (0..a.shape()[0]).collect();
+    let b_rows: Vec<usize> = order.map(<[usize]>::to_vec).unwrap_or_else(|| rows.clone());
+    let point =
+        |x: ArrayView3<f32>, k: usize, r: &[usize]| Ok(x.index_axis(Axis(1), k).select(Axis(0), r));
+    cka_matrix_by_point(
+        (a.shape()[1], &mut |k| point(a, k, &rows)),
+        (b.shape()[1], &mut |k| point(b, k, &b_rows)),
+    )
+    .expect("in-memory reads do not fail")
+}
+
+/// Reads point `k`'s rows (`[n, d]`, the same n inputs in the same order for both models).
+pub type PointReader<'a> = &'a mut dyn FnMut(usize) -> anyhow::Result<Array2<f32>>;
+
+/// [`cka_matrix`] over points read one at a time: `a` and `b` are (point count, reader). B's Gram
+/// matrices are kept (`Pb · n²` f64), A's made one at a time, so memory is bounded by n, not by
+/// the width or the number of A's points.
+pub fn cka_matrix_by_point(
+    a: (usize, PointReader),
+    b: (usize, PointReader),
+) -> anyhow::Result<Array2<f64>> {
+    let gb: Vec<Array2<f64>> = (0..b.0)
+        .map(|k| Ok(gram((b.1)(k)?.view())))
+        .collect::<anyhow::Result<_>>()?;
+    let mut m = Array2::<f64>::zeros((a.0, b.0));
+    for i in 0..a.0 {
+        let ga = gram((a.1)(i)?.view());
+        for (j, g) in gb.iter().enumerate() {
+            m[[i, j]] = cka_debiased(&ga, g);
+        }
+    }
+    Ok(m)
 }
 
 /// For two depth profiles, the mean CKA along the normalized-depth diagonal (point i of A against

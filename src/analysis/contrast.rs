@@ -8,7 +8,7 @@
 //! prompt i is projected on the direction fitted without it, relative to the midpoint of the two
 //! group means fitted without it.
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView3};
 
 /// Separation of the two groups at one point, from leave-one-out projections.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,35 +59,39 @@ fn mean_rows(x: ArrayView2<f64>, rows: &[usize]) -> Array1<f64> {
     m / rows.len().max(1) as f64
 }
 
-/// Leave-one-out separation at one point. `x` is `[n, d]`; `a`, `b` the two groups' rows.
-pub fn loo_separation(x: ArrayView2<f64>, a: &[usize], b: &[usize]) -> Separation {
-    let (ma, mb) = (mean_rows(x, a), mean_rows(x, b));
-    let (na, nb) = (a.len() as f64, b.len() as f64);
-    let project = |i: usize, in_a: bool| -> f64 {
-        let h = x.row(i);
-        // Means without prompt i.
-        let (ma_i, mb_i) = if in_a {
-            ((&ma * na - h) / (na - 1.0), mb.clone())
-        } else {
-            (ma.clone(), (&mb * nb - h) / (nb - 1.0))
-        };
-        let u = &ma_i - &mb_i;
-        let norm = u.dot(&u).sqrt();
-        if norm == 0.0 {
-            return 0.0;
-        }
-        let mid = (&ma_i + &mb_i) / 2.0;
-        (&h - &mid).dot(&u) / norm
+/// Prompt `h`'s projection on the direction fitted without it, relative to the midpoint of the
+/// two group means fitted without it. `ma`, `mb` are the group means (sizes `na`, `nb`) with it.
+fn loo_projection(
+    h: ArrayView1<f64>,
+    ma: ArrayView1<f64>,
+    mb: ArrayView1<f64>,
+    na: f64,
+    nb: f64,
+    in_a: bool,
+) -> f64 {
+    let (ma_i, mb_i) = if in_a {
+        ((&ma * na - h) / (na - 1.0), mb.to_owned())
+    } else {
+        (ma.to_owned(), (&mb * nb - h) / (nb - 1.0))
     };
-    let pa: Vec<f64> = a.iter().map(|&i| project(i, true)).collect();
-    let pb: Vec<f64> = b.iter().map(|&i| project(i, false)).collect();
+    let u = &ma_i - &mb_i;
+    let norm = u.dot(&u).sqrt();
+    if norm == 0.0 {
+        return 0.0;
+    }
+    let mid = (&ma_i + &mb_i) / 2.0;
+    (&h - &mid).dot(&u) / norm
+}
+
+/// Separation from the leave-one-out projections of the two groups.
+fn separation_of(pa: &[f64], pb: &[f64]) -> Separation {
+    let (na, nb) = (pa.len() as f64, pb.len() as f64);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let var = |v: &[f64], m: f64| {
         v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() as f64 - 1.0)
     };
-    let (mpa, mpb) = (mean(&pa), mean(&pb));
-    let pooled =
-        (((na - 1.0) * var(&pa, mpa) + (nb - 1.0) * var(&pb, mpb)) / (na + nb - 2.0)).sqrt();
+    let (mpa, mpb) = (mean(pa), mean(pb));
+    let pooled = (((na - 1.0) * var(pa, mpa) + (nb - 1.0) * var(pb, mpb)) / (na + nb - 2.0)).sqrt();
     // A projection exactly on the midpoint is a tie: half right.
     let score = |p: f64, sign: f64| {
         if p * sign > 0.0 {
@@ -113,45 +117,141 @@ pub fn loo_separation(x: ArrayView2<f64>, a: &[usize], b: &[usize]) -> Separatio
     }
 }
 
-/// Full contrast of groups `a` and `b` in `states` (`[n_prompts, n_points, d]`).
-/// Both groups need at least 3 prompts.
-pub fn contrast(states: ArrayView3<f32>, a: &[usize], b: &[usize]) -> Contrast {
-    assert!(
-        a.len() >= 3 && b.len() >= 3,
-        "each group needs at least 3 prompts"
-    );
-    let (n, n_points, d) = states.dim();
-    let mut directions = Array2::<f32>::zeros((n_points, d));
-    let mut separation = Vec::with_capacity(n_points);
-    let mut projections = Array2::<f64>::zeros((n, n_points));
-    for k in 0..n_points {
-        let x = states.index_axis(Axis(1), k).mapv(|v| v as f64);
-        let (ma, mb) = (mean_rows(x.view(), a), mean_rows(x.view(), b));
-        let u = &ma - &mb;
-        directions.row_mut(k).assign(&u.mapv(|v| v as f32));
-        separation.push(loo_separation(x.view(), a, b));
-        let norm = u.dot(&u).sqrt();
-        let mid = (&ma + &mb) / 2.0;
-        for i in 0..n {
-            projections[[i, k]] = if norm > 0.0 {
-                (&x.row(i) - &mid).dot(&u) / norm
+/// Leave-one-out separation at one point. `x` is `[n, d]`; `a`, `b` the two groups' rows.
+pub fn loo_separation(x: ArrayView2<f64>, a: &[usize], b: &[usize]) -> Separation {
+    let (ma, mb) = (mean_rows(x, a), mean_rows(x, b));
+    let (na, nb) = (a.len() as f64, b.len() as f64);
+    let pa: Vec<f64> = a
+        .iter()
+        .map(|&i| loo_projection(x.row(i), ma.view(), mb.view(), na, nb, true))
+        .collect();
+    let pb: Vec<f64> = b
+        .iter()
+        .map(|&i| loo_projection(x.row(i), ma.view(), mb.view(), na, nb, false))
+        .collect();
+    separation_of(&pa, &pb)
+}
+
+/// Contrast of groups `a` and `b` streamed over the prompts' trajectories (`[n_points, d]` each):
+/// a first pass sums each group ([`ContrastAccumulator::first`]), a second projects every prompt
+/// on the full and on its leave-one-out direction ([`ContrastAccumulator::second`]). Memory: the
+/// two group sums (`[n_points, d]` f64 each) and one number per prompt and point.
+#[derive(Debug, Clone)]
+pub struct ContrastAccumulator {
+    a: Vec<usize>,
+    b: Vec<usize>,
+    /// Per prompt: Some(true) in a, Some(false) in b, None in neither.
+    side: Vec<Option<bool>>,
+    sum_a: Array2<f64>,
+    sum_b: Array2<f64>,
+    means: Option<(Array2<f64>, Array2<f64>)>,
+    projections: Array2<f64>,
+    /// `[n_prompts, n_points]`: each member's leave-one-out projection.
+    loo: Array2<f64>,
+}
+
+impl ContrastAccumulator {
+    /// Groups `a` and `b` (prompt indices, at least 3 each) of `n_prompts` prompts.
+    pub fn new(n_prompts: usize, n_points: usize, d: usize, a: &[usize], b: &[usize]) -> Self {
+        assert!(
+            a.len() >= 3 && b.len() >= 3,
+            "each group needs at least 3 prompts"
+        );
+        let mut side = vec![None; n_prompts];
+        for &i in a {
+            side[i] = Some(true);
+        }
+        for &i in b {
+            side[i] = Some(false);
+        }
+        ContrastAccumulator {
+            a: a.to_vec(),
+            b: b.to_vec(),
+            side,
+            sum_a: Array2::zeros((n_points, d)),
+            sum_b: Array2::zeros((n_points, d)),
+            means: None,
+            projections: Array2::zeros((n_prompts, n_points)),
+            loo: Array2::zeros((n_prompts, n_points)),
+        }
+    }
+
+    /// Whether prompt `i` is in either group (only those are needed in the first pass).
+    pub fn member(&self, i: usize) -> bool {
+        self.side[i].is_some()
+    }
+
+    /// First pass: prompt `i`'s trajectory (prompts in increasing order).
+    pub fn first(&mut self, i: usize, h: ArrayView2<f32>) {
+        let sum = match self.side[i] {
+            Some(true) => &mut self.sum_a,
+            Some(false) => &mut self.sum_b,
+            None => return,
+        };
+        sum.zip_mut_with(&h, |s, &x| *s += x as f64);
+    }
+
+    /// Second pass: every prompt `i`'s trajectory again.
+    pub fn second(&mut self, i: usize, h: ArrayView2<f32>) {
+        let (na, nb) = (self.a.len() as f64, self.b.len() as f64);
+        let (ma, mb) = self
+            .means
+            .get_or_insert_with(|| (&self.sum_a / na, &self.sum_b / nb));
+        for (k, row) in h.outer_iter().enumerate() {
+            let x = row.mapv(|v| v as f64);
+            let (ma, mb) = (ma.row(k), mb.row(k));
+            let u = &ma - &mb;
+            let norm = u.dot(&u).sqrt();
+            self.projections[[i, k]] = if norm > 0.0 {
+                let mid = (&ma + &mb) / 2.0;
+                (&x - &mid).dot(&u) / norm
             } else {
                 0.0
             };
+            if let Some(in_a) = self.side[i] {
+                self.loo[[i, k]] = loo_projection(x.view(), ma, mb, na, nb, in_a);
+            }
         }
     }
-    let finite = |x: f64| if x.is_finite() { x } else { f64::NEG_INFINITY };
-    let peak = (0..n_points)
-        .max_by(|&i, &j| finite(separation[i].d).total_cmp(&finite(separation[j].d)))
-        .unwrap_or(0);
-    let sharpness = sharpness(&separation.iter().map(|s| s.d).collect::<Vec<_>>(), peak);
-    Contrast {
-        directions,
-        separation,
-        peak,
-        projections,
-        sharpness,
+
+    pub fn finish(self) -> Contrast {
+        let (ma, mb) = self.means.expect("ContrastAccumulator::second was called");
+        let directions = (&ma - &mb).mapv(|v| v as f32);
+        let n_points = directions.nrows();
+        let separation: Vec<Separation> = (0..n_points)
+            .map(|k| {
+                let pa: Vec<f64> = self.a.iter().map(|&i| self.loo[[i, k]]).collect();
+                let pb: Vec<f64> = self.b.iter().map(|&i| self.loo[[i, k]]).collect();
+                separation_of(&pa, &pb)
+            })
+            .collect();
+        let finite = |x: f64| if x.is_finite() { x } else { f64::NEG_INFINITY };
+        let peak = (0..n_points)
+            .max_by(|&i, &j| finite(separation[i].d).total_cmp(&finite(separation[j].d)))
+            .unwrap_or(0);
+        let sharpness = sharpness(&separation.iter().map(|s| s.d).collect::<Vec<_>>(), peak);
+        Contrast {
+            directions,
+            separation,
+            peak,
+            projections: self.projections,
+            sharpness,
+        }
     }
+}
+
+/// Full contrast of groups `a` and `b` in `states` (`[n_prompts, n_points, d]`, in memory).
+/// Both groups need at least 3 prompts.
+pub fn contrast(states: ArrayView3<f32>, a: &[usize], b: &[usize]) -> Contrast {
+    let (n, n_points, d) = states.dim();
+    let mut acc = ContrastAccumulator::new(n, n_points, d, a, b);
+    for (i, h) in states.outer_iter().enumerate() {
+        acc.first(i, h);
+    }
+    for (i, h) in states.outer_iter().enumerate() {
+        acc.second(i, h);
+    }
+    acc.finish()
 }
 
 /// Sharpness of the rise of `d` from the first point to `peak`. Negative leave-one-out d (no
@@ -182,10 +282,9 @@ pub fn sharpness(d: &[f64], peak: usize) -> Sharpness {
     }
 }
 
-/// Labels shuffled with a fixed seed (Fisher–Yates on an LCG): the control whose separation should
-/// stay near chance when its peak is chosen the same way.
-pub fn shuffled_groups(a: &[usize], b: &[usize], seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut all: Vec<usize> = a.iter().chain(b).copied().collect();
+/// `items` shuffled with a fixed seed (Fisher–Yates on an LCG).
+pub fn shuffled(items: &[usize], seed: u64) -> Vec<usize> {
+    let mut all = items.to_vec();
     let mut s = seed;
     for i in (1..all.len()).rev() {
         s = s
@@ -194,8 +293,20 @@ pub fn shuffled_groups(a: &[usize], b: &[usize], seed: u64) -> (Vec<usize>, Vec<
         let j = ((s >> 33) as usize) % (i + 1);
         all.swap(i, j);
     }
+    all
+}
+
+/// Labels shuffled with a fixed seed: the control whose separation should stay near chance when
+/// its peak is chosen the same way. Returns the two shuffled groups (sizes of `a` and `b`), each
+/// in prompt order (the order streamed statistics see them in).
+pub fn shuffled_groups(a: &[usize], b: &[usize], seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let all: Vec<usize> = a.iter().chain(b).copied().collect();
+    let all = shuffled(&all, seed);
     let (x, y) = all.split_at(a.len());
-    (x.to_vec(), y.to_vec())
+    let (mut x, mut y) = (x.to_vec(), y.to_vec());
+    x.sort_unstable();
+    y.sort_unstable();
+    (x, y)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! top-1 agreement and Δp of the reference's top token, as llama.cpp's perplexity tool reports
 //! them at the output.
 
-use ndarray::{ArrayView1, ArrayView2, ArrayView3};
+use ndarray::{ArrayView1, ArrayView2, ArrayView3, Axis};
 
 /// Drift statistics at one point, over every compared (prompt, position).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,16 +37,22 @@ impl DriftAccumulator {
     /// tokens; only the first `n_positions` positions are compared.
     pub fn add(&mut self, reference: ArrayView3<f32>, level: ArrayView3<f32>, n_positions: usize) {
         for t in 0..n_positions {
-            for k in 0..self.cos_sum.len() {
-                let a = reference.slice(ndarray::s![k, t, ..]);
-                let b = level.slice(ndarray::s![k, t, ..]);
-                let (c, e) = cos_and_rel_err(a, b);
-                self.cos_sum[k] += c;
-                self.cos_min[k] = self.cos_min[k].min(c);
-                self.err_sum[k] += e;
-            }
-            self.n += 1;
+            self.add_position(
+                reference.index_axis(Axis(1), t),
+                level.index_axis(Axis(1), t),
+            );
         }
+    }
+
+    /// Add one position of one prompt: `[n_points, d]` each.
+    pub fn add_position(&mut self, reference: ArrayView2<f32>, level: ArrayView2<f32>) {
+        for k in 0..self.cos_sum.len() {
+            let (c, e) = cos_and_rel_err(reference.row(k), level.row(k));
+            self.cos_sum[k] += c;
+            self.cos_min[k] = self.cos_min[k].min(c);
+            self.err_sum[k] += e;
+        }
+        self.n += 1;
     }
 
     pub fn finish(&self) -> Vec<PointDrift> {
@@ -89,7 +95,7 @@ pub fn first_over(drift: &[PointDrift], points: &[usize], threshold: f64) -> Opt
 }
 
 /// Output-level comparison per prompt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct OutputDrift {
     /// KL(P_ref ‖ P_level) of the next-token distributions, nats.
     pub kl: Vec<f64>,
@@ -104,23 +110,33 @@ fn log_softmax(x: ArrayView1<f32>) -> Vec<f64> {
     x.iter().map(|&v| v as f64 - lse).collect()
 }
 
-pub fn output_drift(reference: ArrayView2<f32>, level: ArrayView2<f32>) -> OutputDrift {
-    let mut out = OutputDrift {
-        kl: vec![],
-        top1_agree: vec![],
-        dp: vec![],
-    };
-    for (r, l) in reference.outer_iter().zip(level.outer_iter()) {
-        let (lr, ll) = (log_softmax(r), log_softmax(l));
+impl OutputDrift {
+    /// Add one prompt: the reference's and the level's next-token logits.
+    pub fn push(&mut self, reference: &[f32], level: &[f32]) {
+        let (lr, ll) = (
+            log_softmax(ArrayView1::from(reference)),
+            log_softmax(ArrayView1::from(level)),
+        );
         let kl: f64 = lr
             .iter()
             .zip(&ll)
             .map(|(a, b)| if a == b { 0.0 } else { a.exp() * (a - b) })
             .sum();
         let top_r = argmax(&lr);
-        out.kl.push(kl.max(0.0));
-        out.top1_agree.push(argmax(&ll) == top_r);
-        out.dp.push(ll[top_r].exp() - lr[top_r].exp());
+        self.kl.push(kl.max(0.0));
+        self.top1_agree.push(argmax(&ll) == top_r);
+        self.dp.push(ll[top_r].exp() - lr[top_r].exp());
+    }
+}
+
+/// Output drift of every prompt (`[n_prompts, n_vocab]` logits in memory).
+pub fn output_drift(reference: ArrayView2<f32>, level: ArrayView2<f32>) -> OutputDrift {
+    let mut out = OutputDrift::default();
+    for (r, l) in reference.outer_iter().zip(level.outer_iter()) {
+        out.push(
+            r.as_slice().expect("row-major"),
+            l.as_slice().expect("row-major"),
+        );
     }
     out
 }

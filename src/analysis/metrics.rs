@@ -115,84 +115,190 @@ pub fn trajectory(h: ArrayView2<f32>) -> TrajectoryMetrics {
     m
 }
 
-/// Alignment A(l) of a group: mean over pairs i<j of (cos(h_i,l, h_j,l) + 1) / 2.
-/// `states` is `[n_prompts, n_points, d]`; `members` the prompts of the group; `center`, when
-/// given (`[n_points, d]`), is subtracted first (the centered variant).
+/// Group statistics, one value per point: alignment A(l) = mean over pairs i<j of
+/// (cos(h_i,l, h_j,l) + 1) / 2, raw and centered, and funnel width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    pub alignment: Vec<f64>,
+    /// A(l) after subtracting the per-point mean over all prompts of the run.
+    pub alignment_centered: Vec<f64>,
+    pub funnel_width: Vec<f64>,
+}
+
+/// One group's statistics streamed over its members' trajectories (`[n_points, d]` each): a
+/// first pass ([`GroupAccumulator::first`]) and, once the group centroid and the run's per-point
+/// mean are known, a second ([`GroupAccumulator::second`]). Memory: three `[n_points, d]` f64
+/// arrays ([`GroupAccumulator::bytes`]), whatever the group's size.
 ///
-/// Computed in O(n·d) per point with the identity Σ_{i<j} u_i·u_j = (‖Σ u_i‖² − n) / 2 for unit
-/// vectors u_i (exact; f64 accumulation), instead of O(n²·d) over pairs. Undefined (NaN) with fewer
-/// than two members or when a state is the zero vector.
+/// Alignment uses the identity Σ_{i<j} u_i·u_j = (‖Σ u_i‖² − n) / 2 for unit vectors u_i (exact;
+/// f64 accumulation): O(n·d) per point instead of O(n²·d) over pairs. Undefined (NaN) with fewer
+/// than two members or when a state (or centered state) is the zero vector.
+#[derive(Debug, Clone)]
+pub struct GroupAccumulator {
+    n: usize,
+    /// Σ h/‖h‖ per point.
+    unit: Array2<f64>,
+    /// Σ h per point; after the first pass, the centroid.
+    sum: Array2<f64>,
+    /// Σ (h − c)/‖h − c‖ per point (c: the run's per-point mean).
+    unit_c: Array2<f64>,
+    norm_sum: Vec<f64>,
+    dist_sum: Vec<f64>,
+    zero: Vec<bool>,
+    zero_c: Vec<bool>,
+    centroid_ready: bool,
+}
+
+impl GroupAccumulator {
+    pub fn new(n_points: usize, d: usize) -> Self {
+        GroupAccumulator {
+            n: 0,
+            unit: Array2::zeros((n_points, d)),
+            sum: Array2::zeros((n_points, d)),
+            unit_c: Array2::zeros((n_points, d)),
+            norm_sum: vec![0.0; n_points],
+            dist_sum: vec![0.0; n_points],
+            zero: vec![false; n_points],
+            zero_c: vec![false; n_points],
+            centroid_ready: false,
+        }
+    }
+
+    /// Memory one accumulator takes.
+    pub fn bytes(n_points: usize, d: usize) -> usize {
+        3 * n_points * d * std::mem::size_of::<f64>()
+    }
+
+    /// First pass: one member's trajectory.
+    pub fn first(&mut self, h: ArrayView2<f32>) {
+        self.n += 1;
+        for (l, row) in h.outer_iter().enumerate() {
+            let nv = norm(row);
+            self.norm_sum[l] += nv;
+            if nv == 0.0 {
+                self.zero[l] = true;
+            }
+            let mut unit = self.unit.row_mut(l);
+            let mut sum = self.sum.row_mut(l);
+            for ((u, s), &x) in unit.iter_mut().zip(sum.iter_mut()).zip(row.iter()) {
+                *u += x as f64 / nv;
+                *s += x as f64;
+            }
+        }
+    }
+
+    /// Second pass: the same members again, in the same order; `center` (`[n_points, d]`) is the
+    /// run's per-point mean (None: no centered alignment).
+    pub fn second(&mut self, h: ArrayView2<f32>, center: Option<ArrayView2<f64>>) {
+        if !self.centroid_ready {
+            self.sum /= self.n.max(1) as f64;
+            self.centroid_ready = true;
+        }
+        for (l, row) in h.outer_iter().enumerate() {
+            let c = self.sum.row(l);
+            self.dist_sum[l] += row
+                .iter()
+                .zip(c.iter())
+                .map(|(&x, &m)| (x as f64 - m) * (x as f64 - m))
+                .sum::<f64>()
+                .sqrt();
+            if let Some(center) = center {
+                let v: Vec<f64> = row
+                    .iter()
+                    .zip(center.row(l).iter())
+                    .map(|(&x, &m)| x as f64 - m)
+                    .collect();
+                let nv = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                if nv == 0.0 {
+                    self.zero_c[l] = true;
+                }
+                for (u, x) in self.unit_c.row_mut(l).iter_mut().zip(&v) {
+                    *u += x / nv;
+                }
+            }
+        }
+    }
+
+    fn alignment_of(&self, unit: &Array2<f64>, zero: &[bool]) -> Vec<f64> {
+        let n = self.n;
+        unit.outer_iter()
+            .zip(zero)
+            .map(|(sum, &zero)| {
+                if n < 2 || zero {
+                    return f64::NAN;
+                }
+                let pairs = (n * (n - 1) / 2) as f64;
+                let dots = (sum.iter().map(|x| x * x).sum::<f64>() - n as f64) / 2.0;
+                (dots / pairs + 1.0) / 2.0
+            })
+            .collect()
+    }
+
+    pub fn finish(&self) -> GroupStats {
+        let n = self.n.max(1) as f64;
+        GroupStats {
+            alignment: self.alignment_of(&self.unit, &self.zero),
+            alignment_centered: self.alignment_of(&self.unit_c, &self.zero_c),
+            funnel_width: (0..self.norm_sum.len())
+                .map(|l| {
+                    if self.n == 0 {
+                        f64::NAN
+                    } else {
+                        (self.dist_sum[l] / n) / (self.norm_sum[l] / n)
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// [`GroupStats`] of the prompts `members` of `states` (`[n_prompts, n_points, d]`, in memory);
+/// `center` as in [`GroupAccumulator::second`].
+pub fn group_stats(
+    states: ArrayView3<f32>,
+    members: &[usize],
+    center: Option<ArrayView2<f64>>,
+) -> GroupStats {
+    let (_, n_points, d) = states.dim();
+    let mut acc = GroupAccumulator::new(n_points, d);
+    for &i in members {
+        acc.first(states.index_axis(Axis(0), i));
+    }
+    for &i in members {
+        acc.second(states.index_axis(Axis(0), i), center);
+    }
+    acc.finish()
+}
+
+/// Alignment A(l) of a group (see [`GroupAccumulator`]); centered on `center` when given.
 pub fn alignment(
     states: ArrayView3<f32>,
     members: &[usize],
-    center: Option<ArrayView2<f32>>,
+    center: Option<ArrayView2<f64>>,
 ) -> Vec<f64> {
-    let (_, n_points, d) = states.dim();
-    let n = members.len();
-    (0..n_points)
-        .map(|l| {
-            if n < 2 {
-                return f64::NAN;
-            }
-            let mut sum = vec![0f64; d];
-            for &i in members {
-                let row = states.slice(ndarray::s![i, l, ..]);
-                let v: Vec<f64> = match center {
-                    Some(c) => row
-                        .iter()
-                        .zip(c.row(l).iter())
-                        .map(|(&x, &m)| x as f64 - m as f64)
-                        .collect(),
-                    None => row.iter().map(|&x| x as f64).collect(),
-                };
-                let nv = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-                if nv == 0.0 {
-                    return f64::NAN;
-                }
-                for (s, x) in sum.iter_mut().zip(&v) {
-                    *s += x / nv;
-                }
-            }
-            let pairs = (n * (n - 1) / 2) as f64;
-            let dots = (sum.iter().map(|x| x * x).sum::<f64>() - n as f64) / 2.0;
-            (dots / pairs + 1.0) / 2.0
-        })
-        .collect()
+    let s = group_stats(states, members, center);
+    if center.is_some() {
+        s.alignment_centered
+    } else {
+        s.alignment
+    }
 }
 
-/// Per-point mean over all prompts, `[n_points, d]` — the center for the centered alignment.
-pub fn point_means(states: ArrayView3<f32>) -> Array2<f32> {
-    states.mean_axis(Axis(0)).expect("at least one prompt")
+/// Per-point mean over all prompts in f64, `[n_points, d]` — the center for the centered
+/// alignment.
+pub fn point_means(states: ArrayView3<f32>) -> Array2<f64> {
+    let (n, p, d) = states.dim();
+    let mut sum = Array2::<f64>::zeros((p, d));
+    for h in states.outer_iter() {
+        sum.zip_mut_with(&h, |s, &x| *s += x as f64);
+    }
+    sum / n.max(1) as f64
 }
 
 /// Funnel width(l): mean distance of the group's states to the group centroid, divided by the
 /// group's mean norm.
 pub fn funnel_width(states: ArrayView3<f32>, members: &[usize]) -> Vec<f64> {
-    let n_points = states.shape()[1];
-    (0..n_points)
-        .map(|l| {
-            if members.is_empty() {
-                return f64::NAN;
-            }
-            let rows: Vec<ArrayView1<f32>> = members
-                .iter()
-                .map(|&i| states.slice(ndarray::s![i, l, ..]))
-                .collect();
-            let d = rows[0].len();
-            let mut centroid = Array1::<f32>::zeros(d);
-            for r in &rows {
-                centroid += r;
-            }
-            centroid /= rows.len() as f32;
-            let mean_dist = rows
-                .iter()
-                .map(|r| norm((r - &centroid).view()))
-                .sum::<f64>()
-                / rows.len() as f64;
-            let mean_norm = rows.iter().map(|r| norm(*r)).sum::<f64>() / rows.len() as f64;
-            mean_dist / mean_norm
-        })
-        .collect()
+    group_stats(states, members, None).funnel_width
 }
 
 #[cfg(test)]

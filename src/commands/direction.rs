@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::analysis::contrast::{self, Contrast};
+use crate::analysis::contrast::{self, Contrast, ContrastAccumulator};
 use crate::cli::DirectionArgs;
 use crate::llama::gguf::write_control_vector;
 use crate::output::{check_target, sync_file, Kind, Staging};
@@ -58,10 +58,24 @@ pub fn parse_labels(spec: &str) -> Result<(String, String)> {
 /// The contrast of a run's two labels, and the shuffled-label control.
 pub fn analyse(run: &Run, a: &str, b: &str) -> Result<(Contrast, Contrast)> {
     let (ga, gb) = groups(run, a, b)?;
-    let last = run.last()?;
-    let c = contrast::contrast(last.view(), &ga, &gb);
+    // Streamed: one prompt's states in memory at a time, whatever the run's size.
+    let states = run.last_states()?;
+    let (n, p, d) = (states.n_prompts, states.n_points, states.n_embd);
     let (sa, sb) = contrast::shuffled_groups(&ga, &gb, 0x5eed);
-    let control = contrast::contrast(last.view(), &sa, &sb);
+    let mut accs = [
+        ContrastAccumulator::new(n, p, d, &ga, &gb),
+        ContrastAccumulator::new(n, p, d, &sa, &sb),
+    ];
+    let members: Vec<usize> = (0..n).filter(|&i| accs[0].member(i)).collect();
+    for i in members {
+        let h = states.prompt(i)?;
+        accs.iter_mut().for_each(|c| c.first(i, h.view()));
+    }
+    for i in 0..n {
+        let h = states.prompt(i)?;
+        accs.iter_mut().for_each(|c| c.second(i, h.view()));
+    }
+    let [c, control] = accs.map(ContrastAccumulator::finish);
     Ok((c, control))
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::spinner;
+use super::{bar, spinner};
 use crate::cli::ReportArgs;
 use crate::output::{check_target, write_synced, Kind, Staging};
 use crate::report::{self, csv_out, page, view::RunView};
@@ -48,14 +48,16 @@ pub fn write_report(
             Ok(r)
         })
         .collect::<Result<_>>()?;
-    let sp = spinner("analysing");
+    let sp = bar(0, "prompts");
     let mut views: Vec<RunView> = Vec::with_capacity(opened.len());
     for (i, r) in opened.into_iter().enumerate() {
         check_interrupt()?;
-        sp.set_message(format!("analysing run {}/{}", i + 1, runs.len()));
         let d = r.dir.display().to_string();
-        views.push(RunView::new(r).with_context(|| format!("{d}: analysing"))?);
+        let what = format!("run {}/{}", i + 1, runs.len());
+        views.push(RunView::new(r, &sp, &what).with_context(|| format!("{d}: analysing"))?);
     }
+    sp.finish_and_clear();
+    let sp = spinner("drawing");
     check_interrupt()?;
     sp.set_message("drawing");
     let reference = match reference {

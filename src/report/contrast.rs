@@ -9,22 +9,10 @@ use plotly::{Layout, Plot, Scatter};
 use super::trajectories::html_escape;
 use super::view::{thin, RunView};
 use super::{color, Figure, Section, MAX_DRAWN};
-use crate::analysis::contrast::{self, Contrast};
-
-/// The contrast of the run's first two labels (each with at least 3 prompts), and its control.
-pub fn analyse(v: &RunView) -> Option<(String, String, Contrast, Contrast)> {
-    if v.groups.len() < 2 || v.groups[0].members.len() < 3 || v.groups[1].members.len() < 3 {
-        return None;
-    }
-    let (a, b) = (&v.groups[0], &v.groups[1]);
-    let c = contrast::contrast(v.last.view(), &a.members, &b.members);
-    let (sa, sb) = contrast::shuffled_groups(&a.members, &b.members, 0x5eed);
-    let control = contrast::contrast(v.last.view(), &sa, &sb);
-    Some((a.label.clone(), b.label.clone(), c, control))
-}
 
 pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
-    let (a, b, c, control) = analyse(v)?;
+    let cp = v.contrast.as_ref()?;
+    let (a, b, c, control) = (&cp.a, &cp.b, &cp.contrast, &cp.control);
     let x = v.points.clone();
     let mut sep = Plot::new();
     sep.add_trace(
@@ -73,9 +61,9 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let drawn = thin(v.n_prompts(), MAX_DRAWN);
     let mut shown = [false, false];
     for &i in &drawn {
-        let g = if v.labels[i] == a {
+        let g = if &v.labels[i] == a {
             0
-        } else if v.labels[i] == b {
+        } else if &v.labels[i] == b {
             1
         } else {
             continue;
@@ -105,7 +93,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         control.separation[control.peak],
         c.sharpness,
     );
-    let (ae, be) = (html_escape(&a), html_escape(&b));
+    let (ae, be) = (html_escape(a), html_escape(b));
     let note = format!(
         "<b>{ae}</b> ({}) vs <b>{be}</b> ({}). Peak at point {}: leave-one-out d = {:.2}, accuracy = {:.1}%; shuffled-label control at its own peak (point {}): d = {:.2}, accuracy = {:.1}%. \
          The switch is <b>{}</b>: {:.0}% of the rise in d ({:.2}) happens within {} steps from point {} (hard when ≥ {:.0}%).",
@@ -122,7 +110,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         sh.rise,
         sh.window,
         v.points[sh.window_start],
-        100.0 * contrast::HARD_SHARE,
+        100.0 * crate::analysis::contrast::HARD_SHARE,
     );
     Some(Section {
         title: format!("{prefix}Contrast: {a} vs {b}"),

@@ -7,33 +7,12 @@ use plotly::layout::Axis;
 use plotly::{HeatMap, Histogram, Layout, Plot, Scatter};
 
 use super::trajectories::html_escape;
-use super::view::RunView;
+use super::view::{LensSummary, RunView};
 use super::{color, Figure, Section};
-use crate::run::PromptLens;
 
-/// The lens of a run, if it was traced with a valid one.
-pub fn valid_lens(v: &RunView) -> Option<Vec<PromptLens>> {
-    let info = v.run.manifest.lens.as_ref()?;
-    if !info.valid {
-        return None;
-    }
-    v.run.lens().ok().flatten()
-}
-
-/// Mean over prompts of a per-point quantity of the last-prompt-position lens.
-pub fn mean_curve(
-    lens: &[PromptLens],
-    f: impl Fn(&crate::analysis::lens::LensPoint) -> f64,
-) -> Vec<f64> {
-    let n_points = lens[0].traces[0].points.len();
-    (0..n_points)
-        .map(|k| {
-            lens.iter()
-                .map(|p| f(&p.last_prompt().points[k]))
-                .sum::<f64>()
-                / lens.len() as f64
-        })
-        .collect()
+/// The lens summary of a run, if it was traced with a valid lens.
+pub fn valid_lens(v: &RunView) -> Option<&LensSummary> {
+    v.lens.as_ref()
 }
 
 pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
@@ -48,16 +27,15 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             figures: vec![],
         });
     }
-    let lens = v.run.lens().ok().flatten()?;
+    let lens = valid_lens(v)?;
     let n_layer = v.n_layer;
     let mut figures = Vec::new();
     // One lens table per prompt, in one figure: a dropdown picks the prompt.
-    let shown: Vec<&PromptLens> = lens.iter().take(super::MAX_DRAWN).collect();
+    let shown = &lens.shown;
     let mut table = Plot::new();
     let mut buttons = Vec::new();
-    for (n, pl) in shown.iter().enumerate() {
-        let tr = pl.last_prompt();
-        let rec = &v.run.manifest.prompts[pl.index];
+    for (n, (index, pieces, tr)) in shown.iter().enumerate() {
+        let rec = &v.run.manifest.prompts[*index];
         let k = tr.points[0].top_ids.len();
         let ys: Vec<String> = tr
             .points
@@ -73,7 +51,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
                 p.top_ids
                     .iter()
                     .map(|id| {
-                        pl.pieces
+                        pieces
                             .get(id)
                             .cloned()
                             .unwrap_or_default()
@@ -95,7 +73,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             serde_json::json!("%{y} %{x}: %{text} (p = %{z:.3f})<extra></extra>");
         trace["visible"] = serde_json::json!(n == 0);
         table.add_trace(Box::new(RawTrace(trace)));
-        let final_piece = pl.pieces.get(&tr.final_token).cloned().unwrap_or_default();
+        let final_piece = pieces.get(&tr.final_token).cloned().unwrap_or_default();
         let label = format!(
             "{}: {} → {} (decides at {})",
             rec.id,
@@ -111,7 +89,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
                 .args(serde_json::json!([{ "visible": vis }])),
         );
     }
-    let rows = lens[0].last_prompt().points.len();
+    let rows = v.points.len();
     table.set_layout(
         Layout::new()
             .height(120 + 22 * rows)
@@ -132,12 +110,11 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let x = v.points.clone();
     let mut ent = Plot::new();
     let mut pf = Plot::new();
-    for (i, pl) in lens.iter().enumerate().take(super::MAX_DRAWN) {
-        let tr = pl.last_prompt();
+    for (i, (index, _, tr)) in shown.iter().enumerate() {
         let g = v
             .groups
             .iter()
-            .position(|g| g.label == v.labels[pl.index])
+            .position(|g| g.label == v.labels[*index])
             .unwrap_or(0);
         ent.add_trace(
             Scatter::new(x.clone(), tr.points.iter().map(|p| p.entropy).collect())
@@ -157,13 +134,13 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         );
     }
     ent.add_trace(
-        Scatter::new(x.clone(), mean_curve(&lens, |p| p.entropy))
+        Scatter::new(x.clone(), lens.mean_entropy.clone())
             .mode(Mode::Lines)
             .line(Line::new().color("#111").width(4.0))
             .name("mean"),
     );
     pf.add_trace(
-        Scatter::new(x.clone(), mean_curve(&lens, |p| p.p_final))
+        Scatter::new(x.clone(), lens.mean_p_final.clone())
             .mode(Mode::Lines)
             .line(Line::new().color("#111").width(4.0))
             .name("mean"),
@@ -180,10 +157,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             .x_axis(Axis::new().title(Title::with_text("point")))
             .y_axis(Axis::new().title(Title::with_text("probability of the final prediction"))),
     );
-    let decisions: Vec<usize> = lens
-        .iter()
-        .map(|p| p.last_prompt().decision_point)
-        .collect();
+    let decisions = &lens.decisions;
     let mean_dec = decisions.iter().sum::<usize>() as f64 / decisions.len().max(1) as f64;
     let mut hist = Plot::new();
     hist.add_trace(Histogram::new(decisions.clone()).name("prompts"));

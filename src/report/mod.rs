@@ -58,13 +58,13 @@ pub fn build(
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
-    if let Some(s) = styles::section(views) {
+    if let Some(s) = styles::section(views)? {
         sections.push(s);
     }
     let steer_pairs = steering::steering_pairs(views);
     let sys_pairs = steering::system_pairs(views);
     for &(s, u) in &steer_pairs {
-        sections.push(steering::steering_section(views, s, u));
+        sections.push(steering::steering_section(views, s, u)?);
     }
     for &(i, j) in &sys_pairs {
         sections.push(steering::system_section(views, i, j));
@@ -81,7 +81,7 @@ pub fn build(
         match why {
             None => {
                 let l = quant::ladder(views, reference)?;
-                sections.push(quant::section(views, &l));
+                sections.push(quant::section(views, &l)?);
                 ladder = Some(l);
             }
             Some(why) => {

@@ -95,7 +95,7 @@ pub fn ladder(views: &[RunView], reference: Option<usize>) -> anyhow::Result<Lad
             .unwrap_or(0)
     });
     let rv = &views[r];
-    let ref_logits = rv.run.logits()?;
+    let ref_logits = rv.run.logit_rows()?;
     let mut levels = Vec::new();
     for (i, v) in views.iter().enumerate() {
         let mut acc = DriftAccumulator::new(v.points.len());
@@ -112,8 +112,9 @@ pub fn ladder(views: &[RunView], reference: Option<usize>) -> anyhow::Result<Lad
                 .all(|p| p.states_file.is_some());
         if per_prompt {
             for (p, rec) in rv.run.manifest.prompts.iter().enumerate() {
-                let a = rv.run.states(p)?;
-                let b = v.run.states(p)?;
+                // One position in memory at a time (long prompts can exceed memory).
+                let a = rv.run.prompt_states(p)?;
+                let b = v.run.prompt_states(p)?;
                 // Prompt positions only (generated tokens differ between levels): the stored
                 // positions below n_prompt_tokens, the same in both runs.
                 let n = rec
@@ -128,28 +129,31 @@ pub fn ladder(views: &[RunView], reference: Option<usize>) -> anyhow::Result<Lad
                         .take_while(|&&pos| pos < rec.n_prompt_tokens)
                         .count(),
                 );
-                acc.add(a.view(), b.view(), n);
+                for t in 0..n {
+                    acc.add_position(a.position(t)?.view(), b.position(t)?.view());
+                }
             }
         } else {
             // Last prompt position only, from last.npy.
             for p in 0..rv.n_prompts() {
-                let a = rv
-                    .last
-                    .slice(ndarray::s![p, .., ..])
-                    .insert_axis(ndarray::Axis(1));
-                let b = v
-                    .last
-                    .slice(ndarray::s![p, .., ..])
-                    .insert_axis(ndarray::Axis(1));
-                acc.add(a, b, 1);
+                let (a, b) = (rv.trajectory(p)?, v.trajectory(p)?);
+                acc.add(
+                    a.view().insert_axis(ndarray::Axis(1)),
+                    b.view().insert_axis(ndarray::Axis(1)),
+                    1,
+                );
             }
         }
-        let logits = v.run.logits()?;
+        let logits = v.run.logit_rows()?;
+        let mut output = OutputDrift::default();
+        for p in 0..rv.n_prompts() {
+            output.push(&ref_logits.prompt(p)?, &logits.prompt(p)?);
+        }
         levels.push(Level {
             run: i,
             label: level_label(v),
             drift: acc.finish(),
-            output: drift::output_drift(ref_logits.view(), logits.view()),
+            output,
         });
     }
     Ok(Ladder {
@@ -195,7 +199,7 @@ fn table(views: &[RunView], l: &Ladder) -> String {
     rows
 }
 
-pub fn section(views: &[RunView], l: &Ladder) -> Section {
+pub fn section(views: &[RunView], l: &Ladder) -> anyhow::Result<Section> {
     let rv = &views[l.reference];
     let x = rv.points.clone();
     let mut err = Plot::new();
@@ -289,7 +293,7 @@ pub fn section(views: &[RunView], l: &Ladder) -> Section {
     for p in 0..rv.n_prompts().min(MAX_OVERLAY) {
         for (n, lv) in l.levels.iter().enumerate() {
             let v = &views[lv.run];
-            let proj = rv.pca.transform(v.last.slice(ndarray::s![p, .., ..]));
+            let proj = rv.pca.transform(v.trajectory(p)?.view());
             overlay.add_trace(
                 Scatter::new(
                     proj.column(0).to_vec(),
@@ -328,7 +332,7 @@ pub fn section(views: &[RunView], l: &Ladder) -> Section {
     } else {
         "the last prompt position"
     };
-    Section {
+    Ok(Section {
         title: "Quantization drift".into(),
         note: format!(
             "Reference: <b>{}</b> (the highest precision unless --reference says otherwise). Compared on identical tokens, over {positions} of {} prompts (generated tokens differ between levels and are left out).{}",
@@ -358,5 +362,5 @@ pub fn section(views: &[RunView], l: &Ladder) -> Section {
                 plot: overlay,
             },
         ],
-    }
+    })
 }

@@ -7,7 +7,7 @@ use plotly::{Layout, Plot, Scatter};
 
 use super::trajectories::html_escape;
 use super::view::RunView;
-use super::{color, contrast, Figure, Section};
+use super::{color, Figure, Section};
 use crate::analysis::metrics;
 
 const MAX_PROMPTS: usize = 6;
@@ -77,7 +77,7 @@ fn describe(v: &RunView) -> String {
     }
 }
 
-pub fn steering_section(views: &[RunView], s: usize, u: usize) -> Section {
+pub fn steering_section(views: &[RunView], s: usize, u: usize) -> anyhow::Result<Section> {
     let (vs, vu) = (&views[s], &views[u]);
     let mut plot = Plot::new();
     let n = vu.n_prompts().min(MAX_PROMPTS);
@@ -86,7 +86,7 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> Section {
             (vu, DashType::Solid, 2.5, "unsteered"),
             (vs, DashType::Dash, 1.5, "steered"),
         ] {
-            let proj = vu.pca.transform(v.last.slice(ndarray::s![p, .., ..]));
+            let proj = vu.pca.transform(v.trajectory(p)?.view());
             plot.add_trace(
                 Scatter::new(
                     proj.column(0).to_vec(),
@@ -119,7 +119,7 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> Section {
             )
         })
         .collect();
-    Section {
+    Ok(Section {
         title: format!("Steering: {} vs unsteered", describe(vs)),
         note: format!("Control vector(s): {}. {}", html_escape(&vs.run.manifest.capture.control_vectors.join(", ")), texts.join("<br>")),
         figures: vec![Figure {
@@ -127,15 +127,21 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> Section {
             caption: "Each prompt's last-position path without (solid) and with (dashed) the control vector, in the unsteered run's principal components. Points before the first steered point coincide; from there the steered path moves along the direction.".into(),
             plot,
         }],
-    }
+    })
 }
 
 pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
     let (va, vb) = (&views[i], &views[j]);
     // The contrast direction at the last point, from any run of the same model in the report.
     let dir = views.iter().filter(|v| same_model(v, va)).find_map(|v| {
-        contrast::analyse(v)
-            .map(|(a, b, c, _)| (a, b, c.directions.row(c.directions.nrows() - 1).to_owned()))
+        v.contrast.as_ref().map(|cp| {
+            let c = &cp.contrast;
+            (
+                cp.a.clone(),
+                cp.b.clone(),
+                c.directions.row(c.directions.nrows() - 1).to_owned(),
+            )
+        })
     });
     let mut path = Plot::new();
     let mut turn = Plot::new();

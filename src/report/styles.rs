@@ -5,16 +5,15 @@ use plotly::common::{ColorScale, ColorScalePalette, Line, Mode, Title};
 use plotly::layout::Axis;
 use plotly::{HeatMap, Histogram, Layout, Plot, Scatter};
 
-use super::lens::{mean_curve, valid_lens};
+use super::lens::valid_lens;
 use super::trajectories::html_escape;
-use super::view::RunView;
+use super::view::{LensSummary, RunView};
 use super::{color, Figure, Section};
 use crate::analysis::cka;
-use crate::run::PromptLens;
 
 /// Runs of different models over the same prompts, each with a valid lens.
-pub fn candidates(views: &[RunView]) -> Vec<(usize, Vec<PromptLens>)> {
-    let with_lens: Vec<(usize, Vec<PromptLens>)> = views
+pub fn candidates(views: &[RunView]) -> Vec<(usize, &LensSummary)> {
+    let with_lens: Vec<(usize, &LensSummary)> = views
         .iter()
         .enumerate()
         .filter_map(|(i, v)| valid_lens(v).map(|l| (i, l)))
@@ -57,10 +56,10 @@ pub fn entropy_peak_and_half(depth: &[f64], ent: &[f64]) -> (f64, Option<f64>) {
     (depth[peak], half)
 }
 
-pub fn section(views: &[RunView]) -> Option<Section> {
+pub fn section(views: &[RunView]) -> anyhow::Result<Option<Section>> {
     let runs = candidates(views);
     if runs.is_empty() {
-        return None;
+        return Ok(None);
     }
     let mut dec = Plot::new();
     let mut ent = Plot::new();
@@ -69,9 +68,9 @@ pub fn section(views: &[RunView]) -> Option<Section> {
         let v = &views[*i];
         let depth = v.depth();
         let decisions: Vec<f64> = lens
+            .decisions
             .iter()
-            .map(|p| p.last_prompt())
-            .map(|t| t.decision_point as f64 / v.n_layer as f64)
+            .map(|&d| d as f64 / v.n_layer as f64)
             .collect();
         let mean_dec = decisions.iter().sum::<f64>() / decisions.len() as f64;
         dec.add_trace(
@@ -81,7 +80,7 @@ pub fn section(views: &[RunView]) -> Option<Section> {
                 .hist_norm(plotly::histogram::HistNorm::Probability)
                 .n_bins_x(20),
         );
-        let e = mean_curve(lens, |p| p.entropy);
+        let e = lens.mean_entropy.clone();
         let (peak, halves) = entropy_peak_and_half(&depth, &e);
         ent.add_trace(
             Scatter::new(depth.clone(), e)
@@ -130,19 +129,27 @@ pub fn section(views: &[RunView]) -> Option<Section> {
     ];
     // CKA between the first two models.
     let (a, b) = (&views[runs[0].0], &views[runs[1].0]);
-    let n = a.n_prompts();
+    let total = a.n_prompts();
+    let rows_used = cka_sample(total);
+    let n = rows_used.len();
     let mut note = rows;
     if n >= 4 {
-        let m = cka::cka_matrix(a.last.view(), b.last.view(), None);
-        let order: Vec<usize> = {
-            let (x, y) = crate::analysis::contrast::shuffled_groups(
-                &(0..n).collect::<Vec<_>>(),
-                &[],
-                0xc0ffee,
-            );
-            x.into_iter().chain(y).collect()
-        };
-        let control = cka::cka_matrix(a.last.view(), b.last.view(), Some(&order));
+        let order = crate::analysis::contrast::shuffled(&rows_used, 0xc0ffee);
+        fn by_point<'a>(
+            x: &'a RunView,
+            rows: &'a [usize],
+        ) -> impl FnMut(usize) -> anyhow::Result<ndarray::Array2<f32>> + 'a {
+            move |k| x.point_rows(k, rows)
+        }
+        let (pa, pb) = (a.points.len(), b.points.len());
+        let m = cka::cka_matrix_by_point(
+            (pa, &mut by_point(a, &rows_used)),
+            (pb, &mut by_point(b, &rows_used)),
+        )?;
+        let control = cka::cka_matrix_by_point(
+            (pa, &mut by_point(a, &rows_used)),
+            (pb, &mut by_point(b, &order)),
+        )?;
         let mean_abs = |m: &ndarray::Array2<f64>| {
             m.iter()
                 .filter(|x| x.is_finite())
@@ -161,13 +168,33 @@ pub fn section(views: &[RunView]) -> Option<Section> {
             p.set_layout(Layout::new().height(520).title(Title::with_text(title.clone())).x_axis(Axis::new().title(Title::with_text(format!("{} point", b.name)))).y_axis(Axis::new().title(Title::with_text(format!("{} point", a.name)))));
             figures.push(Figure { title, caption: cap, plot: p });
         }
-        note.push_str(&format!("<p>CKA along the normalized-depth diagonal: mean {diag:.3}; shuffled control mean |CKA| {ctrl:.3} (n = {n} prompts).</p>"));
+        let sampled = if n < total {
+            format!(" — a sample of {n} of the {total} prompts, drawn with a fixed seed, since CKA's Gram matrices grow with the square of the prompts")
+        } else {
+            String::new()
+        };
+        note.push_str(&format!("<p>CKA along the normalized-depth diagonal: mean {diag:.3}; shuffled control mean |CKA| {ctrl:.3} (n = {n} prompts{sampled}).</p>"));
     }
-    Some(Section {
+    Ok(Some(Section {
         title: "Thinking styles".into(),
         note,
         figures,
-    })
+    }))
+}
+
+/// Most prompts whose CKA is computed: its Gram matrices take n² × 8 bytes per point of one model
+/// (2 MB at 500), so larger runs use a seeded sample of this many prompts, said on the page.
+pub const CKA_MAX_PROMPTS: usize = 500;
+
+/// The prompts the CKA uses: all, or a seeded sample of [`CKA_MAX_PROMPTS`] in prompt order.
+pub fn cka_sample(n: usize) -> Vec<usize> {
+    let all: Vec<usize> = (0..n).collect();
+    if n <= CKA_MAX_PROMPTS {
+        return all;
+    }
+    let mut s = crate::analysis::contrast::shuffled(&all, 0xc4a)[..CKA_MAX_PROMPTS].to_vec();
+    s.sort_unstable();
+    s
 }
 
 #[cfg(test)]

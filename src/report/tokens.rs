@@ -15,12 +15,13 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     let i = prompts
         .iter()
         .position(|p| p.positions.len() > 1 && p.states_file.is_some())?;
-    let states = v.run.states(i).ok()?;
+    // One position in memory at a time: a long prompt's states can exceed memory.
+    let states = v.run.prompt_states(i).ok()?;
     let rec = &prompts[i];
-    let n_pts = states.shape()[0];
-    let cols: Vec<Vec<f64>> = (0..states.shape()[1])
-        .map(|t| metrics::trajectory(states.slice(ndarray::s![.., t, ..])).rel_step)
-        .collect();
+    let n_pts = states.n_points;
+    let cols: Vec<Vec<f64>> = (0..states.n_positions)
+        .map(|t| Some(metrics::trajectory(states.position(t).ok()?.view()).rel_step))
+        .collect::<Option<_>>()?;
     // z[k][t] for k = 0..n_pts-1 (the step out of point k).
     let z: Vec<Vec<f64>> = (0..n_pts - 1)
         .map(|k| cols.iter().map(|c| c[k]).collect())

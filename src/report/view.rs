@@ -1,13 +1,29 @@
-//! What the report shows of one run: its states, PCA basis, metrics and groups — computed once.
+//! What the report shows of one run: its PCA basis and projections, metrics, groups, contrast and
+//! lens summary — computed once, streamed over the run's prompts.
+//!
+//! Memory is bounded by what is drawn and the statistics kept, not by the number of prompts: the
+//! states are read one prompt at a time from `last.npy` in a few passes (per-prompt metrics and
+//! sums; distances and leave-one-out projections that need the sums; PCA; projections), and the
+//! lens one prompt at a time from `lens.json`. What is kept per prompt is a few numbers per point
+//! (metrics, 3 PCA coordinates, 2 contrast projections); per group, three `[points, width]` f64
+//! sums, in batches of at most [`GROUP_MEMORY`] bytes (more groups cost more passes, not memory).
 
-use ndarray::{Array2, Array3, Axis};
+use indicatif::ProgressBar;
+use ndarray::{Array2, Array3, ArrayView2};
 
-use crate::analysis::metrics::{self, TrajectoryMetrics};
-use crate::analysis::pca::Pca;
-use crate::run::Run;
+use super::MAX_DRAWN;
+use crate::analysis::contrast::{self, Contrast, ContrastAccumulator};
+use crate::analysis::lens::LensTrace;
+use crate::analysis::metrics::{self, GroupAccumulator, TrajectoryMetrics};
+use crate::analysis::pca::{Pca, PcaMethod, Rows};
+use crate::run::read::LastStates;
+use crate::run::{PromptLens, Run};
 
 /// Label of prompts that have none.
 pub const NO_LABEL: &str = "(no label)";
+
+/// Most memory the group sums of one pass may take.
+pub const GROUP_MEMORY: usize = 256 << 20;
 
 pub struct GroupMetrics {
     pub label: String,
@@ -26,12 +42,76 @@ pub struct Delta {
     pub delta_centered: Vec<f64>,
 }
 
+/// The contrast of the first two labels (each with at least 3 prompts) and its shuffled control.
+pub struct ContrastPair {
+    pub a: String,
+    pub b: String,
+    pub contrast: Contrast,
+    pub control: Contrast,
+}
+
+/// A valid logit lens, summarised while streaming `lens.json`.
+pub struct LensSummary {
+    /// The first [`MAX_DRAWN`] prompts' lens at the last prompt position (what the page draws),
+    /// with their token pieces.
+    pub shown: Vec<(usize, std::collections::BTreeMap<i32, String>, LensTrace)>,
+    /// Mean over all prompts, per point, of the lens entropy and of the final token's probability.
+    pub mean_entropy: Vec<f64>,
+    pub mean_p_final: Vec<f64>,
+    /// Every prompt's decision point.
+    pub decisions: Vec<usize>,
+}
+
+impl LensSummary {
+    pub fn len(&self) -> usize {
+        self.decisions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.decisions.is_empty()
+    }
+
+    fn read(run: &Run) -> anyhow::Result<Option<LensSummary>> {
+        if !run.manifest.lens.as_ref().is_some_and(|l| l.valid) {
+            return Ok(None);
+        }
+        let n_points = run.manifest.capture.points.len();
+        let mut s = LensSummary {
+            shown: Vec::new(),
+            mean_entropy: vec![0.0; n_points],
+            mean_p_final: vec![0.0; n_points],
+            decisions: Vec::new(),
+        };
+        run.for_each_lens(|mut pl: PromptLens| {
+            let k = pl
+                .traces
+                .iter()
+                .position(|t| t.position == pl.last_prompt_position)
+                .unwrap_or(0);
+            let tr = pl.traces.swap_remove(k);
+            for (j, p) in tr.points.iter().enumerate() {
+                s.mean_entropy[j] += p.entropy;
+                s.mean_p_final[j] += p.p_final;
+            }
+            s.decisions.push(tr.decision_point);
+            if s.shown.len() < MAX_DRAWN {
+                s.shown.push((pl.index, pl.pieces, tr));
+            }
+            Ok(())
+        })?;
+        let n = s.decisions.len().max(1) as f64;
+        s.mean_entropy.iter_mut().for_each(|x| *x /= n);
+        s.mean_p_final.iter_mut().for_each(|x| *x /= n);
+        Ok(Some(s))
+    }
+}
+
 pub struct RunView {
     pub run: Run,
     /// Short display name: "SmolLM2-135M-Instruct.Q4_1.gguf · funnel".
     pub name: String,
-    /// `[n_prompts, n_points, d]` at the last prompt position.
-    pub last: Array3<f32>,
+    /// `last.npy`, read a prompt at a time.
+    states: LastStates,
     /// Point index of each stored point.
     pub points: Vec<usize>,
     pub n_layer: usize,
@@ -42,23 +122,58 @@ pub struct RunView {
     pub labels: Vec<String>,
     pub groups: Vec<GroupMetrics>,
     pub delta: Option<Delta>,
+    pub contrast: Option<ContrastPair>,
+    pub lens: Option<LensSummary>,
+}
+
+/// The prompts of a run as rows for the PCA: one prompt's `[n_points, d]` per chunk.
+struct PromptRows<'a> {
+    view: &'a Passes<'a>,
+}
+
+impl Rows for PromptRows<'_> {
+    fn width(&self) -> usize {
+        self.view.states.n_embd
+    }
+    fn pass(&self, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
+        self.view.each("PCA", &mut |_, h| f(h))
+    }
+}
+
+/// Passes over a run's prompts, with progress and Ctrl-C checks.
+struct Passes<'a> {
+    states: &'a LastStates,
+    bar: &'a ProgressBar,
+    what: &'a str,
+}
+
+impl Passes<'_> {
+    fn each(&self, step: &str, f: &mut dyn FnMut(usize, ArrayView2<f32>)) -> anyhow::Result<()> {
+        self.bar.set_length(self.states.n_prompts as u64);
+        self.bar.set_position(0);
+        self.bar.set_message(format!("{}: {step}", self.what));
+        for i in 0..self.states.n_prompts {
+            if crate::llama::backend::interrupted() {
+                anyhow::bail!("interrupted: the report was not written");
+            }
+            let h = self.states.prompt(i)?;
+            f(i, h.view());
+            self.bar.inc(1);
+        }
+        Ok(())
+    }
 }
 
 impl RunView {
-    pub fn new(run: Run) -> anyhow::Result<RunView> {
-        let last = run.last()?;
-        let (n, p, d) = last.dim();
-        let flat = last
-            .view()
-            .into_shape_with_order((n * p, d))
-            .expect("contiguous");
-        let pca = Pca::fit(flat, 3)?;
-        let proj = pca
-            .transform(flat)
-            .into_shape_with_order((n, p, pca.components.nrows()))
-            .expect("shape");
-        let metrics: Vec<TrajectoryMetrics> =
-            last.outer_iter().map(|h| metrics::trajectory(h)).collect();
+    /// Analyse `run`, streaming its states; `bar` shows the passes, labelled `what`.
+    pub fn new(run: Run, bar: &ProgressBar, what: &str) -> anyhow::Result<RunView> {
+        let states = run.last_states()?;
+        let (n, p, d) = (states.n_prompts, states.n_points, states.n_embd);
+        let passes = Passes {
+            states: &states,
+            bar,
+            what,
+        };
         let labels: Vec<String> = run
             .manifest
             .prompts
@@ -71,24 +186,93 @@ impl RunView {
                 order.push(l.clone());
             }
         }
-        let center: Array2<f32> = metrics::point_means(last.view());
+        let members: Vec<Vec<usize>> = order
+            .iter()
+            .map(|label| (0..n).filter(|&i| &labels[i] == label).collect())
+            .collect();
+        let group_of: Vec<usize> = labels
+            .iter()
+            .map(|l| order.iter().position(|o| o == l).expect("label in order"))
+            .collect();
+        // Contrast of the first two labels, and the shuffled-label control.
+        let mut contrasts: Vec<ContrastAccumulator> =
+            if members.len() >= 2 && members[0].len() >= 3 && members[1].len() >= 3 {
+                let (sa, sb) = contrast::shuffled_groups(&members[0], &members[1], 0x5eed);
+                vec![
+                    ContrastAccumulator::new(n, p, d, &members[0], &members[1]),
+                    ContrastAccumulator::new(n, p, d, &sa, &sb),
+                ]
+            } else {
+                vec![]
+            };
+        // Groups in batches whose sums fit GROUP_MEMORY; the first batch shares the passes.
+        let per_batch = (GROUP_MEMORY / GroupAccumulator::bytes(p, d).max(1)).max(1);
+        let batches: Vec<std::ops::Range<usize>> = (0..order.len())
+            .step_by(per_batch)
+            .map(|s| s..(s + per_batch).min(order.len()))
+            .collect();
+        let mut stats = Vec::with_capacity(order.len());
+        let mut metrics = Vec::with_capacity(n);
+        let mut center = Array2::<f64>::zeros((p, d));
+        for (b, range) in batches.iter().enumerate() {
+            let mut accs: Vec<GroupAccumulator> =
+                range.clone().map(|_| GroupAccumulator::new(p, d)).collect();
+            let in_batch = |i: usize| range.contains(&group_of[i]);
+            passes.each("sums", &mut |i, h| {
+                if b == 0 {
+                    metrics.push(metrics::trajectory(h));
+                    center.zip_mut_with(&h, |c, &x| *c += x as f64);
+                    for c in contrasts.iter_mut() {
+                        c.first(i, h);
+                    }
+                }
+                if in_batch(i) {
+                    accs[group_of[i] - range.start].first(h);
+                }
+            })?;
+            if b == 0 {
+                center /= n as f64;
+            }
+            passes.each("distances", &mut |i, h| {
+                if b == 0 {
+                    for c in contrasts.iter_mut() {
+                        c.second(i, h);
+                    }
+                }
+                if in_batch(i) {
+                    accs[group_of[i] - range.start].second(h, Some(center.view()));
+                }
+            })?;
+            stats.extend(accs.iter().map(GroupAccumulator::finish));
+        }
         let groups: Vec<GroupMetrics> = order
             .iter()
-            .map(|label| {
-                let members: Vec<usize> = (0..n).filter(|&i| &labels[i] == label).collect();
-                GroupMetrics {
-                    alignment: metrics::alignment(last.view(), &members, None),
-                    alignment_centered: metrics::alignment(
-                        last.view(),
-                        &members,
-                        Some(center.view()),
-                    ),
-                    funnel_width: metrics::funnel_width(last.view(), &members),
-                    label: label.clone(),
-                    members,
-                }
+            .zip(members)
+            .zip(stats)
+            .map(|((label, members), s)| GroupMetrics {
+                label: label.clone(),
+                members,
+                alignment: s.alignment,
+                alignment_centered: s.alignment_centered,
+                funnel_width: s.funnel_width,
             })
             .collect();
+        let contrast = (contrasts.len() == 2).then(|| {
+            let control = contrasts.pop().expect("two").finish();
+            ContrastPair {
+                a: groups[0].label.clone(),
+                b: groups[1].label.clone(),
+                contrast: contrasts.pop().expect("two").finish(),
+                control,
+            }
+        });
+        let pca = Pca::fit_rows(&PromptRows { view: &passes }, 3, PcaMethod::for_width(d))?;
+        let k = pca.components.nrows();
+        let mut proj = Array3::<f64>::zeros((n, p, k));
+        passes.each("projections", &mut |i, h| {
+            proj.index_axis_mut(ndarray::Axis(0), i)
+                .assign(&pca.transform(h));
+        })?;
         // ΔA between the first two groups (in order of appearance): e.g. paraphrases − unrelated.
         let delta = (groups.len() >= 2).then(|| {
             let (a, b) = (&groups[0], &groups[1]);
@@ -109,6 +293,8 @@ impl RunView {
                     .collect(),
             }
         });
+        bar.set_message(format!("{what}: lens"));
+        let lens = LensSummary::read(&run)?;
         let dir_name = run
             .dir
             .file_name()
@@ -119,19 +305,31 @@ impl RunView {
             points: run.manifest.capture.points.clone(),
             n_layer: run.manifest.model.n_layer,
             name,
-            last,
+            states,
             pca,
             proj,
             metrics,
             labels,
             groups,
             delta,
+            contrast,
+            lens,
             run,
         })
     }
 
+    /// Prompt `i`'s trajectory at the last prompt position, `[n_points, d]` (read from disk).
+    pub fn trajectory(&self, i: usize) -> anyhow::Result<Array2<f32>> {
+        Ok(self.states.prompt(i)?)
+    }
+
+    /// Point `k` of the prompts `rows`, `[rows.len(), d]` (read from disk).
+    pub fn point_rows(&self, k: usize, rows: &[usize]) -> anyhow::Result<Array2<f32>> {
+        Ok(self.states.point_rows(k, rows)?)
+    }
+
     pub fn n_prompts(&self) -> usize {
-        self.last.len_of(Axis(0))
+        self.states.n_prompts
     }
 
     /// Depth of each stored point as a fraction of the model's blocks (point / n_layer).
@@ -144,9 +342,9 @@ impl RunView {
 
     /// Prompt `p`'s path over generation at the last stored point: `[steps, d]`, the last prompt
     /// token first, then each generated token; with the stored column of each step.
-    pub fn generated_path(&self, p: usize) -> Option<(ndarray::Array2<f32>, Vec<usize>)> {
+    pub fn generated_path(&self, p: usize) -> Option<(Array2<f32>, Vec<usize>)> {
         let rec = &self.run.manifest.prompts[p];
-        let states = self.run.states(p).ok()?;
+        let states = self.run.prompt_states(p).ok()?;
         let cols: Vec<usize> = rec
             .positions
             .iter()
@@ -154,10 +352,7 @@ impl RunView {
             .filter(|(_, &pos)| pos + 1 >= rec.n_prompt_tokens)
             .map(|(j, _)| j)
             .collect();
-        let h = states
-            .select(Axis(1), &cols)
-            .index_axis(Axis(0), self.points.len() - 1)
-            .to_owned();
+        let h = states.point_positions(self.points.len() - 1, &cols).ok()?;
         Some((h, cols))
     }
 

@@ -16,6 +16,7 @@
 //! that looks complete.
 
 pub mod npy;
+pub mod read;
 pub mod synthetic;
 
 use std::fs;
@@ -114,7 +115,7 @@ pub enum RunError {
     Invalid { path: String, msg: String },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
     move |source| RunError::Io {
         path: path.display().to_string(),
         source,
@@ -1040,19 +1041,28 @@ impl Run {
         )?;
         check_npy(&self.dir.join(LOGITS_NPY), "<f4", &[n_prompts, n_vocab])?;
         if m.lens.is_some() {
+            // Streamed: a big run's lens is checked one prompt at a time.
             let p = self.dir.join(LENS_JSON);
-            let lens = self.lens()?.unwrap_or_default();
-            let ok = lens.len() == n_prompts
-                && lens.iter().enumerate().all(|(i, l)| {
-                    l.index == i
-                        && !l.traces.is_empty()
-                        && l.traces.iter().all(|t| t.points.len() == n_points)
-                });
-            if !ok {
-                return Err(invalid(
+            let wrong = || {
+                invalid(
                     &p,
                     format!("does not hold one lens of {n_points} points per prompt ({n_prompts})"),
-                ));
+                )
+            };
+            let mut i = 0;
+            let n = self.for_each_lens(|l| {
+                let ok = l.index == i
+                    && !l.traces.is_empty()
+                    && l.traces.iter().all(|t| t.points.len() == n_points);
+                i += 1;
+                if ok {
+                    Ok(())
+                } else {
+                    Err(wrong())
+                }
+            })?;
+            if n != n_prompts {
+                return Err(wrong());
             }
         }
         Ok(())
@@ -1090,28 +1100,29 @@ impl Run {
         }
     }
 
-    /// `[n_prompts, n_points, n_embd]` at the last prompt position.
+    /// `[n_prompts, n_points, n_embd]` at the last prompt position, all in memory: for small runs
+    /// and tests; analyses read it a prompt at a time with [`Run::last_states`].
     pub fn last(&self) -> Result<Array3<f32>, RunError> {
         let p = self.dir.join(LAST_NPY);
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 
-    /// The logit lens per prompt (when traced with --lens).
+    /// The logit lens per prompt (when traced with --lens), all in memory: for small runs and
+    /// tests; analyses stream it with [`Run::for_each_lens`].
     pub fn lens(&self) -> Result<Option<Vec<PromptLens>>, RunError> {
         if self.manifest.lens.is_none() {
             return Ok(None);
         }
-        let p = self.dir.join(LENS_JSON);
-        let text = fs::read_to_string(&p).map_err(io_err(&p))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| RunError::BadManifest {
-                path: p.display().to_string(),
-                source,
-            })
+        let mut all = Vec::new();
+        self.for_each_lens(|l| {
+            all.push(l);
+            Ok(())
+        })?;
+        Ok(Some(all))
     }
 
-    /// `[n_prompts, n_vocab]` next-token logits at the last prompt position.
+    /// `[n_prompts, n_vocab]` next-token logits at the last prompt position, all in memory (small
+    /// runs and tests; analyses use [`Run::logit_rows`]).
     pub fn logits(&self) -> Result<Array2<f32>, RunError> {
         let p = self.dir.join(LOGITS_NPY);
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)

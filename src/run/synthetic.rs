@@ -21,7 +21,7 @@ fn lcg(seed: &mut u64) -> f32 {
 }
 
 /// Write a synthetic run of `n_prompts` prompts (labels alternate between `labels`), `n_layer`
-/// blocks and width `n_embd`, one position per prompt.
+/// blocks and width `n_embd`, one position per prompt, states in f32.
 pub fn write(
     dir: &Path,
     n_prompts: usize,
@@ -29,6 +29,19 @@ pub fn write(
     n_embd: usize,
     labels: &[&str],
     seed: u64,
+) -> Result<(), RunError> {
+    write_with(dir, n_prompts, n_layer, n_embd, labels, seed, Dtype::F32)
+}
+
+/// [`write`] with the states files in `dtype` (`last.npy` is f32 in every run).
+pub fn write_with(
+    dir: &Path,
+    n_prompts: usize,
+    n_layer: usize,
+    n_embd: usize,
+    labels: &[&str],
+    seed: u64,
+    dtype: Dtype,
 ) -> Result<(), RunError> {
     let n_points = n_layer + 1;
     let n_vocab = 16;
@@ -38,7 +51,7 @@ pub fn write(
         n_embd,
         n_vocab,
     };
-    let mut w = RunWriter::create(dir, true, shape, Dtype::F32, Format::Npy)?;
+    let mut w = RunWriter::create(dir, true, shape, dtype, Format::Npy)?;
     let mut s = seed;
     // A shared drift direction per label makes groups converge, like paraphrases do.
     let drift: Vec<Vec<f32>> = labels
@@ -130,7 +143,7 @@ pub fn write(
             generate: 0,
             chat: false,
             system: None,
-            dtype: Dtype::F32,
+            dtype,
             format: Format::Npy,
             ctx: 1,
             n_seq: 1,

@@ -12,6 +12,7 @@ mod cli_trace;
 mod lens;
 mod quant;
 mod report;
+mod report_scale;
 mod resume;
 mod rpc;
 mod steering;
