@@ -210,7 +210,8 @@ fn bench_report_scale(traced: &std::path::Path) {
     for n in [200, 2000] {
         let run = traced.join(format!("r{n}"));
         let out = traced.join(format!("report{n}.html"));
-        let (rss, secs, ok) = peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        let (rss, secs, ok) =
+            peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
         assert!(ok, "report of r{n}");
         println!("report_smollm2_{n}_prompts: {secs:.2} s, peak RSS {rss:.0} MiB");
     }
@@ -218,7 +219,16 @@ fn bench_report_scale(traced: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("big");
     let t = Instant::now();
-    gguf_trace::run::synthetic::write_with(&run, n, layers, width, &["a", "b"], 3, gguf_trace::run::Dtype::F16).unwrap();
+    gguf_trace::run::synthetic::write_with(
+        &run,
+        n,
+        layers,
+        width,
+        &["a", "b"],
+        3,
+        gguf_trace::run::Dtype::F16,
+    )
+    .unwrap();
     let last = std::fs::metadata(run.join("last.npy")).unwrap().len();
     println!(
         "synthetic_run: {n} prompts x {} points x {width} wide, last.npy {:.2} GB (written in {:.0} s)",
@@ -227,9 +237,13 @@ fn bench_report_scale(traced: &std::path::Path) {
         t.elapsed().as_secs_f64()
     );
     let out = dir.path().join("big.html");
-    let (rss, secs, ok) = peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let (rss, secs, ok) =
+        peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(ok, "report of the synthetic run");
-    println!("report_synthetic_{n}x{}x{width}: {secs:.1} s, peak RSS {rss:.0} MiB", layers + 1);
+    println!(
+        "report_synthetic_{n}x{}x{width}: {secs:.1} s, peak RSS {rss:.0} MiB",
+        layers + 1
+    );
 }
 
 /// Peak memory of `trace` for 200 vs 2,000 prompts (`--positions last`) and one ~2,000-token
@@ -345,6 +359,12 @@ fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init();
+    if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("report") {
+        // Only the report's scale benchmark.
+        let traced = bench_memory(&paths[0]);
+        bench_report_scale(traced.path());
+        return;
+    }
     bench_report();
     bench_compare(&paths[0]);
     let traced = bench_memory(&paths[0]);

@@ -199,8 +199,17 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
     );
 
     let note = thinned_note(v, &drawn);
+    let how = match v.pca.method {
+        crate::analysis::pca::PcaMethod::Covariance => {
+            "eigenvectors of the covariance matrix".to_string()
+        }
+        crate::analysis::pca::PcaMethod::Subspace => format!(
+            "subspace iteration over {} passes of the states, the width being too large for a covariance matrix",
+            v.pca.passes
+        ),
+    };
     let expl = format!(
-        "Axes are the first principal components of this model's states at the last prompt position, fitted on every point of every prompt (PC1–3 explain {:.1}% of the variance). ",
+        "Axes are the first principal components of this model's states at the last prompt position, fitted on every point of every prompt ({how}; PC1–3 explain {:.1}% of the variance). ",
         100.0 * v.pca.explained_ratio.iter().take(3).sum::<f64>()
     );
     Section {
