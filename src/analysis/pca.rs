@@ -57,21 +57,83 @@ impl PcaMethod {
     }
 }
 
-/// Rows of width [`Rows::width`] visited in passes: each call of [`Rows::pass`] hands every row
-/// to `f` exactly once, in chunks, in the same order every time.
-pub trait Rows {
+/// Rows of width [`Rows::width`] visited in passes, split into a fixed number of blocks (fixed by
+/// the data, not by the machine): each pass runs the blocks on up to all cores and combines their
+/// sums in block order, so results do not depend on the number of threads.
+pub trait Rows: Sync {
     fn width(&self) -> usize;
-    fn pass(&self, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()>;
+    fn blocks(&self) -> usize;
+    /// Called once before each pass.
+    fn begin_pass(&self) {}
+    /// Hand every row of block `b` to `f`, in chunks, in order.
+    fn block(&self, b: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()>;
 }
+
+/// Most blocks a pass is split into.
+pub const MAX_BLOCKS: usize = 8;
 
 impl Rows for ArrayView2<'_, f32> {
     fn width(&self) -> usize {
         self.ncols()
     }
-    fn pass(&self, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
-        f(self.view());
+    fn blocks(&self) -> usize {
+        self.nrows().clamp(1, MAX_BLOCKS)
+    }
+    fn block(&self, b: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
+        let (n, k) = (self.nrows(), self.blocks());
+        f(self.slice(ndarray::s![b * n / k..(b + 1) * n / k, ..]));
         Ok(())
     }
+}
+
+/// One pass over `rows`: each block folds its chunks into its own accumulator (from `init`);
+/// the accumulators come back in block order.
+fn pass<T: Send>(
+    rows: &dyn Rows,
+    init: impl Fn() -> T + Sync,
+    f: impl Fn(&mut T, ArrayView2<f32>) + Sync,
+) -> anyhow::Result<Vec<T>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let blocks = rows.blocks();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(blocks)
+        .max(1);
+    rows.begin_pass();
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<anyhow::Result<T>>>> =
+        Mutex::new((0..blocks).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= blocks {
+                    break;
+                }
+                let mut acc = init();
+                let r = rows.block(b, &mut |x| f(&mut acc, x)).map(|()| acc);
+                let failed = r.is_err();
+                out.lock().expect("no panics while held")[b] = Some(r);
+                if failed {
+                    // Let the other threads run out of blocks.
+                    next.store(blocks, Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    let out = out.into_inner().expect("threads joined");
+    if let Some(e) = out.iter().position(|r| matches!(r, Some(Err(_)))) {
+        let r = out.into_iter().nth(e).flatten().expect("an error");
+        return Err(r.err().expect("an error"));
+    }
+    out.into_iter()
+        .map(|r| r.ok_or_else(|| anyhow::anyhow!("a block was not read")))
+        .collect::<anyhow::Result<Vec<anyhow::Result<T>>>>()?
+        .into_iter()
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -119,12 +181,19 @@ impl Pca {
         let d = rows.width();
         let mut n = 0usize;
         let mut sum = Array1::<f64>::zeros(d);
-        rows.pass(&mut |x| {
-            n += x.nrows();
-            for r in x.outer_iter() {
-                sum.zip_mut_with(&r, |s, &v| *s += v as f64);
-            }
-        })?;
+        for (m, s) in pass(
+            rows,
+            || (0usize, Array1::<f64>::zeros(d)),
+            |(m, s), x| {
+                *m += x.nrows();
+                for r in x.outer_iter() {
+                    s.zip_mut_with(&r, |s, &v| *s += v as f64);
+                }
+            },
+        )? {
+            n += m;
+            sum += &s;
+        }
         if n < 2 {
             return Err(PcaError::TooFew(n));
         }
@@ -166,10 +235,16 @@ fn covariance_components(
 ) -> Result<Components, PcaError> {
     let d = mean.len();
     let mut cov = Array2::<f64>::zeros((d, d));
-    rows.pass(&mut |x| {
-        let xc = centred(x, mean);
-        general_mat_mul(1.0, &xc.t(), &xc, 1.0, &mut cov);
-    })?;
+    for c in pass(
+        rows,
+        || Array2::<f64>::zeros((d, d)),
+        |cov, x| {
+            let xc = centred(x, mean);
+            general_mat_mul(1.0, &xc.t(), &xc, 1.0, cov);
+        },
+    )? {
+        cov += &c;
+    }
     cov /= n as f64 - 1.0;
     let total: f64 = cov.diag().sum();
     let (vals, vecs) = cov.eigh(UPLO::Upper)?;
@@ -209,14 +284,22 @@ fn subspace_components(
         // Z = C Q in one pass over the rows.
         let mut z = Array2::<f64>::zeros((d, l));
         let mut ss = 0.0;
-        rows.pass(&mut |x| {
-            let xc = centred(x, mean);
-            if total.is_none() {
-                ss += xc.iter().map(|v| v * v).sum::<f64>();
-            }
-            let y = xc.dot(&q);
-            general_mat_mul(1.0, &xc.t(), &y, 1.0, &mut z);
-        })?;
+        let first = total.is_none();
+        for (zb, sb) in pass(
+            rows,
+            || (Array2::<f64>::zeros((d, l)), 0.0f64),
+            |(z, ss), x| {
+                let xc = centred(x, mean);
+                if first {
+                    *ss += xc.iter().map(|v| v * v).sum::<f64>();
+                }
+                let y = xc.dot(&q);
+                general_mat_mul(1.0, &xc.t(), &y, 1.0, z);
+            },
+        )? {
+            z += &zb;
+            ss += sb;
+        }
         z /= n as f64 - 1.0;
         let total = *total.get_or_insert(ss / (n as f64 - 1.0));
         // Rayleigh–Ritz on the block: B = Qᵀ C Q (symmetrised against rounding).
@@ -389,13 +472,16 @@ mod tests {
 
     #[test]
     fn chunked_passes_give_the_one_chunk_result() {
-        /// The same rows in chunks of 7.
+        /// The same rows in one block, in chunks of 7.
         struct Chunks<'a>(ArrayView2<'a, f32>);
         impl Rows for Chunks<'_> {
             fn width(&self) -> usize {
                 self.0.ncols()
             }
-            fn pass(&self, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
+            fn blocks(&self) -> usize {
+                1
+            }
+            fn block(&self, _: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
                 for c in self.0.axis_chunks_iter(ndarray::Axis(0), 7) {
                     f(c);
                 }

@@ -126,7 +126,8 @@ pub struct RunView {
     pub lens: Option<LensSummary>,
 }
 
-/// The prompts of a run as rows for the PCA: one prompt's `[n_points, d]` per chunk.
+/// The prompts of a run as rows for the PCA: contiguous blocks of prompts, one prompt's
+/// `[n_points, d]` per chunk.
 struct PromptRows<'a> {
     view: &'a Passes<'a>,
 }
@@ -135,8 +136,19 @@ impl Rows for PromptRows<'_> {
     fn width(&self) -> usize {
         self.view.states.n_embd
     }
-    fn pass(&self, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
-        self.view.each("PCA", &mut |_, h| f(h))
+    fn blocks(&self) -> usize {
+        self.view
+            .states
+            .n_prompts
+            .clamp(1, crate::analysis::pca::MAX_BLOCKS)
+    }
+    fn begin_pass(&self) {
+        self.view.start("PCA");
+    }
+    fn block(&self, b: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
+        let (n, k) = (self.view.states.n_prompts, self.blocks());
+        self.view
+            .range(b * n / k..(b + 1) * n / k, &mut |_, h| f(h))
     }
 }
 
@@ -148,11 +160,19 @@ struct Passes<'a> {
 }
 
 impl Passes<'_> {
-    fn each(&self, step: &str, f: &mut dyn FnMut(usize, ArrayView2<f32>)) -> anyhow::Result<()> {
+    fn start(&self, step: &str) {
         self.bar.set_length(self.states.n_prompts as u64);
         self.bar.set_position(0);
         self.bar.set_message(format!("{}: {step}", self.what));
-        for i in 0..self.states.n_prompts {
+    }
+
+    /// Prompts `range`, in order.
+    fn range(
+        &self,
+        range: std::ops::Range<usize>,
+        f: &mut dyn FnMut(usize, ArrayView2<f32>),
+    ) -> anyhow::Result<()> {
+        for i in range {
             if crate::llama::backend::interrupted() {
                 anyhow::bail!("interrupted: the report was not written");
             }
@@ -161,6 +181,12 @@ impl Passes<'_> {
             self.bar.inc(1);
         }
         Ok(())
+    }
+
+    /// Every prompt, in order.
+    fn each(&self, step: &str, f: &mut dyn FnMut(usize, ArrayView2<f32>)) -> anyhow::Result<()> {
+        self.start(step);
+        self.range(0..self.states.n_prompts, f)
     }
 }
 
