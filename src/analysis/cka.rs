@@ -47,7 +47,8 @@ pub fn cka_plain(k: &Array2<f64>, l: &Array2<f64>) -> f64 {
 }
 
 /// Debiased CKA between every point of `a` (`[n, Pa, d_a]`) and every point of `b`
-/// (`[n, Pb, d_b]`): `[Pa, Pb]`. `order` permutes b's inputs (the shuffled control); None keeps them.
+/// (`[n, Pb, d_b]`), in memory: `[Pa, Pb]`. `order` permutes b's inputs (the shuffled control);
+/// None keeps them. The report reads points one at a time through [`cka_matrix_by_point`].
 pub fn cka_matrix(a: ArrayView3<f32>, b: ArrayView3<f32>, order: Option<&[usize]>) -> Array2<f64> {
     let rows: Vec<usize> = (0..a.shape()[0]).collect();
     let b_rows: Vec<usize> = order.map(<[usize]>::to_vec).unwrap_or_else(|| rows.clone());

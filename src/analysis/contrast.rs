@@ -142,9 +142,10 @@ pub struct ContrastAccumulator {
     b: Vec<usize>,
     /// Per prompt: Some(true) in a, Some(false) in b, None in neither.
     side: Vec<Option<bool>>,
+    /// Σ of each group's trajectories; divided in place into the means when the second pass starts.
     sum_a: Array2<f64>,
     sum_b: Array2<f64>,
-    means: Option<(Array2<f64>, Array2<f64>)>,
+    means_ready: bool,
     projections: Array2<f64>,
     /// `[n_prompts, n_points]`: each member's leave-one-out projection.
     loo: Array2<f64>,
@@ -170,7 +171,7 @@ impl ContrastAccumulator {
             side,
             sum_a: Array2::zeros((n_points, d)),
             sum_b: Array2::zeros((n_points, d)),
-            means: None,
+            means_ready: false,
             projections: Array2::zeros((n_prompts, n_points)),
             loo: Array2::zeros((n_prompts, n_points)),
         }
@@ -194,9 +195,12 @@ impl ContrastAccumulator {
     /// Second pass: every prompt `i`'s trajectory again.
     pub fn second(&mut self, i: usize, h: ArrayView2<f32>) {
         let (na, nb) = (self.a.len() as f64, self.b.len() as f64);
-        let (ma, mb) = self
-            .means
-            .get_or_insert_with(|| (&self.sum_a / na, &self.sum_b / nb));
+        if !self.means_ready {
+            self.sum_a /= na;
+            self.sum_b /= nb;
+            self.means_ready = true;
+        }
+        let (ma, mb) = (&self.sum_a, &self.sum_b);
         for (k, row) in h.outer_iter().enumerate() {
             let x = row.mapv(|v| v as f64);
             let (ma, mb) = (ma.row(k), mb.row(k));
@@ -215,8 +219,8 @@ impl ContrastAccumulator {
     }
 
     pub fn finish(self) -> Contrast {
-        let (ma, mb) = self.means.expect("ContrastAccumulator::second was called");
-        let directions = (&ma - &mb).mapv(|v| v as f32);
+        assert!(self.means_ready, "ContrastAccumulator::second was called");
+        let directions = (&self.sum_a - &self.sum_b).mapv(|v| v as f32);
         let n_points = directions.nrows();
         let separation: Vec<Separation> = (0..n_points)
             .map(|k| {
@@ -240,8 +244,9 @@ impl ContrastAccumulator {
     }
 }
 
-/// Full contrast of groups `a` and `b` in `states` (`[n_prompts, n_points, d]`, in memory).
-/// Both groups need at least 3 prompts.
+/// Full contrast of groups `a` and `b` in `states` (`[n_prompts, n_points, d]`, in memory) —
+/// for callers holding small arrays and for tests; the report and `direction` stream through
+/// [`ContrastAccumulator`]. Both groups need at least 3 prompts.
 pub fn contrast(states: ArrayView3<f32>, a: &[usize], b: &[usize]) -> Contrast {
     let (n, n_points, d) = states.dim();
     let mut acc = ContrastAccumulator::new(n, n_points, d, a, b);

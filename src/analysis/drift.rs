@@ -129,7 +129,8 @@ impl OutputDrift {
     }
 }
 
-/// Output drift of every prompt (`[n_prompts, n_vocab]` logits in memory).
+/// Output drift of every prompt (`[n_prompts, n_vocab]` logits in memory; the report pushes one
+/// prompt at a time with [`OutputDrift::push`]).
 pub fn output_drift(reference: ArrayView2<f32>, level: ArrayView2<f32>) -> OutputDrift {
     let mut out = OutputDrift::default();
     for (r, l) in reference.outer_iter().zip(level.outer_iter()) {

@@ -253,7 +253,8 @@ impl GroupAccumulator {
 }
 
 /// [`GroupStats`] of the prompts `members` of `states` (`[n_prompts, n_points, d]`, in memory);
-/// `center` as in [`GroupAccumulator::second`].
+/// `center` as in [`GroupAccumulator::second`]. For small arrays and tests: the report streams
+/// through [`GroupAccumulator`] (its tests compare with the pairwise definitions independently).
 pub fn group_stats(
     states: ArrayView3<f32>,
     members: &[usize],

@@ -1,10 +1,11 @@
-//! PCA with ndarray-linalg: one basis per model, fitted on all points of all prompts shown.
+//! PCA with ndarray-linalg: one basis per model, fitted on all points of all prompts of a run.
 //!
 //! Rows are read in passes ([`Rows`]), so the data never has to sit in memory at once. Two ways to
 //! the top components, chosen by width ([`PcaMethod::for_width`]):
 //! - **covariance** (width ≤ [`COVARIANCE_MAX_WIDTH`]): the d×d covariance accumulated over chunks
 //!   of rows, then its eigen-decomposition (LAPACK `syevd` through ndarray-linalg's `eigh`). Exact;
-//!   O(n·d²) time and d² memory — 8 MB at d = 1024, but 537 MB and hours of arithmetic at 8192;
+//!   O(n·d²) time and d² memory per thread — 8 MB each at d = 1024, but 537 MB and hours of
+//!   arithmetic at 8192;
 //! - **subspace iteration** (wider): a block of k + 10 vectors multiplied by the covariance one pass
 //!   over the rows at a time (Z = Xcᵀ(Xc Q) / (n − 1), never forming the covariance), re-orthogonalised
 //!   (QR), with Rayleigh–Ritz on the block, until every wanted component's residual
@@ -12,7 +13,8 @@
 //!   component inside a cluster of nearly equal variances has no preferred direction, and more
 //!   passes would only rotate it within the cluster). O(n·d·(k + 10)) per pass and O(d·(k + 10))
 //!   memory; where components are well separated it agrees with the covariance method to far
-//!   below 1e-6 (tested), and explained variances agree in either case.
+//!   below the tested bound (explained variances within 1e-6, |cos| of components ≥ 1 − 1e-6),
+//!   and explained variances agree in either case.
 //!
 //! Components are sign-stable: each is flipped so that its largest-magnitude loading is positive.
 
@@ -59,7 +61,7 @@ impl PcaMethod {
 
 /// Rows of width [`Rows::width`] visited in passes, split into a fixed number of blocks (fixed by
 /// the data, not by the machine): each pass runs the blocks on up to all cores and combines their
-/// sums in block order, so results do not depend on the number of threads.
+/// sums in block order (see [`pass`]).
 pub trait Rows: Sync {
     fn width(&self) -> usize;
     fn blocks(&self) -> usize;
@@ -86,15 +88,29 @@ impl Rows for ArrayView2<'_, f32> {
     }
 }
 
-/// One pass over `rows`: each block folds its chunks into its own accumulator (from `init`);
-/// the accumulators come back in block order.
+/// One pass over `rows`: each block folds its chunks into its own accumulator (from `init`, with
+/// `f`), and the accumulators are merged into the first with `merge` strictly in block order, each
+/// as soon as the blocks before it are merged — so at most about one accumulator per thread is
+/// alive, and the result does not depend on how many threads ran (the matrix products inside a
+/// block may still round differently with another BLAS thread count). A panic in a block becomes
+/// an error, and the other threads stop taking blocks.
 fn pass<T: Send>(
     rows: &dyn Rows,
     init: impl Fn() -> T + Sync,
     f: impl Fn(&mut T, ArrayView2<f32>) + Sync,
-) -> anyhow::Result<Vec<T>> {
+    merge: impl Fn(&mut T, T) + Sync,
+) -> anyhow::Result<T> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
+    struct Merged<T> {
+        /// Blocks 0..next_merge are in `total`.
+        next_merge: usize,
+        total: Option<T>,
+        /// Finished blocks waiting for the ones before them.
+        waiting: Vec<(usize, T)>,
+        error: Option<anyhow::Error>,
+    }
     let blocks = rows.blocks();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -103,37 +119,61 @@ fn pass<T: Send>(
         .max(1);
     rows.begin_pass();
     let next = AtomicUsize::new(0);
-    let out: Mutex<Vec<Option<anyhow::Result<T>>>> =
-        Mutex::new((0..blocks).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= blocks {
-                    break;
-                }
-                let mut acc = init();
-                let r = rows.block(b, &mut |x| f(&mut acc, x)).map(|()| acc);
-                let failed = r.is_err();
-                out.lock().expect("no panics while held")[b] = Some(r);
-                if failed {
-                    // Let the other threads run out of blocks.
-                    next.store(blocks, Ordering::Relaxed);
-                    break;
-                }
-            });
-        }
+    let state = Mutex::new(Merged {
+        next_merge: 0,
+        total: None,
+        waiting: Vec::new(),
+        error: None,
     });
-    let out = out.into_inner().expect("threads joined");
-    if let Some(e) = out.iter().position(|r| matches!(r, Some(Err(_)))) {
-        let r = out.into_iter().nth(e).flatten().expect("an error");
-        return Err(r.err().expect("an error"));
+    // One BLAS thread inside each of ours (see with_single_threaded_blas).
+    crate::llama::backend::with_single_threaded_blas(|| {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= blocks {
+                        break;
+                    }
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        let mut acc = init();
+                        rows.block(b, &mut |x| f(&mut acc, x)).map(|()| acc)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("internal error (panic) in a PCA pass"))
+                    });
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    match r {
+                        Err(e) => {
+                            st.error.get_or_insert(e);
+                            next.store(blocks, Ordering::Relaxed);
+                            break;
+                        }
+                        Ok(acc) => {
+                            st.waiting.push((b, acc));
+                            while let Some(i) =
+                                st.waiting.iter().position(|(b, _)| *b == st.next_merge)
+                            {
+                                let (_, acc) = st.waiting.swap_remove(i);
+                                match st.total.as_mut() {
+                                    Some(t) => merge(t, acc),
+                                    None => st.total = Some(acc),
+                                }
+                                st.next_merge += 1;
+                            }
+                        }
+                    }
+                });
+            }
+        })
+    });
+    let st = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = st.error {
+        return Err(e);
     }
-    out.into_iter()
-        .map(|r| r.ok_or_else(|| anyhow::anyhow!("a block was not read")))
-        .collect::<anyhow::Result<Vec<anyhow::Result<T>>>>()?
-        .into_iter()
-        .collect()
+    match st.total {
+        Some(t) if st.next_merge == blocks => Ok(t),
+        _ => Err(anyhow::anyhow!("a PCA pass did not read every block")),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -179,9 +219,7 @@ impl Pca {
     /// Fit `k` components on `rows`, reading them in passes (see the module docs for `method`).
     pub fn fit_rows(rows: &dyn Rows, k: usize, method: PcaMethod) -> Result<Pca, PcaError> {
         let d = rows.width();
-        let mut n = 0usize;
-        let mut sum = Array1::<f64>::zeros(d);
-        for (m, s) in pass(
+        let (n, sum) = pass(
             rows,
             || (0usize, Array1::<f64>::zeros(d)),
             |(m, s), x| {
@@ -190,10 +228,11 @@ impl Pca {
                     s.zip_mut_with(&r, |s, &v| *s += v as f64);
                 }
             },
-        )? {
-            n += m;
-            sum += &s;
-        }
+            |(m, s), (m2, s2)| {
+                *m += m2;
+                *s += &s2;
+            },
+        )?;
         if n < 2 {
             return Err(PcaError::TooFew(n));
         }
@@ -234,17 +273,15 @@ fn covariance_components(
     k: usize,
 ) -> Result<Components, PcaError> {
     let d = mean.len();
-    let mut cov = Array2::<f64>::zeros((d, d));
-    for c in pass(
+    let mut cov = pass(
         rows,
         || Array2::<f64>::zeros((d, d)),
         |cov, x| {
             let xc = centred(x, mean);
             general_mat_mul(1.0, &xc.t(), &xc, 1.0, cov);
         },
-    )? {
-        cov += &c;
-    }
+        |a, b| *a += &b,
+    )?;
     cov /= n as f64 - 1.0;
     let total: f64 = cov.diag().sum();
     let (vals, vecs) = cov.eigh(UPLO::Upper)?;
@@ -282,10 +319,8 @@ fn subspace_components(
     let mut prev_ritz: Option<Vec<f64>> = None;
     for it in 0.. {
         // Z = C Q in one pass over the rows.
-        let mut z = Array2::<f64>::zeros((d, l));
-        let mut ss = 0.0;
         let first = total.is_none();
-        for (zb, sb) in pass(
+        let (mut z, ss) = pass(
             rows,
             || (Array2::<f64>::zeros((d, l)), 0.0f64),
             |(z, ss), x| {
@@ -296,10 +331,11 @@ fn subspace_components(
                 let y = xc.dot(&q);
                 general_mat_mul(1.0, &xc.t(), &y, 1.0, z);
             },
-        )? {
-            z += &zb;
-            ss += sb;
-        }
+            |(z, ss), (z2, s2)| {
+                *z += &z2;
+                *ss += s2;
+            },
+        )?;
         z /= n as f64 - 1.0;
         let total = *total.get_or_insert(ss / (n as f64 - 1.0));
         // Rayleigh–Ritz on the block: B = Qᵀ C Q (symmetrised against rounding).

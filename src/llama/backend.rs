@@ -204,3 +204,27 @@ pub fn devices() -> Vec<String> {
             .collect()
     }
 }
+
+// OpenBLAS (linked through ndarray-linalg's `openblas-system`, and used by ndarray's matrix
+// products) is the crate's other C library; its thread control lives here with the other FFI.
+extern "C" {
+    fn openblas_get_num_threads() -> std::os::raw::c_int;
+    fn openblas_set_num_threads(n: std::os::raw::c_int);
+}
+
+/// Run `f` with OpenBLAS on one thread, restoring its thread count afterwards: for work that is
+/// already spread over every core by our own threads (OpenBLAS's threads on top of them
+/// oversubscribe the cores and spin: a PCA pass ran 3× slower). Not reentrant: callers are the
+/// report's passes, one at a time.
+pub fn with_single_threaded_blas<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain getters/setters of OpenBLAS's global thread count, with no BLAS call running
+    // on another thread (the report calls this from its only analysis thread, before spawning
+    // the workers of a pass and after joining them).
+    let before = unsafe { openblas_get_num_threads() };
+    // SAFETY: as above.
+    unsafe { openblas_set_num_threads(1) };
+    let out = f();
+    // SAFETY: as above; the workers have been joined.
+    unsafe { openblas_set_num_threads(before) };
+    out
+}

@@ -12,10 +12,10 @@ use crate::analysis::metrics;
 /// Prompts drawn in the generation figures.
 const MAX_GEN: usize = 8;
 
-pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
     let m = &v.run.manifest;
     if m.capture.generate == 0 {
-        return None;
+        return Ok(None);
     }
     let mut path = Plot::new();
     let mut turn = Plot::new();
@@ -28,7 +28,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         .take(MAX_GEN)
         .enumerate()
     {
-        let Some((h, cols)) = v.generated_path(rec.index) else {
+        let Some((h, cols)) = v.generated_path(rec.index)? else {
             continue;
         };
         let proj = v.pca.transform(h.view());
@@ -63,7 +63,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         ));
     }
     if texts.is_empty() {
-        return None;
+        return Ok(None);
     }
     path.set_layout(
         Layout::new()
@@ -77,7 +77,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             .x_axis(Axis::new().title(Title::with_text("step (0 = last prompt token)")))
             .y_axis(Axis::new().title(Title::with_text("turning angle (degrees)"))),
     );
-    Some(Section {
+    Ok(Some(Section {
         title: format!("{prefix}Generation"),
         note: texts.join("<br>"),
         figures: vec![
@@ -92,5 +92,5 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
                 plot: turn,
             },
         ],
-    })
+    }))
 }

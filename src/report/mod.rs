@@ -67,7 +67,7 @@ pub fn build(
         sections.push(steering::steering_section(views, s, u)?);
     }
     for &(i, j) in &sys_pairs {
-        sections.push(steering::system_section(views, i, j));
+        sections.push(steering::system_section(views, i, j)?);
     }
     if views.len() > 1 {
         let why = if views
@@ -117,10 +117,10 @@ pub fn build(
         if let Some(s) = lens::section(v, &prefix) {
             sections.push(s);
         }
-        if let Some(s) = tokens::section(v, &prefix) {
+        if let Some(s) = tokens::section(v, &prefix)? {
             sections.push(s);
         }
-        if let Some(s) = generation::section(v, &prefix) {
+        if let Some(s) = generation::section(v, &prefix)? {
             sections.push(s);
         }
     }

@@ -115,22 +115,17 @@ pub fn ladder(views: &[RunView], reference: Option<usize>) -> anyhow::Result<Lad
                 // One position in memory at a time (long prompts can exceed memory).
                 let a = rv.run.prompt_states(p)?;
                 let b = v.run.prompt_states(p)?;
-                // Prompt positions only (generated tokens differ between levels): the stored
-                // positions below n_prompt_tokens, the same in both runs.
-                let n = rec
-                    .positions
-                    .iter()
-                    .take_while(|&&pos| pos < rec.n_prompt_tokens)
-                    .count();
-                let n = n.min(
-                    v.run.manifest.prompts[p]
-                        .positions
-                        .iter()
-                        .take_while(|&&pos| pos < rec.n_prompt_tokens)
-                        .count(),
-                );
-                for t in 0..n {
-                    acc.add_position(a.position(t)?.view(), b.position(t)?.view());
+                // Prompt positions only (generated tokens differ between levels), and only those
+                // both runs stored (they may have been traced with different --positions): the
+                // same token position in both, matched by position, not by column.
+                let other = &v.run.manifest.prompts[p].positions;
+                for (ja, &pos) in rec.positions.iter().enumerate() {
+                    if pos >= rec.n_prompt_tokens {
+                        break;
+                    }
+                    if let Ok(jb) = other.binary_search(&pos) {
+                        acc.add_position(a.position(ja)?.view(), b.position(jb)?.view());
+                    }
                 }
             }
         } else {

@@ -130,7 +130,7 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> anyhow::Result
     })
 }
 
-pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
+pub fn system_section(views: &[RunView], i: usize, j: usize) -> anyhow::Result<Section> {
     let (va, vb) = (&views[i], &views[j]);
     // The contrast direction at the last point, from any run of the same model in the report.
     let dir = views.iter().filter(|v| same_model(v, va)).find_map(|v| {
@@ -149,7 +149,7 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
     let mut texts = Vec::new();
     for p in 0..va.n_prompts().min(MAX_PROMPTS) {
         for (k, v) in [va, vb].into_iter().enumerate() {
-            let Some((h, _)) = v.generated_path(p) else {
+            let Some((h, _)) = v.generated_path(p)? else {
                 continue;
             };
             let dash = if k == 0 {
@@ -236,7 +236,7 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
         );
         figures.push(Figure { title: format!("Each step on the {a} − {b} direction"), caption: format!("The projection of every generated token's last-point state on the contrast direction (from the '{a}' vs '{b}' run of this model in the report): how far each continuation leans towards '{a}'."), plot: proj_plot });
     }
-    Section {
+    Ok(Section {
         title: format!(
             "System prompts side by side: {} vs {}",
             describe(va),
@@ -244,5 +244,5 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> Section {
         ),
         note: texts.join("<br>"),
         figures,
-    }
+    })
 }

@@ -182,8 +182,10 @@ pub fn section(views: &[RunView]) -> anyhow::Result<Option<Section>> {
     }))
 }
 
-/// Most prompts whose CKA is computed: its Gram matrices take n² × 8 bytes per point of one model
-/// (2 MB at 500), so larger runs use a seeded sample of this many prompts, said on the page.
+/// Most prompts whose CKA is computed: the second model's Gram matrices are kept, n² × 8 bytes per
+/// point (2 MB per point at 500: 62 MB for SmolLM2's 31 points, 162 MB for 81), so larger runs use
+/// a seeded sample of this many prompts, said on the page. (The shuffled control reads the states
+/// again rather than keeping a permuted copy of every Gram matrix.)
 pub const CKA_MAX_PROMPTS: usize = 500;
 
 /// The prompts the CKA uses: all, or a seeded sample of [`CKA_MAX_PROMPTS`] in prompt order.

@@ -9,19 +9,22 @@ use super::view::RunView;
 use super::{Figure, Section};
 use crate::analysis::metrics;
 
-pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
     let prompts = &v.run.manifest.prompts;
     // The first prompt with several stored positions and an NPY states file.
-    let i = prompts
+    let Some(i) = prompts
         .iter()
-        .position(|p| p.positions.len() > 1 && p.states_file.is_some())?;
+        .position(|p| p.positions.len() > 1 && p.states_file.is_some())
+    else {
+        return Ok(None);
+    };
     // One position in memory at a time: a long prompt's states can exceed memory.
-    let states = v.run.prompt_states(i).ok()?;
+    let states = v.run.prompt_states(i)?;
     let rec = &prompts[i];
     let n_pts = states.n_points;
     let cols: Vec<Vec<f64>> = (0..states.n_positions)
-        .map(|t| Some(metrics::trajectory(states.position(t).ok()?.view()).rel_step))
-        .collect::<Option<_>>()?;
+        .map(|t| Ok(metrics::trajectory(states.position(t)?.view()).rel_step))
+        .collect::<anyhow::Result<_>>()?;
     // z[k][t] for k = 0..n_pts-1 (the step out of point k).
     let z: Vec<Vec<f64>> = (0..n_pts - 1)
         .map(|k| cols.iter().map(|c| c[k]).collect())
@@ -52,7 +55,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             .y_axis(Axis::new().title(Title::with_text("step out of point"))),
     );
     let text: String = rec.text.chars().take(120).collect();
-    Some(Section {
+    Ok(Some(Section {
         title: format!("{prefix}Per token"),
         note: format!("Prompt {} ({}): “{}”", rec.index, html_escape(&rec.id), html_escape(&text)),
         figures: vec![Figure {
@@ -60,5 +63,5 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             caption: "Each cell is ‖h(p+1) − h(p)‖ / ‖h(p)‖ for one token position (column) and one block (row): how much that block rewrites that token's state. Bright rows are blocks that work hard on every token; bright cells at single tokens show where a block attends to something specific.".into(),
             plot,
         }],
-    })
+    }))
 }

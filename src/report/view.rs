@@ -6,7 +6,8 @@
 //! sums; distances and leave-one-out projections that need the sums; PCA; projections), and the
 //! lens one prompt at a time from `lens.json`. What is kept per prompt is a few numbers per point
 //! (metrics, 3 PCA coordinates, 2 contrast projections); per group, three `[points, width]` f64
-//! sums, in batches of at most [`GROUP_MEMORY`] bytes (more groups cost more passes, not memory).
+//! sums for labels of two or more prompts, in batches of at most [`GROUP_MEMORY`] (256 MiB; more
+//! groups cost more passes over their own members, not memory).
 
 use indicatif::ProgressBar;
 use ndarray::{Array2, Array3, ArrayView2};
@@ -83,12 +84,7 @@ impl LensSummary {
             decisions: Vec::new(),
         };
         run.for_each_lens(|mut pl: PromptLens| {
-            let k = pl
-                .traces
-                .iter()
-                .position(|t| t.position == pl.last_prompt_position)
-                .unwrap_or(0);
-            let tr = pl.traces.swap_remove(k);
+            let tr = pl.take_last_prompt();
             for (j, p) in tr.points.iter().enumerate() {
                 s.mean_entropy[j] += p.entropy;
                 s.mean_p_final[j] += p.p_final;
@@ -130,6 +126,8 @@ pub struct RunView {
 /// `[n_points, d]` per chunk.
 struct PromptRows<'a> {
     view: &'a Passes<'a>,
+    /// Passes begun (for the progress message).
+    passes: std::sync::atomic::AtomicUsize,
 }
 
 impl Rows for PromptRows<'_> {
@@ -143,7 +141,12 @@ impl Rows for PromptRows<'_> {
             .clamp(1, crate::analysis::pca::MAX_BLOCKS)
     }
     fn begin_pass(&self) {
-        self.view.start("PCA");
+        let k = self
+            .passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.view
+            .start(&format!("PCA pass {k}"), self.view.states.n_prompts);
     }
     fn block(&self, b: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
         let (n, k) = (self.view.states.n_prompts, self.blocks());
@@ -160,8 +163,8 @@ struct Passes<'a> {
 }
 
 impl Passes<'_> {
-    fn start(&self, step: &str) {
-        self.bar.set_length(self.states.n_prompts as u64);
+    fn start(&self, step: &str, len: usize) {
+        self.bar.set_length(len as u64);
         self.bar.set_position(0);
         self.bar.set_message(format!("{}: {step}", self.what));
     }
@@ -185,8 +188,22 @@ impl Passes<'_> {
 
     /// Every prompt, in order.
     fn each(&self, step: &str, f: &mut dyn FnMut(usize, ArrayView2<f32>)) -> anyhow::Result<()> {
-        self.start(step);
+        self.start(step, self.states.n_prompts);
         self.range(0..self.states.n_prompts, f)
+    }
+
+    /// The prompts `list`, in that order.
+    fn list(
+        &self,
+        step: &str,
+        list: &[usize],
+        f: &mut dyn FnMut(usize, ArrayView2<f32>),
+    ) -> anyhow::Result<()> {
+        self.start(step, list.len());
+        for &i in list {
+            self.range(i..i + 1, f)?;
+        }
+        Ok(())
     }
 }
 
@@ -231,20 +248,30 @@ impl RunView {
             } else {
                 vec![]
             };
-        // Groups in batches whose sums fit GROUP_MEMORY; the first batch shares the passes.
+        // Groups of two or more prompts, in batches whose sums fit GROUP_MEMORY: the first batch
+        // shares the passes with everything else, later batches read only their own members. A
+        // group of one has no pairs (A undefined) and no spread (funnel width 0): no sums needed.
         let per_batch = (GROUP_MEMORY / GroupAccumulator::bytes(p, d).max(1)).max(1);
-        let batches: Vec<std::ops::Range<usize>> = (0..order.len())
-            .step_by(per_batch)
-            .map(|s| s..(s + per_batch).min(order.len()))
+        let multi: Vec<usize> = (0..order.len())
+            .filter(|&g| members[g].len() >= 2)
             .collect();
-        let mut stats = Vec::with_capacity(order.len());
+        let mut batches: Vec<&[usize]> = multi.chunks(per_batch).collect();
+        if batches.is_empty() {
+            batches.push(&[]);
+        }
+        let mut stats: Vec<Option<metrics::GroupStats>> = vec![None; order.len()];
         let mut metrics = Vec::with_capacity(n);
         let mut center = Array2::<f64>::zeros((p, d));
-        for (b, range) in batches.iter().enumerate() {
+        for (b, batch) in batches.iter().enumerate() {
             let mut accs: Vec<GroupAccumulator> =
-                range.clone().map(|_| GroupAccumulator::new(p, d)).collect();
-            let in_batch = |i: usize| range.contains(&group_of[i]);
-            passes.each("sums", &mut |i, h| {
+                batch.iter().map(|_| GroupAccumulator::new(p, d)).collect();
+            let slot = |i: usize| batch.iter().position(|&g| g == group_of[i]);
+            let prompts: Vec<usize> = if b == 0 {
+                (0..n).collect()
+            } else {
+                (0..n).filter(|&i| slot(i).is_some()).collect()
+            };
+            passes.list("sums", &prompts, &mut |i, h| {
                 if b == 0 {
                     metrics.push(metrics::trajectory(h));
                     center.zip_mut_with(&h, |c, &x| *c += x as f64);
@@ -252,25 +279,45 @@ impl RunView {
                         c.first(i, h);
                     }
                 }
-                if in_batch(i) {
-                    accs[group_of[i] - range.start].first(h);
+                if let Some(k) = slot(i) {
+                    accs[k].first(h);
                 }
             })?;
             if b == 0 {
                 center /= n as f64;
             }
-            passes.each("distances", &mut |i, h| {
+            passes.list("distances", &prompts, &mut |i, h| {
                 if b == 0 {
                     for c in contrasts.iter_mut() {
                         c.second(i, h);
                     }
                 }
-                if in_batch(i) {
-                    accs[group_of[i] - range.start].second(h, Some(center.view()));
+                if let Some(k) = slot(i) {
+                    accs[k].second(h, Some(center.view()));
                 }
             })?;
-            stats.extend(accs.iter().map(GroupAccumulator::finish));
+            for (&g, acc) in batch.iter().zip(&accs) {
+                stats[g] = Some(acc.finish());
+            }
         }
+        let stats: Vec<metrics::GroupStats> = stats
+            .into_iter()
+            .zip(&members)
+            .map(|(s, m)| {
+                s.unwrap_or_else(|| {
+                    // A group of one prompt.
+                    let norm = &metrics[m[0]].norm;
+                    metrics::GroupStats {
+                        alignment: vec![f64::NAN; p],
+                        alignment_centered: vec![f64::NAN; p],
+                        funnel_width: norm
+                            .iter()
+                            .map(|&x| if x > 0.0 { 0.0 } else { f64::NAN })
+                            .collect(),
+                    }
+                })
+            })
+            .collect();
         let groups: Vec<GroupMetrics> = order
             .iter()
             .zip(members)
@@ -292,7 +339,11 @@ impl RunView {
                 control,
             }
         });
-        let pca = Pca::fit_rows(&PromptRows { view: &passes }, 3, PcaMethod::for_width(d))?;
+        let rows = PromptRows {
+            view: &passes,
+            passes: Default::default(),
+        };
+        let pca = Pca::fit_rows(&rows, 3, PcaMethod::for_width(d))?;
         let k = pca.components.nrows();
         let mut proj = Array3::<f64>::zeros((n, p, k));
         passes.each("projections", &mut |i, h| {
@@ -368,9 +419,12 @@ impl RunView {
 
     /// Prompt `p`'s path over generation at the last stored point: `[steps, d]`, the last prompt
     /// token first, then each generated token; with the stored column of each step.
-    pub fn generated_path(&self, p: usize) -> Option<(Array2<f32>, Vec<usize>)> {
+    pub fn generated_path(&self, p: usize) -> anyhow::Result<Option<(Array2<f32>, Vec<usize>)>> {
         let rec = &self.run.manifest.prompts[p];
-        let states = self.run.prompt_states(p).ok()?;
+        if rec.states_file.is_none() {
+            return Ok(None);
+        }
+        let states = self.run.prompt_states(p)?;
         let cols: Vec<usize> = rec
             .positions
             .iter()
@@ -378,8 +432,8 @@ impl RunView {
             .filter(|(_, &pos)| pos + 1 >= rec.n_prompt_tokens)
             .map(|(j, _)| j)
             .collect();
-        let h = states.point_positions(self.points.len() - 1, &cols).ok()?;
-        Some((h, cols))
+        let h = states.point_positions(self.points.len() - 1, &cols)?;
+        Ok(Some((h, cols)))
     }
 
     pub fn group_names(&self) -> Vec<&str> {

@@ -113,6 +113,13 @@ pub enum RunError {
     Output(#[from] OutputError),
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -307,12 +314,23 @@ pub struct PromptLens {
 }
 
 impl PromptLens {
-    /// The lens at the last prompt position.
-    pub fn last_prompt(&self) -> &crate::analysis::lens::LensTrace {
+    /// Index in `traces` of the lens at the last prompt position.
+    fn last_prompt_index(&self) -> usize {
         self.traces
             .iter()
-            .find(|t| t.position == self.last_prompt_position)
-            .unwrap_or(&self.traces[0])
+            .position(|t| t.position == self.last_prompt_position)
+            .unwrap_or(0)
+    }
+
+    /// The lens at the last prompt position.
+    pub fn last_prompt(&self) -> &crate::analysis::lens::LensTrace {
+        &self.traces[self.last_prompt_index()]
+    }
+
+    /// The lens at the last prompt position, taken out (the others are dropped).
+    pub fn take_last_prompt(&mut self) -> crate::analysis::lens::LensTrace {
+        let k = self.last_prompt_index();
+        self.traces.swap_remove(k)
     }
 }
 

@@ -53,6 +53,10 @@ impl NpyReader {
     /// `len` elements starting at element `start`, widened to f32 and checked finite (runs hold
     /// finite numbers only).
     pub fn read(&self, start: usize, len: usize) -> Result<Vec<f32>, RunError> {
+        // Every long loop over a run reads through here: Ctrl-C stops it promptly.
+        if crate::llama::backend::interrupted() {
+            return Err(RunError::Interrupted);
+        }
         let mut bytes = vec![0u8; len * self.item];
         let at = self.data_offset + (start * self.item) as u64;
         self.file
@@ -186,7 +190,12 @@ where
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
             let mut n = 0;
             while let Some(item) = seq.next_element::<T>()? {
-                if let Err(e) = (self.f)(item) {
+                let r = if crate::llama::backend::interrupted() {
+                    Err(RunError::Interrupted)
+                } else {
+                    (self.f)(item)
+                };
+                if let Err(e) = r {
                     self.failed = Some(e);
                     return Err(A::Error::custom("stopped"));
                 }
@@ -209,7 +218,7 @@ where
         _t: std::marker::PhantomData,
     };
     let mut de = serde_json::Deserializer::from_reader(reader);
-    let bad = |source| RunError::BadManifest {
+    let bad = |source| RunError::Json {
         path: path.display().to_string(),
         source,
     };

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use crate::common::*;
 use crate::report::render_in_chromium;
+use crate::require;
 
 /// A ladder built once per process: F32 from the Q4_1 source (its exact reference), then Q8_0,
 /// Q4_K_M and Q2_K quantized from the F32 file.
@@ -247,4 +248,56 @@ fn quantize_bad_input() {
         s(&dir.path().join("c")),
     ]);
     assert_clean_error(&o, "at least two models", None);
+}
+
+/// Runs of one model traced with different `--positions` compare the same token positions: the
+/// drift of a model against itself is ~0 at every point (matched by position, not by column).
+#[test]
+fn drift_matches_positions_across_runs_traced_differently() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(
+        &prompts,
+        "The capital of France is\nA short story about a lighthouse keeper begins",
+    )
+    .unwrap();
+    for (name, pos) in [("all", "all"), ("last", "last")] {
+        ok(
+            dir.path(),
+            &[
+                "trace",
+                "-m",
+                s(&model),
+                "-f",
+                s(&prompts),
+                "--positions",
+                pos,
+                "-o",
+                name,
+            ],
+        );
+    }
+    ok(
+        dir.path(),
+        &[
+            "report",
+            "all",
+            "last",
+            "--reference",
+            "all",
+            "-o",
+            "r.html",
+        ],
+    );
+    let rows = csv_rows(&dir.path().join("r.drift.csv"));
+    let level: Vec<_> = rows.iter().filter(|r| &r[3] == "false").collect();
+    assert_eq!(level.len(), 31, "one row per point for the level");
+    for r in level {
+        // One compared position per prompt (the last), two prompts.
+        assert_eq!(&r[6], "2", "{r:?}");
+        let err: f64 = r[9].parse().unwrap();
+        // Same model, same tokens: only batch-shape rounding (measured below 1e-5).
+        assert!(err < 1e-4, "point {}: relative error {err}", &r[4]);
+    }
 }
