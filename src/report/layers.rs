@@ -9,7 +9,7 @@ use super::{color, Figure, Section, MAX_DRAWN};
 
 /// (metric, axis title, how to read it)
 pub const METRICS: [(&str, &str, &str); 4] = [
-    ("rel_step", "relative step ‖h(p+1) − h(p)‖ / ‖h(p)‖", "How far each block moves the state, relative to its size. Peaks are the blocks that rewrite most; a flat tail means late blocks only refine."),
+    ("rel_step", "relative step ‖h(p+1) − h(p)‖ / ‖h(p)‖", "How far each block moves the state, relative to its size (log axis: the step out of point 0, the raw embedding, is often ten times any later one). Peaks are the blocks that rewrite most; a flat tail means late blocks only refine."),
     ("cos_final", "cos(h(p), h(last point))", "How much of the final direction is already there at each point. Where it rises steeply the model commits to its output representation."),
     ("turn_deg", "turning angle (degrees)", "Angle between consecutive steps, in the full hidden dimension: 0° keeps going the same way, 90° turns to a new direction, 180° reverses. Peaks are where the path changes course."),
     ("norm", "‖h(p)‖", "Size of the residual stream. It usually grows with depth; sudden jumps often come from a few very large dimensions."),
@@ -31,6 +31,18 @@ fn mean_curve(vals: &[&[f64]]) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+/// The y axis of a metric's figure. The relative step is drawn on a log axis: the step out of
+/// point 0 (the raw embedding) is often an order of magnitude larger than every later one and
+/// would flatten them all on a linear axis.
+fn metric_axis(metric: &str, label: &str) -> Axis {
+    let axis = Axis::new().title(Title::with_text(label));
+    if metric == "rel_step" {
+        axis.type_(plotly::layout::AxisType::Log)
+    } else {
+        axis
+    }
 }
 
 pub fn section(v: &RunView, prefix: &str) -> Section {
@@ -74,7 +86,7 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
                 Layout::new()
                     .height(420)
                     .x_axis(Axis::new().title(Title::with_text("point")))
-                    .y_axis(Axis::new().title(Title::with_text(axis))),
+                    .y_axis(metric_axis(metric, axis)),
             );
             Figure {
                 title: axis.to_string(),
@@ -117,7 +129,7 @@ pub fn compare_section(views: &[RunView]) -> Section {
                             .title(Title::with_text("depth (point / n_layer)"))
                             .range(vec![0.0, 1.0]),
                     )
-                    .y_axis(Axis::new().title(Title::with_text(axis))),
+                    .y_axis(metric_axis(metric, axis)),
             );
             Figure {
                 title: format!("{axis} across models"),

@@ -91,11 +91,19 @@ pub fn build(
                     );
                 }
                 let mut s = layers::compare_section(views);
-                s.note = format!(
-                    "{} No quantization-drift section: {}.",
-                    s.note,
-                    trajectories::html_escape(&why)
-                );
+                let same_model = views.iter().all(|v| {
+                    v.run.manifest.provenance.model_sha256
+                        == views[0].run.manifest.provenance.model_sha256
+                });
+                // Runs of one model (other prompts, steering, settings) are simply overlaid; the
+                // drift section is for one prompt set through several quantizations of a model.
+                if !same_model {
+                    s.note = format!(
+                        "{} No quantization-drift section (that needs one prompt set through several quantizations of one model): {}.",
+                        s.note,
+                        trajectories::html_escape(&why)
+                    );
+                }
                 sections.push(s);
             }
         }

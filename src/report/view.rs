@@ -377,7 +377,15 @@ impl RunView {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let name = format!("{} · {dir_name}", run.manifest.model.file_name);
+        // "model.gguf · dir", or just the file name where the directory is named after the model
+        // (as `compare` names them): the name should not say the same thing twice.
+        let file = &run.manifest.model.file_name;
+        let stem = file.strip_suffix(".gguf").unwrap_or(file);
+        let name = if dir_name.is_empty() || dir_name == *file || dir_name == stem {
+            file.clone()
+        } else {
+            format!("{file} · {dir_name}")
+        };
         Ok(RunView {
             points: run.manifest.capture.points.clone(),
             n_layer: run.manifest.model.n_layer,

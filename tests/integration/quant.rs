@@ -193,6 +193,15 @@ fn different_models_get_a_side_by_side_report_with_a_note() {
         "the note says why"
     );
     assert!(html.contains("architectures differ (llama vs gemma3)"));
+    // Runs named after their model are named once, not "x.gguf · x".
+    assert!(
+        !html.contains("gguf · SmolLM2"),
+        "a run name repeats its model"
+    );
+    assert!(
+        !html.contains("gguf · gemma"),
+        "a run name repeats its model"
+    );
     assert!(!out.join("report.drift.csv").exists());
     assert!(out.join("report.metrics.csv").exists());
 }
@@ -300,4 +309,30 @@ fn drift_matches_positions_across_runs_traced_differently() {
         // Same model, same tokens: only batch-shape rounding (measured below 1e-5).
         assert!(err < 1e-4, "point {}: relative error {err}", &r[4]);
     }
+}
+
+/// Two runs of one model over different prompts are overlaid without a drift note that reads as
+/// an error; the relative step is on a log axis (its point-0 jump would flatten the rest).
+#[test]
+fn same_model_runs_are_overlaid_without_a_drift_note() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [("a", "The capital of France is"), ("b", "Water boils at")] {
+        ok(
+            dir.path(),
+            &["trace", "-m", s(&model), "-p", text, "-o", name],
+        );
+    }
+    ok(dir.path(), &["report", "a", "b", "-o", "r.html"]);
+    let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
+    assert!(html.contains("Models compared"));
+    assert!(
+        !html.contains("No quantization-drift section"),
+        "no error-like note"
+    );
+    assert!(html.contains("SmolLM2-135M-Instruct.Q4_1.gguf · a"));
+    assert!(
+        html.contains(r#""type":"log""#),
+        "relative step on a log axis"
+    );
 }
