@@ -151,7 +151,7 @@ impl Rows for PromptRows<'_> {
     fn block(&self, b: usize, f: &mut dyn FnMut(ArrayView2<f32>)) -> anyhow::Result<()> {
         let (n, k) = (self.view.states.n_prompts, self.blocks());
         self.view
-            .range(b * n / k..(b + 1) * n / k, &mut |_, h| f(h))
+            .visit(b * n / k..(b + 1) * n / k, &mut |_, h| f(h))
     }
 }
 
@@ -169,16 +169,13 @@ impl Passes<'_> {
         self.bar.set_message(format!("{}: {step}", self.what));
     }
 
-    /// Prompts `range`, in order.
-    fn range(
+    /// The prompts `prompts`, in that order (each read checks for Ctrl-C).
+    fn visit(
         &self,
-        range: std::ops::Range<usize>,
+        prompts: impl IntoIterator<Item = usize>,
         f: &mut dyn FnMut(usize, ArrayView2<f32>),
     ) -> anyhow::Result<()> {
-        for i in range {
-            if crate::llama::backend::interrupted() {
-                anyhow::bail!("interrupted: the report was not written");
-            }
+        for i in prompts {
             let h = self.states.prompt(i)?;
             f(i, h.view());
             self.bar.inc(1);
@@ -189,7 +186,7 @@ impl Passes<'_> {
     /// Every prompt, in order.
     fn each(&self, step: &str, f: &mut dyn FnMut(usize, ArrayView2<f32>)) -> anyhow::Result<()> {
         self.start(step, self.states.n_prompts);
-        self.range(0..self.states.n_prompts, f)
+        self.visit(0..self.states.n_prompts, f)
     }
 
     /// The prompts `list`, in that order.
@@ -200,10 +197,7 @@ impl Passes<'_> {
         f: &mut dyn FnMut(usize, ArrayView2<f32>),
     ) -> anyhow::Result<()> {
         self.start(step, list.len());
-        for &i in list {
-            self.range(i..i + 1, f)?;
-        }
-        Ok(())
+        self.visit(list.iter().copied(), f)
     }
 }
 
