@@ -372,17 +372,7 @@ impl Staging {
             }
             let base = format!("{prefix}{pid}");
             // Ours (a lock file exists) and its owner dead (the lock is free).
-            let dead = match fs::File::options()
-                .write(true)
-                .open(parent.join(format!("{base}.lock")))
-            {
-                Ok(f) => {
-                    let free = f.try_lock_exclusive().unwrap_or(false);
-                    let _ = FileExt::unlock(&f);
-                    free
-                }
-                Err(_) => false,
-            };
+            let dead = lock_is_free(&parent.join(format!("{base}.lock"))) == Some(true);
             let dir = e.path();
             let swapping =
                 parent.join(format!("{base}.old")).exists() || dir.join(".committed").exists();
@@ -556,14 +546,21 @@ fn busy(parent: &Path, key: &str) -> Option<String> {
         if pid == me || !pid.chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        if let Ok(f) = fs::File::options().write(true).open(e.path()) {
-            if !f.try_lock_exclusive().unwrap_or(false) {
-                return Some(pid.to_string());
-            }
-            let _ = FileExt::unlock(&f);
+        if lock_is_free(&e.path()) == Some(false) {
+            return Some(pid.to_string());
         }
     }
     None
+}
+
+/// Whether the lock file `path` is free (its writer is gone): None when there is no such file.
+fn lock_is_free(path: &Path) -> Option<bool> {
+    let f = fs::File::options().write(true).open(path).ok()?;
+    let free = f.try_lock_exclusive().unwrap_or(false);
+    if free {
+        let _ = FileExt::unlock(&f);
+    }
+    Some(free)
 }
 
 /// Clean up what dead processes left while writing `key` in `parent`; returns what was done.
