@@ -16,7 +16,11 @@ const POINT0: &[(&str, &str)] = &[
     ("gemma3n", "inp_scaled"),
     ("gemma4", "inp_scaled"),
     ("minicpm3", "inp_scaled"),
-    ("bloom", "inp_norm"),
+    ("bloom", "inp_norm-0"),
+    ("talkie", "inp_norm"),
+    // The learned position embedding is added to `embd`; the sum is the block input.
+    ("gpt2", "inpL"),
+    ("starcoder", "inpL"),
     ("afmoe", "inp_embd_scaled"),
 ];
 

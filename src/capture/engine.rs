@@ -48,6 +48,15 @@ pub enum TraceError {
         want: usize,
         arch: String,
     },
+    #[error(
+        "the structural self-check of llama.cpp's graph confirmed {checked} of {n_layer} blocks \
+             of this architecture ({arch}); its trace cannot be trusted"
+    )]
+    Unchecked {
+        checked: usize,
+        n_layer: usize,
+        arch: String,
+    },
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
     #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite \
@@ -212,6 +221,7 @@ impl<'m> Tracer<'m> {
     ) -> Result<Tracer<'m>, TraceError> {
         let arch = model.meta("general.architecture").unwrap_or_default();
         let spec = CaptureSpec {
+            arch: arch.clone(),
             point0_name: point0.to_string(),
             n_layer: model.n_layer(),
             n_embd: model.n_embd(),
@@ -263,6 +273,12 @@ impl<'m> Tracer<'m> {
     }
 
     /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
+    /// Blocks whose input and output llama.cpp's graph confirmed (see `llama::context`):
+    /// n_layer once a decode succeeded.
+    pub fn blocks_checked(&self) -> usize {
+        self.ctx.blocks_checked()
+    }
+
     pub fn decode_seconds(&self) -> f64 {
         self.decode_s
     }
@@ -410,6 +426,14 @@ impl<'m> Tracer<'m> {
         let t = std::time::Instant::now();
         self.ctx.decode(&self.batch)?;
         self.decode_s += t.elapsed().as_secs_f64();
+        // Every decode after the first relies on the first graph's structural check.
+        if self.ctx.blocks_checked() != self.n_layer {
+            return Err(TraceError::Unchecked {
+                checked: self.ctx.blocks_checked(),
+                n_layer: self.n_layer,
+                arch: self.arch.clone(),
+            });
+        }
         let rows = self.ctx.captured().expect("tracer contexts always capture");
         let seen = self
             .ctx

@@ -44,6 +44,8 @@ pub enum ContextError {
 /// Which tensors to capture: one name per point.
 #[derive(Debug, Clone)]
 pub struct CaptureSpec {
+    /// The model's architecture, for error messages.
+    pub arch: String,
     /// Name of the tensor holding the input of block 0 for this architecture.
     pub point0_name: String,
     pub n_layer: usize,
@@ -74,6 +76,10 @@ struct CaptureState {
     /// Bytes copied from backend tensors since the context was created.
     bytes_read: u64,
     error: Option<String>,
+    /// The structural check of the first graph (see [`GraphCheck`]); `None` once it is done.
+    check: Option<GraphCheck>,
+    /// Blocks whose input and output the structural check confirmed.
+    blocks_checked: usize,
 }
 
 impl CaptureState {
@@ -186,6 +192,213 @@ fn tensor_name(t: &sys::ggml_tensor) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// The structural self-check: proof from the graph llama.cpp built that the tensors we capture
+/// are the residual stream, so that no architecture can be traced with a silently wrong point.
+///
+/// In the ask phase the callback sees every node of the graph in execution order, with its
+/// sources. For the first graph of a context we record each node's op, its sources, and whether
+/// some *computing* op consumes it (anything but the residual plumbing: `ADD`, `GET_ROWS` of the
+/// output rows, views and copies). Then, when `l_out-N` is announced, we walk back from it through
+/// the plumbing only. What the walk reaches is the residual stream of block N plus the values
+/// added to it; the earliest of those that a computing op reads (block N's first norm reads its
+/// input) is the block's input. It must be the tensor we capture as point N: for block 0 the
+/// architecture's point-0 name (the walk does not stop there, so a position embedding added after
+/// `embd`, a scale or a norm is found), for block N > 0 `l_out-{N-1}` (the walk stops there).
+///
+/// On GPU or RPC backends a source living on another backend is a copy named
+/// `BACKEND#name#n`; it is resolved to the node of that name.
+struct GraphCheck {
+    arch: String,
+    point0: Vec<u8>,
+    n_layer: usize,
+    nodes: Vec<GraphNode>,
+    by_ptr: std::collections::HashMap<usize, usize>,
+    by_name: std::collections::HashMap<Vec<u8>, usize>,
+}
+
+struct GraphNode {
+    name: Vec<u8>,
+    op: sys::ggml_op,
+    /// Sources that are nodes of this graph (weights and inputs are not).
+    srcs: Vec<usize>,
+    /// Read by an op that computes (not residual plumbing).
+    computed_from: bool,
+}
+
+/// Ops the residual stream passes through between blocks: the residual sum, the selection of
+/// output rows before the last block's end, and layout-only ops.
+fn plumbing(op: sys::ggml_op) -> bool {
+    matches!(
+        op,
+        sys::GGML_OP_ADD
+            | sys::GGML_OP_GET_ROWS
+            | sys::GGML_OP_VIEW
+            | sys::GGML_OP_RESHAPE
+            | sys::GGML_OP_CONT
+            | sys::GGML_OP_CPY
+    )
+}
+
+impl GraphCheck {
+    fn new(spec: &CaptureSpec) -> GraphCheck {
+        GraphCheck {
+            arch: spec.arch.clone(),
+            point0: spec.point0_name.as_bytes().to_vec(),
+            n_layer: spec.n_layer,
+            nodes: Vec::new(),
+            by_ptr: Default::default(),
+            by_name: Default::default(),
+        }
+    }
+
+    /// The node a source pointer stands for: a node seen earlier, or the node a split copy
+    /// (`BACKEND#name#n`) was made from.
+    fn resolve(&self, ptr: usize, name: &[u8]) -> Option<usize> {
+        if let Some(&i) = self.by_ptr.get(&ptr) {
+            return Some(i);
+        }
+        let mut parts = name.splitn(2, |&c| c == b'#');
+        let (_backend, rest) = (parts.next()?, parts.next()?);
+        let end = rest.iter().rposition(|&c| c == b'#')?;
+        self.by_name.get(&rest[..end]).copied()
+    }
+
+    /// Record node `t` (named `name`, with sources `srcs` as (pointer, name)). Returns the
+    /// outcome of a check when `t` is a block output: `Ok(Some(n))` when block n checked out.
+    fn add(
+        &mut self,
+        ptr: usize,
+        name: &[u8],
+        op: sys::ggml_op,
+        srcs: &[(usize, Vec<u8>)],
+    ) -> Result<Option<usize>, String> {
+        let follow = if op == sys::GGML_OP_GET_ROWS {
+            1 // the rows selected, not the ids
+        } else {
+            srcs.len()
+        };
+        let mut resolved = Vec::new();
+        for (k, (p, n)) in srcs.iter().enumerate() {
+            if let Some(i) = self.resolve(*p, n) {
+                if !plumbing(op) {
+                    self.nodes[i].computed_from = true;
+                }
+                if k < follow {
+                    resolved.push(i);
+                }
+            }
+        }
+        let idx = self.nodes.len();
+        self.nodes.push(GraphNode {
+            name: name.to_vec(),
+            op,
+            srcs: resolved,
+            computed_from: false,
+        });
+        self.by_ptr.insert(ptr, idx);
+        self.by_name.entry(name.to_vec()).or_insert(idx);
+        let Some(block) = name
+            .strip_prefix(b"l_out-")
+            .and_then(|r| std::str::from_utf8(r).ok()?.parse::<usize>().ok())
+        else {
+            return Ok(None);
+        };
+        let stop = (block > 0).then(|| format!("l_out-{}", block - 1).into_bytes());
+        let input = self.block_input(idx, stop.as_deref());
+        let expected = stop.as_deref().unwrap_or(&self.point0);
+        let shown = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
+        match input {
+            Some(i) if self.nodes[i].name == expected => Ok(Some(block)),
+            found => {
+                let found = match found {
+                    Some(i) if self.nodes[i].name.is_empty() => format!(
+                        "an unnamed {} tensor",
+                        super::ggml_op_name(self.nodes[i].op)
+                    ),
+                    Some(i) => format!(
+                        "`{}` ({})",
+                        shown(&self.nodes[i].name),
+                        super::ggml_op_name(self.nodes[i].op)
+                    ),
+                    None => "not identifiable".into(),
+                };
+                Err(if block == 0 {
+                    format!(
+                        "point-0 self-check failed for architecture `{}`: in llama.cpp's graph the input of block 0 is {found}, not `{}`, the tensor gguf-trace would capture as point 0; this architecture cannot be traced until src/capture/arch.rs names it",
+                        self.arch,
+                        shown(&self.point0)
+                    )
+                } else {
+                    format!(
+                        "residual self-check failed for architecture `{}`: in llama.cpp's graph the input of block {block} is {found}, not `{}`, so `l_out-*` is not this architecture's residual stream",
+                        self.arch,
+                        shown(expected)
+                    )
+                })
+            }
+        }
+    }
+
+    /// The input of the block whose output is node `out`: walk back through plumbing (not past
+    /// `stop`), and take the earliest reached node that a computing op reads.
+    fn block_input(&self, out: usize, stop: Option<&[u8]>) -> Option<usize> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![out];
+        let mut best: Option<usize> = None;
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            let node = &self.nodes[i];
+            if i != out && node.computed_from && best.is_none_or(|b| i < b) {
+                best = Some(i);
+            }
+            let at_stop = stop.is_some_and(|s| s == node.name.as_slice());
+            if (i == out || plumbing(node.op)) && !at_stop {
+                stack.extend(node.srcs.iter().copied());
+            }
+        }
+        best
+    }
+}
+
+impl CaptureState {
+    /// Record a node of the first graph for the structural check (ask phase).
+    ///
+    /// # Safety
+    /// `t` is a live graph node handed to the eval callback; its non-null `src` entries point to
+    /// live tensors.
+    unsafe fn observe(&mut self, t: &sys::ggml_tensor, name: &[u8]) {
+        let Some(check) = self.check.as_mut() else {
+            return;
+        };
+        let srcs: Vec<(usize, Vec<u8>)> = t
+            .src
+            .iter()
+            .filter(|p| !p.is_null())
+            .map(|&p| {
+                // SAFETY: a non-null src of a live node is a live tensor.
+                let src = unsafe { &*p };
+                (p as usize, tensor_name(src).into_bytes())
+            })
+            .collect();
+        let ptr = t as *const sys::ggml_tensor as usize;
+        match check.add(ptr, name, t.op, &srcs) {
+            Ok(None) => {}
+            Ok(Some(block)) => {
+                self.blocks_checked = self.blocks_checked.max(block + 1);
+                if block + 1 == check.n_layer {
+                    self.check = None;
+                }
+            }
+            Err(e) => {
+                self.fail(e);
+                self.check = None;
+            }
+        }
+    }
+}
+
 unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
@@ -199,6 +412,11 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
         let slot = state.slot_for(name);
         if ask {
+            if state.check.is_some() {
+                // SAFETY: ask phase: t is a live node of the graph being computed, and its srcs
+                // are live tensors of that graph (nodes, leafs, weights or split copies).
+                unsafe { state.observe(t, name) };
+            }
             return slot.is_some();
         }
         if let Some(slot) = slot {
@@ -284,6 +502,8 @@ impl<'m> Context<'m> {
                 last_slot,
                 bytes_read: 0,
                 error: None,
+                check: Some(GraphCheck::new(spec)),
+                blocks_checked: 0,
             })
         });
         // From here the state is reached only through this pointer (see CaptureState).
@@ -402,6 +622,12 @@ impl<'m> Context<'m> {
             st.wanted_out.clear();
             st.wanted_out.extend_from_slice(outputs);
         }
+    }
+
+    /// Blocks (0..n) whose input and output tensors the structural graph check confirmed: equal
+    /// to n_layer after the first successful decode.
+    pub fn blocks_checked(&self) -> usize {
+        self.state().map_or(0, |s| s.blocks_checked)
     }
 
     /// Bytes copied from backend tensors since this context was created.

@@ -51,6 +51,16 @@ pub fn ggml_type_name(t: u32) -> String {
     unsafe { c_str_to_string(llama_cpp_sys_2::ggml_type_name(t as _)) }
 }
 
+/// ggml's name of an op ("ADD", "RMS_NORM", ...).
+pub fn ggml_op_name(op: u32) -> String {
+    if op >= llama_cpp_sys_2::GGML_OP_COUNT {
+        return format!("op{op}");
+    }
+    // SAFETY: ggml_op_name accepts any op below GGML_OP_COUNT (checked above) and returns a
+    // static NUL-terminated string.
+    unsafe { c_str_to_string(llama_cpp_sys_2::ggml_op_name(op as _)) }
+}
+
 /// llama.cpp's label of a file type number ("Q4_1", "Q4_K - Medium", ...).
 pub fn ftype_name(ftype: u32) -> String {
     // SAFETY: llama_ftype_name returns a static NUL-terminated string for any value ("unknown"

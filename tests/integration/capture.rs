@@ -479,31 +479,43 @@ fn tracing_does_not_change_the_model_outputs() {
     }
 }
 
-/// A tensor name the graph does not have (an architecture that does not name its residual stream
-/// as expected) is a clear error after the first decode, never a silently short trace.
+/// Point 0 is proven from the graph, not trusted to a name table: a name the graph does not have,
+/// and a name that exists with the right shape but is not the input of block 0 (the silent
+/// failure of a table entry gone stale), both stop the trace at the first decode with the
+/// architecture and the real input named, before any prompt is handed on.
 #[test]
-fn a_missing_tensor_name_is_a_clear_error() {
+fn a_wrong_point0_tensor_is_refused_by_the_graph_self_check() {
     let model = require!(smol());
+    let toks = tokens(model, &[PROMPT]);
+    for wrong in ["no_such_tensor", "attn_norm-0", "ffn_inp-0", "l_out-0"] {
+        let mut cfg = gguf_trace::capture::engine::TraceConfig::new(model);
+        cfg.threads = 2;
+        let mut tracer =
+            gguf_trace::capture::engine::Tracer::with_point0(model, cfg, wrong).unwrap();
+        let mut got = 0;
+        let e = tracer
+            .trace(
+                &toks,
+                |_| {
+                    got += 1;
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "point-0 self-check failed for architecture `llama`: in llama.cpp's graph the input of block 0 is `embd` (GET_ROWS), not `{wrong}`"
+            )),
+            "{wrong}: {e}"
+        );
+        assert_eq!(got, 0, "no prompt was handed on");
+    }
+    // The right name passes, and the check covered every block.
     let mut cfg = gguf_trace::capture::engine::TraceConfig::new(model);
     cfg.threads = 2;
-    let mut tracer =
-        gguf_trace::capture::engine::Tracer::with_point0(model, cfg, "no_such_tensor").unwrap();
-    let toks = tokens(model, &[PROMPT]);
-    let mut got = 0;
-    let e = tracer
-        .trace(
-            &toks,
-            |_| {
-                got += 1;
-                Ok(())
-            },
-            |_| {},
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("incomplete capture: point 0 (tensor `no_such_tensor`) delivered 0 rows"),
-        "{e}"
-    );
-    assert_eq!(got, 0, "no prompt was handed on");
+    let mut tracer = gguf_trace::capture::engine::Tracer::new(model, cfg).unwrap();
+    tracer.trace(&toks, |_| Ok(()), |_| {}).unwrap();
+    assert_eq!(tracer.blocks_checked(), model.n_layer());
 }
