@@ -68,6 +68,7 @@ fn plain_time(
             n_threads: default_threads(),
             embeddings,
             capture: None,
+            cache_type: Default::default(),
         },
     )
     .unwrap();

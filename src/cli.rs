@@ -311,6 +311,12 @@ pub struct TraceArgs {
     #[arg(long)]
     pub no_repack: bool,
 
+    /// Element type of llama.cpp's KV cache. llama.cpp's default, f16, rounds every key and value
+    /// (states after the first attention move by ~1e-3 relative against an exact computation);
+    /// f32 is exact and costs twice the cache memory; q8_0 … q4_0 show a quantized cache's effect
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
+    pub cache_type: crate::llama::context::CacheType,
+
     /// Read the weights into memory instead of memory-mapping the file. With mmap (the default)
     /// a model file that is truncated or replaced during a trace kills the process (SIGBUS).
     #[arg(long)]

@@ -11,7 +11,7 @@
 use ndarray::Array3;
 
 use super::arch;
-use crate::llama::context::{Batch, CaptureSpec, Context, ContextError, ContextParams};
+use crate::llama::context::{Batch, CacheType, CaptureSpec, Context, ContextError, ContextParams};
 use crate::llama::model::Model;
 use crate::llama::Token;
 
@@ -92,6 +92,8 @@ pub struct TraceConfig {
     /// Record the first non-finite state of each prompt (in [`PromptTrace::nonfinite`]) instead
     /// of failing with [`TraceError::NonFinite`].
     pub allow_nonfinite: bool,
+    /// Element type of the KV cache.
+    pub cache_type: CacheType,
 }
 
 impl TraceConfig {
@@ -107,6 +109,7 @@ impl TraceConfig {
             n_ubatch: 512,
             threads: default_threads(),
             allow_nonfinite: false,
+            cache_type: CacheType::F16,
         }
     }
 }
@@ -237,6 +240,7 @@ impl<'m> Tracer<'m> {
                 n_threads: cfg.threads,
                 embeddings: false,
                 capture: Some(spec),
+                cache_type: cfg.cache_type,
             },
         )?;
         Ok(Tracer {

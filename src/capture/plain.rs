@@ -25,6 +25,7 @@ pub fn context(
             n_threads: threads,
             embeddings: false,
             capture: None,
+            cache_type: Default::default(),
         },
     )
 }

@@ -13,6 +13,7 @@ use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
 use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
+use crate::llama::context::CacheType;
 use crate::llama::gguf::Gguf;
 use crate::llama::lens::LensHead;
 use crate::llama::model::{LoadOptions, Model};
@@ -124,6 +125,8 @@ pub struct TraceOptions {
     pub tensor_split: Vec<f32>,
     /// Let llama.cpp repack quantized weights for the CPU (its default; see `--no-repack`).
     pub cpu_repack: bool,
+    /// Element type of the KV cache (`--cache-type`).
+    pub cache_type: CacheType,
 }
 
 impl TraceOptions {
@@ -155,6 +158,7 @@ impl TraceOptions {
             rpc: Vec::new(),
             tensor_split: Vec::new(),
             cpu_repack: true,
+            cache_type: CacheType::F16,
         }
     }
 
@@ -218,6 +222,7 @@ impl TraceOptions {
             allow_nonfinite: a.allow_nonfinite,
             resume: a.resume,
             cpu_repack: !a.no_repack,
+            cache_type: a.cache_type,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
         .with_rpc(&a.rpc, a.n_gpu_layers)?;
@@ -471,6 +476,7 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         n_ubatch: opts.n_ubatch,
         threads: opts.threads,
         allow_nonfinite: opts.allow_nonfinite,
+        cache_type: opts.cache_type,
     }
 }
 
@@ -809,6 +815,7 @@ fn write_run(
             rpc: opts.rpc.clone(),
             tensor_split: opts.tensor_split.clone(),
             cpu_repack: opts.cpu_repack,
+            cache_type: opts.cache_type,
         },
         model: facts,
         prompts: records,
@@ -852,6 +859,7 @@ fn plan_fingerprint(
         "allow_nonfinite": cfg.allow_nonfinite,
         "n_gpu_layers": opts.n_gpu_layers,
         "cpu_repack": opts.cpu_repack,
+        "cache_type": opts.cache_type,
         "dtype": opts.dtype,
         "format": opts.format,
         "chat": opts.input.chat,

@@ -442,6 +442,64 @@ unsafe extern "C" fn abort_callback(_data: *mut c_void) -> bool {
     backend::interrupted()
 }
 
+/// Element type of llama.cpp's KV cache (`type_k` and `type_v`). llama.cpp's default is F16,
+/// which rounds every key and value: states after the first attention differ from an exact
+/// computation by ~1e-3 relative. F32 removes that; the quantized types need flash attention,
+/// which llama.cpp turns on by itself where the backend has it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+#[clap(rename_all = "lowercase")]
+pub enum CacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[value(name = "q5_1")]
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    #[value(name = "q5_0")]
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    #[value(name = "q4_1")]
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_0")]
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[value(name = "iq4_nl")]
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
+}
+
+impl CacheType {
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            CacheType::F32 => sys::GGML_TYPE_F32,
+            CacheType::F16 => sys::GGML_TYPE_F16,
+            CacheType::Bf16 => sys::GGML_TYPE_BF16,
+            CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            CacheType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            CacheType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            CacheType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            CacheType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
+        }
+    }
+}
+
 /// Parameters of a context.
 #[derive(Debug, Clone)]
 pub struct ContextParams {
@@ -457,6 +515,8 @@ pub struct ContextParams {
     /// Embeddings mode (pooling none): `embeddings_ith` returns the normed last hidden state.
     pub embeddings: bool,
     pub capture: Option<CaptureSpec>,
+    /// Element type of the KV cache.
+    pub cache_type: CacheType,
 }
 
 /// A llama.cpp context borrowing its model. Freed on drop, before its capture state.
@@ -530,6 +590,8 @@ impl<'m> Context<'m> {
             cp.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
         }
         cp.no_perf = true;
+        cp.type_k = p.cache_type.ggml();
+        cp.type_v = p.cache_type.ggml();
         if let Some(state) = capture {
             cp.cb_eval = Some(eval_callback);
             cp.cb_eval_user_data = state.as_ptr().cast();

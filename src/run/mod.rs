@@ -248,6 +248,9 @@ pub struct CaptureSettings {
     /// Whether llama.cpp repacked quantized weights for the CPU (false with `--no-repack`).
     #[serde(default = "yes")]
     pub cpu_repack: bool,
+    /// Element type of llama.cpp's KV cache (`--cache-type`; runs before it used f16).
+    #[serde(default)]
+    pub cache_type: crate::llama::context::CacheType,
 }
 
 fn yes() -> bool {

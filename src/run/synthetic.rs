@@ -134,6 +134,7 @@ pub fn write_with(
             untraceable: None,
         },
         capture: CaptureSettings {
+            cache_type: Default::default(),
             points: points.clone(),
             point_tensors: points
                 .iter()

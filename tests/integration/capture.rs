@@ -411,6 +411,7 @@ fn decode_untraced<'m>(
             n_threads: 2,
             embeddings,
             capture: None,
+            cache_type: Default::default(),
         },
     )
     .unwrap();
