@@ -246,6 +246,11 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Skip the graph self-check (a one-token decode that proves point 0 and every l_out-N are
+    /// the residual stream) for architectures outside the verified matrix.
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -33,6 +33,44 @@ pub struct ModelFacts {
     pub point0_tensor: String,
     /// Why the model cannot be traced; None when it can.
     pub untraceable: Option<String>,
+    /// How far a trace of this model can be trusted.
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// How far a trace of a model can be trusted.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trust {
+    /// The architecture is in the test suite's matrix: its states equal HF transformers' hidden
+    /// states at every point and position (and every trace also passes the self-check).
+    Verified,
+    /// Not in the matrix, but llama.cpp's graph proved point 0 and every `l_out-N` to be the
+    /// residual stream (a trace of it completed, or `inspect` ran the check).
+    SelfChecked,
+    /// Not in the matrix and not yet checked (the check runs on a trace's first decode).
+    #[default]
+    Unchecked,
+    /// The model cannot be traced (see `untraceable`).
+    Untraceable,
+}
+
+impl Trust {
+    /// One line for `inspect`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Trust::Verified => {
+                "verified against HF transformers (architecture in the test matrix; every trace also self-checks llama.cpp's graph)"
+            }
+            Trust::SelfChecked => {
+                "self-checked: llama.cpp's graph proves point 0 and every l_out-N are the residual stream (architecture not in the verified matrix)"
+            }
+            Trust::Unchecked => {
+                "not checked yet (the graph self-check runs on a trace's first decode)"
+            }
+            Trust::Untraceable => "not traceable",
+        }
+    }
 }
 
 impl ModelFacts {
@@ -59,6 +97,13 @@ impl ModelFacts {
             has_chat_template: gguf.get_str("tokenizer.chat_template").is_some(),
             point0_tensor: arch::point0_tensor(&architecture).to_string(),
             untraceable: arch::untraceable_reason(model),
+            trust: if arch::untraceable_reason(model).is_some() {
+                Trust::Untraceable
+            } else if arch::VERIFIED.contains(&architecture.as_str()) {
+                Trust::Verified
+            } else {
+                Trust::Unchecked
+            },
             architecture,
         }
     }

@@ -45,6 +45,27 @@ pub fn point_tensor(arch: &str, p: usize) -> String {
     }
 }
 
+/// Run the graph self-check (see `llama::context`) on a one-token decode: `Err` says why the
+/// model's states cannot be trusted.
+pub fn self_check(model: &Model) -> Result<(), String> {
+    use super::engine::{Positions, TraceConfig, Tracer};
+    let mut cfg = TraceConfig::new(model);
+    cfg.positions = Positions::Last;
+    cfg.points = vec![0, model.n_layer()];
+    cfg.ctx = 8;
+    cfg.n_seq = 1;
+    cfg.n_batch = 8;
+    cfg.n_ubatch = 8;
+    let token = model
+        .tokenize("The", false, false)
+        .ok()
+        .and_then(|t| t.first().copied());
+    let mut tracer = Tracer::new(model, cfg).map_err(|e| e.to_string())?;
+    tracer
+        .trace(&[vec![token.unwrap_or(model.bos())]], |_| Ok(()), |_| {})
+        .map_err(|e| e.to_string())
+}
+
 /// Why a model cannot be traced, or `None` when it can.
 pub fn untraceable_reason(model: &Model) -> Option<String> {
     if model.is_recurrent() {

@@ -5,17 +5,27 @@ use std::io::Write;
 use anyhow::{Context as _, Result};
 
 use super::{human_bytes, load_model};
+use crate::capture::arch;
 use crate::cli::InspectArgs;
 use crate::llama::gguf::Gguf;
 use crate::llama::model::LoadOptions;
-use crate::model_info::ModelFacts;
+use crate::model_info::{ModelFacts, Trust};
 
 pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     // Weights are memory-mapped, not read: loading is quick even for large files. (vocab_only
     // loads leave the per-layer hyper-parameters unset and llama.cpp aborts on n_head.)
     let model = load_model(&args.model, LoadOptions::default())?;
     let gguf = Gguf::open(&args.model)?;
-    let facts = ModelFacts::gather(&args.model, &model, &gguf);
+    let mut facts = ModelFacts::gather(&args.model, &model, &gguf);
+    if facts.trust == Trust::Unchecked && !args.no_check {
+        match arch::self_check(&model) {
+            Ok(()) => facts.trust = Trust::SelfChecked,
+            Err(why) => {
+                facts.trust = Trust::Untraceable;
+                facts.untraceable = Some(why);
+            }
+        }
+    }
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &facts).context("writing JSON")?;
         writeln!(out)?;
@@ -62,6 +72,9 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
             facts.point0_tensor
         )?,
         Some(why) => writeln!(out, "traceable     no: {why}")?,
+    }
+    if facts.untraceable.is_none() {
+        writeln!(out, "trust         {}", facts.trust.describe())?;
     }
     Ok(())
 }

@@ -132,6 +132,7 @@ pub fn write_with(
             has_chat_template: false,
             point0_tensor: String::new(),
             untraceable: None,
+            trust: Default::default(),
         },
         capture: CaptureSettings {
             cache_type: Default::default(),

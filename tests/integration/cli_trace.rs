@@ -194,12 +194,17 @@ fn inspect_reports_the_real_tensor_mix() {
         assert_eq!(v["file_type"], ftype);
         assert_eq!(v["has_chat_template"], template);
         assert!(v["untraceable"].is_null());
+        assert_eq!(v["trust"], "verified");
         let hist = v["tensor_types"].as_object().unwrap();
         let total: u64 = hist.values().map(|n| n.as_u64().unwrap()).sum();
         assert!(total > 100 && hist.contains_key("f32"));
         let text = run_bin(&["inspect", s(&path)]);
         let text = String::from_utf8_lossy(&text.stdout);
         assert!(text.contains("traceable     yes"), "{text}");
+        assert!(
+            text.contains("trust         verified against HF transformers"),
+            "{text}"
+        );
     }
 }
 
