@@ -44,9 +44,14 @@ pub struct LensHead {
     w_out: *mut sys::ggml_tensor,
     w_norm: *mut sys::ggml_tensor,
     b_norm: Option<*mut sys::ggml_tensor>,
+    /// `output.bias`, added after the unembedding (phi2, phi3, some qwen2).
+    b_out: Option<*mut sys::ggml_tensor>,
     pub norm: Norm,
     pub eps: f32,
     pub softcap: f32,
+    /// Factor applied to the logits (`{arch}.logit_scale`: multiplied by command-r / cohere,
+    /// divided by by granite); 1 when the file has none.
+    pub logit_scale: f32,
     n_embd: usize,
     n_vocab: usize,
     /// Name of the unembedding tensor used (`output.weight`, or `token_embd.weight` when tied).
@@ -99,6 +104,7 @@ impl LensHead {
         let w_norm_info = find("output_norm.weight")
             .ok_or_else(|| LensError::Missing(p.clone(), "output_norm.weight".into()))?;
         let b_norm_info = find("output_norm.bias");
+        let b_out_info = find("output.bias");
         let eps = gguf
             .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
             .or_else(|| gguf.get_f64(&format!("{arch}.attention.layer_norm_epsilon")))
@@ -106,6 +112,11 @@ impl LensHead {
         let softcap = gguf
             .get_f64(&format!("{arch}.final_logit_softcapping"))
             .unwrap_or(0.0) as f32;
+        let logit_scale = match gguf.get_f64(&format!("{arch}.logit_scale")) {
+            Some(s) if s != 0.0 && arch.starts_with("granite") => (1.0 / s) as f32,
+            Some(s) if s != 0.0 => s as f32,
+            _ => 1.0,
+        };
         let (n_embd, n_vocab) = (
             w_out_info.shape[0],
             w_out_info.shape.get(1).copied().unwrap_or(1),
@@ -120,6 +131,7 @@ impl LensHead {
             (Some(&w_out_info), vec![n_embd, n_vocab], false),
             (Some(&w_norm_info), vec![n_embd], true),
             (b_norm_info.as_ref(), vec![n_embd], true),
+            (b_out_info.as_ref(), vec![n_vocab], true),
         ] {
             if let Some(t) = t {
                 if n_embd == 0 || n_vocab == 0 || !shape_ok(t, &want, float) {
@@ -131,10 +143,12 @@ impl LensHead {
                 }
             }
         }
-        let mut bytes =
-            w_out_info.size + w_norm_info.size + b_norm_info.as_ref().map(|b| b.size).unwrap_or(0);
+        let mut bytes = w_out_info.size
+            + w_norm_info.size
+            + b_norm_info.as_ref().map(|b| b.size).unwrap_or(0)
+            + b_out_info.as_ref().map(|b| b.size).unwrap_or(0);
         // SAFETY: pure size query.
-        bytes += 4 * unsafe { sys::ggml_tensor_overhead() } + 1024;
+        bytes += 6 * unsafe { sys::ggml_tensor_overhead() } + 1024;
         // SAFETY: allocates a context owning `bytes` of memory; null on failure (checked).
         let ctx = unsafe {
             sys::ggml_init(sys::ggml_init_params {
@@ -149,6 +163,7 @@ impl LensHead {
             w_out: std::ptr::null_mut(),
             w_norm: std::ptr::null_mut(),
             b_norm: None,
+            b_out: None,
             norm: if b_norm_info.is_some() {
                 Norm::Layer
             } else {
@@ -156,6 +171,7 @@ impl LensHead {
             },
             eps,
             softcap,
+            logit_scale,
             n_embd,
             n_vocab,
             output_tensor: w_out_info.name.clone(),
@@ -199,6 +215,9 @@ impl LensHead {
         head.w_norm = load(&w_norm_info, false)?;
         if let Some(b) = &b_norm_info {
             head.b_norm = Some(load(b, false)?);
+        }
+        if let Some(b) = &b_out_info {
+            head.b_out = Some(load(b, false)?);
         }
         Ok(head)
     }
@@ -256,6 +275,12 @@ impl LensHead {
                 cur = sys::ggml_add(c, cur, b);
             }
             let mut out = sys::ggml_mul_mat(c, self.w_out, cur);
+            if let Some(b) = self.b_out {
+                out = sys::ggml_add(c, out, b);
+            }
+            if self.logit_scale != 1.0 {
+                out = sys::ggml_scale(c, out, self.logit_scale);
+            }
             if self.softcap > 0.0 {
                 out = sys::ggml_scale(c, out, 1.0 / self.softcap);
                 out = sys::ggml_tanh(c, out);
