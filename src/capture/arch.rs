@@ -8,7 +8,9 @@
 use crate::llama::model::Model;
 
 /// (architecture, tensor that holds the input of block 0) — from llama.cpp's model graphs in
-/// llama-cpp-sys-2 0.1.161. Verified by tests: `llama`, `gemma3`.
+/// llama-cpp-sys-2 0.1.161; every other architecture uses `embd`. Every trace proves the name from
+/// the graph itself (see `llama::context`), so a stale entry stops a trace instead of
+/// mislabelling it; the architecture matrix checks the values against HF transformers.
 const POINT0: &[(&str, &str)] = &[
     ("gemma", "inp_scaled"),
     ("gemma2", "inp_scaled"),
@@ -24,8 +26,51 @@ const POINT0: &[(&str, &str)] = &[
     ("afmoe", "inp_embd_scaled"),
 ];
 
-/// Architectures whose point-0 tensor is covered by the test suite.
-pub const VERIFIED: &[&str] = &["llama", "gemma3"];
+/// GGUF architectures verified against HF transformers by the test suite's architecture matrix
+/// (`tests/integration/arch_matrix.rs`): every point at every position equals HF's hidden states
+/// within the measured tolerances, and the logit lens reproduces the model's logits. The matrix
+/// test fails when this list and its results differ.
+pub const VERIFIED: &[&str] = &[
+    "afmoe",
+    "apertus",
+    "arcee",
+    "bloom",
+    "cohere2",
+    "cohere2moe",
+    "command-r",
+    "ernie4_5",
+    "ernie4_5-moe",
+    "exaone4",
+    "falcon",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma4",
+    "gpt-oss",
+    "gpt2",
+    "gptneox",
+    "granite",
+    "granitemoe",
+    "jais2",
+    "llama",
+    "mellum",
+    "mpt",
+    "nemotron",
+    "olmo",
+    "olmo2",
+    "olmoe",
+    "phi2",
+    "phi3",
+    "qwen2",
+    "qwen2moe",
+    "qwen3",
+    "qwen3moe",
+    "seed_oss",
+    "smollm3",
+    "stablelm",
+    "starcoder",
+    "starcoder2",
+];
 
 /// Name of the tensor holding the input of block 0 (point 0) for `arch`.
 pub fn point0_tensor(arch: &str) -> &'static str {

@@ -444,8 +444,10 @@ unsafe extern "C" fn abort_callback(_data: *mut c_void) -> bool {
 
 /// Element type of llama.cpp's KV cache (`type_k` and `type_v`). llama.cpp's default is F16,
 /// which rounds every key and value: states after the first attention differ from an exact
-/// computation by ~1e-3 relative. F32 removes that; the quantized types need flash attention,
-/// which llama.cpp turns on by itself where the backend has it.
+/// computation by ~5e-4 – 2e-3 relative (the architecture matrix's figures). F32 removes that,
+/// and turns flash attention off (llama.cpp's flash-attention path casts F32 keys and values to
+/// F16); the quantized types need flash attention, which llama.cpp turns on by itself where the
+/// backend has it.
 #[derive(
     Debug,
     Clone,
@@ -592,6 +594,11 @@ impl<'m> Context<'m> {
         cp.no_perf = true;
         cp.type_k = p.cache_type.ggml();
         cp.type_v = p.cache_type.ggml();
+        if p.cache_type == CacheType::F32 {
+            // llama.cpp's flash-attention path casts F32 keys and values to F16 before attending,
+            // so an F32 cache is exact only on the classic attention path.
+            cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        }
         if let Some(state) = capture {
             cp.cb_eval = Some(eval_callback);
             cp.cb_eval_user_data = state.as_ptr().cast();

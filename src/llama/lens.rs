@@ -34,7 +34,7 @@ pub enum LensError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Norm {
     Rms,
-    /// LayerNorm with bias (when `output_norm.bias` exists).
+    /// LayerNorm (mean removed), with `output_norm.bias` added when the file has one.
     Layer,
 }
 
@@ -42,7 +42,7 @@ pub enum Norm {
 pub struct LensHead {
     ctx: NonNull<sys::ggml_context>,
     w_out: *mut sys::ggml_tensor,
-    w_norm: *mut sys::ggml_tensor,
+    w_norm: Option<*mut sys::ggml_tensor>,
     b_norm: Option<*mut sys::ggml_tensor>,
     /// `output.bias`, added after the unembedding (phi2, phi3, some qwen2).
     b_out: Option<*mut sys::ggml_tensor>,
@@ -101,14 +101,28 @@ impl LensHead {
             .ok_or_else(|| {
                 LensError::Missing(p.clone(), "output.weight or token_embd.weight".into())
             })?;
-        let w_norm_info = find("output_norm.weight")
-            .ok_or_else(|| LensError::Missing(p.clone(), "output_norm.weight".into()))?;
+        // Without `output_norm.weight` the final norm has no scale (olmo's is non-parametric).
+        let w_norm_info = find("output_norm.weight");
         let b_norm_info = find("output_norm.bias");
         let b_out_info = find("output.bias");
-        let eps = gguf
+        // llama.cpp reads the RMSNorm epsilon for architectures that use RMSNorm and the LayerNorm
+        // epsilon for those that use LayerNorm (cohere2moe: LayerNorm when the RMS one is 0); the
+        // kind does not follow from a bias (phimoe has RMSNorm with a bias, command-r LayerNorm
+        // without one). Files with both keys (nemotron) or neither: LayerNorm when there is a bias.
+        let rms_eps = gguf
             .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
-            .or_else(|| gguf.get_f64(&format!("{arch}.attention.layer_norm_epsilon")))
-            .unwrap_or(1e-5) as f32;
+            .filter(|&e| e != 0.0);
+        let layer_eps = gguf.get_f64(&format!("{arch}.attention.layer_norm_epsilon"));
+        let bias = b_norm_info.is_some();
+        let (norm, eps) = match (rms_eps, layer_eps) {
+            (Some(e), None) => (Norm::Rms, e),
+            (None, Some(e)) => (Norm::Layer, e),
+            (Some(_), Some(e)) if bias => (Norm::Layer, e),
+            (Some(e), Some(_)) => (Norm::Rms, e),
+            (None, None) if bias => (Norm::Layer, 1e-5),
+            (None, None) => (Norm::Rms, 1e-5),
+        };
+        let eps = eps as f32;
         let softcap = gguf
             .get_f64(&format!("{arch}.final_logit_softcapping"))
             .unwrap_or(0.0) as f32;
@@ -129,7 +143,7 @@ impl LensHead {
         };
         for (t, want, float) in [
             (Some(&w_out_info), vec![n_embd, n_vocab], false),
-            (Some(&w_norm_info), vec![n_embd], true),
+            (w_norm_info.as_ref(), vec![n_embd], true),
             (b_norm_info.as_ref(), vec![n_embd], true),
             (b_out_info.as_ref(), vec![n_vocab], true),
         ] {
@@ -144,7 +158,7 @@ impl LensHead {
             }
         }
         let mut bytes = w_out_info.size
-            + w_norm_info.size
+            + w_norm_info.as_ref().map(|b| b.size).unwrap_or(0)
             + b_norm_info.as_ref().map(|b| b.size).unwrap_or(0)
             + b_out_info.as_ref().map(|b| b.size).unwrap_or(0);
         // SAFETY: pure size query.
@@ -161,14 +175,10 @@ impl LensHead {
         let mut head = LensHead {
             ctx,
             w_out: std::ptr::null_mut(),
-            w_norm: std::ptr::null_mut(),
+            w_norm: None,
             b_norm: None,
             b_out: None,
-            norm: if b_norm_info.is_some() {
-                Norm::Layer
-            } else {
-                Norm::Rms
-            },
+            norm,
             eps,
             softcap,
             logit_scale,
@@ -212,7 +222,9 @@ impl LensHead {
             Ok(g)
         };
         head.w_out = load(&w_out_info, true)?;
-        head.w_norm = load(&w_norm_info, false)?;
+        if let Some(w) = &w_norm_info {
+            head.w_norm = Some(load(w, false)?);
+        }
         if let Some(b) = &b_norm_info {
             head.b_norm = Some(load(b, false)?);
         }
@@ -270,7 +282,9 @@ impl LensHead {
                 Norm::Rms => sys::ggml_rms_norm(c, xt, self.eps),
                 Norm::Layer => sys::ggml_norm(c, xt, self.eps),
             };
-            cur = sys::ggml_mul(c, cur, self.w_norm);
+            if let Some(w) = self.w_norm {
+                cur = sys::ggml_mul(c, cur, w);
+            }
             if let Some(b) = self.b_norm {
                 cur = sys::ggml_add(c, cur, b);
             }

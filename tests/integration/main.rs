@@ -5,6 +5,7 @@
 
 mod common;
 
+mod arch_matrix;
 mod bad_input;
 mod capture;
 mod chat;
