@@ -247,10 +247,11 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Skip the graph self-check (a one-token decode that proves point 0 and every l_out-N are
-    /// the residual stream) for architectures outside the verified matrix.
+    /// For an architecture outside the verified matrix, run the graph self-check now: a
+    /// one-token decode that proves point 0 and every l_out-N are the residual stream (every
+    /// trace runs it on its first decode anyway). Reads every weight once.
     #[arg(long)]
-    pub no_check: bool,
+    pub check: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -317,9 +318,10 @@ pub struct TraceArgs {
     pub no_repack: bool,
 
     /// Element type of llama.cpp's KV cache. llama.cpp's default, f16, rounds every key and value
-    /// (states move by ~1e-3 relative against an exact computation); f32 is exact, costs twice the
-    /// cache memory and turns flash attention off (llama.cpp's flash attention rounds keys and
-    /// values to f16); q8_0 … q4_0 show what a quantized cache does to the states
+    /// (states move by ~1e-3 relative against an exact computation); f32 keeps them in float32
+    /// (on the CPU: ~1e-7 from HF transformers in float64), costs twice the cache memory and turns
+    /// flash attention off (llama.cpp's flash attention rounds keys and values to f16); q8_0 …
+    /// q4_0 show what a quantized cache does to the states
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub cache_type: crate::llama::context::CacheType,
 

