@@ -131,21 +131,6 @@ const MATRIX: &[(&str, Expect)] = &[
     ("starcoder2", VerifiedGelu),
 ];
 
-/// `$GGUF_TRACE_CACHE` (as `scripts/lib.sh` sets it), else the default cache folder.
-fn cache_dir() -> PathBuf {
-    std::env::var_os("GGUF_TRACE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(".cache"))
-                .join("gguf-trace")
-        })
-}
-
 fn hf_python() -> PathBuf {
     let p = std::env::var_os("GGUF_TRACE_HF_PYTHON")
         .map(PathBuf::from)

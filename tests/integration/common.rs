@@ -14,19 +14,25 @@ use gguf_trace::llama::model::{LoadOptions, Model};
 pub const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 
-pub fn models_dir() -> PathBuf {
-    match std::env::var_os("GGUF_TRACE_MODELS") {
-        Some(d) => PathBuf::from(d),
-        None => {
+/// `$GGUF_TRACE_CACHE` (as `scripts/lib.sh` sets it), else `~/.cache/gguf-trace`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("GGUF_TRACE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
             let home = std::env::var_os("HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("."));
             std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join(".cache"))
-                .join("gguf-trace/models")
-        }
-    }
+                .join("gguf-trace")
+        })
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("GGUF_TRACE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models"))
 }
 
 /// Path of a test model. A missing model fails the test (never a silent pass): `scripts/test`
