@@ -366,6 +366,18 @@ pub struct TraceArgs {
     #[arg(long, value_name = "A-B")]
     pub control_points: Option<String>,
 
+    /// Directional ablation (Arditi et al., 2024): at every chosen point and position, remove the
+    /// component along that point's unit direction from FILE, h ← h − (h·r̂) r̂, written back into
+    /// the residual stream so the next block reads the ablated state (stored states and
+    /// generations show the effect). FILE: a control-vector GGUF, e.g. from `gguf-trace direction`
+    #[arg(long, value_name = "FILE")]
+    pub ablate: Option<PathBuf>,
+
+    /// Points to ablate with --ablate, e.g. "all" or "10-20" (default: every point FILE has a
+    /// direction for; control vectors hold directions from point 2 on)
+    #[arg(long, value_name = "SPEC")]
+    pub ablate_points: Option<String>,
+
     /// Continue an interrupted trace of the same -o directory (after Ctrl-C, SIGTERM, SIGKILL or a
     /// power cut) from the last prompt fully on disk. Needs the same model file, options and
     /// prompts; a run that is already complete is left as it is.
@@ -466,6 +478,25 @@ pub fn parse_control_points(spec: &str, n_layer: usize) -> Result<(usize, usize)
 }
 
 /// Parse a `--points` spec against a model with `n_layer` blocks (points 0..=n_layer).
+/// Sorted points as a `--points` spec: "2-10,12".
+pub fn format_points(points: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < points.len() {
+        let mut j = i;
+        while j + 1 < points.len() && points[j + 1] == points[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i {
+            format!("{}-{}", points[i], points[j])
+        } else {
+            points[i].to_string()
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
 pub fn parse_points(spec: &str, n_layer: usize) -> Result<Vec<usize>, String> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("all") {

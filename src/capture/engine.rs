@@ -11,7 +11,9 @@
 use ndarray::Array3;
 
 use super::arch;
-use crate::llama::context::{Batch, CacheType, CaptureSpec, Context, ContextError, ContextParams};
+use crate::llama::context::{
+    Batch, CacheType, CaptureSpec, Context, ContextError, ContextParams, Edit,
+};
 use crate::llama::model::Model;
 use crate::llama::Token;
 
@@ -56,6 +58,12 @@ pub enum TraceError {
         checked: usize,
         n_layer: usize,
         arch: String,
+    },
+    #[error("the intervention at point {point} reached {got} rows of a decode, expected {want}")]
+    Intervention {
+        point: usize,
+        got: usize,
+        want: usize,
     },
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
@@ -207,6 +215,8 @@ pub struct Tracer<'m> {
     layout: Vec<Slot>,
     decode_s: f64,
     point0: String,
+    /// Points with an intervention.
+    edited: Vec<usize>,
 }
 
 impl<'m> Tracer<'m> {
@@ -253,11 +263,22 @@ impl<'m> Tracer<'m> {
             layout: Vec::new(),
             decode_s: 0.0,
             point0: point0.to_string(),
+            edited: Vec::new(),
         })
     }
 
     /// Apply a control vector (`data` starts at llama.cpp layer 1, n_embd floats per layer) to
     /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
+    /// Interventions written into the residual stream (see [`Edit`]): `edits[p]` at point p.
+    pub fn set_edits(&mut self, edits: Vec<Option<Edit>>) {
+        self.edited = edits
+            .iter()
+            .enumerate()
+            .filter_map(|(p, e)| e.as_ref().map(|_| p))
+            .collect();
+        self.ctx.set_edits(edits);
+    }
+
     pub fn set_control_vector(&mut self, cv: Option<(&[f32], i32, i32)>) -> Result<(), TraceError> {
         match cv {
             Some((data, a, b)) => self.ctx.set_control_vector(Some(data), a, b)?,
@@ -430,6 +451,25 @@ impl<'m> Tracer<'m> {
         let t = std::time::Instant::now();
         self.ctx.decode(&self.batch)?;
         self.decode_s += t.elapsed().as_secs_f64();
+        // Every intervention reached every row of its point.
+        let edited = self
+            .ctx
+            .rows_edited()
+            .expect("tracer contexts always capture");
+        for &point in &self.edited {
+            let want = if point == self.n_layer {
+                outputs.len()
+            } else {
+                n_tokens
+            };
+            if edited[point] != want {
+                return Err(TraceError::Intervention {
+                    point,
+                    got: edited[point],
+                    want,
+                });
+            }
+        }
         // Every decode after the first relies on the first graph's structural check.
         if self.ctx.blocks_checked() != self.n_layer {
             return Err(TraceError::Unchecked {

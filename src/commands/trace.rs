@@ -13,7 +13,7 @@ use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
 use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
-use crate::llama::context::CacheType;
+use crate::llama::context::{CacheType, Edit};
 use crate::llama::gguf::Gguf;
 use crate::llama::lens::LensHead;
 use crate::llama::model::{LoadOptions, Model};
@@ -84,6 +84,13 @@ pub struct LensOptions {
 
 /// Steering with control vectors.
 #[derive(Debug, Clone)]
+pub struct Ablation {
+    pub file: PathBuf,
+    /// `--ablate-points`, parsed once the model's depth is known.
+    pub points: Option<String>,
+}
+
+#[derive(Debug, Clone)]
 pub struct Steering {
     pub files: Vec<PathBuf>,
     pub scale: f32,
@@ -127,6 +134,8 @@ pub struct TraceOptions {
     pub cpu_repack: bool,
     /// Element type of the KV cache (`--cache-type`).
     pub cache_type: CacheType,
+    /// `--ablate`: directional ablation at chosen points.
+    pub ablation: Option<Ablation>,
 }
 
 impl TraceOptions {
@@ -159,6 +168,7 @@ impl TraceOptions {
             tensor_split: Vec::new(),
             cpu_repack: true,
             cache_type: CacheType::F16,
+            ablation: None,
         }
     }
 
@@ -196,6 +206,9 @@ impl TraceOptions {
         if a.control_points.is_some() && a.control_vectors.is_empty() {
             bail!("--control-points needs --control-vector");
         }
+        if a.ablate_points.is_some() && a.ablate.is_none() {
+            bail!("--ablate-points needs --ablate");
+        }
         let threads = super::resolve_threads(a.threads)?;
         let o = TraceOptions {
             positions: a.positions.into(),
@@ -223,6 +236,10 @@ impl TraceOptions {
             resume: a.resume,
             cpu_repack: !a.no_repack,
             cache_type: a.cache_type,
+            ablation: a.ablate.clone().map(|file| Ablation {
+                file,
+                points: a.ablate_points.clone(),
+            }),
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
         .with_rpc(&a.rpc, a.n_gpu_layers)?;
@@ -301,6 +318,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     check_disk(opts, &loaded, &token_lists)?;
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
+    let ablated = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
     let plan = plan_fingerprint(opts, &cfg, &prepared)?;
     if opts.resume {
@@ -373,7 +391,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         writer,
         records,
         lens,
-        control_points,
+        (control_points, ablated),
         sha,
         timings,
         plan,
@@ -724,7 +742,7 @@ fn write_run(
     writer: RunWriter,
     records: Vec<PromptRecord>,
     lens: Option<LensState>,
-    control_points: Option<(usize, usize)>,
+    (control_points, ablated): (Option<(usize, usize)>, Vec<usize>),
     sha: String,
     timings: Timings,
     plan: String,
@@ -822,6 +840,10 @@ fn write_run(
             tensor_split: opts.tensor_split.clone(),
             cpu_repack: opts.cpu_repack,
             cache_type: opts.cache_type,
+            ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
+                file: a.file.display().to_string(),
+                points: ablated,
+            }),
         },
         model: facts,
         prompts: records,
@@ -866,6 +888,10 @@ fn plan_fingerprint(
         "n_gpu_layers": opts.n_gpu_layers,
         "cpu_repack": opts.cpu_repack,
         "cache_type": opts.cache_type,
+        "ablation": opts.ablation.as_ref().map(|a| (
+            crate::model_hash::stamp(&a.file).ok(),
+            a.points.clone(),
+        )),
         "dtype": opts.dtype,
         "format": opts.format,
         "chat": opts.input.chat,
@@ -953,6 +979,59 @@ impl LensState {
         self.prompts.push(pl.clone());
         Ok((Some(pl), diff))
     }
+}
+
+/// `--ablate`: load the file's directions (llama.cpp's control-vector rules), make each chosen
+/// point's direction unit length, and have the tracer project it out there. Returns the points.
+fn ablate(tracer: &mut Tracer, ablation: Option<&Ablation>, model: &Model) -> Result<Vec<usize>> {
+    let Some(ab) = ablation else {
+        return Ok(Vec::new());
+    };
+    let (n, n_layer) = (model.n_embd(), model.n_layer());
+    let cv = crate::cvec::load(&[(ab.file.as_path(), 1.0)], n)?;
+    // Direction `direction.<il>` belongs to point il + 1 (see README, control vectors).
+    let available: Vec<usize> = cv
+        .layers
+        .iter()
+        .map(|&il| il + 1)
+        .filter(|&p| p <= n_layer)
+        .collect();
+    let points = match &ab.points {
+        Some(spec) => parse_points(spec, n_layer).map_err(anyhow::Error::msg)?,
+        None => available.clone(),
+    };
+    if points.is_empty() {
+        bail!(
+            "{}: no direction for any point of this {n_layer}-block model",
+            display_path(&ab.file)
+        );
+    }
+    if let Some(p) = points.iter().find(|p| !available.contains(p)) {
+        bail!(
+            "{}: no direction for point {p} (the file has points {}); choose --ablate-points among them",
+            display_path(&ab.file),
+            crate::cli::format_points(&available)
+        );
+    }
+    let mut edits = vec![None; n_layer + 1];
+    for &p in &points {
+        let d = &cv.data[(p - 2) * n..(p - 1) * n];
+        let norm = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        // A zero direction projects nothing out (the identity).
+        let unit = d
+            .iter()
+            .map(|&x| {
+                if norm > 0.0 {
+                    (x as f64 / norm) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        edits[p] = Some(Edit::Ablate(unit));
+    }
+    tracer.set_edits(edits);
+    Ok(points)
 }
 
 /// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen

@@ -80,46 +80,70 @@ struct CaptureState {
     check: Option<GraphCheck>,
     /// Blocks whose input and output the structural check confirmed.
     blocks_checked: usize,
+    /// Per point 0..=n_layer: an intervention written into the stream there (see [`Edit`]).
+    edits: Vec<Option<Edit>>,
+    /// Rows the current decode wrote back, per point.
+    rows_edited: Vec<usize>,
+}
+
+/// An intervention on the residual stream at one point, applied in the eval callback's data phase:
+/// the tensor is computed and its consumers are not, so what is written back with
+/// `ggml_backend_tensor_set` is what the next block reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    /// Directional ablation (Arditi et al., 2024): h ← h − (h·r̂) r̂ at every row, r̂ of unit
+    /// length (n_embd values).
+    Ablate(Vec<f32>),
+}
+
+impl Edit {
+    fn apply(&self, row: &mut [f32]) {
+        match self {
+            Edit::Ablate(r) => {
+                let dot: f64 = row.iter().zip(r).map(|(&h, &d)| h as f64 * d as f64).sum();
+                for (h, &d) in row.iter_mut().zip(r) {
+                    *h = (*h as f64 - dot * d as f64) as f32;
+                }
+            }
+        }
+    }
 }
 
 impl CaptureState {
-    fn slot_for(&self, name: &[u8]) -> Option<usize> {
+    /// The point a tensor name holds (0..=n_layer), if any.
+    fn point_for(&self, name: &[u8]) -> Option<usize> {
         if name == self.point0.as_slice() {
-            return self.slot_of_point.first().copied().flatten();
+            return Some(0);
         }
         let rest = name.strip_prefix(b"l_out-")?;
         let il: usize = std::str::from_utf8(rest).ok()?.parse().ok()?;
-        self.slot_of_point.get(il + 1).copied().flatten()
+        (il + 1 < self.slot_of_point.len()).then_some(il + 1)
     }
 
-    /// Copy a computed tensor's rows.
-    ///
-    /// # Safety
-    /// `t` is a live tensor handed to the eval callback by llama.cpp's scheduler in the data phase
-    /// (`ask == false`): its data is computed, and `view_src`, when set, points to its live source.
-    unsafe fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
+    /// Check that `t` is a point tensor we can read and write: F32, `[n_embd, rows]`, rows of
+    /// contiguous values, in a backend buffer. Returns (rows, bytes between rows).
+    fn layout(&mut self, t: &sys::ggml_tensor) -> Option<(usize, usize)> {
         let name = tensor_name(t);
         if t.type_ != sys::GGML_TYPE_F32 {
             self.fail(format!(
                 "tensor {name} is {} , expected f32",
                 super::ggml_type_name(t.type_)
             ));
-            return;
+            return None;
         }
-        let (ne0, ne1) = (t.ne[0] as usize, t.ne[1] as usize);
-        if ne0 != self.n_embd || t.ne[2] != 1 || t.ne[3] != 1 {
+        if t.ne[0] as usize != self.n_embd || t.ne[2] != 1 || t.ne[3] != 1 {
             self.fail(format!(
                 "tensor {name} has shape {:?}, expected [{}, n_tokens, 1, 1]",
                 t.ne, self.n_embd
             ));
-            return;
+            return None;
         }
         if t.nb[0] != 4 {
             self.fail(format!(
                 "tensor {name} is not contiguous within a row (nb[0] = {})",
                 t.nb[0]
             ));
-            return;
+            return None;
         }
         let buffer = if t.view_src.is_null() {
             t.buffer
@@ -129,8 +153,58 @@ impl CaptureState {
         };
         if buffer.is_null() {
             self.fail(format!("tensor {name} has no backend buffer"));
-            return;
+            return None;
         }
+        Some((t.ne[1] as usize, t.nb[1]))
+    }
+
+    /// Apply the edit of `point` to every row of the computed tensor `t` and write it back.
+    ///
+    /// # Safety
+    /// As for [`CaptureState::copy`]: `t` is a computed, live tensor in the data phase.
+    unsafe fn edit(&mut self, t: &sys::ggml_tensor, point: usize) {
+        let Some((ne1, nb1)) = self.layout(t) else {
+            return;
+        };
+        let Some(edit) = self.edits.get(point).cloned().flatten() else {
+            return;
+        };
+        let row_bytes = self.n_embd * 4;
+        let mut row = vec![0f32; self.n_embd];
+        for r in 0..ne1 {
+            // SAFETY: the tensor is computed, in a buffer (checked) and holds ne1 rows of n_embd
+            // contiguous f32 starting every nb1 bytes (layout checked): row r lies within it, and
+            // `row` has n_embd f32 slots. ggml_backend_tensor_get/set copy from/to host or device
+            // memory; nothing reads the tensor until the callback returns.
+            unsafe {
+                sys::ggml_backend_tensor_get(
+                    t,
+                    row.as_mut_ptr().cast::<c_void>(),
+                    r * nb1,
+                    row_bytes,
+                );
+                edit.apply(&mut row);
+                sys::ggml_backend_tensor_set(
+                    t as *const sys::ggml_tensor as *mut sys::ggml_tensor,
+                    row.as_ptr().cast::<c_void>(),
+                    r * nb1,
+                    row_bytes,
+                );
+            }
+        }
+        self.rows_edited[point] += ne1;
+    }
+
+    /// Copy a computed tensor's rows.
+    ///
+    /// # Safety
+    /// `t` is a live tensor handed to the eval callback by llama.cpp's scheduler in the data phase
+    /// (`ask == false`): its data is computed, and `view_src`, when set, points to its live source.
+    unsafe fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
+        let Some((ne1, _)) = self.layout(t) else {
+            return;
+        };
+        let ne0 = self.n_embd;
         // Only the rows the caller stores are read from the backend (on a GPU or an RPC server
         // each read is a transfer): maximal runs of wanted rows, one get per run.
         let first = self.seen[slot];
@@ -450,14 +524,20 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
             // c_char as u8 keeps length and alignment.
             unsafe { std::slice::from_raw_parts(t.name.as_ptr().cast::<u8>(), t.name.len()) };
         let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
-        let slot = state.slot_for(name);
+        let point = state.point_for(name);
+        let slot = point.and_then(|p| state.slot_of_point[p]);
+        let edit = point.filter(|&p| state.edits.get(p).is_some_and(Option::is_some));
         if ask {
             if state.check.is_some() {
                 // SAFETY: ask phase: t is a live node of the graph being computed, and its srcs
                 // are live tensors of that graph (nodes, leafs, weights or split copies).
                 unsafe { state.observe(t, name) };
             }
-            return slot.is_some();
+            return slot.is_some() || edit.is_some();
+        }
+        if let Some(p) = edit {
+            // SAFETY: data phase: a computed, live tensor whose consumers have not run yet.
+            unsafe { state.edit(t, p) };
         }
         if let Some(slot) = slot {
             // SAFETY: data phase (ask is false): llama.cpp hands us a computed, live tensor.
@@ -606,6 +686,8 @@ impl<'m> Context<'m> {
                 error: None,
                 check: Some(GraphCheck::new(spec)),
                 blocks_checked: 0,
+                edits: vec![None; spec.n_layer + 1],
+                rows_edited: vec![0; spec.n_layer + 1],
             })
         });
         // From here the state is reached only through this pointer (see CaptureState).
@@ -672,6 +754,7 @@ impl<'m> Context<'m> {
         if let Some(st) = self.state_mut() {
             st.rows.iter_mut().for_each(Vec::clear);
             st.seen.iter_mut().for_each(|n| *n = 0);
+            st.rows_edited.iter_mut().for_each(|n| *n = 0);
             st.error = None;
             if let Some(check) = st.check.as_mut() {
                 // Whatever an interrupted decode recorded belonged to its own graph.
@@ -747,6 +830,21 @@ impl<'m> Context<'m> {
     /// to n_layer after the first successful decode.
     pub fn blocks_checked(&self) -> usize {
         self.state().map_or(0, |s| s.blocks_checked)
+    }
+
+    /// Interventions for the next decodes: `edits[p]` is written into point p (0..=n_layer) at
+    /// every row; `None` leaves a point as computed. Only on capture contexts.
+    pub fn set_edits(&mut self, edits: Vec<Option<Edit>>) {
+        if let Some(st) = self.state_mut() {
+            let n = st.edits.len();
+            st.edits = edits;
+            st.edits.resize(n, None);
+        }
+    }
+
+    /// Rows the last decode wrote back, per point (0..=n_layer).
+    pub fn rows_edited(&self) -> Option<&[usize]> {
+        self.state().map(|s| s.rows_edited.as_slice())
     }
 
     /// Bytes copied from backend tensors since this context was created.

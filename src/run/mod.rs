@@ -251,6 +251,16 @@ pub struct CaptureSettings {
     /// Element type of llama.cpp's KV cache (`--cache-type`; runs before it used f16).
     #[serde(default)]
     pub cache_type: crate::llama::context::CacheType,
+    /// `--ablate`: the direction file and the points ablated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ablation: Option<AblationSettings>,
+}
+
+/// A directional ablation applied during a trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AblationSettings {
+    pub file: String,
+    pub points: Vec<usize>,
 }
 
 fn yes() -> bool {

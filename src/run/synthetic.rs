@@ -136,6 +136,7 @@ pub fn write_with(
         },
         capture: CaptureSettings {
             cache_type: Default::default(),
+            ablation: None,
             points: points.clone(),
             point_tensors: points
                 .iter()

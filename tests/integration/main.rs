@@ -10,6 +10,7 @@ mod bad_input;
 mod capture;
 mod chat;
 mod cli_trace;
+mod interventions;
 mod lens;
 mod quant;
 mod report;
