@@ -378,6 +378,21 @@ pub struct TraceArgs {
     #[arg(long, value_name = "SPEC")]
     pub ablate_points: Option<String>,
 
+    /// Activation patching: replace the states at --patch-points (and --patch-positions) with
+    /// those of the same-index prompt in RUN, a run of the same model traced with those points and
+    /// positions stored; each prompt must have the same token count as its twin there
+    #[arg(long, value_name = "RUN")]
+    pub patch_from: Option<PathBuf>,
+
+    /// Points to patch with --patch-from, e.g. "12" or "10-20"
+    #[arg(long, value_name = "SPEC")]
+    pub patch_points: Option<String>,
+
+    /// Prompt positions to patch with --patch-from: "all" (default), "last", or a list such as
+    /// "0,3-5" (generated tokens are never patched)
+    #[arg(long, value_name = "SPEC")]
+    pub patch_positions: Option<String>,
+
     /// Continue an interrupted trace of the same -o directory (after Ctrl-C, SIGTERM, SIGKILL or a
     /// power cut) from the last prompt fully on disk. Needs the same model file, options and
     /// prompts; a run that is already complete is left as it is.

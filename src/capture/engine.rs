@@ -65,6 +65,8 @@ pub enum TraceError {
         got: usize,
         want: usize,
     },
+    #[error("activation patching: {0}")]
+    Patch(String),
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
     #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite \
@@ -217,6 +219,29 @@ pub struct Tracer<'m> {
     point0: String,
     /// Points with an intervention.
     edited: Vec<usize>,
+    /// Interventions at fixed points (ablation), and activation patching applied per decode.
+    edits: Vec<Option<Edit>>,
+    patch: Option<Patch<'m>>,
+}
+
+/// Which prompt positions activation patching replaces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PatchPositions {
+    All,
+    Last,
+    List(Vec<usize>),
+}
+
+/// Where patched states come from: `source(prompt index, point, position)` is the state that
+/// replaces the traced one.
+pub type PatchSource<'m> = Box<dyn FnMut(usize, usize, usize) -> Result<Vec<f32>, String> + 'm>;
+
+/// Activation patching: at `points` and the chosen prompt positions (generated tokens are never
+/// patched), replace the states with those from `source`.
+pub struct Patch<'m> {
+    pub points: Vec<usize>,
+    pub positions: PatchPositions,
+    pub source: PatchSource<'m>,
 }
 
 impl<'m> Tracer<'m> {
@@ -264,6 +289,8 @@ impl<'m> Tracer<'m> {
             decode_s: 0.0,
             point0: point0.to_string(),
             edited: Vec::new(),
+            edits: Vec::new(),
+            patch: None,
         })
     }
 
@@ -271,12 +298,58 @@ impl<'m> Tracer<'m> {
     /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
     /// Interventions written into the residual stream (see [`Edit`]): `edits[p]` at point p.
     pub fn set_edits(&mut self, edits: Vec<Option<Edit>>) {
+        self.edits = edits;
+        self.edits.resize(self.n_layer + 1, None);
+        self.apply_edits(self.edits.clone());
+    }
+
+    /// Activation patching for the next traces (see [`Patch`]); points must not be ablated too.
+    pub fn set_patch(&mut self, patch: Option<Patch<'m>>) {
+        self.patch = patch;
+    }
+
+    fn apply_edits(&mut self, edits: Vec<Option<Edit>>) {
         self.edited = edits
             .iter()
             .enumerate()
             .filter_map(|(p, e)| e.as_ref().map(|_| p))
             .collect();
         self.ctx.set_edits(edits);
+    }
+
+    /// The patching edits of the batch about to be decoded.
+    fn patch_edits(&mut self, seqs: &[Seq], outputs: &[usize]) -> Result<(), TraceError> {
+        let Some(patch) = self.patch.as_mut() else {
+            return Ok(());
+        };
+        let mut edits = self.edits.clone();
+        edits.resize(self.n_layer + 1, None);
+        for &p in &patch.points {
+            let rows: Vec<usize> = if p == self.n_layer {
+                outputs.to_vec()
+            } else {
+                (0..self.layout.len()).collect()
+            };
+            let mut values = Vec::with_capacity(rows.len());
+            for i in rows {
+                let slot = self.layout[i];
+                let seq = &seqs[slot.seq];
+                let chosen = slot.pos < seq.n_prompt
+                    && match &patch.positions {
+                        PatchPositions::All => true,
+                        PatchPositions::Last => slot.pos + 1 == seq.n_prompt,
+                        PatchPositions::List(l) => l.contains(&slot.pos),
+                    };
+                values.push(if chosen {
+                    Some((patch.source)(seq.index, p, slot.pos).map_err(TraceError::Patch)?)
+                } else {
+                    None
+                });
+            }
+            edits[p] = Some(Edit::Replace(values));
+        }
+        self.apply_edits(edits);
+        Ok(())
     }
 
     pub fn set_control_vector(&mut self, cv: Option<(&[f32], i32, i32)>) -> Result<(), TraceError> {
@@ -448,6 +521,7 @@ impl<'m> Tracer<'m> {
         let kept: Vec<bool> = self.layout.iter().map(|s| s.kept).collect();
         let kept_out: Vec<bool> = outputs.iter().map(|&i| kept[i]).collect();
         self.ctx.set_wanted_rows(&kept, &kept_out);
+        self.patch_edits(seqs, &outputs)?;
         let t = std::time::Instant::now();
         self.ctx.decode(&self.batch)?;
         self.decode_s += t.elapsed().as_secs_f64();

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{bar, human_bytes, load_model};
 use crate::analysis::lens;
 use crate::capture::arch;
-use crate::capture::engine::{Positions, PromptTrace, TraceConfig, Tracer};
+use crate::capture::engine::{Patch, PatchPositions, Positions, PromptTrace, TraceConfig, Tracer};
 use crate::chat;
 use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
@@ -84,6 +84,14 @@ pub struct LensOptions {
 
 /// Steering with control vectors.
 #[derive(Debug, Clone)]
+pub struct Patching {
+    pub from: PathBuf,
+    /// `--patch-points` and `--patch-positions`, parsed once the model's depth is known.
+    pub points: String,
+    pub positions: Option<String>,
+}
+
+#[derive(Debug, Clone)]
 pub struct Ablation {
     pub file: PathBuf,
     /// `--ablate-points`, parsed once the model's depth is known.
@@ -136,6 +144,8 @@ pub struct TraceOptions {
     pub cache_type: CacheType,
     /// `--ablate`: directional ablation at chosen points.
     pub ablation: Option<Ablation>,
+    /// `--patch-from`: activation patching from another run.
+    pub patching: Option<Patching>,
 }
 
 impl TraceOptions {
@@ -169,6 +179,7 @@ impl TraceOptions {
             cpu_repack: true,
             cache_type: CacheType::F16,
             ablation: None,
+            patching: None,
         }
     }
 
@@ -209,6 +220,12 @@ impl TraceOptions {
         if a.ablate_points.is_some() && a.ablate.is_none() {
             bail!("--ablate-points needs --ablate");
         }
+        if (a.patch_points.is_some() || a.patch_positions.is_some()) && a.patch_from.is_none() {
+            bail!("--patch-points and --patch-positions need --patch-from");
+        }
+        if a.patch_from.is_some() && a.patch_points.is_none() {
+            bail!("--patch-from needs --patch-points (which points to patch)");
+        }
         let threads = super::resolve_threads(a.threads)?;
         let o = TraceOptions {
             positions: a.positions.into(),
@@ -239,6 +256,11 @@ impl TraceOptions {
             ablation: a.ablate.clone().map(|file| Ablation {
                 file,
                 points: a.ablate_points.clone(),
+            }),
+            patching: a.patch_from.clone().map(|from| Patching {
+                from,
+                points: a.patch_points.clone().unwrap_or_default(),
+                positions: a.patch_positions.clone(),
             }),
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
@@ -319,6 +341,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
     let ablated = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
+    let patch = open_patch(opts.patching.as_ref(), &loaded, &token_lists, &ablated)?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
     let plan = plan_fingerprint(opts, &cfg, &prepared)?;
     if opts.resume {
@@ -369,6 +392,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         &prepared,
         &token_lists,
         lens.as_mut(),
+        patch.as_ref(),
     )?;
     let trace_s = t_trace.elapsed().as_secs_f64();
     let sha = hasher
@@ -391,7 +415,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         writer,
         records,
         lens,
-        (control_points, ablated),
+        (control_points, ablated, patch.map(|p| p.settings)),
         sha,
         timings,
         plan,
@@ -615,6 +639,7 @@ fn trace_prompts(
     prepared: &[Prepared],
     token_lists: &[Vec<i32>],
     mut lens: Option<&mut LensState>,
+    patch: Option<&PatchPlan>,
 ) -> Result<(RunWriter, Vec<PromptRecord>, usize)> {
     let (model, points) = (&loaded.model, &loaded.points);
     let n_seq = tracer.n_seq();
@@ -651,6 +676,9 @@ fn trace_prompts(
     let mut pending: Vec<run::JournalEntry> = Vec::new();
     let mut last_checkpoint = Instant::now();
     let n_prompts = prepared.len();
+    if let Some(plan) = patch {
+        tracer.set_patch(Some(plan.patch(start)?));
+    }
     if start % n_seq != 0 {
         bail!("internal error: the journal of the interrupted trace ends inside a batch group");
     }
@@ -742,7 +770,11 @@ fn write_run(
     writer: RunWriter,
     records: Vec<PromptRecord>,
     lens: Option<LensState>,
-    (control_points, ablated): (Option<(usize, usize)>, Vec<usize>),
+    (control_points, ablated, patch): (
+        Option<(usize, usize)>,
+        Vec<usize>,
+        Option<run::PatchSettings>,
+    ),
     sha: String,
     timings: Timings,
     plan: String,
@@ -844,6 +876,7 @@ fn write_run(
                 file: a.file.display().to_string(),
                 points: ablated,
             }),
+            patch,
         },
         model: facts,
         prompts: records,
@@ -888,6 +921,11 @@ fn plan_fingerprint(
         "n_gpu_layers": opts.n_gpu_layers,
         "cpu_repack": opts.cpu_repack,
         "cache_type": opts.cache_type,
+        "patching": opts.patching.as_ref().map(|p| (
+            crate::model_hash::stamp(&p.from.join(run::RUN_JSON)).ok(),
+            &p.points,
+            &p.positions,
+        )),
         "ablation": opts.ablation.as_ref().map(|a| (
             crate::model_hash::stamp(&a.file).ok(),
             a.points.clone(),
@@ -979,6 +1017,128 @@ impl LensState {
         self.prompts.push(pl.clone());
         Ok((Some(pl), diff))
     }
+}
+
+/// `--patch-from`, validated: the source run, the points and positions to patch.
+struct PatchPlan {
+    run: std::sync::Arc<crate::run::Run>,
+    points: Vec<usize>,
+    positions: PatchPositions,
+    settings: run::PatchSettings,
+}
+
+impl PatchPlan {
+    /// The tracer's patch for prompts `start..` (a resumed trace starts past the journal).
+    fn patch<'m>(&self, start: usize) -> Result<Patch<'m>> {
+        let run = self.run.clone();
+        let mut open: Option<(usize, crate::run::read::PromptStates)> = None;
+        Ok(Patch {
+            points: self.points.clone(),
+            positions: self.positions.clone(),
+            source: Box::new(move |i, point, pos| {
+                let index = i + start;
+                let rec = &run.manifest.prompts[index];
+                let j = rec.positions.iter().position(|&q| q == pos).ok_or_else(|| {
+                    format!(
+                        "prompt {index} of {} has no state at position {pos} (trace it with --positions all)",
+                        run.dir.display()
+                    )
+                })?;
+                if open.as_ref().is_none_or(|(k, _)| *k != index) {
+                    open = Some((index, run.prompt_states(index).map_err(|e| e.to_string())?));
+                }
+                let k = run.manifest.capture.points.iter().position(|&q| q == point);
+                let states = &open.as_ref().expect("opened above").1;
+                let row = states
+                    .point_positions(k.expect("checked by open_patch"), &[j])
+                    .map_err(|e| e.to_string())?;
+                Ok(row.into_raw_vec_and_offset().0)
+            }),
+        })
+    }
+}
+
+/// Check `--patch-from`: a complete run of the same model holding the points to patch, with a
+/// twin of every prompt of the same token count.
+fn open_patch(
+    patching: Option<&Patching>,
+    loaded: &Loaded,
+    token_lists: &[Vec<i32>],
+    ablated: &[usize],
+) -> Result<Option<PatchPlan>> {
+    let Some(p) = patching else {
+        return Ok(None);
+    };
+    let shown = display_path(&p.from);
+    let run = crate::run::Run::open(&p.from).with_context(|| format!("--patch-from {shown}"))?;
+    let (ours, theirs) = (&loaded.facts, &run.manifest.model);
+    if (
+        &ours.architecture,
+        ours.n_layer,
+        ours.n_embd,
+        ours.n_vocab,
+        ours.n_params,
+    ) != (
+        &theirs.architecture,
+        theirs.n_layer,
+        theirs.n_embd,
+        theirs.n_vocab,
+        theirs.n_params,
+    ) {
+        bail!(
+            "--patch-from {shown}: traced with another model ({}, {} blocks × {}), not {} ({} blocks × {})",
+            theirs.file_name, theirs.n_layer, theirs.n_embd, ours.file_name, ours.n_layer, ours.n_embd
+        );
+    }
+    let points = parse_points(&p.points, ours.n_layer).map_err(anyhow::Error::msg)?;
+    if let Some(q) = points
+        .iter()
+        .find(|q| !run.manifest.capture.points.contains(q))
+    {
+        bail!(
+            "--patch-from {shown}: the run does not hold point {q} (its points: {})",
+            crate::cli::format_points(&run.manifest.capture.points)
+        );
+    }
+    if let Some(q) = points.iter().find(|q| ablated.contains(q)) {
+        bail!("point {q} is both ablated and patched: choose one intervention per point");
+    }
+    let positions = match p.positions.as_deref().map(str::trim) {
+        None | Some("all") => PatchPositions::All,
+        Some("last") => PatchPositions::Last,
+        Some(spec) => PatchPositions::List(
+            parse_points(spec, usize::MAX - 1)
+                .map_err(|e| anyhow::anyhow!("--patch-positions: {e}"))?,
+        ),
+    };
+    let prompts = &run.manifest.prompts;
+    if prompts.len() < token_lists.len() {
+        bail!(
+            "--patch-from {shown}: the run has {} prompt(s), this trace {}: every prompt needs its same-index twin",
+            prompts.len(),
+            token_lists.len()
+        );
+    }
+    for (i, t) in token_lists.iter().enumerate() {
+        if prompts[i].n_prompt_tokens != t.len() {
+            bail!(
+                "--patch-from {shown}: prompt {i} has {} tokens here and {} there; patching needs the same token count",
+                t.len(),
+                prompts[i].n_prompt_tokens
+            );
+        }
+    }
+    let settings = run::PatchSettings {
+        from: p.from.display().to_string(),
+        points: points.clone(),
+        positions: p.positions.clone().unwrap_or_else(|| "all".into()),
+    };
+    Ok(Some(PatchPlan {
+        run: std::sync::Arc::new(run),
+        points,
+        positions,
+        settings,
+    }))
 }
 
 /// `--ablate`: load the file's directions (llama.cpp's control-vector rules), make each chosen

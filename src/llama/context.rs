@@ -94,17 +94,29 @@ pub enum Edit {
     /// Directional ablation (Arditi et al., 2024): h ← h − (h·r̂) r̂ at every row, r̂ of unit
     /// length (n_embd values).
     Ablate(Vec<f32>),
+    /// Activation patching: row i of the decode (batch token i; output i at the last block)
+    /// becomes `rows[i]` where it is `Some`.
+    Replace(Vec<Option<Vec<f32>>>),
 }
 
 impl Edit {
-    fn apply(&self, row: &mut [f32]) {
+    /// The new value of decode row `i`, given its computed value `row`; false: leave it.
+    fn apply(&self, i: usize, row: &mut [f32]) -> bool {
         match self {
             Edit::Ablate(r) => {
                 let dot: f64 = row.iter().zip(r).map(|(&h, &d)| h as f64 * d as f64).sum();
                 for (h, &d) in row.iter_mut().zip(r) {
                     *h = (*h as f64 - dot * d as f64) as f32;
                 }
+                true
             }
+            Edit::Replace(rows) => match rows.get(i).and_then(Option::as_ref) {
+                Some(v) if v.len() == row.len() => {
+                    row.copy_from_slice(v);
+                    true
+                }
+                _ => false,
+            },
         }
     }
 }
@@ -171,6 +183,7 @@ impl CaptureState {
         };
         let row_bytes = self.n_embd * 4;
         let mut row = vec![0f32; self.n_embd];
+        let first = self.rows_edited[point];
         for r in 0..ne1 {
             // SAFETY: the tensor is computed, in a buffer (checked) and holds ne1 rows of n_embd
             // contiguous f32 starting every nb1 bytes (layout checked): row r lies within it, and
@@ -183,13 +196,14 @@ impl CaptureState {
                     r * nb1,
                     row_bytes,
                 );
-                edit.apply(&mut row);
-                sys::ggml_backend_tensor_set(
-                    t as *const sys::ggml_tensor as *mut sys::ggml_tensor,
-                    row.as_ptr().cast::<c_void>(),
-                    r * nb1,
-                    row_bytes,
-                );
+                if edit.apply(first + r, &mut row) {
+                    sys::ggml_backend_tensor_set(
+                        t as *const sys::ggml_tensor as *mut sys::ggml_tensor,
+                        row.as_ptr().cast::<c_void>(),
+                        r * nb1,
+                        row_bytes,
+                    );
+                }
             }
         }
         self.rows_edited[point] += ne1;

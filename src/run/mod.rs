@@ -254,6 +254,17 @@ pub struct CaptureSettings {
     /// `--ablate`: the direction file and the points ablated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ablation: Option<AblationSettings>,
+    /// `--patch-from`: the source run, points and positions patched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchSettings>,
+}
+
+/// Activation patching applied during a trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PatchSettings {
+    pub from: String,
+    pub points: Vec<usize>,
+    pub positions: String,
 }
 
 /// A directional ablation applied during a trace.

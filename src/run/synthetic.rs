@@ -137,6 +137,7 @@ pub fn write_with(
         capture: CaptureSettings {
             cache_type: Default::default(),
             ablation: None,
+            patch: None,
             points: points.clone(),
             point_tensors: points
                 .iter()

@@ -187,3 +187,165 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
         assert_clean_error(&run_bin(&a), needle, Some(&bad));
     }
 }
+
+fn trace_texts(model: &Path, texts: &[&str], out: &Path, extra: &[&str]) {
+    let mut args = vec!["trace", "-m", s(model), "--threads", "2", "-o", s(out)];
+    for t in texts {
+        args.extend(["-p", *t]);
+    }
+    args.extend_from_slice(extra);
+    let o = run_bin(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn states(run: &Path, i: usize) -> Array3<f32> {
+    read_npy(run.join(format!("states/{i:05}.npy"))).unwrap()
+}
+
+#[test]
+fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    // Twins of the same token counts.
+    let a_texts = [
+        "The capital of France is",
+        "Water boils at a temperature of",
+    ];
+    let b_texts = [
+        "The capital of Italy is",
+        "Water freezes at a temperature of",
+    ];
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    trace_texts(&model, &a_texts, &a, &[]);
+    trace_texts(&model, &b_texts, &b, &[]);
+
+    // Patching every point and position from a run of the same prompts is the identity.
+    let aa = dir.path().join("aa");
+    trace_texts(
+        &model,
+        &a_texts,
+        &aa,
+        &["--patch-from", s(&a), "--patch-points", "all"],
+    );
+    for i in 0..2 {
+        assert_eq!(
+            states(&aa, i),
+            states(&a, i),
+            "prompt {i}: patching A into A"
+        );
+    }
+    assert_eq!(logits(&aa), logits(&a));
+
+    // The last position at the last point from B into A: B's next-token distribution (measured
+    // bit-identical; A's own logits differ from B's by up to 11.5).
+    let ab = dir.path().join("ab");
+    let last = "30";
+    trace_texts(
+        &model,
+        &a_texts,
+        &ab,
+        &[
+            "--patch-from",
+            s(&b),
+            "--patch-points",
+            last,
+            "--patch-positions",
+            "last",
+        ],
+    );
+    let (lab, lb, la) = (logits(&ab), logits(&b), logits(&a));
+    let diff = |x: &Array2<f32>, y: &Array2<f32>| {
+        x.iter()
+            .zip(y)
+            .map(|(u, v)| (u - v).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        diff(&lab, &lb) <= 1e-4,
+        "patched logits differ from B's by {}",
+        diff(&lab, &lb)
+    );
+    assert!(
+        diff(&la, &lb) > 1.0,
+        "A and B must differ for this to mean anything"
+    );
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ab.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["capture"]["patch"]["points"], serde_json::json!([30]));
+    assert_eq!(run["capture"]["patch"]["positions"], "last");
+
+    // Every position at point 5: earlier points are A's, point 5 is B's, and the blocks after it
+    // read B's states (every later point equals B's: measured bit-identical).
+    let ab5 = dir.path().join("ab5");
+    trace_texts(
+        &model,
+        &a_texts,
+        &ab5,
+        &["--patch-from", s(&b), "--patch-points", "5"],
+    );
+    for i in 0..2 {
+        let (sa, sb, s5) = (states(&a, i), states(&b, i), states(&ab5, i));
+        for p in 0..5 {
+            assert_eq!(
+                s5.index_axis(Axis(0), p),
+                sa.index_axis(Axis(0), p),
+                "point {p}"
+            );
+        }
+        assert_eq!(s5.index_axis(Axis(0), 5), sb.index_axis(Axis(0), 5));
+        let later = s5
+            .slice(ndarray::s![6.., .., ..])
+            .iter()
+            .zip(sb.slice(ndarray::s![6.., .., ..]))
+            .map(|(u, v)| (u - v).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            later <= 1e-4,
+            "prompt {i}: points after 5 differ from B's by {later}"
+        );
+    }
+
+    // Bad input: one clear line, nothing written.
+    let bad = dir.path().join("bad");
+    let c = dir.path().join("c");
+    trace_texts(&model, &["Hi"], &c, &["--points", "0-3"]);
+    for (texts, args, needle) in [
+        (
+            &a_texts[..],
+            vec!["--patch-points", "3"],
+            "--patch-points and --patch-positions need --patch-from",
+        ),
+        (
+            &a_texts[..],
+            vec!["--patch-from", s(&b)],
+            "--patch-from needs --patch-points",
+        ),
+        (
+            &["The capital of Germany is not"][..],
+            vec!["--patch-from", s(&b), "--patch-points", "3"],
+            "prompt 0 has 6 tokens here and 5 there",
+        ),
+        (
+            &["Hi"][..],
+            vec!["--patch-from", s(&c), "--patch-points", "9"],
+            "the run does not hold point 9 (its points: 0-3)",
+        ),
+        (
+            &a_texts[..],
+            vec![
+                "--patch-from",
+                s(&dir.path().join("nope")),
+                "--patch-points",
+                "3",
+            ],
+            "--patch-from",
+        ),
+    ] {
+        let mut full = vec!["trace", "-m", s(&model), "-o", s(&bad)];
+        for t in texts {
+            full.extend(["-p", *t]);
+        }
+        full.extend(args);
+        assert_clean_error(&run_bin(&full), needle, Some(&bad));
+    }
+}
