@@ -47,6 +47,10 @@ pub enum Command {
     /// Export the contrast direction between two labels of a run as a llama.cpp control vector,
     /// and print how well the labels separate (leave-one-out).
     Direction(DirectionArgs),
+    /// Causal tracing: patch the clean run's state into the corrupted prompt at one (point,
+    /// position) at a time and record the probability of the clean answer: a heat map of where
+    /// the answer is carried.
+    Patch(PatchArgs),
     /// Trace the same prompts through several models and report them together (quantization drift
     /// when they are one model at several precisions).
     Compare(CompareArgs),
@@ -138,6 +142,31 @@ pub struct ReportArgs {
     /// overwritten.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PatchArgs {
+    /// The GGUF model file.
+    #[arg(short, long, value_name = "MODEL.gguf")]
+    pub model: PathBuf,
+    /// The clean prompt: its next token (greedy) is "the answer".
+    #[arg(long, value_name = "TEXT")]
+    pub clean: String,
+    /// The corrupted prompt (e.g. another subject), of the same token count.
+    #[arg(long, value_name = "TEXT")]
+    pub corrupt: String,
+    /// Points to sweep: "all" or a list such as "0,10-20" (default: all).
+    #[arg(long, value_name = "SPEC", default_value = "all")]
+    pub points: String,
+    /// The heat-map page to write (its numbers go to the .csv beside it).
+    #[arg(short, long, value_name = "PATCH.html")]
+    pub output: PathBuf,
+    /// Overwrite an existing page and CSV written by gguf-trace (never any other file).
+    #[arg(long)]
+    pub force: bool,
+    /// CPU threads (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
 }
 
 #[derive(Debug, Args)]

@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => commands::quantize::run(a, &mut out),
         Command::Compare(a) => commands::compare::run(a, &mut out),
         Command::Direction(a) => commands::direction::run(a, &mut out),
+        Command::Patch(a) => commands::patch::run(a, &mut out),
         Command::RpcServer(a) => commands::rpc_server::run(a, &mut out),
     };
     let _ = out.flush();

@@ -3,6 +3,7 @@
 pub mod compare;
 pub mod direction;
 pub mod inspect;
+pub mod patch;
 pub mod quantize;
 pub mod report;
 pub mod rpc_server;

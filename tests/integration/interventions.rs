@@ -349,3 +349,75 @@ fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
         assert_clean_error(&run_bin(&full), needle, Some(&bad));
     }
 }
+
+/// Causal tracing on a factual prompt. Measured on SmolLM2 ("The Eiffel Tower is located in the
+/// city of" → " Paris", P = 0.719; corrupted subject "The Colosseum": P(" Paris") < 0.001): the
+/// answer is carried by the subject's distinguishing token ("iffel", position 2) at points 0–23
+/// (up to P = 0.79 at points 8–9), then from point 24 on by the last position only (0.43 – 0.72).
+#[test]
+fn causal_tracing_finds_the_subject_then_the_last_position() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("patch.html");
+    let o = run_bin(&[
+        "patch",
+        "-m",
+        s(&model),
+        "--clean",
+        "The Eiffel Tower is located in the city of",
+        "--corrupt",
+        "The Colosseum is located in the city of",
+        "--threads",
+        "2",
+        "-o",
+        s(&page),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("answer \" Paris\""), "{err}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<meta name=\"generator\" content=\"gguf-trace"));
+    let mut rdr = csv::Reader::from_path(dir.path().join("patch.csv")).unwrap();
+    let mut p = vec![vec![0f64; 10]; 31];
+    for r in rdr.records() {
+        let r = r.unwrap();
+        let (pt, pos): (usize, usize) = (r[1].parse().unwrap(), r[2].parse().unwrap());
+        p[pt][pos] = r[5].parse().unwrap();
+    }
+    let last = 9;
+    let argmax = |row: &[f64]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    // Patching the last state restores the clean prediction exactly (P = 0.719 clean).
+    assert!(
+        p[30][last] > 0.5,
+        "P(Paris) with the clean last state: {}",
+        p[30][last]
+    );
+    // Early and middle points: the subject's tokens (positions 1–3 differ between the prompts).
+    for (pt, row) in p.iter().enumerate().take(21).skip(1) {
+        let j = argmax(row);
+        assert!(
+            (1..=3).contains(&j),
+            "point {pt}: strongest at position {j}"
+        );
+        assert!(
+            row[j] > 0.05,
+            "point {pt}: the subject restores only {}",
+            row[j]
+        );
+    }
+    // Late points: the last position.
+    for (pt, row) in p.iter().enumerate().skip(26) {
+        assert_eq!(argmax(row), last, "point {pt}");
+        assert!(row[1..=3].iter().all(|&v| v < 0.05), "point {pt}: {row:?}");
+    }
+    // The hand-over happens once, between points 21 and 26 (measured: at 24).
+    let handover = (0..31).find(|&pt| argmax(&p[pt]) == last).unwrap();
+    assert!(
+        (21..=26).contains(&handover),
+        "hand-over at point {handover}"
+    );
+}

@@ -1,0 +1,273 @@
+//! `gguf-trace patch`: causal tracing (Meng et al., 2022, "Locating and editing factual
+//! associations in GPT") on a GGUF model as it really runs. The clean prompt is traced at every
+//! point and position; its greedy next token is the answer. Then, one (point, position) at a time,
+//! the corrupted prompt is run with that single state replaced by the clean run's (activation
+//! patching in the eval callback, see `llama::context::Edit`), and the probability of the answer
+//! at the last position is recorded: the cells where it comes back carry the answer.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use ndarray::{Array2, Array3};
+use plotly::common::{ColorScale, ColorScalePalette, Title};
+use plotly::layout::Axis;
+use plotly::{HeatMap, Layout, Plot};
+
+use super::{bar, load_model, resolve_threads};
+use crate::capture::engine::{Patch, PatchPositions, Positions, TraceConfig, Tracer};
+use crate::cli::{parse_points, PatchArgs};
+use crate::llama::model::{LoadOptions, Model};
+use crate::llama::Token;
+use crate::output::{check_target, write_synced, Kind, Staging};
+use crate::report::{page, Figure, Section};
+
+/// The result of a sweep.
+pub struct Sweep {
+    pub clean: Vec<Token>,
+    pub corrupt: Vec<Token>,
+    /// The clean run's greedy next token.
+    pub answer: Token,
+    /// P(answer) at the last position: clean, corrupted.
+    pub p_clean: f64,
+    pub p_corrupt: f64,
+    pub points: Vec<usize>,
+    /// `[points, positions]`: P(answer) with that one state patched from the clean run.
+    pub p: Array2<f64>,
+}
+
+fn softmax_at(logits: &[f32], token: Token) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    (logits[token as usize] as f64 - max).exp() / z
+}
+
+/// Trace one prompt and return its trace.
+fn trace_one(tracer: &mut Tracer, tokens: &[Token]) -> Result<crate::capture::engine::PromptTrace> {
+    let mut got = None;
+    tracer.trace(
+        &[tokens.to_vec()],
+        |t| {
+            got = Some(t);
+            Ok(())
+        },
+        |_| {},
+    )?;
+    got.context("the tracer returned no prompt")
+}
+
+/// Run the sweep over `points` (every position of the prompt).
+pub fn sweep(
+    model: &Model,
+    clean: &[Token],
+    corrupt: &[Token],
+    points: &[usize],
+    threads: i32,
+    mut progress: impl FnMut(),
+) -> Result<Sweep> {
+    if clean.len() != corrupt.len() {
+        bail!(
+            "the clean prompt has {} tokens and the corrupted one {}: patching needs the same token count (change the corrupted subject to one of the same length)",
+            clean.len(),
+            corrupt.len()
+        );
+    }
+    let n_layer = model.n_layer();
+    let mut cfg = TraceConfig::new(model);
+    cfg.threads = threads;
+    cfg.n_seq = 1;
+    cfg.ctx = clean.len().max(8);
+    cfg.n_batch = cfg.ctx;
+    cfg.n_ubatch = cfg.ctx;
+    let mut tracer = Tracer::new(model, cfg.clone())?;
+    let clean_trace = trace_one(&mut tracer, clean)?;
+    let answer = crate::capture::engine::argmax(&clean_trace.logits) as Token;
+    let p_clean = softmax_at(&clean_trace.logits, answer);
+    let states: Arc<Array3<f32>> = Arc::new(clean_trace.states);
+
+    // The corrupted runs keep only the last point at the last position: the patch needs no
+    // capture, only the logits.
+    cfg.points = vec![n_layer];
+    cfg.positions = Positions::Last;
+    let mut tracer = Tracer::new(model, cfg)?;
+    let p_corrupt = softmax_at(&trace_one(&mut tracer, corrupt)?.logits, answer);
+    let t = clean.len();
+    let mut p = Array2::<f64>::zeros((points.len(), t));
+    for (k, &point) in points.iter().enumerate() {
+        for j in 0..t {
+            let states = states.clone();
+            tracer.set_patch(Some(Patch {
+                points: vec![point],
+                positions: PatchPositions::List(vec![j]),
+                source: Box::new(move |_, pt, pos| {
+                    Ok(states
+                        .slice(ndarray::s![pt, pos, ..])
+                        .iter()
+                        .copied()
+                        .collect())
+                }),
+            }));
+            p[[k, j]] = softmax_at(&trace_one(&mut tracer, corrupt)?.logits, answer);
+            progress();
+        }
+    }
+    Ok(Sweep {
+        clean: clean.to_vec(),
+        corrupt: corrupt.to_vec(),
+        answer,
+        p_clean,
+        p_corrupt,
+        points: points.to_vec(),
+        p,
+    })
+}
+
+pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
+    if args.output.is_dir() {
+        bail!(
+            "{}: is a directory; give the page's file name, e.g. {}/patch.html",
+            args.output.display(),
+            args.output.display()
+        );
+    }
+    let csv = args.output.with_extension("csv");
+    check_target(&args.output, Kind::Report, args.force)?;
+    check_target(&csv, Kind::Report, args.force)?;
+    let threads = resolve_threads(args.threads)?;
+    let model = load_model(&args.model, LoadOptions::default())?;
+    if let Some(why) = crate::capture::arch::untraceable_reason(&model) {
+        bail!("{}: cannot be traced: {why}", args.model.display());
+    }
+    let points = parse_points(&args.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    let clean = crate::chat::tokenize_prompt(&model, &args.clean)?;
+    let corrupt = crate::chat::tokenize_prompt(&model, &args.corrupt)?;
+    let pb = bar((points.len() * clean.len()) as u64, "patched runs");
+    pb.set_message("patching");
+    let s = sweep(&model, &clean, &corrupt, &points, threads, || pb.inc(1))?;
+    pb.finish_and_clear();
+
+    let pieces: Vec<String> = s.corrupt.iter().map(|&t| model.token_piece(t)).collect();
+    let clean_pieces: Vec<String> = s.clean.iter().map(|&t| model.token_piece(t)).collect();
+    let answer = model.token_piece(s.answer);
+    // The share of the clean probability a patch restores: (p − p_corrupt) / (p_clean − p_corrupt).
+    let span = s.p_clean - s.p_corrupt;
+    let effect = |v: f64| {
+        if span.abs() > 0.0 {
+            (v - s.p_corrupt) / span
+        } else {
+            f64::NAN
+        }
+    };
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "run",
+        "point",
+        "position",
+        "clean_piece",
+        "corrupt_piece",
+        "p_answer",
+        "restored",
+    ])?;
+    for (k, &pt) in s.points.iter().enumerate() {
+        for j in 0..pieces.len() {
+            w.write_record([
+                "patch".to_string(),
+                pt.to_string(),
+                j.to_string(),
+                clean_pieces[j].clone(),
+                pieces[j].clone(),
+                format!("{:.6e}", s.p[[k, j]]),
+                format!("{:.6}", effect(s.p[[k, j]])),
+            ])?;
+        }
+    }
+    let csv_bytes = w.into_inner().context("writing the CSV")?;
+
+    let esc = crate::report::trajectories::html_escape;
+    let labels: Vec<String> = (0..pieces.len())
+        .map(|j| {
+            let (a, b) = (&clean_pieces[j], &pieces[j]);
+            let tok = if a == b {
+                a.clone()
+            } else {
+                format!("{a}/{b}")
+            };
+            format!("{j}: {}", esc(&tok.replace('\n', "⏎")))
+        })
+        .collect();
+    let ys: Vec<String> = s.points.iter().map(|p| p.to_string()).collect();
+    let z: Vec<Vec<f64>> = s.p.outer_iter().map(|r| r.to_vec()).collect();
+    let mut plot = Plot::new();
+    plot.add_trace(
+        HeatMap::new(labels, ys, z)
+            .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+            .name("P(answer)"),
+    );
+    plot.set_layout(
+        Layout::new()
+            .height(620)
+            .x_axis(
+                Axis::new()
+                    .title(Title::with_text("position: clean/corrupted token"))
+                    .tick_angle(-45.0),
+            )
+            .y_axis(Axis::new().title(Title::with_text("point patched"))),
+    );
+    let sections = [Section {
+        title: "Causal tracing".into(),
+        note: format!(
+            "Clean: “{}” → answer “{}” with P = {:.3}. Corrupted: “{}” → P(“{}”) = {:.3}. Model: {}.",
+            esc(&args.clean),
+            esc(&answer),
+            s.p_clean,
+            esc(&args.corrupt),
+            esc(&answer),
+            s.p_corrupt,
+            esc(&args.model.display().to_string())
+        ),
+        figures: vec![Figure {
+            title: "P(clean answer) with one state patched from the clean run".into(),
+            caption: "Each cell runs the corrupted prompt with one state — the residual stream at that point (row) and token position (column) — replaced by the clean prompt's, and shows the probability of the clean answer at the last position. Bright cells carry the information that decides the answer: typically the subject's last token in early-to-middle points, and the last position in late points. The last point only acts at the last position (it feeds nothing but the logits).".into(),
+            plot,
+        }],
+    }];
+    let html = page::render(&page::PageInput {
+        title: "gguf-trace: causal tracing",
+        views: &[],
+        sections: &sections,
+        csv_files: vec![csv
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()],
+    })
+    .context("rendering the page")?;
+    let names: Vec<String> = [&args.output, &csv]
+        .iter()
+        .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect::<Option<_>>()
+        .context("the output path names no file")?;
+    let staging = Staging::new(&args.output)?;
+    write_synced(&staging.path(&names[1]), &csv_bytes)?;
+    write_synced(&staging.path(&names[0]), html.as_bytes())?;
+    staging.commit(&names, &[])?;
+    // The strongest cells, for the terminal.
+    let mut cells: Vec<(f64, usize, usize)> =
+        s.p.indexed_iter()
+            .map(|((k, j), &v)| (v, s.points[k], j))
+            .collect();
+    cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!(
+        "answer {:?}: P = {:.3} clean, {:.3} corrupted; strongest patches: {}",
+        answer,
+        s.p_clean,
+        s.p_corrupt,
+        cells
+            .iter()
+            .take(5)
+            .map(|(v, p, j)| format!("point {p} at {j} ({:?}) {v:.3}", pieces[*j]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    writeln!(out, "{}", args.output.display())?;
+    Ok(())
+}
