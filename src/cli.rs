@@ -33,6 +33,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (trace's many options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Describe a GGUF model: architecture, quantization and real tensor-type mix, shape, chat
@@ -142,6 +144,11 @@ pub struct ReportArgs {
     /// overwritten.
     #[arg(long)]
     pub force: bool,
+
+    /// The refusal phrases the Interventions section's keyword judge looks for at the start of a
+    /// generation, one per line (default: the shipped prompts/refusal_phrases.txt).
+    #[arg(long, value_name = "FILE")]
+    pub refusal_phrases: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -391,7 +398,8 @@ pub struct TraceArgs {
     pub control_scale: Option<f32>,
 
     /// Points to steer, "A-B" (point p is shifted through llama.cpp layer p − 1, so A ≥ 2);
-    /// default: every point the vector covers.
+    /// default: the direction's peak point when the file records it (`direction` does: there
+    /// scale 1 moves a state by one difference of the label means), else every point it covers.
     #[arg(long, value_name = "A-B")]
     pub control_points: Option<String>,
 
@@ -406,6 +414,12 @@ pub struct TraceArgs {
     /// direction for; control vectors hold directions from point 2 on)
     #[arg(long, value_name = "SPEC")]
     pub ablate_points: Option<String>,
+
+    /// Which direction --ablate projects out: a point P (P's direction at every ablated point: one
+    /// direction, as Arditi et al. do), or "each" (every point its own). Default: the peak point
+    /// FILE records (`direction` writes it), else "each"
+    #[arg(long, value_name = "P|each")]
+    pub ablate_direction: Option<String>,
 
     /// Activation patching: replace the states at --patch-points (and --patch-positions) with
     /// those of the same-index prompt in RUN, a run of the same model traced with those points and

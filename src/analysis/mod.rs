@@ -4,6 +4,7 @@
 pub mod cka;
 pub mod contrast;
 pub mod drift;
+pub mod effects;
 pub mod lens;
 pub mod metrics;
 pub mod pca;

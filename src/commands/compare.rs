@@ -130,6 +130,7 @@ fn compare_into(
         args.title.as_deref(),
         reference.map(|r| dirs[r].as_path()),
         true,
+        None,
     )?;
     crate::run::write_json_atomic(
         &work.join(COMPARE_JSON),

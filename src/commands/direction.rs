@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::analysis::contrast::{self, Contrast, ContrastAccumulator};
 use crate::cli::DirectionArgs;
-use crate::llama::gguf::write_control_vector;
+use crate::llama::gguf::write_control_vector_with_peak;
 use crate::output::{check_target, sync_file, Kind, Staging};
 use crate::run::Run;
 
@@ -106,8 +106,14 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         .context("the output path names no file")?;
     let staging = Staging::new(&args.output)?;
     let staged = staging.path(&name);
-    write_control_vector(&staged, &run.manifest.model.architecture, &dirs)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let peak = points[c.peak];
+    write_control_vector_with_peak(
+        &staged,
+        &run.manifest.model.architecture,
+        &dirs,
+        (peak >= 2).then_some(peak),
+    )
+    .with_context(|| format!("cannot write {}", args.output.display()))?;
     sync_file(&staged)?;
     staging.commit(&[name], &[])?;
     let pk = c.peak;

@@ -20,7 +20,16 @@ pub fn write_report(
     title: Option<&str>,
     reference: Option<&Path>,
     force: bool,
+    refusal_phrases: Option<&Path>,
 ) -> Result<usize> {
+    let phrases = crate::analysis::effects::parse_phrases(&match refusal_phrases {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("--refusal-phrases {}: cannot read", p.display()))?,
+        None => crate::analysis::effects::DEFAULT_PHRASES.to_string(),
+    });
+    if phrases.is_empty() {
+        bail!("--refusal-phrases: the file lists no phrase");
+    }
     if runs.is_empty() {
         bail!("no run directories given");
     }
@@ -74,7 +83,7 @@ pub fn write_report(
             )
         }
     };
-    let (sections, ladder) = report::build(&views, reference)?;
+    let (sections, ladder) = report::build(&views, reference, &phrases)?;
     check_interrupt()?;
     let csv_names: Vec<String> = csv_out::kinds(ladder.is_some())
         .into_iter()
@@ -135,6 +144,7 @@ pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
         args.title.as_deref(),
         args.reference.as_deref(),
         args.force,
+        args.refusal_phrases.as_deref(),
     )?;
     eprintln!("report with {n} figures from {} run(s)", runs.len());
     writeln!(out, "{}", args.output.display())?;

@@ -96,6 +96,8 @@ pub struct Ablation {
     pub file: PathBuf,
     /// `--ablate-points`, parsed once the model's depth is known.
     pub points: Option<String>,
+    /// `--ablate-direction`: "each", or the point whose direction is used everywhere.
+    pub direction: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,8 +219,8 @@ impl TraceOptions {
         if a.control_points.is_some() && a.control_vectors.is_empty() {
             bail!("--control-points needs --control-vector");
         }
-        if a.ablate_points.is_some() && a.ablate.is_none() {
-            bail!("--ablate-points needs --ablate");
+        if (a.ablate_points.is_some() || a.ablate_direction.is_some()) && a.ablate.is_none() {
+            bail!("--ablate-points and --ablate-direction need --ablate");
         }
         if (a.patch_points.is_some() || a.patch_positions.is_some()) && a.patch_from.is_none() {
             bail!("--patch-points and --patch-positions need --patch-from");
@@ -256,6 +258,7 @@ impl TraceOptions {
             ablation: a.ablate.clone().map(|file| Ablation {
                 file,
                 points: a.ablate_points.clone(),
+                direction: a.ablate_direction.clone(),
             }),
             patching: a.patch_from.clone().map(|from| Patching {
                 from,
@@ -340,7 +343,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     check_disk(opts, &loaded, &token_lists)?;
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
-    let ablated = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
+    let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
     let patch = open_patch(opts.patching.as_ref(), &loaded, &token_lists, &ablated)?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
     let plan = plan_fingerprint(opts, &cfg, &prepared)?;
@@ -415,7 +418,12 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         writer,
         records,
         lens,
-        (control_points, ablated, patch.map(|p| p.settings)),
+        Applied {
+            control_points,
+            ablated,
+            ablated_from,
+            patch: patch.map(|p| p.settings),
+        },
         sha,
         timings,
         plan,
@@ -770,15 +778,17 @@ fn write_run(
     writer: RunWriter,
     records: Vec<PromptRecord>,
     lens: Option<LensState>,
-    (control_points, ablated, patch): (
-        Option<(usize, usize)>,
-        Vec<usize>,
-        Option<run::PatchSettings>,
-    ),
+    applied: Applied,
     sha: String,
     timings: Timings,
     plan: String,
 ) -> Result<PathBuf> {
+    let Applied {
+        control_points,
+        ablated,
+        ablated_from,
+        patch,
+    } = applied;
     let points = cfg.points.clone();
     let mut facts = facts;
     if facts.trust == Trust::Unchecked {
@@ -875,6 +885,7 @@ fn write_run(
             ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
                 file: a.file.display().to_string(),
                 points: ablated,
+                direction_point: ablated_from,
             }),
             patch,
         },
@@ -929,6 +940,7 @@ fn plan_fingerprint(
         "ablation": opts.ablation.as_ref().map(|a| (
             crate::model_hash::stamp(&a.file).ok(),
             a.points.clone(),
+            a.direction.clone(),
         )),
         "dtype": opts.dtype,
         "format": opts.format,
@@ -1017,6 +1029,14 @@ impl LensState {
         self.prompts.push(pl.clone());
         Ok((Some(pl), diff))
     }
+}
+
+/// The interventions a trace applied, for run.json.
+struct Applied {
+    control_points: Option<(usize, usize)>,
+    ablated: Vec<usize>,
+    ablated_from: Option<usize>,
+    patch: Option<run::PatchSettings>,
 }
 
 /// `--patch-from`, validated: the source run, the points and positions to patch.
@@ -1143,9 +1163,13 @@ fn open_patch(
 
 /// `--ablate`: load the file's directions (llama.cpp's control-vector rules), make each chosen
 /// point's direction unit length, and have the tracer project it out there. Returns the points.
-fn ablate(tracer: &mut Tracer, ablation: Option<&Ablation>, model: &Model) -> Result<Vec<usize>> {
+fn ablate(
+    tracer: &mut Tracer,
+    ablation: Option<&Ablation>,
+    model: &Model,
+) -> Result<(Vec<usize>, Option<usize>)> {
     let Some(ab) = ablation else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let (n, n_layer) = (model.n_embd(), model.n_layer());
     let cv = crate::cvec::load(&[(ab.file.as_path(), 1.0)], n)?;
@@ -1173,9 +1197,39 @@ fn ablate(tracer: &mut Tracer, ablation: Option<&Ablation>, model: &Model) -> Re
             crate::cli::format_points(&available)
         );
     }
+    // One direction everywhere (Arditi et al.), or each point its own.
+    let peak = crate::llama::gguf::Gguf::open(&ab.file)
+        .ok()
+        .and_then(|g| g.get_f64(crate::llama::gguf::PEAK_POINT_KEY))
+        .map(|p| p as usize)
+        .filter(|p| available.contains(p));
+    let from: Option<usize> = match ab.direction.as_deref().map(str::trim) {
+        None => peak,
+        Some("each") => None,
+        Some(s) => {
+            let q: usize = s.parse().map_err(|_| {
+                anyhow::anyhow!("--ablate-direction {s:?}: expected a point number or \"each\"")
+            })?;
+            if !available.contains(&q) {
+                bail!(
+                    "{}: no direction for point {q} (the file has points {})",
+                    display_path(&ab.file),
+                    crate::cli::format_points(&available)
+                );
+            }
+            Some(q)
+        }
+    };
+    if let Some(q) = from {
+        eprintln!(
+            "ablating point {q}'s direction at points {}",
+            crate::cli::format_points(&points)
+        );
+    }
     let mut edits = vec![None; n_layer + 1];
     for &p in &points {
-        let d = &cv.data[(p - 2) * n..(p - 1) * n];
+        let q = from.unwrap_or(p);
+        let d = &cv.data[(q - 2) * n..(q - 1) * n];
         let norm = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
         // A zero direction projects nothing out (the identity).
         let unit = d
@@ -1191,7 +1245,7 @@ fn ablate(tracer: &mut Tracer, ablation: Option<&Ablation>, model: &Model) -> Re
         edits[p] = Some(Edit::Ablate(unit));
     }
     tracer.set_edits(edits);
-    Ok(points)
+    Ok((points, from))
 }
 
 /// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen
@@ -1210,9 +1264,34 @@ fn steer(
     if n_layer < 2 {
         bail!("a control vector needs a model of at least 2 blocks (llama.cpp has no slot for block 0)");
     }
-    let (a, b) = match &st.points {
-        Some(spec) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
-        None => (2, (cv.n_layers() + 1).clamp(2, n_layer)),
+    // Default: the point where the direction separates its labels best, when `direction` wrote
+    // it (there, scale 1 shifts the state by one difference of the label means: additions at
+    // every block compound through the residual stream into a shift nobody can read).
+    let peaks: Vec<Option<usize>> = st
+        .files
+        .iter()
+        .map(|f| {
+            crate::llama::gguf::Gguf::open(f)
+                .ok()
+                .and_then(|g| g.get_f64(crate::llama::gguf::PEAK_POINT_KEY))
+                .map(|p| p as usize)
+        })
+        .collect();
+    let peak = match peaks.first() {
+        Some(&Some(p)) if peaks.iter().all(|&q| q == Some(p)) && (2..=n_layer).contains(&p) => {
+            Some(p)
+        }
+        _ => None,
+    };
+    let (a, b) = match (&st.points, peak) {
+        (Some(spec), _) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
+        (None, Some(p)) => {
+            eprintln!(
+                "steering at point {p}, where the direction separates its labels best (scale 1 = one difference of the label means there; --control-points to choose)"
+            );
+            (p, p)
+        }
+        (None, None) => (2, (cv.n_layers() + 1).clamp(2, n_layer)),
     };
     // The buffer llama.cpp takes covers layers 1..n_layer-1; pad (or cut) to that.
     let mut data = cv.data.clone();

@@ -223,6 +223,10 @@ impl Gguf {
     }
 }
 
+/// Key of the point where a direction written by `direction` separates its labels best: the
+/// default (and calibrated) point to steer at.
+pub const PEAK_POINT_KEY: &str = "gguf_trace.peak_point";
+
 /// Write a llama.cpp control-vector GGUF: `general.architecture = controlvector`,
 /// `controlvector.model_hint`, `controlvector.layer_count`, and one F32 tensor `direction.<il>`
 /// of width n_embd per entry (il ≥ 1: llama.cpp's loader rejects `direction.0`).
@@ -230,6 +234,17 @@ pub fn write_control_vector(
     path: &Path,
     model_hint: &str,
     directions: &[(usize, Vec<f32>)],
+) -> Result<(), GgufError> {
+    write_control_vector_with_peak(path, model_hint, directions, None)
+}
+
+/// [`write_control_vector`], recording the peak point under [`PEAK_POINT_KEY`] (llama.cpp's
+/// loader ignores keys it does not know).
+pub fn write_control_vector_with_peak(
+    path: &Path,
+    model_hint: &str,
+    directions: &[(usize, Vec<f32>)],
+    peak_point: Option<usize>,
 ) -> Result<(), GgufError> {
     super::backend::init();
     let err = || GgufError::Open(path.display().to_string());
@@ -270,6 +285,10 @@ pub fn write_control_vector(
         sys::gguf_set_val_str(g, ckeys[0].as_ptr(), carch.as_ptr());
         sys::gguf_set_val_str(g, ckeys[1].as_ptr(), chint.as_ptr());
         sys::gguf_set_val_i32(g, ckeys[2].as_ptr(), directions.len() as i32);
+        if let Some(p) = peak_point {
+            let key = CString::new(PEAK_POINT_KEY).expect("no NUL");
+            sys::gguf_set_val_u32(g, key.as_ptr(), p as u32);
+        }
         for (il, v) in directions {
             let t = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, v.len() as i64);
             let name = CString::new(format!("direction.{il}")).expect("no NUL");

@@ -7,6 +7,7 @@ pub mod contrast;
 pub mod csv_out;
 pub mod generation;
 pub mod groups;
+pub mod interventions;
 pub mod layers;
 pub mod lens;
 pub mod page;
@@ -55,9 +56,11 @@ pub struct Section {
 pub fn build(
     views: &[RunView],
     reference: Option<usize>,
+    refusal_phrases: &[String],
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
+    sections.extend(interventions::sections(views, refusal_phrases)?);
     if let Some(s) = styles::section(views)? {
         sections.push(s);
     }
@@ -70,11 +73,11 @@ pub fn build(
         sections.push(steering::system_section(views, i, j)?);
     }
     if views.len() > 1 {
-        let why = if views
-            .iter()
-            .any(|v| !v.run.manifest.capture.control_vectors.is_empty())
-        {
-            Some("some runs are steered with control vectors".to_string())
+        let why = if views.iter().any(interventions::intervened) {
+            Some(
+                "some runs are traced with an intervention (steering, ablation or patching)"
+                    .to_string(),
+            )
         } else {
             quant::incomparable(views)
         };

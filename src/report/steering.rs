@@ -32,7 +32,7 @@ pub fn steering_pairs(views: &[RunView]) -> Vec<(usize, usize)> {
         .filter_map(|s| {
             (0..views.len())
                 .find(|&u| {
-                    !steered(&views[u])
+                    !super::interventions::intervened(&views[u])
                         && same_model(&views[s], &views[u])
                         && same_texts(&views[s], &views[u])
                 })
@@ -52,8 +52,8 @@ pub fn system_pairs(views: &[RunView]) -> Vec<(usize, usize)> {
                 && a.capture.system != b.capture.system
                 && same_model(&views[i], &views[j])
                 && same_texts(&views[i], &views[j])
-                && !steered(&views[i])
-                && !steered(&views[j])
+                && !super::interventions::intervened(&views[i])
+                && !super::interventions::intervened(&views[j])
             {
                 out.push((i, j));
             }

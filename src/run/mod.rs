@@ -272,6 +272,9 @@ pub struct PatchSettings {
 pub struct AblationSettings {
     pub file: String,
     pub points: Vec<usize>,
+    /// The point whose direction was projected out everywhere; None: each point its own.
+    #[serde(default)]
+    pub direction_point: Option<usize>,
 }
 
 fn yes() -> bool {

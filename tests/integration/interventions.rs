@@ -83,10 +83,15 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
     let base = last(&plain);
     let n_points = base.len_of(Axis(1));
 
-    // Every point the file covers (2..=30): the projection on each point's direction is gone.
-    // Measured ≤ 1.5e-8 (f32 rounding of the subtraction); without ablation 0.16 – 0.45.
+    // Every point the file covers (2..=30), each with its own direction: the projection on each
+    // point's direction is gone. Measured ≤ 1.5e-8 (f32 rounding of the subtraction); without
+    // ablation 0.16 – 0.45.
     let all = dir.path().join("all");
-    trace_refusal(&model, &all, &["--ablate", s(&cv)]);
+    trace_refusal(
+        &model,
+        &all,
+        &["--ablate", s(&cv), "--ablate-direction", "each"],
+    );
     let ablated = last(&all);
     for p in 2..n_points {
         let r = unit(&cv, p);
@@ -123,10 +128,56 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
         / a.nrows() as f32;
     assert!(change > 0.05, "ablation changed the logits by {change}");
 
+    // The default: one direction, the peak point's that `direction` records (Arditi et al.),
+    // projected out at every point.
+    let peak = gguf_trace::llama::gguf::Gguf::open(&cv)
+        .unwrap()
+        .get_f64(gguf_trace::llama::gguf::PEAK_POINT_KEY)
+        .expect("direction records its peak point") as usize;
+    let single = dir.path().join("single");
+    trace_refusal(&model, &single, &["--ablate", s(&cv)]);
+    let single_states = last(&single);
+    let r = unit(&cv, peak);
+    for p in 2..n_points {
+        let after = worst_projection(&single_states, p, &r);
+        assert!(
+            after <= 1e-6,
+            "point {p}: |h·r_peak|/|h| = {after:e} after ablation"
+        );
+    }
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(single.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["capture"]["ablation"]["direction_point"], peak);
+
+    // The report puts the runs side by side: refusal score (no generation here: none), damage,
+    // projections.
+    let page = dir.path().join("report.html");
+    let o = run_bin(&["report", s(&plain), s(&single), s(&all), "-o", s(&page)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    for needle in [
+        "Interventions",
+        "Damage per label",
+        &format!("point {peak}&#x27;s direction"),
+    ] {
+        assert!(html.contains(needle), "report lacks {needle:?}");
+    }
+
     // One point: everything before it is bit-identical, it has no projection left, and the
     // next block reads the ablated state (measured relative change at point 11: 0.137).
     let one = dir.path().join("one");
-    trace_refusal(&model, &one, &["--ablate", s(&cv), "--ablate-points", "10"]);
+    trace_refusal(
+        &model,
+        &one,
+        &[
+            "--ablate",
+            s(&cv),
+            "--ablate-points",
+            "10",
+            "--ablate-direction",
+            "each",
+        ],
+    );
     let at10 = last(&one);
     for p in 0..10 {
         assert_eq!(
@@ -175,7 +226,11 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
     for (args, needle) in [
         (
             vec!["--ablate-points", "3"],
-            "--ablate-points needs --ablate",
+            "--ablate-points and --ablate-direction need --ablate",
+        ),
+        (
+            vec!["--ablate", s(&cv), "--ablate-direction", "up"],
+            "expected a point number or \"each\"",
         ),
         (
             vec!["--ablate", s(&cv), "--ablate-points", "1"],

@@ -1,0 +1,432 @@
+//! Interventions: runs traced with `--ablate`, `--patch-from` or `--control-vector` next to the
+//! unmodified run of the same model and prompts. Per label: the refusal score of the generations
+//! (a keyword judge, `analysis::effects`) and the next-token KL divergence from the unmodified run
+//! (the damage); the projection on the direction per point with and without; and, for several
+//! control scales of one direction, the dose–response.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use plotly::common::{DashType, Line, Mode, Title};
+use plotly::layout::Axis;
+use plotly::{Bar, Layout, Plot, Scatter};
+
+use super::trajectories::html_escape;
+use super::view::RunView;
+use super::{color, Figure, Section};
+use crate::analysis::drift::OutputDrift;
+use crate::analysis::effects;
+use crate::cli::format_points;
+
+/// Whether a run was traced with an intervention.
+pub fn intervened(v: &RunView) -> bool {
+    let c = &v.run.manifest.capture;
+    !c.control_vectors.is_empty() || c.ablation.is_some() || c.patch.is_some()
+}
+
+fn file_name(p: &str) -> String {
+    Path::new(p)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.to_string())
+}
+
+/// "ablate refusal.gguf at 2-30", "add refusal.gguf × 0.5 at 25", "patch from clean at 12".
+pub fn describe(v: &RunView) -> String {
+    let c = &v.run.manifest.capture;
+    let mut parts = Vec::new();
+    if let Some(a) = &c.ablation {
+        let which = a
+            .direction_point
+            .map(|q| format!(" (point {q}'s direction)"))
+            .unwrap_or_default();
+        parts.push(format!(
+            "ablate {}{which} at {}",
+            file_name(&a.file),
+            format_points(&a.points)
+        ));
+    }
+    if !c.control_vectors.is_empty() {
+        let files: Vec<String> = c.control_vectors.iter().map(|f| file_name(f)).collect();
+        let at = c
+            .control_points
+            .map(|(a, b)| {
+                if a == b {
+                    format!("{a}")
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .unwrap_or_default();
+        parts.push(format!(
+            "add {} × {} at {at}",
+            files.join("+"),
+            c.control_scale
+        ));
+    }
+    if let Some(p) = &c.patch {
+        parts.push(format!(
+            "patch from {} at {} ({})",
+            file_name(&p.from),
+            format_points(&p.points),
+            p.positions
+        ));
+    }
+    if parts.is_empty() {
+        "unmodified".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn same_prompts(a: &RunView, b: &RunView) -> bool {
+    let (ma, mb) = (&a.run.manifest, &b.run.manifest);
+    ma.provenance.model_sha256 == mb.provenance.model_sha256
+        && ma.prompts.len() == mb.prompts.len()
+        && ma
+            .prompts
+            .iter()
+            .zip(&mb.prompts)
+            .all(|(x, y)| x.rendered == y.rendered)
+}
+
+/// Per label (in order of appearance): prompt indices.
+fn by_label(v: &RunView) -> Vec<(String, Vec<usize>)> {
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, l) in v.labels.iter().enumerate() {
+        match out.iter_mut().find(|(k, _)| k == l) {
+            Some((_, ix)) => ix.push(i),
+            None => out.push((l.clone(), vec![i])),
+        }
+    }
+    out
+}
+
+/// Effects of one run against the unmodified base, per label.
+#[derive(Debug, Clone)]
+pub struct Effects {
+    pub label: String,
+    /// Share of generations opening with a refusal phrase (None without generation).
+    pub refusal: Option<f64>,
+    /// Mean KL(base ‖ run) of the next-token distributions, nats.
+    pub kl: f64,
+    /// One generated text (the label's first prompt).
+    pub example: Option<String>,
+}
+
+pub fn effects(base: &RunView, run: &RunView, phrases: &[String]) -> anyhow::Result<Vec<Effects>> {
+    let (lb, lr) = (base.run.logit_rows()?, run.run.logit_rows()?);
+    let generated = run.run.manifest.capture.generate > 0;
+    by_label(base)
+        .into_iter()
+        .map(|(label, ix)| {
+            let mut drift = OutputDrift::default();
+            for &i in &ix {
+                drift.push(&lb.prompt(i)?, &lr.prompt(i)?);
+            }
+            let prompts = &run.run.manifest.prompts;
+            Ok(Effects {
+                refusal: if generated {
+                    effects::refusal_score(
+                        ix.iter().map(|&i| prompts[i].generated_text.as_str()),
+                        phrases,
+                    )
+                } else {
+                    None
+                },
+                kl: drift.kl.iter().sum::<f64>() / drift.kl.len().max(1) as f64,
+                example: generated.then(|| prompts[ix[0]].generated_text.clone()),
+                label,
+            })
+        })
+        .collect()
+}
+
+/// Unit direction per stored point of `v` from a control-vector file (`direction.<p-1>` is point
+/// p's; with `from`, point `from`'s everywhere), None where the file has none or cannot be read.
+fn directions(file: &str, from: Option<usize>, v: &RunView) -> Option<Vec<Option<Vec<f64>>>> {
+    let cv = crate::cvec::load(&[(Path::new(file), 1.0)], v.run.manifest.model.n_embd).ok()?;
+    let n = cv.n_embd;
+    Some(
+        v.points
+            .iter()
+            .map(|&p| {
+                let p = from.unwrap_or(p);
+                if p < 2 || !cv.layers.contains(&(p - 1)) {
+                    return None;
+                }
+                let d: Vec<f64> = cv.data[(p - 2) * n..(p - 1) * n]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let norm = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+                (norm > 0.0).then(|| d.into_iter().map(|x| x / norm).collect())
+            })
+            .collect(),
+    )
+}
+
+/// Mean projection per label and stored point on the unit directions.
+fn projections(
+    v: &RunView,
+    dirs: &[Option<Vec<f64>>],
+) -> anyhow::Result<Vec<(String, Vec<Option<f64>>)>> {
+    let last = v.run.last_states()?;
+    let groups = by_label(v);
+    let mut sums: Vec<Vec<f64>> = vec![vec![0.0; dirs.len()]; groups.len()];
+    for (g, (_, ix)) in groups.iter().enumerate() {
+        for &i in ix {
+            let h = last.prompt(i)?;
+            for (k, d) in dirs.iter().enumerate() {
+                if let Some(d) = d {
+                    sums[g][k] += h
+                        .row(k)
+                        .iter()
+                        .zip(d)
+                        .map(|(&a, b)| a as f64 * b)
+                        .sum::<f64>();
+                }
+            }
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .zip(sums)
+        .map(|((label, ix), s)| {
+            let n = ix.len() as f64;
+            (
+                label,
+                dirs.iter()
+                    .zip(s)
+                    .map(|(d, x)| d.as_ref().map(|_| x / n))
+                    .collect(),
+            )
+        })
+        .collect())
+}
+
+/// The file whose directions an intervention uses, and the one point whose direction an
+/// ablation used everywhere.
+fn direction_file(v: &RunView) -> Option<(String, Option<usize>)> {
+    let c = &v.run.manifest.capture;
+    c.ablation
+        .as_ref()
+        .map(|a| (a.file.clone(), a.direction_point))
+        .or_else(|| c.control_vectors.first().map(|f| (f.clone(), None)))
+        .filter(|(f, _)| Path::new(f).is_file())
+}
+
+/// Sections: one per unmodified run that has intervened twins among `views`.
+pub fn sections(views: &[RunView], phrases: &[String]) -> anyhow::Result<Vec<Section>> {
+    let mut out = Vec::new();
+    for (b, base) in views.iter().enumerate() {
+        if intervened(base) {
+            continue;
+        }
+        let runs: Vec<usize> = (0..views.len())
+            .filter(|&i| i != b && intervened(&views[i]) && same_prompts(base, &views[i]))
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        out.push(section(views, b, &runs, phrases)?);
+    }
+    Ok(out)
+}
+
+fn section(
+    views: &[RunView],
+    b: usize,
+    runs: &[usize],
+    phrases: &[String],
+) -> anyhow::Result<Section> {
+    let base = &views[b];
+    let all: Vec<usize> = std::iter::once(b).chain(runs.iter().copied()).collect();
+    let fx: Vec<Vec<Effects>> = all
+        .iter()
+        .map(|&i| effects(base, &views[i], phrases))
+        .collect::<anyhow::Result<_>>()?;
+    let names: Vec<String> = all.iter().map(|&i| describe(&views[i])).collect();
+    let labels: Vec<String> = fx[0].iter().map(|e| e.label.clone()).collect();
+    let mut figures = Vec::new();
+
+    // Effects: refusal score and KL per label, one group of bars per run.
+    let generated = fx.iter().flatten().any(|e| e.refusal.is_some());
+    for (what, get, unit) in [
+        (
+            "Refusal score",
+            (|e: &Effects| e.refusal.unwrap_or(f64::NAN)) as fn(&Effects) -> f64,
+            "share of generations opening with a refusal phrase",
+        ),
+        (
+            "Damage",
+            |e: &Effects| e.kl,
+            "mean next-token KL(unmodified ‖ run), nats",
+        ),
+    ] {
+        if what == "Refusal score" && !generated {
+            continue;
+        }
+        let mut plot = Plot::new();
+        for (l, label) in labels.iter().enumerate() {
+            let ys: Vec<f64> = fx.iter().map(|f| get(&f[l])).collect();
+            plot.add_trace(
+                Bar::new(names.clone(), ys)
+                    .name(html_escape(label))
+                    .marker(plotly::common::Marker::new().color(color(l))),
+            );
+        }
+        plot.set_layout(
+            Layout::new()
+                .height(420)
+                .bar_mode(plotly::layout::BarMode::Group)
+                .y_axis(Axis::new().title(Title::with_text(unit))),
+        );
+        figures.push(Figure {
+            title: format!("{what} per label"),
+            caption: if what == "Refusal score" {
+                "The share of each label's generations that open with a refusal phrase (prompts/refusal_phrases.txt, or report --refusal-phrases): a keyword judge that reads the first words only — it counts “I can't …” and misses a refusal phrased otherwise.".into()
+            } else {
+                "How far each intervention moves the next-token distribution at the last prompt position from the unmodified run's, averaged over the label's prompts. An intervention meant for one label should leave the other label's prompts near 0: anything else is collateral damage.".into()
+            },
+            plot,
+        });
+    }
+
+    // Projection on the direction per point, with and without.
+    if let Some((file, from)) = runs.iter().find_map(|&i| direction_file(&views[i])) {
+        if let Some(dirs) = directions(&file, from, base) {
+            let mut plot = Plot::new();
+            for (n, &i) in all.iter().enumerate() {
+                if views[i].points != base.points {
+                    continue;
+                }
+                for (l, (label, proj)) in projections(&views[i], &dirs)?.into_iter().enumerate() {
+                    let (xs, ys): (Vec<usize>, Vec<f64>) = base
+                        .points
+                        .iter()
+                        .zip(&proj)
+                        .filter_map(|(&p, y)| y.map(|y| (p, y)))
+                        .unzip();
+                    let line = Line::new().color(color(l));
+                    plot.add_trace(
+                        Scatter::new(xs, ys)
+                            .mode(Mode::Lines)
+                            .name(format!(
+                                "{} — {}",
+                                html_escape(&label),
+                                html_escape(&names[n])
+                            ))
+                            .line(if n == 0 {
+                                line.dash(DashType::Dash)
+                            } else {
+                                line
+                            }),
+                    );
+                }
+            }
+            plot.set_layout(
+                Layout::new()
+                    .height(480)
+                    .x_axis(Axis::new().title(Title::with_text("point")))
+                    .y_axis(
+                        Axis::new()
+                            .title(Title::with_text("mean projection on the unit direction")),
+                    ),
+            );
+            figures.push(Figure {
+                title: format!(
+                    "Projection on {}{} per point",
+                    html_escape(&file_name(&file)),
+                    from.map(|q| format!(" (point {q}'s direction)")).unwrap_or_default()
+                ),
+                caption: "Each label's mean state at the last prompt position projected on that point's unit direction; dashed: unmodified, solid: with the intervention. An ablation holds the projection at 0 at the ablated points; an addition lifts it from the steered point on.".into(),
+                plot,
+            });
+        }
+    }
+
+    // Dose–response: runs steered with the same files at several scales (the base is scale 0).
+    let mut doses: BTreeMap<Vec<String>, Vec<(f64, usize)>> = BTreeMap::new();
+    for (n, &i) in all.iter().enumerate().skip(1) {
+        let c = &views[i].run.manifest.capture;
+        if !c.control_vectors.is_empty() && c.ablation.is_none() && c.patch.is_none() {
+            doses
+                .entry(c.control_vectors.clone())
+                .or_default()
+                .push((c.control_scale as f64, n));
+        }
+    }
+    for (files, mut pts) in doses.into_iter().filter(|(_, v)| v.len() >= 2) {
+        pts.push((0.0, 0));
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut plot = Plot::new();
+        for (l, label) in labels.iter().enumerate() {
+            let xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
+            if generated {
+                plot.add_trace(
+                    Scatter::new(
+                        xs.clone(),
+                        pts.iter()
+                            .map(|p| fx[p.1][l].refusal.unwrap_or(f64::NAN))
+                            .collect(),
+                    )
+                    .mode(Mode::LinesMarkers)
+                    .name(format!("{} refusal score", html_escape(label)))
+                    .line(Line::new().color(color(l))),
+                );
+            }
+            plot.add_trace(
+                Scatter::new(xs, pts.iter().map(|p| fx[p.1][l].kl).collect())
+                    .mode(Mode::LinesMarkers)
+                    .name(format!("{} KL (nats)", html_escape(label)))
+                    .line(Line::new().color(color(l)).dash(DashType::Dot)),
+            );
+        }
+        plot.set_layout(
+            Layout::new()
+                .height(440)
+                .x_axis(Axis::new().title(Title::with_text("--control-scale")))
+                .y_axis(Axis::new().title(Title::with_text("refusal score / KL"))),
+        );
+        let shown: Vec<String> = files.iter().map(|f| file_name(f)).collect();
+        figures.push(Figure {
+            title: format!("Dose–response of {}", html_escape(&shown.join("+"))),
+            caption: "Refusal score (solid) and damage (dotted) per label against the control scale; scale 0 is the unmodified run. A useful scale moves the target label's refusal score without lifting the other label's KL.".into(),
+            plot,
+        });
+    }
+
+    // The numbers, and one generation per condition, in the note.
+    let mut note = format!(
+        "Unmodified: {}. Per run and label: refusal score (keyword judge) · KL from the unmodified run.",
+        html_escape(&base.name)
+    );
+    for (n, f) in fx.iter().enumerate() {
+        note.push_str(&format!("<br><b>{}</b>: ", html_escape(&names[n])));
+        let cells: Vec<String> = f
+            .iter()
+            .map(|e| {
+                let r = e
+                    .refusal
+                    .map(|r| format!("{:.0}%", 100.0 * r))
+                    .unwrap_or_else(|| "–".into());
+                let ex = e
+                    .example
+                    .as_deref()
+                    .map(|t| {
+                        let t: String = t.chars().take(80).collect();
+                        format!(" (“{}”)", html_escape(&t))
+                    })
+                    .unwrap_or_default();
+                format!("{} {r} · {:.3}{ex}", html_escape(&e.label), e.kl)
+            })
+            .collect();
+        note.push_str(&cells.join("; "));
+    }
+    Ok(Section {
+        title: "Interventions".into(),
+        note,
+        figures,
+    })
+}
