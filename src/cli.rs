@@ -393,9 +393,10 @@ pub struct TraceArgs {
     pub control_vectors: Vec<PathBuf>,
 
     /// Strength of the control vector(s) (default 1): 1 moves group B's mean onto group A's at
-    /// each point.
-    #[arg(long, value_name = "S", allow_hyphen_values = true, value_parser = finite_f32)]
-    pub control_scale: Option<f32>,
+    /// each steered point. A list ("0,0.5,1,2") traces once per value, into RUN_DIR-scale<value>
+    /// each (a dose-response for `report`)
+    #[arg(long, value_name = "S[,S...]", allow_hyphen_values = true, value_delimiter = ',', value_parser = finite_f32)]
+    pub control_scale: Vec<f32>,
 
     /// Points to steer, "A-B" (point p is shifted through llama.cpp layer p − 1, so A ≥ 2);
     /// default: the direction's peak point when the file records it (`direction` does: there

@@ -213,7 +213,7 @@ impl TraceOptions {
 
     /// Resolve and validate `trace`'s arguments.
     pub fn from_args(a: &TraceArgs) -> Result<TraceOptions> {
-        if a.control_scale.is_some() && a.control_vectors.is_empty() {
+        if !a.control_scale.is_empty() && a.control_vectors.is_empty() {
             bail!("--control-scale needs --control-vector");
         }
         if a.control_points.is_some() && a.control_vectors.is_empty() {
@@ -248,7 +248,7 @@ impl TraceOptions {
             }),
             steering: (!a.control_vectors.is_empty()).then(|| Steering {
                 files: a.control_vectors.clone(),
-                scale: a.control_scale.unwrap_or(1.0),
+                scale: a.control_scale.first().copied().unwrap_or(1.0),
                 points: a.control_points.clone(),
             }),
             allow_nonfinite: a.allow_nonfinite,
@@ -316,8 +316,37 @@ impl TraceOptions {
 
 pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let opts = TraceOptions::from_args(args)?;
-    let dir = trace(&opts)?;
-    writeln!(out, "{}", display_path(&dir))?;
+    if args.control_scale.len() <= 1 {
+        let dir = trace(&opts)?;
+        writeln!(out, "{}", display_path(&dir))?;
+        return Ok(());
+    }
+    // A list of scales: one run per value, RUN_DIR-scale<value>, each a run of its own (with
+    // every check and --force rule of a single trace).
+    let mut seen = Vec::new();
+    for &scale in &args.control_scale {
+        if seen.contains(&scale.to_bits()) {
+            bail!("--control-scale lists {scale} twice");
+        }
+        seen.push(scale.to_bits());
+    }
+    let base = opts.output.clone();
+    let mut name = base
+        .file_name()
+        .context("the output path names no directory")?
+        .to_os_string();
+    name.push("-scale");
+    for &scale in &args.control_scale {
+        let mut o = opts.clone();
+        if let Some(s) = o.steering.as_mut() {
+            s.scale = scale;
+        }
+        let mut n = name.clone();
+        n.push(scale.to_string());
+        o.output = base.with_file_name(n);
+        let dir = trace(&o)?;
+        writeln!(out, "{}", display_path(&dir))?;
+    }
     Ok(())
 }
 

@@ -163,6 +163,42 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
         assert!(html.contains(needle), "report lacks {needle:?}");
     }
 
+    // Calibrated steering, a list of scales in one command: one run per value; scale 0 is the
+    // identity, the default point is the direction's peak, and the report draws the dose-response.
+    let steer = dir.path().join("steer");
+    trace_refusal(
+        &model,
+        &steer,
+        &["--control-vector", s(&cv), "--control-scale", "0,1"],
+    );
+    let (s0, s1) = (
+        dir.path().join("steer-scale0"),
+        dir.path().join("steer-scale1"),
+    );
+    assert_eq!(last(&s0), base, "scale 0 changed the states");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s1.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        run["capture"]["control_points"],
+        serde_json::json!([peak, peak])
+    );
+    assert_eq!(run["capture"]["control_scale"], 1.0);
+    let o = run_bin(&[
+        "report",
+        s(&plain),
+        s(&s0),
+        s(&s1),
+        "-o",
+        s(&page),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.contains("Dose–response of refusal.gguf"),
+        "no dose-response figure"
+    );
+
     // One point: everything before it is bit-identical, it has no projection left, and the
     // next block reads the ablated state (measured relative change at point 11: 0.137).
     let one = dir.path().join("one");
