@@ -536,7 +536,6 @@ pub fn parse_control_points(spec: &str, n_layer: usize) -> Result<(usize, usize)
     Ok((a, b))
 }
 
-/// Parse a `--points` spec against a model with `n_layer` blocks (points 0..=n_layer).
 /// Sorted points as a `--points` spec: "2-10,12".
 pub fn format_points(points: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
@@ -556,6 +555,7 @@ pub fn format_points(points: &[usize]) -> String {
     out.join(",")
 }
 
+/// Parse a `--points` spec against a model with `n_layer` blocks (points 0..=n_layer).
 pub fn parse_points(spec: &str, n_layer: usize) -> Result<Vec<usize>, String> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("all") {

@@ -294,8 +294,6 @@ impl<'m> Tracer<'m> {
         })
     }
 
-    /// Apply a control vector (`data` starts at llama.cpp layer 1, n_embd floats per layer) to
-    /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
     /// Interventions written into the residual stream (see [`Edit`]): `edits[p]` at point p.
     pub fn set_edits(&mut self, edits: Vec<Option<Edit>>) {
         self.edits = edits;
@@ -306,6 +304,8 @@ impl<'m> Tracer<'m> {
     /// Activation patching for the next traces (see [`Patch`]); points must not be ablated too.
     pub fn set_patch(&mut self, patch: Option<Patch<'m>>) {
         self.patch = patch;
+        // Without a patch, the next decodes carry only the fixed edits (no stale rows).
+        self.apply_edits(self.edits.clone());
     }
 
     fn apply_edits(&mut self, edits: Vec<Option<Edit>>) {
@@ -352,6 +352,8 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
+    /// Apply a control vector (`data` starts at llama.cpp layer 1, n_embd floats per layer) to
+    /// layers `il_start..=il_end`, or clear it with `None`. `l_out` then includes the shift.
     pub fn set_control_vector(&mut self, cv: Option<(&[f32], i32, i32)>) -> Result<(), TraceError> {
         match cv {
             Some((data, a, b)) => self.ctx.set_control_vector(Some(data), a, b)?,

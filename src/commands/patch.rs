@@ -84,6 +84,7 @@ pub fn sweep(
     let answer = crate::capture::engine::argmax(&clean_trace.logits) as Token;
     let p_clean = softmax_at(&clean_trace.logits, answer);
     let states: Arc<Array3<f32>> = Arc::new(clean_trace.states);
+    drop(tracer);
 
     // The corrupted runs keep only the last point at the last position: the patch needs no
     // capture, only the logits.
@@ -127,6 +128,16 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
         bail!(
             "{}: is a directory; give the page's file name, e.g. {}/patch.html",
             args.output.display(),
+            args.output.display()
+        );
+    }
+    if args
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
+        bail!(
+            "{}: give the page's name (e.g. patch.html); the CSV is written beside it",
             args.output.display()
         );
     }

@@ -336,14 +336,27 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
         .context("the output path names no directory")?
         .to_os_string();
     name.push("-scale");
-    for &scale in &args.control_scale {
+    let outputs: Vec<PathBuf> = args
+        .control_scale
+        .iter()
+        .map(|scale| {
+            let mut n = name.clone();
+            n.push(scale.to_string());
+            base.with_file_name(n)
+        })
+        .collect();
+    // Every output must be free before the first is written (no half-done series).
+    for o in &outputs {
+        if !opts.resume {
+            crate::output::check_target(o, crate::output::Kind::Run, opts.force)?;
+        }
+    }
+    for (&scale, out_dir) in args.control_scale.iter().zip(&outputs) {
         let mut o = opts.clone();
         if let Some(s) = o.steering.as_mut() {
             s.scale = scale;
         }
-        let mut n = name.clone();
-        n.push(scale.to_string());
-        o.output = base.with_file_name(n);
+        o.output = out_dir.clone();
         let dir = trace(&o)?;
         writeln!(out, "{}", display_path(&dir))?;
     }
@@ -373,6 +386,13 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
     let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
+    if let Some((a, b)) = control_points {
+        if let Some(p) = ablated.iter().find(|&&p| (a..=b).contains(&p)) {
+            // llama.cpp adds the control vector before l_out is named, so the ablation would
+            // remove the steering's own component there.
+            bail!("point {p} is both steered (--control-points {a}-{b}) and ablated: choose one intervention per point");
+        }
+    }
     let patch = open_patch(opts.patching.as_ref(), &loaded, &token_lists, &ablated)?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
     let plan = plan_fingerprint(opts, &cfg, &prepared)?;
@@ -912,7 +932,11 @@ fn write_run(
             cpu_repack: opts.cpu_repack,
             cache_type: opts.cache_type,
             ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
-                file: a.file.display().to_string(),
+                // Absolute, so a report run from elsewhere finds the direction.
+                file: std::fs::canonicalize(&a.file)
+                    .unwrap_or_else(|_| a.file.clone())
+                    .display()
+                    .to_string(),
                 points: ablated,
                 direction_point: ablated_from,
             }),
@@ -1139,7 +1163,8 @@ fn open_patch(
             theirs.file_name, theirs.n_layer, theirs.n_embd, ours.file_name, ours.n_layer, ours.n_embd
         );
     }
-    let points = parse_points(&p.points, ours.n_layer).map_err(anyhow::Error::msg)?;
+    let points = parse_points(&p.points, ours.n_layer)
+        .map_err(|e| anyhow::anyhow!(e.replacen("--points", "--patch-points", 1)))?;
     if let Some(q) = points
         .iter()
         .find(|q| !run.manifest.capture.points.contains(q))
@@ -1152,13 +1177,19 @@ fn open_patch(
     if let Some(q) = points.iter().find(|q| ablated.contains(q)) {
         bail!("point {q} is both ablated and patched: choose one intervention per point");
     }
+    let longest = token_lists.iter().map(Vec::len).max().unwrap_or(1);
     let positions = match p.positions.as_deref().map(str::trim) {
         None | Some("all") => PatchPositions::All,
         Some("last") => PatchPositions::Last,
-        Some(spec) => PatchPositions::List(
-            parse_points(spec, usize::MAX - 1)
-                .map_err(|e| anyhow::anyhow!("--patch-positions: {e}"))?,
-        ),
+        Some(spec) if spec.to_ascii_lowercase().contains("last") => {
+            bail!("--patch-positions: \"last\" stands alone; list positions as numbers, e.g. 0,3-5")
+        }
+        Some(spec) => PatchPositions::List(parse_points(spec, longest - 1).map_err(|e| {
+            anyhow::anyhow!(e
+                .replacen("--points", "--patch-positions", 1)
+                .replace("this model has points", "the longest prompt has positions")
+                .replace("point ", "position "))
+        })?),
     };
     let prompts = &run.manifest.prompts;
     if prompts.len() < token_lists.len() {
@@ -1169,12 +1200,34 @@ fn open_patch(
         );
     }
     for (i, t) in token_lists.iter().enumerate() {
-        if prompts[i].n_prompt_tokens != t.len() {
+        let rec = &prompts[i];
+        if rec.n_prompt_tokens != t.len() {
             bail!(
                 "--patch-from {shown}: prompt {i} has {} tokens here and {} there; patching needs the same token count",
                 t.len(),
-                prompts[i].n_prompt_tokens
+                rec.n_prompt_tokens
             );
+        }
+        if rec.states_file.is_none() {
+            bail!("--patch-from {shown}: the run was written with --format csv; patching reads its NPY states");
+        }
+        let needed: Vec<usize> = match &positions {
+            PatchPositions::All => (0..t.len()).collect(),
+            PatchPositions::Last => vec![t.len() - 1],
+            PatchPositions::List(l) => l.clone(),
+        };
+        for &pos in &needed {
+            if pos >= t.len() {
+                bail!(
+                    "--patch-positions: position {pos} is past the end of prompt {i} ({} tokens)",
+                    t.len()
+                );
+            }
+            if !rec.positions.contains(&pos) {
+                bail!(
+                    "--patch-from {shown}: prompt {i} there holds no state at position {pos} (trace it with --positions all)"
+                );
+            }
         }
     }
     let settings = run::PatchSettings {
@@ -1210,7 +1263,8 @@ fn ablate(
         .filter(|&p| p <= n_layer)
         .collect();
     let points = match &ab.points {
-        Some(spec) => parse_points(spec, n_layer).map_err(anyhow::Error::msg)?,
+        Some(spec) => parse_points(spec, n_layer)
+            .map_err(|e| anyhow::anyhow!(e.replacen("--points", "--ablate-points", 1)))?,
         None => available.clone(),
     };
     if points.is_empty() {
@@ -1249,11 +1303,16 @@ fn ablate(
             Some(q)
         }
     };
-    if let Some(q) = from {
-        eprintln!(
+    match from {
+        Some(q) => eprintln!(
             "ablating point {q}'s direction at points {}",
             crate::cli::format_points(&points)
-        );
+        ),
+        None if ab.direction.is_none() => eprintln!(
+            "note: {} records no peak point, so each point's own direction is ablated (--ablate-direction P ablates one)",
+            display_path(&ab.file)
+        ),
+        None => {}
     }
     let mut edits = vec![None; n_layer + 1];
     for &p in &points {

@@ -170,42 +170,58 @@ impl CaptureState {
         Some((t.ne[1] as usize, t.nb[1]))
     }
 
-    /// Apply the edit of `point` to every row of the computed tensor `t` and write it back.
+    /// Apply the edit of `point` to every row of the computed tensor `raw` and write it back.
     ///
     /// # Safety
-    /// As for [`CaptureState::copy`]: `t` is a computed, live tensor in the data phase.
-    unsafe fn edit(&mut self, t: &sys::ggml_tensor, point: usize) {
+    /// As for [`CaptureState::copy`]: `raw` is the computed, live tensor the callback was handed in
+    /// the data phase.
+    unsafe fn edit(&mut self, raw: *mut sys::ggml_tensor, point: usize) {
+        // SAFETY: raw is the live tensor handed to the callback (see the caller).
+        let t = unsafe { &*raw };
         let Some((ne1, nb1)) = self.layout(t) else {
             return;
         };
-        let Some(edit) = self.edits.get(point).cloned().flatten() else {
+        let Some(edit) = self.edits.get_mut(point).and_then(Option::take) else {
             return;
         };
-        let row_bytes = self.n_embd * 4;
-        let mut row = vec![0f32; self.n_embd];
+        let n = self.n_embd;
+        let row_bytes = n * 4;
         let first = self.rows_edited[point];
-        for r in 0..ne1 {
-            // SAFETY: the tensor is computed, in a buffer (checked) and holds ne1 rows of n_embd
-            // contiguous f32 starting every nb1 bytes (layout checked): row r lies within it, and
-            // `row` has n_embd f32 slots. ggml_backend_tensor_get/set copy from/to host or device
-            // memory; nothing reads the tensor until the callback returns.
+        // Packed rows move in one transfer each way (a device copy on a GPU or RPC backend);
+        // strided rows one by one.
+        let (block, step) = if nb1 == row_bytes { (ne1, ne1) } else { (1, 1) };
+        let mut buf = vec![0f32; n * block];
+        let mut r = 0;
+        while r < ne1 {
+            let rows = step.min(ne1 - r);
+            let bytes = row_bytes * rows;
+            // SAFETY: the tensor is computed and in a buffer, and holds ne1 rows of n contiguous
+            // f32 starting every nb1 bytes (layout checked); rows r..r+rows lie within it (one row,
+            // or all rows when packed: nb1 == row_bytes), and buf has n*rows f32 slots.
+            // ggml_backend_tensor_get/set copy from/to host or device memory through
+            // tensor->data (the struct itself is not written); nothing reads the tensor until the
+            // callback returns, so the write is what the next op reads.
             unsafe {
-                sys::ggml_backend_tensor_get(
-                    t,
-                    row.as_mut_ptr().cast::<c_void>(),
-                    r * nb1,
-                    row_bytes,
-                );
-                if edit.apply(first + r, &mut row) {
+                sys::ggml_backend_tensor_get(t, buf.as_mut_ptr().cast::<c_void>(), r * nb1, bytes);
+            }
+            let mut changed = false;
+            for (k, row) in buf[..n * rows].chunks_exact_mut(n).enumerate() {
+                changed |= edit.apply(first + r + k, row);
+            }
+            if changed {
+                // SAFETY: as above; raw is the callback's own mutable tensor pointer.
+                unsafe {
                     sys::ggml_backend_tensor_set(
-                        t as *const sys::ggml_tensor as *mut sys::ggml_tensor,
-                        row.as_ptr().cast::<c_void>(),
+                        raw,
+                        buf.as_ptr().cast::<c_void>(),
                         r * nb1,
-                        row_bytes,
+                        bytes,
                     );
                 }
             }
+            r += rows;
         }
+        self.edits[point] = Some(edit);
         self.rows_edited[point] += ne1;
     }
 
@@ -532,6 +548,7 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
         // llama_free; llama.cpp calls the callback from the thread inside llama_decode (which holds
         // &mut Context), so no other reference to the state is live. t is a live graph tensor.
+        let raw = t;
         let (state, t) = unsafe { (&mut *(user as *mut CaptureState), &*t) };
         let name: &[u8] =
             // SAFETY: the name is a NUL-terminated char array inside the tensor; reinterpreting
@@ -551,7 +568,7 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         }
         if let Some(p) = edit {
             // SAFETY: data phase: a computed, live tensor whose consumers have not run yet.
-            unsafe { state.edit(t, p) };
+            unsafe { state.edit(raw, p) };
         }
         if let Some(slot) = slot {
             // SAFETY: data phase (ask is false): llama.cpp hands us a computed, live tensor.

@@ -82,6 +82,7 @@ pub fn describe(v: &RunView) -> String {
 fn same_prompts(a: &RunView, b: &RunView) -> bool {
     let (ma, mb) = (&a.run.manifest, &b.run.manifest);
     ma.provenance.model_sha256 == mb.provenance.model_sha256
+        && ma.capture.cache_type == mb.capture.cache_type
         && ma.prompts.len() == mb.prompts.len()
         && ma
             .prompts
@@ -294,6 +295,10 @@ fn section(
     }
 
     // Projection on the direction per point, with and without.
+    let mut missing = String::new();
+    if runs.iter().all(|&i| direction_file(&views[i]).is_none()) {
+        missing = " (No projection figure: the direction files these runs recorded are not readable from here.)".into();
+    }
     if let Some((file, from)) = runs.iter().find_map(|&i| direction_file(&views[i])) {
         if let Some(dirs) = directions(&file, from, base) {
             let mut plot = Plot::new();
@@ -347,17 +352,18 @@ fn section(
     }
 
     // Dose–response: runs steered with the same files at several scales (the base is scale 0).
-    let mut doses: BTreeMap<Vec<String>, Vec<(f64, usize)>> = BTreeMap::new();
+    type DoseKey = (Vec<String>, Option<(usize, usize)>);
+    let mut doses: BTreeMap<DoseKey, Vec<(f64, usize)>> = BTreeMap::new();
     for (n, &i) in all.iter().enumerate().skip(1) {
         let c = &views[i].run.manifest.capture;
         if !c.control_vectors.is_empty() && c.ablation.is_none() && c.patch.is_none() {
             doses
-                .entry(c.control_vectors.clone())
+                .entry((c.control_vectors.clone(), c.control_points))
                 .or_default()
                 .push((c.control_scale as f64, n));
         }
     }
-    for (files, mut pts) in doses.into_iter().filter(|(_, v)| v.len() >= 2) {
+    for ((files, _), mut pts) in doses.into_iter().filter(|(_, v)| v.len() >= 2) {
         pts.push((0.0, 0));
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut plot = Plot::new();
@@ -399,8 +405,9 @@ fn section(
 
     // The numbers, and one generation per condition, in the note.
     let mut note = format!(
-        "Unmodified: {}. Per run and label: refusal score (keyword judge) · KL from the unmodified run.",
-        html_escape(&base.name)
+        "Unmodified: {}. Per run and label: refusal score (keyword judge) · KL from the unmodified run.{}",
+        html_escape(&base.name),
+        html_escape(&missing)
     );
     for (n, f) in fx.iter().enumerate() {
         note.push_str(&format!("<br><b>{}</b>: ", html_escape(&names[n])));

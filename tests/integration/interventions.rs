@@ -269,6 +269,10 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
             "expected a point number or \"each\"",
         ),
         (
+            vec!["--ablate", s(&cv), "--control-vector", s(&cv)],
+            "is both steered (--control-points",
+        ),
+        (
             vec!["--ablate", s(&cv), "--ablate-points", "1"],
             "no direction for point 1 (the file has points 2-30)",
         ),
@@ -396,9 +400,30 @@ fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
         );
     }
 
+    // Several groups and ubatches (one prompt per group, ubatches of 3 tokens): the row offsets
+    // of every ubatch and the prompt of every group line up, so self-patching is still the
+    // identity.
+    let small = ["--n-seq", "1", "--ubatch-size", "3", "--batch-size", "3"];
+    let three = [a_texts[0], a_texts[1], b_texts[1]];
+    let (a3, aa3) = (dir.path().join("a3"), dir.path().join("aa3"));
+    trace_texts(&model, &three, &a3, &small);
+    let mut patched = small.to_vec();
+    patched.extend(["--patch-from", s(&a3), "--patch-points", "all"]);
+    trace_texts(&model, &three, &aa3, &patched);
+    for i in 0..3 {
+        assert_eq!(
+            states(&aa3, i),
+            states(&a3, i),
+            "prompt {i}: self-patching in small ubatches"
+        );
+    }
+    assert_eq!(logits(&aa3), logits(&a3));
+
     // Bad input: one clear line, nothing written.
     let bad = dir.path().join("bad");
     let c = dir.path().join("c");
+    let b_last = dir.path().join("b_last");
+    trace_texts(&model, &b_texts, &b_last, &["--positions", "last"]);
     trace_texts(&model, &["Hi"], &c, &["--points", "0-3"]);
     for (texts, args, needle) in [
         (
@@ -430,6 +455,47 @@ fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
                 "3",
             ],
             "--patch-from",
+        ),
+        (
+            &a_texts[..],
+            vec![
+                "--patch-from",
+                s(&b),
+                "--patch-points",
+                "3",
+                "--patch-positions",
+                "0,last",
+            ],
+            "\"last\" stands alone",
+        ),
+        (
+            &a_texts[..],
+            vec![
+                "--patch-from",
+                s(&b),
+                "--patch-points",
+                "3",
+                "--patch-positions",
+                "5",
+            ],
+            "position 5 is past the end of prompt 0 (5 tokens)",
+        ),
+        (
+            &a_texts[..],
+            vec![
+                "--patch-from",
+                s(&b),
+                "--patch-points",
+                "3",
+                "--patch-positions",
+                "0-99999999999",
+            ],
+            "--patch-positions: position 99999999999 is out of range",
+        ),
+        (
+            &a_texts[..],
+            vec!["--patch-from", s(&b_last), "--patch-points", "3"],
+            "prompt 0 there holds no state at position 0",
         ),
     ] {
         let mut full = vec!["trace", "-m", s(&model), "-o", s(&bad)];

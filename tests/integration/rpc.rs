@@ -264,3 +264,87 @@ fn rpc_reads_little_and_survives_a_dead_worker() {
         .unwrap();
     assert_clean_error(&o, "2 shares for 1 RPC servers", None);
 }
+
+/// Interventions over RPC: the write-back is then a copy into the worker's buffer. An ablation
+/// and a patch with every layer remote give the same bits as locally (SmolLM2 traces are
+/// bit-identical local and remote), and differ from the unmodified run.
+#[test]
+fn rpc_interventions_equal_local_ones() {
+    let server = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let n_embd = 576;
+    // A fixed direction at every llama.cpp layer (points 2..=30).
+    let cv = w.join("dir.gguf");
+    let dirs: Vec<(usize, Vec<f32>)> = (1..30)
+        .map(|il| {
+            (
+                il,
+                (0..n_embd)
+                    .map(|i| ((i * 7 + il) as f32 * 0.37).sin())
+                    .collect(),
+            )
+        })
+        .collect();
+    gguf_trace::llama::gguf::write_control_vector(&cv, "llama", &dirs).unwrap();
+    let base = [
+        "trace",
+        "-m",
+        m,
+        "-p",
+        "The capital of France is",
+        "-p",
+        "Water boils at a temperature of",
+    ];
+    ok(w, &[&base[..], &["-o", "plain"]].concat());
+    let other = [
+        "trace",
+        "-m",
+        m,
+        "-p",
+        "The capital of Italy is",
+        "-p",
+        "Water freezes at a temperature of",
+    ];
+    ok(w, &[&other[..], &["-o", "source"]].concat());
+    let interventions: [(&str, Vec<&str>); 2] = [
+        (
+            "ablate",
+            vec!["--ablate", s(&cv), "--ablate-direction", "each"],
+        ),
+        (
+            "patch",
+            vec![
+                "--patch-from",
+                "source",
+                "--patch-points",
+                "10",
+                "--patch-positions",
+                "last",
+            ],
+        ),
+    ];
+    for (name, extra) in interventions {
+        let local = format!("{name}-local");
+        let remote = format!("{name}-remote");
+        ok(w, &[&base[..], &extra, &["-o", local.as_str()]].concat());
+        ok(
+            w,
+            &[
+                &base[..],
+                &extra,
+                &["--rpc", &server.endpoint, "-o", remote.as_str()],
+            ]
+            .concat(),
+        );
+        assert_same_data(&w.join(&remote), &w.join(&local));
+        let (a, b) = (
+            gguf_trace::run::Run::open(&w.join(&local)).unwrap(),
+            gguf_trace::run::Run::open(&w.join("plain")).unwrap(),
+        );
+        let d = max_rel_diff(a.states(0).unwrap().view(), b.states(0).unwrap().view());
+        assert!(d > 1e-3, "{name}: the intervention changed nothing ({d})");
+    }
+}
