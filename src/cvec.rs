@@ -48,6 +48,29 @@ impl ControlVector {
     pub fn n_layers(&self) -> usize {
         self.data.len() / self.n_embd.max(1)
     }
+
+    /// The direction at point `p` (llama.cpp layer p − 1, so p ≥ 2) scaled to unit length
+    /// (all zeros for a zero direction); None where the files hold none.
+    pub fn unit_at(&self, p: usize) -> Option<Vec<f64>> {
+        if p < 2 || !self.layers.contains(&(p - 1)) {
+            return None;
+        }
+        let d = &self.data[(p - 2) * self.n_embd..(p - 1) * self.n_embd];
+        let norm = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        Some(
+            d.iter()
+                .map(|&x| if norm > 0.0 { x as f64 / norm } else { 0.0 })
+                .collect(),
+        )
+    }
+}
+
+/// The peak point a direction file records (`direction` writes it), if any.
+pub fn peak_point(path: &Path) -> Option<usize> {
+    Gguf::open(path)
+        .ok()?
+        .get_f64(crate::llama::gguf::PEAK_POINT_KEY)
+        .map(|p| p as usize)
 }
 
 /// Highest layer index accepted (no model has more blocks; a larger index would only make the

@@ -29,7 +29,8 @@ pub struct LensTrace {
     pub decision_point: usize,
 }
 
-fn log_softmax(x: &[f32]) -> Vec<f64> {
+/// log softmax of logits, in f64.
+pub fn log_softmax(x: &[f32]) -> Vec<f64> {
     let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
     let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
     x.iter().map(|&v| v as f64 - lse).collect()

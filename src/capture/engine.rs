@@ -289,7 +289,7 @@ impl<'m> Tracer<'m> {
             decode_s: 0.0,
             point0: point0.to_string(),
             edited: Vec::new(),
-            edits: Vec::new(),
+            edits: vec![None; model.n_layer() + 1],
             patch: None,
         })
     }
@@ -323,7 +323,6 @@ impl<'m> Tracer<'m> {
             return Ok(());
         };
         let mut edits = self.edits.clone();
-        edits.resize(self.n_layer + 1, None);
         for &p in &patch.points {
             let rows: Vec<usize> = if p == self.n_layer {
                 outputs.to_vec()

@@ -37,9 +37,7 @@ pub struct Sweep {
 }
 
 fn softmax_at(logits: &[f32], token: Token) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    (logits[token as usize] as f64 - max).exp() / z
+    crate::analysis::lens::log_softmax(logits)[token as usize].exp()
 }
 
 /// Trace one prompt and return its trace.

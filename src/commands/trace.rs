@@ -1281,11 +1281,7 @@ fn ablate(
         );
     }
     // One direction everywhere (Arditi et al.), or each point its own.
-    let peak = crate::llama::gguf::Gguf::open(&ab.file)
-        .ok()
-        .and_then(|g| g.get_f64(crate::llama::gguf::PEAK_POINT_KEY))
-        .map(|p| p as usize)
-        .filter(|p| available.contains(p));
+    let peak = crate::cvec::peak_point(&ab.file).filter(|p| available.contains(p));
     let from: Option<usize> = match ab.direction.as_deref().map(str::trim) {
         None => peak,
         Some("each") => None,
@@ -1316,21 +1312,11 @@ fn ablate(
     }
     let mut edits = vec![None; n_layer + 1];
     for &p in &points {
-        let q = from.unwrap_or(p);
-        let d = &cv.data[(q - 2) * n..(q - 1) * n];
-        let norm = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
         // A zero direction projects nothing out (the identity).
-        let unit = d
-            .iter()
-            .map(|&x| {
-                if norm > 0.0 {
-                    (x as f64 / norm) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        edits[p] = Some(Edit::Ablate(unit));
+        let unit = cv
+            .unit_at(from.unwrap_or(p))
+            .expect("every chosen point has a direction (checked above)");
+        edits[p] = Some(Edit::Ablate(unit.into_iter().map(|x| x as f32).collect()));
     }
     tracer.set_edits(edits);
     Ok((points, from))
@@ -1358,12 +1344,7 @@ fn steer(
     let peaks: Vec<Option<usize>> = st
         .files
         .iter()
-        .map(|f| {
-            crate::llama::gguf::Gguf::open(f)
-                .ok()
-                .and_then(|g| g.get_f64(crate::llama::gguf::PEAK_POINT_KEY))
-                .map(|p| p as usize)
-        })
+        .map(|f| crate::cvec::peak_point(f))
         .collect();
     let peak = match peaks.first() {
         Some(&Some(p)) if peaks.iter().all(|&q| q == Some(p)) && (2..=n_layer).contains(&p) => {

@@ -189,8 +189,8 @@ impl CaptureState {
         let first = self.rows_edited[point];
         // Packed rows move in one transfer each way (a device copy on a GPU or RPC backend);
         // strided rows one by one.
-        let (block, step) = if nb1 == row_bytes { (ne1, ne1) } else { (1, 1) };
-        let mut buf = vec![0f32; n * block];
+        let step = if nb1 == row_bytes { ne1 } else { 1 };
+        let mut buf = vec![0f32; n * step];
         let mut r = 0;
         while r < ne1 {
             let rows = step.min(ne1 - r);

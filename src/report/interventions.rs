@@ -147,21 +147,12 @@ pub fn effects(base: &RunView, run: &RunView, phrases: &[String]) -> anyhow::Res
 /// p's; with `from`, point `from`'s everywhere), None where the file has none or cannot be read.
 fn directions(file: &str, from: Option<usize>, v: &RunView) -> Option<Vec<Option<Vec<f64>>>> {
     let cv = crate::cvec::load(&[(Path::new(file), 1.0)], v.run.manifest.model.n_embd).ok()?;
-    let n = cv.n_embd;
     Some(
         v.points
             .iter()
             .map(|&p| {
-                let p = from.unwrap_or(p);
-                if p < 2 || !cv.layers.contains(&(p - 1)) {
-                    return None;
-                }
-                let d: Vec<f64> = cv.data[(p - 2) * n..(p - 1) * n]
-                    .iter()
-                    .map(|&x| x as f64)
-                    .collect();
-                let norm = d.iter().map(|x| x * x).sum::<f64>().sqrt();
-                (norm > 0.0).then(|| d.into_iter().map(|x| x / norm).collect())
+                cv.unit_at(from.unwrap_or(p))
+                    .filter(|d| d.iter().any(|&x| x != 0.0))
             })
             .collect(),
     )
