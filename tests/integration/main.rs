@@ -13,6 +13,7 @@ mod cli_trace;
 mod interventions;
 mod lens;
 mod quant;
+mod real_size;
 mod report;
 mod report_scale;
 mod resume;
