@@ -189,6 +189,29 @@ pub struct DirectionArgs {
     /// Overwrite an existing control vector (never any other file).
     #[arg(long)]
     pub force: bool,
+    /// Choose the default intervention point by effect, not by separation: ablate each candidate
+    /// point's direction while the model answers the held-out prompts of FILE (.txt/.jsonl with
+    /// labels A and B), and record the point that lowers A's refusal score most while label B's
+    /// next-token KL stays within --select-max-kl and A's text is not broken. Needs -m. The scores
+    /// are printed, recorded in the file and drawn by `report`.
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub select: Option<PathBuf>,
+    /// The model the run was traced with (for --select).
+    #[arg(short, long, value_name = "model.gguf")]
+    pub model: Option<PathBuf>,
+    /// Candidate points for --select (default: every point 2..n_layer-1 the run keeps, the points
+    /// a block reads).
+    #[arg(long, value_name = "SPEC", requires = "select")]
+    pub select_points: Option<String>,
+    /// Tokens generated per held-out prompt for the refusal judge.
+    #[arg(long, value_name = "N", default_value_t = 24, requires = "select")]
+    pub select_generate: usize,
+    /// Largest mean next-token KL (nats) a candidate may cause on label B's prompts.
+    #[arg(long, value_name = "NATS", default_value_t = 0.1, requires = "select")]
+    pub select_max_kl: f64,
+    /// CPU threads for --select (default: all available).
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<i32>,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context as _, Result};
 
+use super::select::{self, Selection, SELECTION_KEY};
 use crate::analysis::contrast::{self, Contrast, ContrastAccumulator};
 use crate::cli::DirectionArgs;
 use crate::llama::gguf::write_control_vector_with_peak;
@@ -40,6 +41,76 @@ pub fn groups(run: &Run, a: &str, b: &str) -> Result<(Vec<usize>, Vec<usize>)> {
         Ok(v)
     };
     Ok((pick(a)?, pick(b)?))
+}
+
+/// Run `--select`: the candidate directions go to a temporary control vector that the selection's
+/// ablation runs read.
+fn select_point(
+    args: &DirectionArgs,
+    run: &Run,
+    dirs: &[(usize, Vec<f32>)],
+    held_out: &std::path::Path,
+    labels: (&str, &str),
+) -> Result<Selection> {
+    let model = args
+        .model
+        .as_ref()
+        .context("--select needs the model: -m model.gguf")?;
+    let n_layer = run.manifest.model.n_layer;
+    let kept = &run.manifest.capture.points;
+    let candidates: Vec<usize> = match &args.select_points {
+        Some(spec) => {
+            let v = crate::cli::parse_points(spec, n_layer)
+                .map_err(|e| anyhow::anyhow!(e.replace("--points", "--select-points")))?;
+            if let Some(p) = v.iter().find(|&&p| p < 2 || !kept.contains(&p)) {
+                bail!(
+                    "--select-points: point {p} has no direction (the run keeps points {}; a control vector covers points 2..={n_layer})",
+                    crate::cli::format_points(kept)
+                );
+            }
+            v
+        }
+        None => kept
+            .iter()
+            .copied()
+            .filter(|p| (2..n_layer).contains(p))
+            .collect(),
+    };
+    if candidates.is_empty() {
+        bail!(
+            "--select: the run keeps no candidate point (2..{})",
+            n_layer - 1
+        );
+    }
+    if args.select_max_kl.is_nan() || args.select_max_kl < 0.0 {
+        bail!("--select-max-kl must be a number ≥ 0");
+    }
+    let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let file = tmp.path().join("candidates.gguf");
+    crate::llama::gguf::write_control_vector(&file, &run.manifest.model.architecture, dirs)
+        .context("cannot write the candidate directions")?;
+    select::select(
+        run,
+        &file,
+        &select::SelectOptions {
+            model,
+            held_out,
+            labels,
+            candidates,
+            generate: args.select_generate,
+            max_kl: args.select_max_kl,
+            threads: args.threads,
+        },
+    )
+}
+
+/// Index (into `points`) of the best-separating point in 2..n_layer: a point a block reads and a
+/// control vector can shift (llama.cpp has no slot for point 1's block 0). None when the run keeps
+/// no such point.
+pub fn intervention_peak(points: &[usize], c: &Contrast, n_layer: usize) -> Option<usize> {
+    (0..points.len())
+        .filter(|&k| (2..n_layer).contains(&points[k]))
+        .max_by(|&a, &b| c.separation[a].d.total_cmp(&c.separation[b].d))
 }
 
 /// Parse "A,B".
@@ -106,12 +177,26 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         .context("the output path names no file")?;
     let staging = Staging::new(&args.output)?;
     let staged = staging.path(&name);
-    let peak = points[c.peak];
+    // The point recorded for interventions: the best-separating point that a block reads. Point
+    // n_layer (after the last block) feeds only the final norm and the unembedding: ablating or
+    // steering there is a bias on the logits, not an edit any block computes with.
+    let n_layer = run.manifest.model.n_layer;
+    let read = intervention_peak(points, &c, n_layer);
+    let selection = match &args.select {
+        Some(held_out) => Some(select_point(args, &run, &dirs, held_out, (&a, &b))?),
+        None => None,
+    };
+    let recorded = match &selection {
+        Some(s) => s.chosen.or(read.map(|k| points[k])),
+        None => read.map(|k| points[k]),
+    };
+    let json = selection.as_ref().map(serde_json::to_string).transpose()?;
     write_control_vector_with_peak(
         &staged,
         &run.manifest.model.architecture,
         &dirs,
-        (peak >= 2).then_some(peak),
+        recorded,
+        json.as_deref().map(|j| (SELECTION_KEY, j)),
     )
     .with_context(|| format!("cannot write {}", args.output.display()))?;
     sync_file(&staged)?;
@@ -129,6 +214,42 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         100.0 * cs.accuracy,
         points[control.peak]
     );
+    if let Some(sel) = &selection {
+        match sel.chosen {
+            Some(p) => {
+                let c = sel
+                    .candidates
+                    .iter()
+                    .find(|c| c.point == p)
+                    .expect("the chosen point is a candidate");
+                eprintln!(
+                    "selected point {p}: ablating its direction brings {a}'s refusal score on the held-out prompts from {:.0}% to {:.0}% (broken text {:.0}%), {b}'s next-token KL {:.3} nats; --ablate and --control-vector use it by default",
+                    100.0 * sel.baseline.refusal_a,
+                    100.0 * c.score.refusal_a,
+                    100.0 * c.score.broken_a,
+                    c.score.kl_b
+                );
+            }
+            None => eprintln!(
+                "note: no candidate kept {b}'s KL within {} nats and {a}'s broken text within {:.0}%; the file records the best-separating point a block reads instead",
+                sel.max_kl,
+                100.0 * sel.max_broken
+            ),
+        }
+    }
+    match read {
+        Some(k) if k != pk && selection.is_none() => eprintln!(
+            "interventions default to point {} (d = {:.2}), the best-separating point a block reads: point {} is read by no block, only by the output",
+            points[k],
+            c.separation[k].d,
+            points[pk]
+        ),
+        Some(_) => {}
+        None => eprintln!(
+            "note: the run keeps no point in 2..{} that a block reads, so the file records no default point for --ablate and --control-vector",
+            n_layer.saturating_sub(1)
+        ),
+    }
     eprintln!(
         "switch: {} — {:.0}% of the rise in d ({:.2}) happens within {} steps from point {}",
         if sh.hard { "hard" } else { "soft" },
@@ -145,4 +266,37 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
     );
     writeln!(out, "{}", args.output.display())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    /// Two groups whose separation grows with depth, largest at the last point: the point
+    /// recorded for interventions is the best one before it (and never point 0 or 1).
+    #[test]
+    fn the_intervention_point_is_one_a_block_reads() {
+        let (n, p, d) = (12, 6, 4);
+        let mut states = Array3::<f32>::zeros((n, p, d));
+        for i in 0..n {
+            let sign = if i < n / 2 { 1.0 } else { -1.0 };
+            for k in 0..p {
+                // Separation along axis 0 grows with k; per-prompt noise along axis 1 and 0.
+                states[[i, k, 0]] = sign * k as f32 + 0.3 * ((i * 7 + k) % 5) as f32;
+                states[[i, k, 1]] = ((i * 3 + k) % 4) as f32;
+            }
+        }
+        let a: Vec<usize> = (0..n / 2).collect();
+        let b: Vec<usize> = (n / 2..n).collect();
+        let c = contrast::contrast(states.view(), &a, &b);
+        let points: Vec<usize> = (0..p).collect();
+        let n_layer = p - 1;
+        assert_eq!(
+            c.peak, n_layer,
+            "the planted separation peaks at the last point"
+        );
+        assert_eq!(intervention_peak(&points, &c, n_layer), Some(n_layer - 1));
+        assert_eq!(intervention_peak(&[0, 1, n_layer], &c, n_layer), None);
+    }
 }

@@ -7,6 +7,7 @@ pub mod patch;
 pub mod quantize;
 pub mod report;
 pub mod rpc_server;
+pub mod select;
 pub mod trace;
 
 use std::io::Read;

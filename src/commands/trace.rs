@@ -148,6 +148,9 @@ pub struct TraceOptions {
     pub ablation: Option<Ablation>,
     /// `--patch-from`: activation patching from another run.
     pub patching: Option<Patching>,
+    /// No progress bar and no "tracing"/"traced" lines (warnings still go to stderr): for
+    /// commands that run many traces of their own (`direction --select`).
+    pub quiet: bool,
 }
 
 impl TraceOptions {
@@ -182,6 +185,7 @@ impl TraceOptions {
             cache_type: CacheType::F16,
             ablation: None,
             patching: None,
+            quiet: false,
         }
     }
 
@@ -265,6 +269,7 @@ impl TraceOptions {
                 points: a.patch_points.clone().unwrap_or_default(),
                 positions: a.patch_positions.clone(),
             }),
+            quiet: false,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
         .with_rpc(&a.rpc, a.n_gpu_layers)?;
@@ -620,21 +625,23 @@ fn check_disk(opts: &TraceOptions, loaded: &Loaded, token_lists: &[Vec<i32>]) ->
     }
     let parent = crate::output::parent_dir(&opts.output);
     let free = fs4::available_space(&parent).ok();
-    eprintln!(
-        "tracing {} prompt(s) through {} ({} points × {} width); estimated output {}{}{}",
-        token_lists.len(),
-        loaded.facts.file_name,
-        n_points,
-        model.n_embd(),
-        human_bytes(estimate),
-        free.map(|f| format!(", {} free", human_bytes(f)))
-            .unwrap_or_default(),
-        if cheaper.is_empty() {
-            String::new()
-        } else {
-            format!(" (with {})", cheaper.join("; "))
-        }
-    );
+    if !opts.quiet {
+        eprintln!(
+            "tracing {} prompt(s) through {} ({} points × {} width); estimated output {}{}{}",
+            token_lists.len(),
+            loaded.facts.file_name,
+            n_points,
+            model.n_embd(),
+            human_bytes(estimate),
+            free.map(|f| format!(", {} free", human_bytes(f)))
+                .unwrap_or_default(),
+            if cheaper.is_empty() {
+                String::new()
+            } else {
+                format!(" (with {})", cheaper.join("; "))
+            }
+        );
+    }
     if let Some(free) = free {
         if free < estimate {
             bail!(
@@ -725,7 +732,11 @@ fn trace_prompts(
         .iter()
         .map(|t| t.len() + opts.generate)
         .sum();
-    let pb = bar(total_tokens as u64, "tokens");
+    let pb = if opts.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        bar(total_tokens as u64, "tokens")
+    };
     pb.set_message("tracing");
     let mut decoded = 0usize;
     // Prompts written since the last checkpoint; a checkpoint (at most one a second) makes them
@@ -949,6 +960,9 @@ fn write_run(
         plan: Some(plan),
     };
     let dir = writer.finish(&manifest)?;
+    if opts.quiet {
+        return Ok(dir);
+    }
     eprintln!(
         "traced {} prompt(s), {} tokens in {:.1} s ({:.0} tokens/s)",
         manifest.prompts.len(),
@@ -1283,6 +1297,10 @@ fn ablate(
     // One direction everywhere (Arditi et al.), or each point its own.
     let peak = crate::cvec::peak_point(&ab.file).filter(|p| available.contains(p));
     let from: Option<usize> = match ab.direction.as_deref().map(str::trim) {
+        None if peak == Some(n_layer) => bail!(
+            "{} records point {n_layer} as its peak, which no block reads (only the output does), so ablating it there is a bias on the logits; run `gguf-trace direction` again (it now records the best point a block reads) or choose one with --ablate-direction P",
+            display_path(&ab.file)
+        ),
         None => peak,
         Some("each") => None,
         Some(s) => {
@@ -1352,6 +1370,12 @@ fn steer(
         }
         _ => None,
     };
+    if peak == Some(n_layer) && st.points.is_none() {
+        bail!(
+            "{} records point {n_layer} as its peak, which no block reads (only the output does), so steering there is a bias on the logits; run `gguf-trace direction` again (it now records the best point a block reads) or choose points with --control-points",
+            display_path(&st.files[0])
+        );
+    }
     let (a, b) = match (&st.points, peak) {
         (Some(spec), _) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
         (None, Some(p)) => {

@@ -235,16 +235,18 @@ pub fn write_control_vector(
     model_hint: &str,
     directions: &[(usize, Vec<f32>)],
 ) -> Result<(), GgufError> {
-    write_control_vector_with_peak(path, model_hint, directions, None)
+    write_control_vector_with_peak(path, model_hint, directions, None, None)
 }
 
-/// [`write_control_vector`], recording the peak point under [`PEAK_POINT_KEY`] (llama.cpp's
-/// loader ignores keys it does not know).
+/// [`write_control_vector`], recording the peak point under [`PEAK_POINT_KEY`] and, when given,
+/// a string `(key, value)` (the point selection's JSON); llama.cpp's loader ignores keys it does
+/// not know.
 pub fn write_control_vector_with_peak(
     path: &Path,
     model_hint: &str,
     directions: &[(usize, Vec<f32>)],
     peak_point: Option<usize>,
+    extra: Option<(&str, &str)>,
 ) -> Result<(), GgufError> {
     super::backend::init();
     let err = || GgufError::Open(path.display().to_string());
@@ -260,6 +262,13 @@ pub fn write_control_vector_with_peak(
     ];
     let carch = CString::new("controlvector").expect("no NUL");
     let chint = CString::new(model_hint).map_err(|_| err())?;
+    let cextra = match extra {
+        Some((k, v)) => Some((
+            CString::new(k).map_err(|_| err())?,
+            CString::new(v).map_err(|_| err())?,
+        )),
+        None => None,
+    };
     let bytes: usize = directions
         .iter()
         .map(|(_, v)| v.len() * 4 + 512)
@@ -288,6 +297,9 @@ pub fn write_control_vector_with_peak(
         if let Some(p) = peak_point {
             let key = CString::new(PEAK_POINT_KEY).expect("no NUL");
             sys::gguf_set_val_u32(g, key.as_ptr(), p as u32);
+        }
+        if let Some((k, v)) = &cextra {
+            sys::gguf_set_val_str(g, k.as_ptr(), v.as_ptr());
         }
         for (il, v) in directions {
             let t = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, v.len() as i64);

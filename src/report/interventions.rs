@@ -107,8 +107,10 @@ fn by_label(v: &RunView) -> Vec<(String, Vec<usize>)> {
 #[derive(Debug, Clone)]
 pub struct Effects {
     pub label: String,
-    /// Share of generations opening with a refusal phrase (None without generation).
+    /// Share of generations judged refusals (None without generation).
     pub refusal: Option<f64>,
+    /// Share of generations judged broken (degenerate) text (None without generation).
+    pub broken: Option<f64>,
     /// Mean KL(base ‖ run) of the next-token distributions, nats.
     pub kl: f64,
     /// One generated text (the label's first prompt).
@@ -126,15 +128,17 @@ pub fn effects(base: &RunView, run: &RunView, phrases: &[String]) -> anyhow::Res
                 drift.push(&lb.prompt(i)?, &lr.prompt(i)?);
             }
             let prompts = &run.run.manifest.prompts;
+            let judged = if generated {
+                effects::judge_all(
+                    ix.iter().map(|&i| prompts[i].generated_text.as_str()),
+                    phrases,
+                )
+            } else {
+                None
+            };
             Ok(Effects {
-                refusal: if generated {
-                    effects::refusal_score(
-                        ix.iter().map(|&i| prompts[i].generated_text.as_str()),
-                        phrases,
-                    )
-                } else {
-                    None
-                },
+                refusal: judged.map(|j| j.refusal),
+                broken: judged.map(|j| j.broken),
                 kl: drift.kl.iter().sum::<f64>() / drift.kl.len().max(1) as f64,
                 example: generated.then(|| prompts[ix[0]].generated_text.clone()),
                 label,
@@ -248,7 +252,12 @@ fn section(
         (
             "Refusal score",
             (|e: &Effects| e.refusal.unwrap_or(f64::NAN)) as fn(&Effects) -> f64,
-            "share of generations opening with a refusal phrase",
+            "share of generations judged refusals",
+        ),
+        (
+            "Broken text",
+            |e: &Effects| e.broken.unwrap_or(f64::NAN),
+            "share of generations judged broken (repetition)",
         ),
         (
             "Damage",
@@ -256,7 +265,7 @@ fn section(
             "mean next-token KL(unmodified ‖ run), nats",
         ),
     ] {
-        if what == "Refusal score" && !generated {
+        if what != "Damage" && !generated {
             continue;
         }
         let mut plot = Plot::new();
@@ -277,7 +286,9 @@ fn section(
         figures.push(Figure {
             title: format!("{what} per label"),
             caption: if what == "Refusal score" {
-                "The share of each label's generations that open with a refusal phrase (prompts/refusal_phrases.txt, or report --refusal-phrases): a keyword judge that reads the first words only — it counts “I can't …” and misses a refusal phrased otherwise.".into()
+                "The share of each label's generations judged refusals: text that is not broken and opens with a refusal phrase (prompts/refusal_phrases.txt, or report --refusal-phrases). The judge reads the opening words only — it counts “I can't …” and misses a refusal phrased otherwise.".into()
+            } else if what == "Broken text" {
+                "The share of each label's generations that degenerate — one word three times in a row, a loop in which half the word pairs repeat, or no words at all. Broken text is neither a refusal nor an answer: an intervention that removes refusals by breaking the model shows here, not as compliance.".into()
             } else {
                 "How far each intervention moves the next-token distribution at the last prompt position from the unmodified run's, averaged over the label's prompts. An intervention meant for one label should leave the other label's prompts near 0: anything else is collateral damage.".into()
             },
@@ -289,6 +300,13 @@ fn section(
     let mut missing = String::new();
     if runs.iter().all(|&i| direction_file(&views[i]).is_none()) {
         missing = " (No projection figure: the direction files these runs recorded are not readable from here.)".into();
+    }
+    if let Some(sel) = runs
+        .iter()
+        .find_map(|&i| direction_file(&views[i]))
+        .and_then(|(file, _)| crate::commands::select::recorded(Path::new(&file)))
+    {
+        figures.push(selection_figure(&sel));
     }
     if let Some((file, from)) = runs.iter().find_map(|&i| direction_file(&views[i])) {
         if let Some(dirs) = directions(&file, from, base) {
@@ -372,6 +390,17 @@ fn section(
                     .name(format!("{} refusal score", html_escape(label)))
                     .line(Line::new().color(color(l))),
                 );
+                plot.add_trace(
+                    Scatter::new(
+                        xs.clone(),
+                        pts.iter()
+                            .map(|p| fx[p.1][l].broken.unwrap_or(f64::NAN))
+                            .collect(),
+                    )
+                    .mode(Mode::LinesMarkers)
+                    .name(format!("{} broken text", html_escape(label)))
+                    .line(Line::new().color(color(l)).dash(DashType::DashDot)),
+                );
             }
             plot.add_trace(
                 Scatter::new(xs, pts.iter().map(|p| fx[p.1][l].kl).collect())
@@ -384,19 +413,19 @@ fn section(
             Layout::new()
                 .height(440)
                 .x_axis(Axis::new().title(Title::with_text("--control-scale")))
-                .y_axis(Axis::new().title(Title::with_text("refusal score / KL"))),
+                .y_axis(Axis::new().title(Title::with_text("refusal · broken share / KL"))),
         );
         let shown: Vec<String> = files.iter().map(|f| file_name(f)).collect();
         figures.push(Figure {
             title: format!("Dose–response of {}", html_escape(&shown.join("+"))),
-            caption: "Refusal score (solid) and damage (dotted) per label against the control scale; scale 0 is the unmodified run. A useful scale moves the target label's refusal score without lifting the other label's KL.".into(),
+            caption: "Refusal score (solid), broken text (dash-dot) and damage (dotted) per label against the control scale; scale 0 is the unmodified run. A useful scale moves the target label's refusal score without breaking the text or lifting the other label's KL.".into(),
             plot,
         });
     }
 
     // The numbers, and one generation per condition, in the note.
     let mut note = format!(
-        "Unmodified: {}. Per run and label: refusal score (keyword judge) · KL from the unmodified run.{}",
+        "Unmodified: {}. Per run and label: refusal score · broken text (the judge: README, “The refusal judge”) · KL from the unmodified run.{}",
         html_escape(&base.name),
         html_escape(&missing)
     );
@@ -405,10 +434,11 @@ fn section(
         let cells: Vec<String> = f
             .iter()
             .map(|e| {
-                let r = e
-                    .refusal
-                    .map(|r| format!("{:.0}%", 100.0 * r))
-                    .unwrap_or_else(|| "–".into());
+                let pct = |x: Option<f64>| {
+                    x.map(|r| format!("{:.0}%", 100.0 * r))
+                        .unwrap_or_else(|| "–".into())
+                };
+                let r = format!("{} · {}", pct(e.refusal), pct(e.broken));
                 let ex = e
                     .example
                     .as_deref()
@@ -427,4 +457,109 @@ fn section(
         note,
         figures,
     })
+}
+
+/// How `direction --select` chose the intervention point: each candidate's scores on the held-out
+/// prompts, the bounds, the baseline and the choice.
+fn selection_figure(sel: &crate::commands::select::Selection) -> Figure {
+    let (a, b) = (&sel.labels.0, &sel.labels.1);
+    let xs: Vec<usize> = sel.candidates.iter().map(|c| c.point).collect();
+    let mut plot = Plot::new();
+    type Get = fn(&crate::commands::select::Score) -> f64;
+    for (name, get, k, dash) in [
+        (
+            format!("{a}: refusal score after ablation"),
+            (|s| s.refusal_a) as Get,
+            0,
+            DashType::Solid,
+        ),
+        (
+            format!("{a}: broken text"),
+            |s| s.broken_a,
+            0,
+            DashType::DashDot,
+        ),
+        (
+            format!("{b}: refusal score"),
+            |s| s.refusal_b,
+            1,
+            DashType::Solid,
+        ),
+        (
+            format!("{b}: next-token KL (nats)"),
+            |s| s.kl_b,
+            1,
+            DashType::Dot,
+        ),
+    ] {
+        plot.add_trace(
+            Scatter::new(
+                xs.clone(),
+                sel.candidates.iter().map(|c| get(&c.score)).collect(),
+            )
+            .mode(Mode::LinesMarkers)
+            .name(html_escape(&name))
+            .line(Line::new().color(color(k)).dash(dash)),
+        );
+    }
+    let (lo, hi) = (
+        xs.first().copied().unwrap_or(0),
+        xs.last().copied().unwrap_or(0),
+    );
+    plot.add_trace(
+        Scatter::new(vec![lo, hi], vec![sel.baseline.refusal_a; 2])
+            .mode(Mode::Lines)
+            .name(html_escape(&format!("{a}: refusal score without ablation")))
+            .line(Line::new().color(color(0)).dash(DashType::Dash).width(1.0)),
+    );
+    plot.add_trace(
+        Scatter::new(vec![lo, hi], vec![sel.max_kl; 2])
+            .mode(Mode::Lines)
+            .name(format!("KL bound ({} nats)", sel.max_kl))
+            .line(Line::new().color("#888888").dash(DashType::Dash).width(1.0)),
+    );
+    if let Some(p) = sel.chosen {
+        let y = sel
+            .candidates
+            .iter()
+            .find(|c| c.point == p)
+            .map_or(0.0, |c| c.score.refusal_a);
+        plot.add_trace(
+            Scatter::new(vec![p], vec![y])
+                .mode(Mode::Markers)
+                .name(format!("chosen: point {p}"))
+                .marker(plotly::common::Marker::new().size(16).color("#d62728")),
+        );
+    }
+    plot.set_layout(
+        Layout::new()
+            .height(460)
+            .x_axis(Axis::new().title(Title::with_text(
+                "candidate point (its direction ablated at every point)",
+            )))
+            .y_axis(Axis::new().title(Title::with_text("share of prompts / KL (nats)"))),
+    );
+    let chosen = match sel.chosen {
+        Some(p) => format!("Chosen: point {p}."),
+        None => "No candidate met both bounds, so the file records the best-separating point a block reads.".into(),
+    };
+    Figure {
+        title: "How the intervention point was chosen".into(),
+        caption: format!(
+            "<code>direction --select</code> ablated each candidate point's direction at every point while the model answered {} held-out prompts ({} {}, {} {}; {} generated tokens each, {}). The rule: the lowest {} refusal score among candidates whose {} next-token KL is at most {} nats and whose {} text is at most {:.0}% broken. {chosen}",
+            sel.n_a + sel.n_b,
+            sel.n_a,
+            html_escape(a),
+            sel.n_b,
+            html_escape(b),
+            sel.generate,
+            html_escape(&sel.held_out),
+            html_escape(a),
+            html_escape(b),
+            sel.max_kl,
+            html_escape(a),
+            100.0 * sel.max_broken
+        ),
+        plot,
+    }
 }

@@ -419,3 +419,188 @@ fn steering_and_system_prompt_report_renders() {
         assert!(errors.is_empty(), "{errors:?}");
     }
 }
+
+/// `direction --select` on SmolLM2: every candidate is scored on held-out prompts, the record in
+/// the file is what was printed, the rule picks the recorded point, `--ablate` uses it by
+/// default, and the report draws the selection. Bad selection inputs are one-line errors before
+/// anything is traced.
+#[test]
+fn select_scores_candidates_on_held_out_prompts_and_records_the_choice() {
+    let (Some((dir, run, _)), Some(model)) = (refusal(), model_path(SMOL)) else {
+        return;
+    };
+    // 4 + 4 held-out prompts of the shipped held-out set (topics not in the run's prompts).
+    let held: Vec<String> = std::fs::read_to_string(root().join("prompts/refusal_heldout.jsonl"))
+        .unwrap()
+        .lines()
+        .take(8)
+        .map(str::to_string)
+        .collect();
+    let held_path = dir.path().join("held.jsonl");
+    std::fs::write(&held_path, held.join("\n")).unwrap();
+    let cv = dir.path().join("selected.gguf");
+    let o = run_bin(&[
+        "direction",
+        s(run),
+        "--labels",
+        "harmful,harmless",
+        "-o",
+        s(&cv),
+        "--select",
+        s(&held_path),
+        "-m",
+        s(&model),
+        "--select-points",
+        "8,16,24",
+        "--select-generate",
+        "8",
+        "--threads",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("selecting among 3 candidate points on 8 held-out prompts (4 \"harmful\", 4 \"harmless\"), 8 tokens each"), "{err}");
+    let mut sel = gguf_trace::commands::select::recorded(&cv).expect("the selection is recorded");
+    assert_eq!(
+        sel.candidates.iter().map(|c| c.point).collect::<Vec<_>>(),
+        vec![8, 16, 24]
+    );
+    assert_eq!((sel.n_a, sel.n_b, sel.generate), (4, 4, 8));
+    for c in &sel.candidates {
+        let sc = c.score;
+        for x in [sc.refusal_a, sc.broken_a, sc.refusal_b] {
+            assert!(
+                (0.0..=1.0).contains(&x) && (x * 4.0).fract() == 0.0,
+                "{c:?}"
+            );
+        }
+        // Ablating a real direction moves the next-token distribution of every label.
+        assert!(sc.kl_a > 0.0 && sc.kl_b > 0.0, "{c:?}");
+        assert!(
+            err.contains(&format!("point {}: harmful refusal", c.point)),
+            "each candidate is printed: {err}"
+        );
+    }
+    let recorded_choice = sel.chosen;
+    sel.choose();
+    assert_eq!(
+        sel.chosen, recorded_choice,
+        "the rule gives the recorded point"
+    );
+    let peak = gguf_trace::cvec::peak_point(&cv).unwrap();
+    match sel.chosen {
+        Some(p) => assert_eq!(peak, p),
+        None => assert!(err.contains("no candidate kept harmless's KL"), "{err}"),
+    }
+    assert!(peak < 30, "never the last point by default");
+    // The report of an ablated run draws the selection.
+    let base = dir.path().join("sel-base");
+    let abl = dir.path().join("sel-ablated");
+    for (out, extra) in [(&base, vec![]), (&abl, vec!["--ablate", s(&cv)])] {
+        let mut a = vec![
+            "trace",
+            "-m",
+            s(&model),
+            "--chat",
+            "-f",
+            s(&held_path),
+            "--positions",
+            "last",
+            "--generate",
+            "8",
+            "-o",
+            s(out),
+        ];
+        a.extend(extra);
+        let o = run_bin(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ablated: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(abl.join("run.json")).unwrap()).unwrap();
+    assert_eq!(ablated["capture"]["ablation"]["direction_point"], peak);
+    let page = dir.path().join("sel.html");
+    let o = run_bin(&["report", s(&base), s(&abl), "-o", s(&page)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    for t in [
+        "How the intervention point was chosen",
+        "Broken text per label",
+        "KL bound (0.1 nats)",
+    ] {
+        assert!(html.contains(t), "missing {t}");
+    }
+
+    // Bad inputs: one line, before any trace.
+    let one_label = dir.path().join("one.jsonl");
+    std::fs::write(&one_label, held[0].clone() + "\n" + &held[2]).unwrap();
+    for (args, want) in [
+        (
+            vec!["--select", s(&one_label), "-m", s(&model)],
+            "the held-out prompts need both labels \"harmful\" (2 prompts) and \"harmless\" (0 prompts)",
+        ),
+        (vec!["--select", s(&held_path)], "--model"),
+        (
+            vec!["--select", s(&held_path), "-m", s(&model), "--select-points", "1"],
+            "--select-points: point 1 has no direction",
+        ),
+        (
+            vec!["--select", s(&held_path), "-m", s(&model), "--select-generate", "0"],
+            "--select-generate must be at least 1",
+        ),
+    ] {
+        let out = dir.path().join("bad.gguf");
+        let mut a = vec!["direction", s(run), "--labels", "harmful,harmless", "-o", s(&out)];
+        a.extend(args);
+        let o = run_bin(&a);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{a:?}: {e}");
+        assert!(!out.exists(), "nothing written: {a:?}");
+    }
+}
+
+/// A direction file that records the last point (no block reads it) is not used there by
+/// default: `--ablate` and `--control-vector` refuse and say what to do.
+#[test]
+fn the_last_point_is_never_a_default_intervention_point() {
+    let (Some((dir, _, cv)), Some(model)) = (refusal(), model_path(SMOL)) else {
+        return;
+    };
+    let dirs: Vec<(usize, Vec<f32>)> = (2..=30).map(|p| (p - 1, unit_direction(cv, p))).collect();
+    let last = dir.path().join("last-peak.gguf");
+    gguf_trace::llama::gguf::write_control_vector_with_peak(&last, "llama", &dirs, Some(30), None)
+        .unwrap();
+    for (flag, want) in [
+        ("--ablate", "choose one with --ablate-direction P"),
+        ("--control-vector", "choose points with --control-points"),
+    ] {
+        let out = dir.path().join("never");
+        let o = run_bin(&[
+            "trace",
+            "-m",
+            s(&model),
+            "-p",
+            "Hello",
+            flag,
+            s(&last),
+            "-o",
+            s(&out),
+        ]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag}");
+        assert!(
+            e.contains("records point 30 as its peak, which no block reads") && e.contains(want),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+    // The file `direction` writes records a point a block reads.
+    let p = gguf_trace::cvec::peak_point(cv).unwrap();
+    assert!((2..30).contains(&p), "{p}");
+}
+
+fn unit_direction(cv: &Path, p: usize) -> Vec<f32> {
+    gguf_trace::llama::gguf::Gguf::open(cv)
+        .unwrap()
+        .read_f32(&format!("direction.{}", p - 1))
+        .unwrap()
+}
