@@ -272,6 +272,16 @@ impl<'m> Tracer<'m> {
                 n_batch: cfg.n_batch as u32,
                 n_ubatch: cfg.n_ubatch.min(cfg.n_batch) as u32,
                 n_seq_max: cfg.n_seq as u32,
+                // Logits are needed at the last prompt token and each generated one (≤ one per
+                // sequence in a decode) — and at every kept position when the last point is kept
+                // there, since llama.cpp's last block computes only the rows it outputs.
+                n_outputs_max: if cfg.positions == Positions::All
+                    && cfg.points.last() == Some(&model.n_layer())
+                {
+                    0
+                } else {
+                    cfg.n_seq as u32
+                },
                 n_threads: cfg.threads,
                 embeddings: false,
                 capture: Some(spec),

@@ -22,6 +22,7 @@ pub fn context(
             n_batch: n_batch as u32,
             n_ubatch: n_batch.min(512) as u32,
             n_seq_max: n_seq as u32,
+            n_outputs_max: 0,
             n_threads: threads,
             embeddings: false,
             capture: None,

@@ -35,6 +35,8 @@ pub enum ContextError {
     NoKvSlot,
     #[error("llama_decode failed with code {code}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Decode { code: i32, reason: Option<String> },
+    #[error("a batch asks for {got} outputs, more than the context's n_outputs_max {max}")]
+    TooManyOutputs { got: usize, max: usize },
     #[error("capture failed: {0}")]
     Capture(String),
     #[error("control vector rejected by llama.cpp (code {0})")]
@@ -664,6 +666,11 @@ pub struct ContextParams {
     pub n_ubatch: u32,
     /// Number of sequences decoded together.
     pub n_seq_max: u32,
+    /// Most outputs (tokens with logits) one decode may ask for; 0 = `n_batch`. llama.cpp sizes
+    /// its compute and output buffers for this many vocabulary-wide rows of logits, so a tracer
+    /// that asks only for last tokens saves n_batch × n_vocab × 4 bytes twice (311 MB each for a
+    /// 512-token batch of a 151,936-token vocabulary). Must be ≥ n_seq_max.
+    pub n_outputs_max: u32,
     pub n_threads: i32,
     /// Embeddings mode (pooling none): `embeddings_ith` returns the normed last hidden state.
     pub embeddings: bool,
@@ -680,6 +687,8 @@ pub struct Context<'m> {
     capture: Option<NonNull<CaptureState>>,
     /// Output flags of the batch of the last successful decode: which indices have logits.
     outputs: Vec<bool>,
+    /// Most outputs one decode may ask for (llama.cpp's n_outputs_max, at least n_seq_max).
+    n_outputs_max: usize,
 }
 
 impl Drop for Context<'_> {
@@ -735,6 +744,9 @@ impl<'m> Context<'m> {
         cp.n_batch = p.n_batch;
         cp.n_ubatch = p.n_ubatch;
         cp.n_seq_max = p.n_seq_max;
+        if p.n_outputs_max > 0 {
+            cp.n_outputs_max = p.n_outputs_max.max(p.n_seq_max).min(p.n_batch);
+        }
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;
         // Several sequences per batch: a unified KV cache keeps ubatches contiguous in batch order
@@ -766,11 +778,18 @@ impl<'m> Context<'m> {
             free_capture(capture);
             return Err(ContextError::Create(backend::last_error_line()));
         };
+        let n_outputs_max = if cp.n_outputs_max > 0 {
+            cp.n_outputs_max
+        } else {
+            // SAFETY: ptr is the context just created.
+            unsafe { sys::llama_n_batch(ptr.as_ptr()) }
+        } as usize;
         Ok(Context {
             ptr,
             model,
             capture,
             outputs: Vec::new(),
+            n_outputs_max,
         })
     }
 
@@ -794,6 +813,15 @@ impl<'m> Context<'m> {
         }
         if backend::interrupted() {
             return Err(ContextError::Interrupted);
+        }
+        // llama.cpp asserts (an abort, not an error) when a batch has more outputs than the
+        // context was sized for: refuse it here instead.
+        let outputs = (0..batch.len()).filter(|&i| batch.is_output(i)).count();
+        if outputs > self.n_outputs_max {
+            return Err(ContextError::TooManyOutputs {
+                got: outputs,
+                max: self.n_outputs_max,
+            });
         }
         // SAFETY: the context is valid; the batch's arrays hold batch.len() initialised entries
         // (Batch maintains that invariant) and stay alive during the call.

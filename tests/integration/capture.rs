@@ -408,6 +408,7 @@ fn decode_untraced<'m>(
             n_batch: 512,
             n_ubatch,
             n_seq_max: 1,
+            n_outputs_max: 0,
             n_threads: 2,
             embeddings,
             capture: None,
