@@ -184,8 +184,12 @@ fn cka_real_models_and_shuffled_control() {
 }
 
 #[test]
-fn two_model_report_renders() {
-    let (Some(a), Some(b)) = (model_path(SMOL), model_path(GEMMA)) else {
+fn three_model_report_renders() {
+    let (Some(a), Some(b), Some(c)) = (
+        model_path(SMOL),
+        model_path(GEMMA),
+        model_path(crate::real_size::QWEN05),
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -197,6 +201,8 @@ fn two_model_report_renders() {
         s(&a),
         "-m",
         s(&b),
+        "-m",
+        s(&c),
         "-f",
         s(&root().join("prompts/facts.jsonl")),
         "--positions",
@@ -213,9 +219,17 @@ fn two_model_report_renders() {
         "Logit lens",
         "Lens table",
         "decides at",
+        "Confident vs decided",
+        "95% interval",
+        "Difference in mean decision depth",
     ] {
         assert!(html.contains(t), "missing {t}");
     }
+    // CKA for every pair of the three models (not only the first two), each with its control.
+    let pairs = html.matches("<p>CKA ").count();
+    assert_eq!(pairs, 3, "one CKA summary per pair");
+    // Eight prompts decide nothing: every difference names its interval and n.
+    assert_eq!(html.matches("n = 8 — ").count(), 3, "a verdict per pair");
     if let Some((declared, rendered, errors)) =
         crate::report::render_in_chromium(&out.join("report.html"), &dir.path().join("cmp.png"))
     {
