@@ -65,6 +65,12 @@ fn plain_time(
             n_batch: 512,
             n_ubatch: 512,
             n_seq_max: n_seq as u32,
+            // As the tracer does: logits buffers sized for the outputs asked for.
+            n_outputs_max: if output_all || embeddings {
+                0
+            } else {
+                n_seq as u32
+            },
             n_threads: default_threads(),
             embeddings,
             capture: None,
@@ -356,10 +362,103 @@ fn bench_rpc(path: &std::path::Path) {
     }
 }
 
+/// Real size (`GGUF_TRACE_BENCH=real`, the 1.5B): traced vs untraced with the same outputs, the
+/// last position vs untraced last-token decoding, tokens/s, peak RSS of `trace` (24 prompts, every
+/// position and the last), and `report` of a 200-prompt run.
+fn bench_real(path: &std::path::Path) {
+    let model = Model::load(path, &LoadOptions::default()).expect("model loads");
+    let name = model.meta("general.name").unwrap_or_default();
+    let toks: Vec<Vec<i32>> = prompts(16)
+        .iter()
+        .map(|t| tokenize_prompt(&model, t).unwrap())
+        .collect();
+    let n_tokens: usize = toks.iter().map(Vec::len).sum();
+    plain_time(&model, &toks[..4], 8, true, false);
+    trace_time(&model, &toks[..4], |_| {});
+    let (mut ta, mut pa, mut tl, mut pl) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        ta.push(trace_time(&model, &toks, |c| c.n_seq = 8));
+        pa.push(plain_time(&model, &toks, 8, true, false));
+        tl.push(trace_time(&model, &toks, |c| {
+            c.n_seq = 8;
+            c.positions = Positions::Last
+        }));
+        pl.push(plain_time(&model, &toks, 8, false, false));
+    }
+    let (ta, pa, tl, pl) = (median(ta), median(pa), median(tl), median(pl));
+    println!(
+        "[{name}] {} prompts, {n_tokens} tokens, {} threads",
+        toks.len(),
+        default_threads()
+    );
+    println!("real traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
+    println!("real traced_last_vs_plain_last_token: {:.3} x", tl / pl);
+    println!(
+        "real tokens_per_s: traced all {:.1}, traced last {:.1}, untraced last {:.1}",
+        n_tokens as f64 / ta,
+        n_tokens as f64 / tl,
+        n_tokens as f64 / pl
+    );
+    drop(model);
+    let dir = tempfile::tempdir().unwrap();
+    let pf = dir.path().join("p24.txt");
+    std::fs::write(&pf, prompts(24).join("\n")).unwrap();
+    let m = path.to_str().unwrap();
+    for pos in ["all", "last"] {
+        let out = dir.path().join(format!("r24{pos}"));
+        let (rss, secs, ok) = peak_rss_and_time(&[
+            "trace",
+            "-m",
+            m,
+            "-f",
+            pf.to_str().unwrap(),
+            "--positions",
+            pos,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "trace --positions {pos}");
+        println!("real trace_24_prompts_positions_{pos}: {secs:.1} s, peak RSS {rss:.0} MiB");
+    }
+    let pf = dir.path().join("p200.jsonl");
+    let lines: Vec<String> = prompts(200)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let label = if i % 2 == 0 { "even" } else { "odd" };
+            serde_json::json!({"text": t, "label": label}).to_string()
+        })
+        .collect();
+    std::fs::write(&pf, lines.join("\n")).unwrap();
+    let run = dir.path().join("r200");
+    let (rss, secs, ok) = peak_rss_and_time(&[
+        "trace",
+        "-m",
+        m,
+        "-f",
+        pf.to_str().unwrap(),
+        "--positions",
+        "last",
+        "-o",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "trace of 200 prompts");
+    println!("real trace_200_prompts_positions_last: {secs:.1} s, peak RSS {rss:.0} MiB");
+    let out = dir.path().join("r200.html");
+    let (rss, secs, ok) =
+        peak_rss_and_time(&["report", run.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "report of 200 prompts");
+    println!("real report_200_prompts: {secs:.2} s, peak RSS {rss:.0} MiB");
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init();
+    if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("real") {
+        bench_real(&paths[0]);
+        return;
+    }
     if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("report") {
         // Only the report's scale benchmark.
         let traced = bench_memory(&paths[0]);
