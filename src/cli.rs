@@ -197,7 +197,7 @@ pub struct DirectionArgs {
     #[arg(long, value_name = "FILE", requires = "model")]
     pub select: Option<PathBuf>,
     /// The model the run was traced with (for --select).
-    #[arg(short, long, value_name = "model.gguf")]
+    #[arg(short, long, value_name = "model.gguf", requires = "select")]
     pub model: Option<PathBuf>,
     /// Candidate points for --select (default: every point 2..n_layer-1 the run keeps, the points
     /// a block reads).
@@ -206,11 +206,13 @@ pub struct DirectionArgs {
     /// Tokens generated per held-out prompt for the refusal judge.
     #[arg(long, value_name = "N", default_value_t = 24, requires = "select")]
     pub select_generate: usize,
-    /// Largest mean next-token KL (nats) a candidate may cause on label B's prompts.
-    #[arg(long, value_name = "NATS", default_value_t = 0.1, requires = "select")]
+    /// Largest mean next-token KL (nats) a candidate may cause on label B's prompts. Arditi et
+    /// al. use 0.1; on Qwen2.5-Coder-1.5B every candidate that moved refusal at all caused
+    /// 0.11–0.56, so the default is 0.3 (the selection records every candidate's KL).
+    #[arg(long, value_name = "NATS", default_value_t = 0.3, requires = "select")]
     pub select_max_kl: f64,
     /// CPU threads for --select (default: all available).
-    #[arg(short, long, value_name = "N")]
+    #[arg(short, long, value_name = "N", requires = "select")]
     pub threads: Option<i32>,
 }
 
