@@ -451,10 +451,55 @@ fn bench_real(path: &std::path::Path) {
     println!("real report_200_prompts: {secs:.2} s, peak RSS {rss:.0} MiB");
 }
 
+/// On a GPU build (`GGUF_TRACE_BENCH=gpu`): every layer offloaded, traced vs untraced with the
+/// same outputs and the last position vs untraced last-token decoding, tokens/s.
+fn bench_gpu(path: &std::path::Path) {
+    let model = Model::load(
+        path,
+        &LoadOptions {
+            n_gpu_layers: 999,
+            ..LoadOptions::default()
+        },
+    )
+    .expect("model loads");
+    let name = model.meta("general.name").unwrap_or_default();
+    let toks: Vec<Vec<i32>> = prompts(64)
+        .iter()
+        .map(|t| tokenize_prompt(&model, t).unwrap())
+        .collect();
+    let n_tokens: usize = toks.iter().map(Vec::len).sum();
+    plain_time(&model, &toks[..8], 16, true, false);
+    trace_time(&model, &toks[..8], |_| {});
+    let (mut ta, mut pa, mut tl, mut pl) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..REPS {
+        ta.push(trace_time(&model, &toks, |_| {}));
+        pa.push(plain_time(&model, &toks, 16, true, false));
+        tl.push(trace_time(&model, &toks, |c| c.positions = Positions::Last));
+        pl.push(plain_time(&model, &toks, 16, false, false));
+    }
+    let (ta, pa, tl, pl) = (median(ta), median(pa), median(tl), median(pl));
+    println!("[gpu {name}] {} prompts, {n_tokens} tokens", toks.len());
+    println!("gpu traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
+    println!("gpu traced_last_vs_plain_last_token: {:.3} x", tl / pl);
+    println!(
+        "gpu tokens_per_s: traced all {:.0}, untraced all {:.0}, traced last {:.0}, untraced last {:.0}",
+        n_tokens as f64 / ta,
+        n_tokens as f64 / pa,
+        n_tokens as f64 / tl,
+        n_tokens as f64 / pl
+    );
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init();
+    if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("gpu") {
+        for p in &paths {
+            bench_gpu(p);
+        }
+        return;
+    }
     if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("real") {
         bench_real(&paths[0]);
         return;
