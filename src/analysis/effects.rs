@@ -43,31 +43,20 @@ const NEVER_DOUBLED: [&str; 12] = [
     "a", "an", "the", "i", "to", "of", "and", "in", "is", "it", "for", "on",
 ];
 
-/// Degenerate text, by four rules on its words (lower-cased runs of letters and digits); each is
-/// a property of broken decoding that fluent text of a few dozen tokens does not have:
-/// - no word at all in a non-empty text ("!!!!!!!!", "\n\n\n"), or an empty text;
+/// Degenerate text, by four rules; each is a property of broken decoding that fluent text of a
+/// few dozen tokens does not have. A *word* here is a whitespace-separated token, trimmed of
+/// punctuation at both ends and lower-cased, that holds a letter: numbers and code punctuation
+/// repeat in fluent answers ("[0, 0, 0]", "</div></div>") and are not counted.
+/// - no letter or digit at all ("!!!!!!!!", "\n\n\n"), or an empty text;
 /// - one word three or more times in a row ("sorry sorry sorry", "this: this: this:");
-/// - a function word doubled ("I am a a", "the the"; [`NEVER_DOUBLED`]);
+/// - a function word doubled with only a space between ("I am a a", "the the";
+///   [`NEVER_DOUBLED`]; not across punctuation: "for it. It's" is fluent);
 /// - with at least 8 words, half or more of the word pairs repeat an earlier pair ("the the cat
 ///   the the cat the the cat"), i.e. a loop.
 pub fn degenerate(text: &str) -> bool {
-    let words: Vec<String> = text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    if words.is_empty() {
+    if !text.chars().any(char::is_alphanumeric) {
         return true;
     }
-    let mut run = 1;
-    for w in words.windows(2) {
-        run = if w[0] == w[1] { run + 1 } else { 1 };
-        if run >= 3 {
-            return true;
-        }
-    }
-    // Doubled function words: two whitespace-separated tokens, the same word with nothing between
-    // ("a a"), not across punctuation ("for it. It's").
     let tokens: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
     if tokens
         .windows(2)
@@ -75,11 +64,28 @@ pub fn degenerate(text: &str) -> bool {
     {
         return true;
     }
+    let trimmed: Vec<&str> = tokens
+        .iter()
+        .map(|t| t.trim_matches(|c: char| !c.is_alphanumeric()))
+        .collect();
+    let mut run = 1;
+    for w in trimmed.windows(2) {
+        run = if w[0] == w[1] && w[0].chars().any(char::is_alphabetic) {
+            run + 1
+        } else {
+            1
+        };
+        if run >= 3 {
+            return true;
+        }
+    }
+    let words: Vec<&str> = trimmed
+        .iter()
+        .copied()
+        .filter(|w| w.chars().any(char::is_alphabetic))
+        .collect();
     if words.len() >= 8 {
-        let pairs: Vec<(&str, &str)> = words
-            .windows(2)
-            .map(|w| (w[0].as_str(), w[1].as_str()))
-            .collect();
+        let pairs: Vec<(&str, &str)> = words.windows(2).map(|w| (w[0], w[1])).collect();
         let mut seen = std::collections::HashSet::new();
         let repeats = pairs.iter().filter(|p| !seen.insert(**p)).count();
         if 2 * repeats >= pairs.len() {
@@ -198,6 +204,9 @@ mod tests {
             "def add(a, b):\n    return a + b",
             "Is it that that matters? I had had enough of the noise.",
             "I'm so grateful for it. It's so nice to have something special for my birthday.",
+            // A coder model's fluent answers repeat numbers and markup.
+            "x = [0, 0, 0, 0]\nprint(x)",
+            "return `</div></div></div>` closes the three blocks",
         ] {
             assert_eq!(judge(t, &p), Verdict::Other, "{t:?}");
         }

@@ -58,13 +58,25 @@ fn select_point(
         .context("--select needs the model: -m model.gguf")?;
     let n_layer = run.manifest.model.n_layer;
     let kept = &run.manifest.capture.points;
+    // Each candidate's direction is ablated at every point 2..=L, as the README says: the
+    // temporary file needs a direction at each, so the run must keep them all.
+    if let Some(p) = (2..=n_layer).find(|p| !kept.contains(p)) {
+        bail!(
+            "--select: {} does not keep point {p}; a candidate is ablated at every point 2..={n_layer}, so trace the run without --points",
+            run.dir.display()
+        );
+    }
     let candidates: Vec<usize> = match &args.select_points {
         Some(spec) => {
             let v = crate::cli::parse_points(spec, n_layer)
                 .map_err(|e| anyhow::anyhow!(e.replace("--points", "--select-points")))?;
-            if let Some(p) = v.iter().find(|&&p| p < 2 || !kept.contains(&p)) {
+            if let Some(p) = v
+                .iter()
+                .find(|&&p| p < 2 || p >= n_layer || !kept.contains(&p))
+            {
                 bail!(
-                    "--select-points: point {p} has no direction (the run keeps points {}; a control vector covers points 2..={n_layer})",
+                    "--select-points: point {p} is not a candidate (candidates are the points 2..={} that a block reads and the run keeps: {})",
+                    n_layer - 1,
                     crate::cli::format_points(kept)
                 );
             }

@@ -745,7 +745,16 @@ impl<'m> Context<'m> {
         cp.n_ubatch = p.n_ubatch;
         cp.n_seq_max = p.n_seq_max;
         if p.n_outputs_max > 0 {
-            cp.n_outputs_max = p.n_outputs_max.max(p.n_seq_max).min(p.n_batch);
+            // llama.cpp reserves n_seq_max outputs at creation and asserts they fit.
+            let v = p.n_outputs_max.max(p.n_seq_max);
+            if v > p.n_batch {
+                free_capture(capture);
+                return Err(ContextError::Create(Some(format!(
+                    "{} sequences need at least {v} outputs, more than the batch size {}",
+                    p.n_seq_max, p.n_batch
+                ))));
+            }
+            cp.n_outputs_max = v;
         }
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;

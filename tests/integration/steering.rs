@@ -541,7 +541,11 @@ fn select_scores_candidates_on_held_out_prompts_and_records_the_choice() {
         (vec!["--select", s(&held_path)], "--model"),
         (
             vec!["--select", s(&held_path), "-m", s(&model), "--select-points", "1"],
-            "--select-points: point 1 has no direction",
+            "--select-points: point 1 is not a candidate",
+        ),
+        (
+            vec!["--select", s(&held_path), "-m", s(&model), "--select-points", "30"],
+            "--select-points: point 30 is not a candidate (candidates are the points 2..=29",
         ),
         (
             vec!["--select", s(&held_path), "-m", s(&model), "--select-generate", "0"],
