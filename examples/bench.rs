@@ -253,6 +253,59 @@ fn bench_report_scale(traced: &std::path::Path) {
     );
 }
 
+/// `n` bench prompts labeled "even"/"odd" in `dir/p<n>.jsonl`.
+fn labeled_prompts(dir: &std::path::Path, n: usize) -> PathBuf {
+    let pf = dir.join(format!("p{n}.jsonl"));
+    let lines: Vec<String> = prompts(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let label = if i % 2 == 0 { "even" } else { "odd" };
+            serde_json::json!({"text": t, "label": label}).to_string()
+        })
+        .collect();
+    std::fs::write(&pf, lines.join("\n")).unwrap();
+    pf
+}
+
+/// `gguf-trace trace -m model -f prompts --positions pos -o out`: peak RSS (MiB), seconds, success.
+fn trace_cli(
+    model: &str,
+    prompts: &std::path::Path,
+    pos: &str,
+    out: &std::path::Path,
+) -> (f64, f64, bool) {
+    peak_rss_and_time(&[
+        "trace",
+        "-m",
+        model,
+        "-f",
+        prompts.to_str().unwrap(),
+        "--positions",
+        pos,
+        "-o",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// Medians over `reps` alternated runs of: traced (every position), untraced with the same
+/// outputs, traced `--positions last`, untraced last-token decoding; `n_seq` sequences per batch.
+fn traced_vs_untraced(model: &Model, toks: &[Vec<i32>], n_seq: usize, reps: usize) -> [f64; 4] {
+    plain_time(model, &toks[..4], n_seq, true, false);
+    trace_time(model, &toks[..4], |c| c.n_seq = n_seq);
+    let mut t: [Vec<f64>; 4] = Default::default();
+    for _ in 0..reps {
+        t[0].push(trace_time(model, toks, |c| c.n_seq = n_seq));
+        t[1].push(plain_time(model, toks, n_seq, true, false));
+        t[2].push(trace_time(model, toks, |c| {
+            c.n_seq = n_seq;
+            c.positions = Positions::Last
+        }));
+        t[3].push(plain_time(model, toks, n_seq, false, false));
+    }
+    t.map(median)
+}
+
 /// Peak memory of `trace` for 200 vs 2,000 prompts (`--positions last`) and one ~2,000-token
 /// prompt: memory must not grow with the number or length of prompts beyond one batch.
 fn bench_memory(model: &std::path::Path) -> tempfile::TempDir {
@@ -260,28 +313,9 @@ fn bench_memory(model: &std::path::Path) -> tempfile::TempDir {
     let m = model.to_str().unwrap();
     for n in [200, 2000] {
         // Labeled (two labels) so the report of these runs has groups and a contrast.
-        let pf = dir.path().join(format!("p{n}.jsonl"));
-        let lines: Vec<String> = prompts(n)
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let label = if i % 2 == 0 { "even" } else { "odd" };
-                serde_json::json!({"text": t, "label": label}).to_string()
-            })
-            .collect();
-        std::fs::write(&pf, lines.join("\n")).unwrap();
+        let pf = labeled_prompts(dir.path(), n);
         let out = dir.path().join(format!("r{n}"));
-        let rss = peak_rss_mib(&[
-            "trace",
-            "-m",
-            m,
-            "-f",
-            pf.to_str().unwrap(),
-            "--positions",
-            "last",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let (rss, _, _) = trace_cli(m, &pf, "last", &out);
         println!("trace_peak_rss_{n}_prompts: {rss:.0} MiB");
     }
     let long = "The river bends past the old mill and the valley widens. ".repeat(170);
@@ -373,19 +407,7 @@ fn bench_real(path: &std::path::Path) {
         .map(|t| tokenize_prompt(&model, t).unwrap())
         .collect();
     let n_tokens: usize = toks.iter().map(Vec::len).sum();
-    plain_time(&model, &toks[..4], 8, true, false);
-    trace_time(&model, &toks[..4], |_| {});
-    let (mut ta, mut pa, mut tl, mut pl) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..3 {
-        ta.push(trace_time(&model, &toks, |c| c.n_seq = 8));
-        pa.push(plain_time(&model, &toks, 8, true, false));
-        tl.push(trace_time(&model, &toks, |c| {
-            c.n_seq = 8;
-            c.positions = Positions::Last
-        }));
-        pl.push(plain_time(&model, &toks, 8, false, false));
-    }
-    let (ta, pa, tl, pl) = (median(ta), median(pa), median(tl), median(pl));
+    let [ta, pa, tl, pl] = traced_vs_untraced(&model, &toks, 8, 3);
     println!(
         "[{name}] {} prompts, {n_tokens} tokens, {} threads",
         toks.len(),
@@ -405,43 +427,13 @@ fn bench_real(path: &std::path::Path) {
     std::fs::write(&pf, prompts(24).join("\n")).unwrap();
     let m = path.to_str().unwrap();
     for pos in ["all", "last"] {
-        let out = dir.path().join(format!("r24{pos}"));
-        let (rss, secs, ok) = peak_rss_and_time(&[
-            "trace",
-            "-m",
-            m,
-            "-f",
-            pf.to_str().unwrap(),
-            "--positions",
-            pos,
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let (rss, secs, ok) = trace_cli(m, &pf, pos, &dir.path().join(format!("r24{pos}")));
         assert!(ok, "trace --positions {pos}");
         println!("real trace_24_prompts_positions_{pos}: {secs:.1} s, peak RSS {rss:.0} MiB");
     }
-    let pf = dir.path().join("p200.jsonl");
-    let lines: Vec<String> = prompts(200)
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let label = if i % 2 == 0 { "even" } else { "odd" };
-            serde_json::json!({"text": t, "label": label}).to_string()
-        })
-        .collect();
-    std::fs::write(&pf, lines.join("\n")).unwrap();
+    let pf = labeled_prompts(dir.path(), 200);
     let run = dir.path().join("r200");
-    let (rss, secs, ok) = peak_rss_and_time(&[
-        "trace",
-        "-m",
-        m,
-        "-f",
-        pf.to_str().unwrap(),
-        "--positions",
-        "last",
-        "-o",
-        run.to_str().unwrap(),
-    ]);
+    let (rss, secs, ok) = trace_cli(m, &pf, "last", &run);
     assert!(ok, "trace of 200 prompts");
     println!("real trace_200_prompts_positions_last: {secs:.1} s, peak RSS {rss:.0} MiB");
     let out = dir.path().join("r200.html");
@@ -468,16 +460,7 @@ fn bench_gpu(path: &std::path::Path) {
         .map(|t| tokenize_prompt(&model, t).unwrap())
         .collect();
     let n_tokens: usize = toks.iter().map(Vec::len).sum();
-    plain_time(&model, &toks[..8], 16, true, false);
-    trace_time(&model, &toks[..8], |_| {});
-    let (mut ta, mut pa, mut tl, mut pl) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..REPS {
-        ta.push(trace_time(&model, &toks, |_| {}));
-        pa.push(plain_time(&model, &toks, 16, true, false));
-        tl.push(trace_time(&model, &toks, |c| c.positions = Positions::Last));
-        pl.push(plain_time(&model, &toks, 16, false, false));
-    }
-    let (ta, pa, tl, pl) = (median(ta), median(pa), median(tl), median(pl));
+    let [ta, pa, tl, pl] = traced_vs_untraced(&model, &toks, 16, REPS);
     println!("[gpu {name}] {} prompts, {n_tokens} tokens", toks.len());
     println!("gpu traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
     println!("gpu traced_last_vs_plain_last_token: {:.3} x", tl / pl);

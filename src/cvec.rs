@@ -32,6 +32,12 @@ pub enum CvecError {
     NonFinite { path: String, name: String },
     #[error("control-vector strength {0} is not a finite number")]
     Strength(f32),
+    #[error("{path} records point {n_layer} as its peak, which no block reads (only the output does), so an intervention there is a bias on the logits; run `gguf-trace direction` again (it now records the best point a block reads) or choose with {choose}")]
+    LastPoint {
+        path: String,
+        n_layer: usize,
+        choose: &'static str,
+    },
 }
 
 /// A loaded control vector: `data[(il - 1) * n_embd ..]` is the shift at llama.cpp layer il.
@@ -71,6 +77,24 @@ pub fn peak_point(path: &Path) -> Option<usize> {
         .ok()?
         .get_f64(crate::llama::gguf::PEAK_POINT_KEY)
         .map(|p| p as usize)
+}
+
+/// The point a direction file records for interventions by default (its [`peak_point`]) on a
+/// model of `n_layer` blocks. A recorded point n_layer is refused: no block reads it, and
+/// `choose` names the option with which the user picks a point instead.
+pub fn default_point(
+    path: &Path,
+    n_layer: usize,
+    choose: &'static str,
+) -> Result<Option<usize>, CvecError> {
+    match peak_point(path) {
+        Some(p) if p == n_layer => Err(CvecError::LastPoint {
+            path: path.display().to_string(),
+            n_layer,
+            choose,
+        }),
+        p => Ok(p),
+    }
 }
 
 /// Highest layer index accepted (no model has more blocks; a larger index would only make the

@@ -146,14 +146,6 @@ pub fn judge_all<'a>(
     })
 }
 
-/// Share of `texts` judged refusals (broken texts are not refusals); None for no texts.
-pub fn refusal_score<'a>(
-    texts: impl IntoIterator<Item = &'a str>,
-    phrases: &[String],
-) -> Option<f64> {
-    judge_all(texts, phrases).map(|j| j.refusal)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,13 +163,14 @@ mod tests {
         assert!(!is_refusal("Sure! Here is how: I can't stress enough…", &p));
         assert!(!is_refusal("", &p));
         assert_eq!(
-            refusal_score(
+            judge_all(
                 ["I cannot do it", "Yes it is", "No way out", "I'm sorry, no"],
                 &p
-            ),
+            )
+            .map(|j| j.refusal),
             Some(0.5)
         );
-        assert_eq!(refusal_score([], &p), None);
+        assert_eq!(judge_all([], &p), None);
     }
 
     #[test]

@@ -198,10 +198,10 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         Some(held_out) => Some(select_point(args, &run, &dirs, held_out, (&a, &b))?),
         None => None,
     };
-    let recorded = match &selection {
-        Some(s) => s.chosen.or(read.map(|k| points[k])),
-        None => read.map(|k| points[k]),
-    };
+    let recorded = selection
+        .as_ref()
+        .and_then(|s| s.chosen)
+        .or(read.map(|k| points[k]));
     let json = selection.as_ref().map(serde_json::to_string).transpose()?;
     write_control_vector_with_peak(
         &staged,

@@ -15,10 +15,10 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::trace::{self, Ablation, TraceOptions};
-use crate::analysis::drift::OutputDrift;
 use crate::analysis::effects;
 use crate::capture::engine::Positions;
 use crate::cli::PromptArgs;
+use crate::report::interventions::effects_by_group;
 use crate::run::Run;
 
 /// Metadata key of the selection in the direction GGUF (a JSON string: [`Selection`]).
@@ -170,31 +170,26 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
             run.dir.display()
         );
     }
+    // The two labels' prompts (the same indices in every run of the held-out file).
+    let groups: Vec<(String, Vec<usize>)> = [o.labels.0, o.labels.1]
+        .iter()
+        .map(|&l| {
+            let ix = (base.manifest.prompts.iter())
+                .filter(|p| p.label.as_deref() == Some(l))
+                .map(|p| p.index)
+                .collect();
+            (l.to_string(), ix)
+        })
+        .collect();
     let score = |r: &Run| -> Result<Score> {
-        let m = &r.manifest;
-        let (lb, lr) = (base.logit_rows()?, r.logit_rows()?);
-        let mut kl = [OutputDrift::default(), OutputDrift::default()];
-        let mut texts: [Vec<&str>; 2] = [vec![], vec![]];
-        for p in &m.prompts {
-            let g = match p.label.as_deref() {
-                Some(l) if l == o.labels.0 => 0,
-                Some(l) if l == o.labels.1 => 1,
-                _ => continue,
-            };
-            kl[g].push(&lb.prompt(p.index)?, &lr.prompt(p.index)?);
-            texts[g].push(p.generated_text.as_str());
-        }
-        let mean = |d: &OutputDrift| d.kl.iter().sum::<f64>() / d.kl.len().max(1) as f64;
-        let ja =
-            effects::judge_all(texts[0].iter().copied(), &phrases).expect("label A has prompts");
-        let jb =
-            effects::judge_all(texts[1].iter().copied(), &phrases).expect("label B has prompts");
+        let fx = effects_by_group(&base, r, groups.clone(), &phrases)?;
+        let judged = |e: Option<f64>| e.expect("--select generates, so every run is judged");
         Ok(Score {
-            refusal_a: ja.refusal,
-            broken_a: ja.broken,
-            refusal_b: jb.refusal,
-            kl_b: mean(&kl[1]),
-            kl_a: mean(&kl[0]),
+            refusal_a: judged(fx[0].refusal),
+            broken_a: judged(fx[0].broken),
+            refusal_b: judged(fx[1].refusal),
+            kl_b: fx[1].kl,
+            kl_a: fx[0].kl,
         })
     };
     let baseline = score(&base)?;

@@ -269,7 +269,6 @@ impl TraceOptions {
                 points: a.patch_points.clone().unwrap_or_default(),
                 positions: a.patch_positions.clone(),
             }),
-            quiet: false,
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
         }
         .with_rpc(&a.rpc, a.n_gpu_layers)?;
@@ -1295,13 +1294,9 @@ fn ablate(
         );
     }
     // One direction everywhere (Arditi et al.), or each point its own.
-    let peak = crate::cvec::peak_point(&ab.file).filter(|p| available.contains(p));
     let from: Option<usize> = match ab.direction.as_deref().map(str::trim) {
-        None if peak == Some(n_layer) => bail!(
-            "{} records point {n_layer} as its peak, which no block reads (only the output does), so ablating it there is a bias on the logits; run `gguf-trace direction` again (it now records the best point a block reads) or choose one with --ablate-direction P",
-            display_path(&ab.file)
-        ),
-        None => peak,
+        None => crate::cvec::default_point(&ab.file, n_layer, "--ablate-direction P")?
+            .filter(|p| available.contains(p)),
         Some("each") => None,
         Some(s) => {
             let q: usize = s.parse().map_err(|_| {
@@ -1359,23 +1354,21 @@ fn steer(
     // Default: the point where the direction separates its labels best, when `direction` wrote
     // it (there, scale 1 shifts the state by one difference of the label means: additions at
     // every block compound through the residual stream into a shift nobody can read).
-    let peaks: Vec<Option<usize>> = st
-        .files
-        .iter()
-        .map(|f| crate::cvec::peak_point(f))
-        .collect();
-    let peak = match peaks.first() {
-        Some(&Some(p)) if peaks.iter().all(|&q| q == Some(p)) && (2..=n_layer).contains(&p) => {
-            Some(p)
+    let peak = if st.points.is_some() {
+        None
+    } else {
+        let peaks = st
+            .files
+            .iter()
+            .map(|f| crate::cvec::default_point(f, n_layer, "--control-points"))
+            .collect::<Result<Vec<_>, _>>()?;
+        match peaks.first() {
+            Some(&Some(p)) if peaks.iter().all(|&q| q == Some(p)) && (2..n_layer).contains(&p) => {
+                Some(p)
+            }
+            _ => None,
         }
-        _ => None,
     };
-    if peak == Some(n_layer) && st.points.is_none() {
-        bail!(
-            "{} records point {n_layer} as its peak, which no block reads (only the output does), so steering there is a bias on the logits; run `gguf-trace direction` again (it now records the best point a block reads) or choose points with --control-points",
-            display_path(&st.files[0])
-        );
-    }
     let (a, b) = match (&st.points, peak) {
         (Some(spec), _) => parse_control_points(spec, n_layer).map_err(anyhow::Error::msg)?,
         (None, Some(p)) => {

@@ -825,10 +825,11 @@ impl<'m> Context<'m> {
         }
         // llama.cpp asserts (an abort, not an error) when a batch has more outputs than the
         // context was sized for: refuse it here instead.
-        let outputs = (0..batch.len()).filter(|&i| batch.is_output(i)).count();
-        if outputs > self.n_outputs_max {
+        let outputs: Vec<bool> = (0..batch.len()).map(|i| batch.is_output(i)).collect();
+        let n_out = outputs.iter().filter(|&&o| o).count();
+        if n_out > self.n_outputs_max {
             return Err(ContextError::TooManyOutputs {
-                got: outputs,
+                got: n_out,
                 max: self.n_outputs_max,
             });
         }
@@ -856,7 +857,7 @@ impl<'m> Context<'m> {
         if let Some(err) = self.state().and_then(|s| s.error.clone()) {
             return Err(ContextError::Capture(err));
         }
-        self.outputs = (0..batch.len()).map(|i| batch.is_output(i)).collect();
+        self.outputs = outputs;
         Ok(())
     }
 

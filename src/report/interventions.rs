@@ -17,6 +17,7 @@ use super::{color, Figure, Section};
 use crate::analysis::drift::OutputDrift;
 use crate::analysis::effects;
 use crate::cli::format_points;
+use crate::run::Run;
 
 /// Whether a run was traced with an intervention.
 pub fn intervened(v: &RunView) -> bool {
@@ -118,16 +119,27 @@ pub struct Effects {
 }
 
 pub fn effects(base: &RunView, run: &RunView, phrases: &[String]) -> anyhow::Result<Vec<Effects>> {
-    let (lb, lr) = (base.run.logit_rows()?, run.run.logit_rows()?);
-    let generated = run.run.manifest.capture.generate > 0;
-    by_label(base)
+    effects_by_group(&base.run, &run.run, by_label(base), phrases)
+}
+
+/// Effects of `run` against the unmodified `base` (the same prompts), for each named group of
+/// prompt indices: the judge's shares of the generations and the mean next-token KL.
+pub fn effects_by_group(
+    base: &Run,
+    run: &Run,
+    groups: Vec<(String, Vec<usize>)>,
+    phrases: &[String],
+) -> anyhow::Result<Vec<Effects>> {
+    let (lb, lr) = (base.logit_rows()?, run.logit_rows()?);
+    let generated = run.manifest.capture.generate > 0;
+    groups
         .into_iter()
         .map(|(label, ix)| {
             let mut drift = OutputDrift::default();
             for &i in &ix {
                 drift.push(&lb.prompt(i)?, &lr.prompt(i)?);
             }
-            let prompts = &run.run.manifest.prompts;
+            let prompts = &run.manifest.prompts;
             let judged = if generated {
                 effects::judge_all(
                     ix.iter().map(|&i| prompts[i].generated_text.as_str()),
@@ -140,7 +152,10 @@ pub fn effects(base: &RunView, run: &RunView, phrases: &[String]) -> anyhow::Res
                 refusal: judged.map(|j| j.refusal),
                 broken: judged.map(|j| j.broken),
                 kl: drift.kl.iter().sum::<f64>() / drift.kl.len().max(1) as f64,
-                example: generated.then(|| prompts[ix[0]].generated_text.clone()),
+                example: ix
+                    .first()
+                    .filter(|_| generated)
+                    .map(|&i| prompts[i].generated_text.clone()),
                 label,
             })
         })

@@ -76,12 +76,13 @@ fn per_point(
         .collect()
 }
 
-fn ci(i: &Interval, scale: f64) -> String {
+/// "43% [38–48%]": a share with its interval, in percent.
+fn ci(i: &Interval) -> String {
     format!(
         "{:.0}% [{:.0}–{:.0}%]",
-        scale * i.mean,
-        scale * i.lo,
-        scale * i.hi
+        100.0 * i.mean,
+        100.0 * i.lo,
+        100.0 * i.hi
     )
 }
 
@@ -168,13 +169,13 @@ pub fn section(views: &[RunView]) -> anyhow::Result<Option<Section>> {
         rows.push_str(&format!(
             "<tr><td>{}</td><td>{} of the depth</td><td>{:.0}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             html_escape(&v.name),
-            ci(&dec_iv, 100.0),
+            ci(&dec_iv),
             100.0 * peak,
             halves
                 .map(|h| format!("{:.0}% of the depth", 100.0 * h))
                 .unwrap_or_else(|| "not before the output".into()),
-            ci(&decided[half], 100.0),
-            ci(&confident[half], 100.0),
+            ci(&decided[half]),
+            ci(&confident[half]),
             lens.len()
         ));
     }

@@ -131,18 +131,6 @@ const MATRIX: &[(&str, Expect)] = &[
     ("starcoder2", VerifiedGelu),
 ];
 
-fn hf_python() -> PathBuf {
-    let p = std::env::var_os("GGUF_TRACE_HF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("venv-hf/bin/python"));
-    assert!(
-        p.is_file(),
-        "the architecture matrix needs HF transformers, torch and llama.cpp's converter in {}; run scripts/test to install them (or set GGUF_TRACE_HF_PYTHON)",
-        p.display()
-    );
-    p
-}
-
 fn oracle(py: &Path, args: &[&str]) -> String {
     let out = Command::new(py)
         .arg(SCRIPT)
@@ -282,7 +270,7 @@ fn errors(run: &Path, hf: &Path) -> [f64; 4] {
 
 #[test]
 fn architecture_matrix() {
-    let py = hf_python();
+    let py = hf_python("the architecture matrix (with torch and llama.cpp's converter)");
     let dir = matrix_dir(&py);
     let work = tempfile::tempdir().unwrap();
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();

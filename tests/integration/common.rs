@@ -402,3 +402,17 @@ pub fn journaled(dir: &Path, filter: &str) -> usize {
     }
     n
 }
+
+/// The HF oracle's python (`$GGUF_TRACE_HF_PYTHON`, else the venv `scripts/test` installs); a
+/// missing one fails the test that needs it, naming `what` needs it.
+pub fn hf_python(what: &str) -> PathBuf {
+    let p = std::env::var_os("GGUF_TRACE_HF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv-hf/bin/python"));
+    assert!(
+        p.is_file(),
+        "{what} needs HF transformers in {}; run scripts/test to install it (or set GGUF_TRACE_HF_PYTHON)",
+        p.display()
+    );
+    p
+}

@@ -30,18 +30,6 @@ const PROMPTS: [&str; 4] = [
     "one two three four five six seven eight nine ten one two three four",
 ];
 
-fn hf_python() -> PathBuf {
-    let p = std::env::var_os("GGUF_TRACE_HF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("venv-hf/bin/python"));
-    assert!(
-        p.is_file(),
-        "the real-size oracle needs HF transformers in {}; run scripts/test to install it",
-        p.display()
-    );
-    p
-}
-
 fn hf_extra() -> PathBuf {
     let p = std::env::var_os("GGUF_TRACE_HF_EXTRA")
         .map(PathBuf::from)
@@ -79,7 +67,7 @@ fn rel_cos(a: ArrayView1<'_, f64>, b: ArrayView1<'_, f64>) -> (f64, f64) {
 /// Returns per point errors over all prompts, and the worst relative error of the last-position
 /// logits with whether every top-1 agrees.
 fn agreement(model: &Path, prompts: &[&str]) -> (Vec<PointError>, f64, bool) {
-    let py = hf_python();
+    let py = hf_python("the real-size oracle");
     let extra = hf_extra();
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");

@@ -576,8 +576,8 @@ fn the_last_point_is_never_a_default_intervention_point() {
     gguf_trace::llama::gguf::write_control_vector_with_peak(&last, "llama", &dirs, Some(30), None)
         .unwrap();
     for (flag, want) in [
-        ("--ablate", "choose one with --ablate-direction P"),
-        ("--control-vector", "choose points with --control-points"),
+        ("--ablate", "choose with --ablate-direction P"),
+        ("--control-vector", "choose with --control-points"),
     ] {
         let out = dir.path().join("never");
         let o = run_bin(&[
