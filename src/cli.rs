@@ -336,6 +336,16 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub generate: usize,
 
+    /// What to capture: "resid" (the residual stream between blocks, always kept) and taps inside
+    /// each block --points names (point p < L names block p): resid_mid (after attention, before
+    /// the MLP), attn_out and mlp_out (what attention and the MLP add to the residual stream), z
+    /// (each head's output before the output projection), neurons (the MLP's hidden
+    /// activations). TransformerLens names work too (hook_attn_out, hook_resid_mid, hook_z,
+    /// hook_post). Each tap is found from the structure of llama.cpp's graph, or refused with the
+    /// reason; written as NPY to taps/<tap>/<prompt>.npy
+    #[arg(long, value_name = "TAP[,TAP...]", default_value = "resid")]
+    pub taps: String,
+
     /// Output directory (refused if it exists, unless --force).
     #[arg(short, long, value_name = "RUN_DIR")]
     pub output: PathBuf,

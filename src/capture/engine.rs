@@ -11,6 +11,7 @@
 use ndarray::Array3;
 
 use super::arch;
+use super::taps::Tap;
 use crate::llama::context::{
     Batch, CacheType, CaptureSpec, Context, ContextError, ContextParams, Edit,
 };
@@ -67,6 +68,8 @@ pub enum TraceError {
     },
     #[error("activation patching: {0}")]
     Patch(String),
+    #[error("{0}")]
+    Tap(String),
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
     #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite \
@@ -104,6 +107,9 @@ pub struct TraceConfig {
     pub allow_nonfinite: bool,
     /// Element type of the KV cache.
     pub cache_type: CacheType,
+    /// Taps inside blocks to capture (never `resid`: that is `points`), at the blocks `points`
+    /// names (point p < n_layer names block p).
+    pub taps: Vec<Tap>,
 }
 
 impl TraceConfig {
@@ -120,7 +126,17 @@ impl TraceConfig {
             threads: default_threads(),
             allow_nonfinite: false,
             cache_type: CacheType::F16,
+            taps: Vec::new(),
         }
+    }
+
+    /// Blocks the in-block taps are captured at: the kept points below n_layer.
+    pub fn tap_blocks(&self, n_layer: usize) -> Vec<usize> {
+        self.points
+            .iter()
+            .copied()
+            .filter(|&p| p < n_layer)
+            .collect()
     }
 }
 
@@ -158,6 +174,8 @@ pub struct PromptTrace {
     pub index: usize,
     /// `[n_points, n_positions, n_embd]`: kept points × kept positions.
     pub states: Array3<f32>,
+    /// Per in-block tap of the config (in its order): `[n_blocks, n_positions, width]`.
+    pub taps: Vec<Array3<f32>>,
     /// Token position (into prompt + generated tokens) of every kept position.
     pub positions: Vec<usize>,
     /// Prompt tokens followed by generated tokens.
@@ -189,7 +207,7 @@ struct Seq {
     index: usize,
     tokens: Vec<Token>,
     n_prompt: usize,
-    /// Per kept point: rows (n_embd each) of the kept positions so far.
+    /// Per kept point, then per tap slot: rows of the kept positions so far.
     rows: Vec<Vec<f32>>,
     positions: Vec<usize>,
     logits: Option<Vec<f32>>,
@@ -197,6 +215,15 @@ struct Seq {
     next: Option<Token>,
     /// First (point slot, position slot) that was not finite.
     nonfinite: Option<(usize, usize)>,
+}
+
+/// What a tap inside blocks turned out to be in this model's graph.
+#[derive(Debug, Clone)]
+pub struct TapInfo {
+    pub tap: Tap,
+    pub width: usize,
+    pub last_block_output_rows: bool,
+    pub tensors: Vec<String>,
 }
 
 /// Where each token of the last batch came from.
@@ -258,12 +285,14 @@ impl<'m> Tracer<'m> {
         point0: &str,
     ) -> Result<Tracer<'m>, TraceError> {
         let arch = model.meta("general.architecture").unwrap_or_default();
+        let blocks = cfg.tap_blocks(model.n_layer());
         let spec = CaptureSpec {
             arch: arch.clone(),
             point0_name: point0.to_string(),
             n_layer: model.n_layer(),
             n_embd: model.n_embd(),
             points: cfg.points.clone(),
+            taps: cfg.taps.iter().map(|&t| (t, blocks.clone())).collect(),
         };
         let ctx = Context::new(
             model,
@@ -406,6 +435,10 @@ impl<'m> Tracer<'m> {
         mut progress: impl FnMut(usize),
     ) -> Result<(), TraceError> {
         self.check_prompts(prompts)?;
+        if !self.cfg.taps.is_empty() {
+            self.identify_taps(prompts)?;
+        }
+        let n_slots = self.cfg.points.len() + self.n_tap_slots();
         let mut start = 0;
         while start < prompts.len() {
             let end = (start + self.cfg.n_seq).min(prompts.len());
@@ -414,7 +447,7 @@ impl<'m> Tracer<'m> {
                     index,
                     tokens: prompts[index].clone(),
                     n_prompt: prompts[index].len(),
-                    rows: vec![Vec::new(); self.cfg.points.len()],
+                    rows: vec![Vec::new(); n_slots],
                     positions: Vec::new(),
                     logits: None,
                     next: None,
@@ -432,6 +465,80 @@ impl<'m> Tracer<'m> {
             start = end;
         }
         self.ctx.clear_memory();
+        Ok(())
+    }
+
+    /// Tap slots: every in-block tap at every tap block.
+    fn n_tap_slots(&self) -> usize {
+        self.cfg.taps.len() * self.cfg.tap_blocks(self.n_layer).len()
+    }
+
+    /// Find the taps in llama.cpp's graph now (every trace does it first) and say what they are:
+    /// per in-block tap of the config, its width, whether the last block holds output rows only,
+    /// and the tensor name at each block.
+    pub fn identify(&mut self, prompts: &[Vec<Token>]) -> Result<Vec<TapInfo>, TraceError> {
+        if self.cfg.taps.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.identify_taps(prompts)?;
+        let layout = self.ctx.tap_layout();
+        let names = self.ctx.tap_tensors();
+        let n = self.cfg.tap_blocks(self.n_layer).len();
+        Ok(self
+            .cfg
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(t, &tap)| TapInfo {
+                tap,
+                width: layout[t * n].0,
+                last_block_output_rows: layout[(t + 1) * n - 1].1,
+                tensors: names[t * n..(t + 1) * n].to_vec(),
+            })
+            .collect())
+    }
+
+    /// Find the taps in llama.cpp's graph: a one-token decode whose graph is checked (block
+    /// structure, then every tap located; see `llama::context`), so the traced graphs, which have
+    /// the same shape, are matched from the start. Run before every trace, after whatever changed
+    /// the graph (a control vector adds nodes).
+    fn identify_taps(&mut self, prompts: &[Vec<Token>]) -> Result<(), TraceError> {
+        let token = prompts
+            .first()
+            .and_then(|p| p.first().copied())
+            .unwrap_or(self.ctx.model().bos());
+        self.ctx.recheck();
+        self.ctx.clear_memory();
+        self.batch.clear();
+        self.batch.push(token, 0, 0, true);
+        self.ctx.set_wanted_rows(&[false], &[false]);
+        let t = std::time::Instant::now();
+        let r = self.ctx.decode(&self.batch);
+        self.decode_s += t.elapsed().as_secs_f64();
+        self.ctx.clear_memory();
+        r?;
+        let layout = self.ctx.tap_layout();
+        if layout.len() != self.n_tap_slots() {
+            return Err(TraceError::Unchecked {
+                checked: self.ctx.blocks_checked(),
+                n_layer: self.n_layer,
+                arch: self.arch.clone(),
+            });
+        }
+        let blocks = self.cfg.tap_blocks(self.n_layer);
+        for (t, tap) in self.cfg.taps.iter().enumerate() {
+            let widths: Vec<usize> = layout[t * blocks.len()..(t + 1) * blocks.len()]
+                .iter()
+                .map(|l| l.0)
+                .collect();
+            if widths.iter().any(|&w| w != widths[0]) {
+                return Err(TraceError::Tap(format!(
+                    "tap `{tap}` has {} values per token at some blocks and {} at others (blocks of different sizes); choose blocks of one size with --points",
+                    widths.iter().min().unwrap_or(&0),
+                    widths.iter().max().unwrap_or(&0)
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -593,6 +700,26 @@ impl<'m> Tracer<'m> {
                 });
             }
         }
+        let tap_layout = self.ctx.tap_layout();
+        let n_points = self.cfg.points.len();
+        let blocks = self.cfg.tap_blocks(self.n_layer);
+        for (k, &(width, out_rows)) in tap_layout.iter().enumerate() {
+            let slot = n_points + k;
+            let (want, copied) = if out_rows {
+                (outputs.len(), n_kept_out)
+            } else {
+                (n_tokens, n_kept)
+            };
+            if seen[slot] != want || rows[slot].len() != copied * width {
+                return Err(TraceError::Incomplete {
+                    point: blocks[k % blocks.len()],
+                    tensor: format!("tap {}", self.cfg.taps[k / blocks.len()]),
+                    got: seen[slot],
+                    want,
+                    arch: self.arch.clone(),
+                });
+            }
+        }
         // Row of each kept batch token among the copied rows: for the last block counted over
         // kept outputs, for every other point over kept tokens.
         let mut kept_row = vec![usize::MAX; n_tokens];
@@ -636,6 +763,22 @@ impl<'m> Tracer<'m> {
                     }
                     s.rows[k].extend_from_slice(row);
                 }
+                for (k, &(width, out_rows)) in tap_layout.iter().enumerate() {
+                    let r = if out_rows { out_row[i] } else { kept_row[i] };
+                    let row = &rows[n_points + k][r * width..(r + 1) * width];
+                    if s.nonfinite.is_none() && !row.iter().all(|x| x.is_finite()) {
+                        s.nonfinite = Some((n_points - 1, j));
+                        if !self.cfg.allow_nonfinite {
+                            return Err(TraceError::NonFinite {
+                                index: s.index,
+                                what: "tap value",
+                                point: blocks[k % blocks.len()],
+                                position: slot.pos,
+                            });
+                        }
+                    }
+                    s.rows[n_points + k].extend_from_slice(row);
+                }
             }
             if slot.pos + 1 == s.n_prompt {
                 let logits = self
@@ -663,14 +806,33 @@ impl<'m> Tracer<'m> {
         let n_pos = s.positions.len();
         let n_points = self.cfg.points.len();
         let mut flat = Vec::with_capacity(n_points * n_pos * self.n_embd);
-        for r in &s.rows {
+        for r in &s.rows[..n_points] {
             flat.extend_from_slice(r);
         }
         let states = Array3::from_shape_vec((n_points, n_pos, self.n_embd), flat)
             .expect("rows match the layout");
+        let n_blocks = self.cfg.tap_blocks(self.n_layer).len();
+        let layout = self.ctx.tap_layout();
+        let mut taps = Vec::with_capacity(self.cfg.taps.len());
+        for (t, chunk) in s.rows[n_points..].chunks(n_blocks.max(1)).enumerate() {
+            if t >= self.cfg.taps.len() {
+                break;
+            }
+            // Every block of a tap has the same width (checked by identify_taps).
+            let width = layout[t * n_blocks].0;
+            let mut flat = Vec::with_capacity(n_blocks * n_pos * width);
+            for r in chunk {
+                flat.extend_from_slice(r);
+            }
+            taps.push(
+                Array3::from_shape_vec((n_blocks, n_pos, width), flat)
+                    .expect("rows match the layout"),
+            );
+        }
         Ok(PromptTrace {
             index: s.index,
             states,
+            taps,
             positions: s.positions,
             logits: s.logits.ok_or(TraceError::NoLogits(s.index))?,
             tokens: s.tokens,

@@ -3,3 +3,4 @@
 pub mod arch;
 pub mod engine;
 pub mod plain;
+pub mod taps;

@@ -9,7 +9,10 @@ use anyhow::{bail, Context as _, Result};
 use super::{bar, human_bytes, load_model};
 use crate::analysis::lens;
 use crate::capture::arch;
-use crate::capture::engine::{Patch, PatchPositions, Positions, PromptTrace, TraceConfig, Tracer};
+use crate::capture::engine::{
+    Patch, PatchPositions, Positions, PromptTrace, TapInfo, TraceConfig, Tracer,
+};
+use crate::capture::taps::Tap;
 use crate::chat;
 use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
@@ -117,6 +120,8 @@ pub struct TraceOptions {
     pub positions: Positions,
     /// `--points` spec, parsed once the model's depth is known.
     pub points: String,
+    /// `--taps`: taps inside blocks (resid is always kept), at the blocks `points` names.
+    pub taps: Vec<Tap>,
     pub generate: usize,
     pub output: PathBuf,
     pub force: bool,
@@ -162,6 +167,7 @@ impl TraceOptions {
             input,
             positions: Positions::All,
             points: "all".into(),
+            taps: Vec::new(),
             generate: 0,
             output,
             force: false,
@@ -233,9 +239,15 @@ impl TraceOptions {
             bail!("--patch-from needs --patch-points (which points to patch)");
         }
         let threads = super::resolve_threads(a.threads)?;
+        let taps = crate::capture::taps::parse_list(&a.taps)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .filter(|t| t.in_block())
+            .collect();
         let o = TraceOptions {
             positions: a.positions.into(),
             points: a.points.clone(),
+            taps,
             generate: a.generate,
             force: a.force,
             format: a.format.into(),
@@ -386,10 +398,18 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let cfg = batch_config(opts, &loaded, prepared.len());
     let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
     cfg.check_prompts(&token_lists)?;
-    check_disk(opts, &loaded, &token_lists)?;
+    if opts.taps.is_empty() {
+        check_disk(opts, &loaded, &token_lists, &[])?;
+    }
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
     let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
+    // Taps inside blocks are found in the graph first: their widths size the output.
+    let taps = tracer.identify(&token_lists)?;
+    if !opts.taps.is_empty() {
+        check_disk(opts, &loaded, &token_lists, &taps)?;
+    }
+    let n_blocks = cfg.tap_blocks(model.n_layer()).len();
     if let Some((a, b)) = control_points {
         if let Some(p) = ablated.iter().find(|&&p| (a..=b).contains(&p)) {
             // llama.cpp adds the control vector before l_out is named, so the ablation would
@@ -416,6 +436,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         n_points: loaded.points.len(),
         n_embd: model.n_embd(),
         n_vocab: model.n_vocab(),
+        taps: taps.iter().map(|t| (t.tap, n_blocks, t.width)).collect(),
     };
     let (writer, journal) = RunWriter::open(
         &opts.output,
@@ -476,6 +497,19 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             ablated,
             ablated_from,
             patch: patch.map(|p| p.settings),
+            taps: taps
+                .into_iter()
+                .map(|t| run::TapRecord {
+                    tap: t.tap,
+                    blocks: cfg.tap_blocks(model.n_layer()),
+                    width: t.width,
+                    heads: (t.tap == Tap::Z).then(|| model.n_head()),
+                    dtype: opts.dtype,
+                    dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
+                    tensors: t.tensors,
+                    last_block_output_rows: t.last_block_output_rows,
+                })
+                .collect(),
         },
         sha,
         timings,
@@ -580,14 +614,26 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         threads: opts.threads,
         allow_nonfinite: opts.allow_nonfinite,
         cache_type: opts.cache_type,
+        taps: opts.taps.clone(),
     }
 }
 
 /// The output's estimated size (printed, with cheaper alternatives when large), refused when the
 /// disk lacks room.
-fn check_disk(opts: &TraceOptions, loaded: &Loaded, token_lists: &[Vec<i32>]) -> Result<()> {
+fn check_disk(
+    opts: &TraceOptions,
+    loaded: &Loaded,
+    token_lists: &[Vec<i32>],
+    taps: &[TapInfo],
+) -> Result<()> {
     let model = &loaded.model;
     let n_points = loaded.points.len();
+    let n_blocks = loaded
+        .points
+        .iter()
+        .filter(|&&p| p < model.n_layer())
+        .count() as u64;
+    let tap_width: u64 = taps.iter().map(|t| t.width as u64).sum();
     let estimate_for = |positions: Positions, dtype: Dtype| {
         let kept: Vec<usize> = token_lists
             .iter()
@@ -596,6 +642,7 @@ fn check_disk(opts: &TraceOptions, loaded: &Loaded, token_lists: &[Vec<i32>]) ->
                 Positions::Last => 1 + opts.generate,
             })
             .collect();
+        let positions: u64 = kept.iter().map(|&k| k as u64).sum();
         run::estimate_bytes(
             n_points,
             &kept,
@@ -604,6 +651,13 @@ fn check_disk(opts: &TraceOptions, loaded: &Loaded, token_lists: &[Vec<i32>]) ->
             dtype,
             opts.format,
         )
+        .saturating_add(
+            positions
+                .saturating_mul(n_blocks)
+                .saturating_mul(tap_width)
+                .saturating_mul(dtype.bytes() as u64),
+        )
+        .saturating_add(taps.len() as u64 * kept.len() as u64 * 128)
     };
     // Generation may stop early at an end-of-generation token: an upper bound.
     let estimate = estimate_for(opts.positions, opts.dtype);
@@ -756,7 +810,7 @@ fn trace_prompts(
             let t_index = t.index;
             let p = &prepared[t.index];
             let pieces: Vec<String> = t.tokens.iter().map(|&tok| model.token_piece(tok)).collect();
-            let states_file = writer.write_prompt(
+            let (states_file, tap_files) = writer.write_prompt(
                 &t,
                 points,
                 &p.prompt.id,
@@ -784,6 +838,7 @@ fn trace_prompts(
                 n_prompt_tokens: t.n_prompt,
                 positions: t.positions,
                 states_file,
+                tap_files,
             };
             pending.push(run::JournalEntry {
                 record: record.clone(),
@@ -847,6 +902,7 @@ fn write_run(
         ablated,
         ablated_from,
         patch,
+        taps,
     } = applied;
     let points = cfg.points.clone();
     let mut facts = facts;
@@ -951,6 +1007,7 @@ fn write_run(
                 direction_point: ablated_from,
             }),
             patch,
+            taps,
         },
         model: facts,
         prompts: records,
@@ -988,6 +1045,11 @@ fn plan_fingerprint(
             .with_context(|| format!("{}: cannot read", opts.model.display()))?,
         "positions": cfg.positions,
         "points": cfg.points,
+        "taps": cfg.taps,
+        "rpc": opts.rpc,
+        "tensor_split": opts.tensor_split,
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "llama_cpp_sys_2": crate::llama::LLAMA_CPP_SYS_VERSION,
         "generate": cfg.generate,
         "ctx": cfg.ctx,
         "n_seq": cfg.n_seq,
@@ -1103,6 +1165,7 @@ struct Applied {
     ablated: Vec<usize>,
     ablated_from: Option<usize>,
     patch: Option<run::PatchSettings>,
+    taps: Vec<run::TapRecord>,
 }
 
 /// `--patch-from`, validated: the source run, the points and positions to patch.

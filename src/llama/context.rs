@@ -23,6 +23,7 @@ use llama_cpp_sys_2 as sys;
 use super::backend;
 use super::model::Model;
 use super::Token;
+use crate::capture::taps::Tap;
 
 /// Errors while creating a context or decoding.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,34 @@ pub struct CaptureSpec {
     pub n_embd: usize,
     /// Points to keep (0..=n_layer), sorted, unique.
     pub points: Vec<usize>,
+    /// Taps inside blocks to capture, each at its blocks (sorted, unique, < n_layer). Their slots
+    /// follow the points' slots, tap by tap, block by block.
+    pub taps: Vec<(Tap, Vec<usize>)>,
+}
+
+impl CaptureSpec {
+    /// (tap, block) of every tap slot, in slot order (after the points' slots).
+    fn tap_slots(&self) -> Vec<(Tap, usize)> {
+        self.taps
+            .iter()
+            .flat_map(|(t, blocks)| blocks.iter().map(move |&b| (*t, b)))
+            .collect()
+    }
+}
+
+/// Where a tap's tensor sits in every graph of a context, found by the structural check of the
+/// first graph (see [`GraphCheck::identify_block`]): the `occurrence`-th node named `name` after
+/// the start of block `block` (the point-0 tensor for block 0, `l_out-{block-1}` after), computed
+/// by `op`, `width` values per row, one row per token or (after the last block's output-row
+/// selection) per output. Every capture re-checks op and width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Locator {
+    pub block: usize,
+    pub name: Vec<u8>,
+    pub occurrence: usize,
+    pub op: sys::ggml_op,
+    pub width: usize,
+    pub out_rows: bool,
 }
 
 /// Callback state: allocated with `Box::into_raw` when the [`Context`] is created, reached only
@@ -86,6 +115,16 @@ struct CaptureState {
     edits: Vec<Option<Edit>>,
     /// Rows the current decode wrote back, per point.
     rows_edited: Vec<usize>,
+    /// Number of point slots (tap slots follow them in `rows` and `seen`).
+    n_point_slots: usize,
+    /// Per tap slot: (tap, block), and its locator once the first graph identified it.
+    tap_slots: Vec<(Tap, usize)>,
+    locators: Vec<Locator>,
+    /// Matching taps in later graphs: the block whose nodes are being announced, how often each
+    /// locator's name occurred in it so far, and the nodes said yes to (pointer, tap slot).
+    cur_block: usize,
+    counts: Vec<usize>,
+    pending: Vec<(usize, usize)>,
 }
 
 /// An intervention on the residual stream at one point, applied in the eval callback's data phase:
@@ -134,9 +173,9 @@ impl CaptureState {
         (il + 1 < self.slot_of_point.len()).then_some(il + 1)
     }
 
-    /// Check that `t` is a point tensor we can read and write: F32, `[n_embd, rows]`, rows of
+    /// Check that `t` is a tensor we can read and write: F32, `[width, rows]`, rows of
     /// contiguous values, in a backend buffer. Returns (rows, bytes between rows).
-    fn layout(&mut self, t: &sys::ggml_tensor) -> Option<(usize, usize)> {
+    fn layout(&mut self, t: &sys::ggml_tensor, width: usize) -> Option<(usize, usize)> {
         let name = tensor_name(t);
         if t.type_ != sys::GGML_TYPE_F32 {
             self.fail(format!(
@@ -145,10 +184,10 @@ impl CaptureState {
             ));
             return None;
         }
-        if t.ne[0] as usize != self.n_embd || t.ne[2] != 1 || t.ne[3] != 1 {
+        if t.ne[0] as usize != width || t.ne[2] != 1 || t.ne[3] != 1 {
             self.fail(format!(
-                "tensor {name} has shape {:?}, expected [{}, n_tokens, 1, 1]",
-                t.ne, self.n_embd
+                "tensor {name} has shape {:?}, expected [{width}, n_tokens, 1, 1]",
+                t.ne
             ));
             return None;
         }
@@ -180,7 +219,7 @@ impl CaptureState {
     unsafe fn edit(&mut self, raw: *mut sys::ggml_tensor, point: usize) {
         // SAFETY: raw is the live tensor handed to the callback (see the caller).
         let t = unsafe { &*raw };
-        let Some((ne1, nb1)) = self.layout(t) else {
+        let Some((ne1, nb1)) = self.layout(t, self.n_embd) else {
             return;
         };
         let Some(edit) = self.edits.get_mut(point).and_then(Option::take) else {
@@ -233,15 +272,18 @@ impl CaptureState {
     /// `t` is a live tensor handed to the eval callback by llama.cpp's scheduler in the data phase
     /// (`ask == false`): its data is computed, and `view_src`, when set, points to its live source.
     unsafe fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
-        let Some((ne1, _)) = self.layout(t) else {
+        let (ne0, out_rows) = match slot.checked_sub(self.n_point_slots) {
+            None => (self.n_embd, Some(slot) == self.last_slot),
+            Some(k) => (self.locators[k].width, self.locators[k].out_rows),
+        };
+        let Some((ne1, _)) = self.layout(t, ne0) else {
             return;
         };
-        let ne0 = self.n_embd;
         // Only the rows the caller stores are read from the backend (on a GPU or an RPC server
         // each read is a transfer): maximal runs of wanted rows, one get per run.
         let first = self.seen[slot];
         self.seen[slot] += ne1;
-        let wanted = if Some(slot) == self.last_slot {
+        let wanted = if out_rows {
             &self.wanted_out
         } else {
             &self.wanted
@@ -320,6 +362,44 @@ struct GraphCheck {
     nodes: Vec<GraphNode>,
     by_ptr: std::collections::HashMap<usize, usize>,
     by_name: std::collections::HashMap<Vec<u8>, usize>,
+    /// The span being announced (see [`Span`]): its block, and each name's count in it so far.
+    span: Span,
+    /// Taps asked for, per tap slot, and what the check found for each.
+    taps: Vec<(Tap, usize)>,
+    found: Vec<Option<Locator>>,
+}
+
+/// Which block's nodes are being announced, tracked the same way while checking the first graph
+/// and while matching locators in later ones: the point-0 tensor starts block 0, `l_out-k` ends
+/// block k and starts block k + 1.
+#[derive(Default)]
+struct Span {
+    block: usize,
+    counts: std::collections::HashMap<Vec<u8>, usize>,
+}
+
+impl Span {
+    /// The (block, occurrence) of a node named `name`, then the span event its name is.
+    fn next(&mut self, name: &[u8], point0: &[u8]) -> (usize, usize) {
+        let c = self.counts.entry(name.to_vec()).or_insert(0);
+        let at = (self.block, *c);
+        *c += 1;
+        if let Some(b) = span_event(name, point0) {
+            self.block = b;
+            self.counts.clear();
+        }
+        at
+    }
+}
+
+/// The block a node named `name` starts: 0 for the point-0 tensor, k + 1 for `l_out-k`.
+fn span_event(name: &[u8], point0: &[u8]) -> Option<usize> {
+    if name == point0 {
+        return Some(0);
+    }
+    name.strip_prefix(b"l_out-")
+        .and_then(|r| std::str::from_utf8(r).ok()?.parse::<usize>().ok())
+        .map(|k| k + 1)
 }
 
 struct GraphNode {
@@ -327,8 +407,25 @@ struct GraphNode {
     op: sys::ggml_op,
     /// Sources that are nodes of this graph (weights and inputs are not).
     srcs: Vec<usize>,
+    /// Every source by position: its node, or None for a weight or input.
+    pos_srcs: Vec<Option<usize>>,
+    /// Names of the sources that are not nodes (weights, inputs), by position.
+    leafs: Vec<Option<Vec<u8>>>,
     /// Read by an op that computes (not residual plumbing).
     computed_from: bool,
+    /// Computed after llama.cpp's selection of output rows: one row per output, not per token.
+    out_rows: bool,
+    /// Values per row (ne[0]).
+    ne0: usize,
+    /// (block, occurrence of its name in that block's span): where a [`Locator`] finds it.
+    at: (usize, usize),
+}
+
+/// The index of block `b` a weight name belongs to (`blk.{b}.…`).
+fn weight_block(name: &[u8]) -> Option<usize> {
+    let rest = name.strip_prefix(b"blk.")?;
+    let end = rest.iter().position(|&c| c == b'.')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 /// Ops the residual stream passes through between blocks: the residual sum, the selection of
@@ -352,6 +449,7 @@ fn layout_only(op: sys::ggml_op) -> bool {
 
 impl GraphCheck {
     fn new(spec: &CaptureSpec) -> GraphCheck {
+        let taps = spec.tap_slots();
         GraphCheck {
             arch: spec.arch.clone(),
             point0: spec.point0_name.as_bytes().to_vec(),
@@ -359,6 +457,9 @@ impl GraphCheck {
             nodes: Vec::new(),
             by_ptr: Default::default(),
             by_name: Default::default(),
+            span: Span::default(),
+            found: vec![None; taps.len()],
+            taps,
         }
     }
 
@@ -367,6 +468,8 @@ impl GraphCheck {
         self.nodes.clear();
         self.by_ptr.clear();
         self.by_name.clear();
+        self.span = Span::default();
+        self.found.iter_mut().for_each(|f| *f = None);
     }
 
     /// The node a source pointer stands for: a node seen earlier, or the node a split copy
@@ -399,6 +502,7 @@ impl GraphCheck {
         ptr: usize,
         name: &[u8],
         op: sys::ggml_op,
+        ne0: usize,
         srcs: &[(usize, Vec<u8>)],
     ) -> Result<Option<usize>, String> {
         if self.by_ptr.contains_key(&ptr) {
@@ -412,8 +516,11 @@ impl GraphCheck {
             srcs.len()
         };
         let mut resolved = Vec::new();
+        let mut pos_srcs = Vec::new();
+        let mut leafs = Vec::new();
         for (k, (p, n)) in srcs.iter().enumerate() {
-            if let Some(i) = self.resolve(*p, n) {
+            let r = self.resolve(*p, n);
+            if let Some(i) = r {
                 if !plumbing(op) {
                     self.mark_read(i);
                 }
@@ -421,13 +528,28 @@ impl GraphCheck {
                     resolved.push(i);
                 }
             }
+            pos_srcs.push(r);
+            leafs.push(r.is_none().then(|| n.clone()));
         }
+        // llama.cpp selects the output rows (`inp_out_ids`, an input) from a computed tensor
+        // before the last block's end; everything computed from that has one row per output.
+        let selects_outputs = op == sys::GGML_OP_GET_ROWS
+            && pos_srcs.first().is_some_and(Option::is_some)
+            && pos_srcs.get(1).is_some_and(Option::is_none);
+        let out_rows =
+            selects_outputs || pos_srcs.iter().flatten().any(|&i| self.nodes[i].out_rows);
+        let at = self.span.next(name, &self.point0);
         let idx = self.nodes.len();
         self.nodes.push(GraphNode {
             name: name.to_vec(),
             op,
             srcs: resolved,
+            pos_srcs,
+            leafs,
             computed_from: false,
+            out_rows,
+            ne0,
+            at,
         });
         self.by_ptr.insert(ptr, idx);
         // A split copy is made from the latest node of its name (llama.cpp reuses some names).
@@ -443,7 +565,13 @@ impl GraphCheck {
         let expected = stop.as_deref().unwrap_or(&self.point0);
         let shown = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
         match input {
-            Some(i) if self.nodes[i].name == expected => Ok(Some(block)),
+            Some(i) if self.nodes[i].name == expected => {
+                self.check_weights(block, idx)?;
+                if self.taps.iter().any(|&(_, b)| b == block) {
+                    self.identify_block(block, idx, i)?;
+                }
+                Ok(Some(block))
+            }
             found => {
                 let found = match found {
                     Some(i) if self.nodes[i].name.is_empty() => format!(
@@ -508,6 +636,259 @@ impl GraphCheck {
     }
 }
 
+impl GraphCheck {
+    /// Nodes announced in block `block`'s span up to `out` (its output), newest first.
+    fn span_nodes(&self, block: usize, out: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..=out)
+            .rev()
+            .take_while(move |&i| self.nodes[i].at.0 == block)
+    }
+
+    /// Every weight block `block` reads between `l_out-{block-1}` and `l_out-{block}` must be
+    /// block `block`'s own (`blk.{block}.…`): a tensor labelled `l_out` in the middle of a block
+    /// leaves the rest of that block's weights in the next span.
+    fn check_weights(&self, block: usize, out: usize) -> Result<(), String> {
+        for i in self.span_nodes(block, out) {
+            for w in self.nodes[i].leafs.iter().flatten() {
+                if let Some(b) = weight_block(w).filter(|&b| b != block) {
+                    return Err(format!(
+                        "residual self-check failed for architecture `{}`: between the input and the output of block {block} llama.cpp's graph reads block {b}'s weight `{}`, so the tensors gguf-trace captures there are not block {block}'s boundaries",
+                        self.arch,
+                        String::from_utf8_lossy(w)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The weights read on the way back from node `from` (not past `input`, nor through `stop`
+    /// nodes), and the `stop` nodes the walk reached.
+    fn reads(&self, from: usize, input: usize, stop: &[usize]) -> (Vec<&[u8]>, Vec<usize>) {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![from];
+        let mut weights = Vec::new();
+        let mut reached = Vec::new();
+        while let Some(i) = stack.pop() {
+            if !seen.insert(i) {
+                continue;
+            }
+            if i != from && stop.contains(&i) {
+                reached.push(i);
+                continue;
+            }
+            let n = &self.nodes[i];
+            weights.extend(n.leafs.iter().flatten().map(Vec::as_slice));
+            stack.extend(n.pos_srcs.iter().flatten().copied().filter(|&s| s > input));
+        }
+        (weights, reached)
+    }
+
+    /// Find block `block`'s taps in the graph from its output `out` and input `input`, by
+    /// structure: the residual path from input to output, the terms added along it, which
+    /// block-`block` weights each term reads (`attn_output` for attention, `ffn_down*` for the
+    /// MLP), and the matrix products reading those weights. Records a [`Locator`] for every tap
+    /// asked for at this block, or says why a tap cannot be identified.
+    fn identify_block(&mut self, block: usize, out: usize, input: usize) -> Result<(), String> {
+        let shown = |n: &GraphNode| {
+            if n.name.is_empty() {
+                format!("an unnamed {}", super::ggml_op_name(n.op))
+            } else {
+                format!(
+                    "`{}` ({})",
+                    String::from_utf8_lossy(&n.name),
+                    super::ggml_op_name(n.op)
+                )
+            }
+        };
+        let fail = |tap: Tap, why: String| {
+            format!(
+                "tap `{tap}` cannot be identified at block {block} for architecture `{}`: {why}",
+                self.arch
+            )
+        };
+        // The residual path: back from the output through plumbing to the input.
+        let mut parent: std::collections::HashMap<usize, usize> = Default::default();
+        let mut stack = vec![out];
+        let mut found_input = false;
+        while let Some(i) = stack.pop() {
+            if i == input {
+                found_input = true;
+                break;
+            }
+            let n = &self.nodes[i];
+            if i != out && !plumbing(n.op) {
+                continue;
+            }
+            let follow = if n.op == sys::GGML_OP_GET_ROWS {
+                1
+            } else {
+                n.srcs.len()
+            };
+            for &s in n.srcs.iter().take(follow) {
+                if s >= input && !parent.contains_key(&s) {
+                    parent.insert(s, i);
+                    stack.push(s);
+                }
+            }
+        }
+        let mut path = vec![input];
+        if found_input {
+            while let Some(&p) = parent.get(path.last().expect("non-empty")) {
+                path.push(p);
+            }
+        }
+        // The terms added along the path: (the sum, the term), from input to output.
+        let mut terms: Vec<(usize, usize)> = Vec::new();
+        for w in path.windows(2) {
+            let (prev, node) = (w[0], w[1]);
+            let n = &self.nodes[node];
+            if n.op != sys::GGML_OP_ADD {
+                continue;
+            }
+            // A term that is not a node (llama.cpp's control vector) is not one of the block's.
+            if let Some(t) = n.pos_srcs.iter().flatten().copied().find(|&t| t != prev) {
+                terms.push((node, t));
+            }
+        }
+        let attn_w = format!("blk.{block}.attn_output.");
+        let mlp_w = format!("blk.{block}.ffn_down");
+        let kind = |t: usize, stop: &[usize]| {
+            let (ws, reached) = self.reads(t, input, stop);
+            let attn = ws.iter().any(|w| w.starts_with(attn_w.as_bytes()));
+            let mlp = ws.iter().any(|w| w.starts_with(mlp_w.as_bytes()));
+            (attn, mlp, reached)
+        };
+        let path_nodes: Vec<usize> = path.clone();
+        let describe = || {
+            terms
+                .iter()
+                .map(|&(_, t)| shown(&self.nodes[t]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // (attn_out, mlp_out, resid_mid or why not)
+        let split: Result<(usize, usize, Result<usize, String>), String> = match terms.as_slice() {
+            [(a1, t1), (_, t2)] => {
+                let (k1, k2) = (kind(*t1, &path_nodes), kind(*t2, &path_nodes));
+                match ((k1.0, k1.1), (k2.0, k2.1)) {
+                    // Sequential: the MLP reads the sum after attention.
+                    ((true, false), (false, true)) if k2.2.contains(a1) => Ok((*t1, *t2, Ok(*a1))),
+                    ((true, false), (false, true)) | ((false, true), (true, false)) => {
+                        let (att, mlp) = if k1.0 { (*t1, *t2) } else { (*t2, *t1) };
+                        Ok((att, mlp, Err("this architecture computes attention and the MLP in parallel from the block's input (a parallel residual), so there is no residual between them".to_string())))
+                    }
+                    _ => Err(format!("the block adds {} to the residual stream, and they are not one attention term and one MLP term", describe())),
+                }
+            }
+            [(_, t)] if self.nodes[*t].op == sys::GGML_OP_ADD => {
+                let parts: Vec<usize> = self.nodes[*t].pos_srcs.iter().flatten().copied().collect();
+                match parts.as_slice() {
+                    [x, y] => {
+                        let (kx, ky) = (kind(*x, &path_nodes), kind(*y, &path_nodes));
+                        match ((kx.0, kx.1), (ky.0, ky.1)) {
+                            ((true, false), (false, true)) | ((false, true), (true, false)) => {
+                                let (att, mlp) = if kx.0 { (*x, *y) } else { (*y, *x) };
+                                Ok((att, mlp, Err("this architecture computes attention and the MLP in parallel from the block's input (a parallel residual), so there is no residual between them".to_string())))
+                            }
+                            _ => Err(format!("the block adds one sum, {}, whose parts are not one attention term and one MLP term", shown(&self.nodes[*t]))),
+                        }
+                    }
+                    _ => Err(format!(
+                        "the block adds one term, {}",
+                        shown(&self.nodes[*t])
+                    )),
+                }
+            }
+            [] if !found_input => {
+                Err("no residual path from the block's input to its output".into())
+            }
+            _ => Err(format!(
+                "the block adds {} term(s) to the residual stream ({})",
+                terms.len(),
+                describe()
+            )),
+        };
+        // The matrix product reading block `block`'s weight `weight` (exactly one), and its input.
+        let product_input = |exact: &str, moe: Option<&str>| -> Result<usize, String> {
+            let mut hits = Vec::new();
+            for i in self.span_nodes(block, out) {
+                let n = &self.nodes[i];
+                let Some(Some(w)) = n.leafs.first() else {
+                    continue;
+                };
+                if n.op == sys::GGML_OP_MUL_MAT && w.as_slice() == exact.as_bytes() {
+                    hits.push(i);
+                } else if moe.is_some_and(|m| w.starts_with(m.as_bytes())) {
+                    return Err(
+                        "a mixture-of-experts block: per-expert activations are not captured yet"
+                            .into(),
+                    );
+                }
+            }
+            match hits.as_slice() {
+                [i] => self.nodes[*i]
+                    .pos_srcs
+                    .get(1)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| {
+                        format!("the input of the product with `{exact}` is not a computed tensor")
+                    }),
+                [] => Err(format!("no matrix product with `{exact}` in the block")),
+                _ => Err(format!(
+                    "{} matrix products with `{exact}` in the block",
+                    hits.len()
+                )),
+            }
+        };
+        let wanted: Vec<usize> = (0..self.taps.len())
+            .filter(|&k| self.taps[k].1 == block)
+            .collect();
+        let mut located = Vec::new();
+        for k in wanted {
+            let tap = self.taps[k].0;
+            let node = match tap {
+                Tap::AttnOut => split.as_ref().map(|s| s.0).map_err(|e| e.clone()),
+                Tap::MlpOut => split.as_ref().map(|s| s.1).map_err(|e| e.clone()),
+                Tap::ResidMid => split
+                    .as_ref()
+                    .map_err(|e| e.clone())
+                    .and_then(|s| s.2.clone()),
+                Tap::Z => product_input(&format!("blk.{block}.attn_output.weight"), None),
+                Tap::Neurons => product_input(
+                    &format!("blk.{block}.ffn_down.weight"),
+                    Some(&format!("blk.{block}.ffn_down_exps")),
+                ),
+                Tap::Resid | Tap::Pattern | Tap::Router => Err("not a tap inside the block".into()),
+            }
+            .map_err(|why| fail(tap, why))?;
+            let n = &self.nodes[node];
+            if n.at.0 != block {
+                return Err(fail(
+                    tap,
+                    format!("{} lies outside the block's span of the graph", shown(n)),
+                ));
+            }
+            located.push((
+                k,
+                Locator {
+                    block,
+                    name: n.name.clone(),
+                    occurrence: n.at.1,
+                    op: n.op,
+                    width: n.ne0,
+                    out_rows: n.out_rows,
+                },
+            ));
+        }
+        for (k, l) in located {
+            self.found[k] = Some(l);
+        }
+        Ok(())
+    }
+}
+
 impl CaptureState {
     /// Record a node of the first graph for the structural check (ask phase).
     ///
@@ -529,12 +910,25 @@ impl CaptureState {
             })
             .collect();
         let ptr = t as *const sys::ggml_tensor as usize;
-        match check.add(ptr, name, t.op, &srcs) {
+        match check.add(ptr, name, t.op, t.ne[0].max(0) as usize, &srcs) {
             Ok(None) => {}
             Ok(Some(block)) => {
                 self.blocks_checked = self.blocks_checked.max(block + 1);
                 if block + 1 == check.n_layer {
+                    let found = std::mem::take(&mut check.found);
                     self.check = None;
+                    self.locators.clear();
+                    for (k, f) in found.into_iter().enumerate() {
+                        match f {
+                            Some(l) => self.locators.push(l),
+                            None => {
+                                let (tap, b) = self.tap_slots[k];
+                                self.fail(format!("tap `{tap}` at block {b} was not identified in llama.cpp's graph"));
+                                return;
+                            }
+                        }
+                    }
+                    self.counts = vec![0; self.locators.len()];
                 }
             }
             Err(e) => {
@@ -542,6 +936,38 @@ impl CaptureState {
                 self.check = None;
             }
         }
+    }
+}
+
+impl CaptureState {
+    /// Whether node `t` (ask phase, a graph after the checked one) is a tap's tensor: its slot.
+    /// Blocks are tracked as the check tracked them ([`Span`]); a node at a locator's place
+    /// computed by another op fails the capture.
+    fn match_tap(&mut self, t: &sys::ggml_tensor, name: &[u8]) -> Option<usize> {
+        let mut hit = None;
+        for (k, loc) in self.locators.iter().enumerate() {
+            if loc.block == self.cur_block && loc.name == name {
+                if self.counts[k] == loc.occurrence {
+                    hit = Some(k);
+                }
+                self.counts[k] += 1;
+            }
+        }
+        if let Some(b) = span_event(name, &self.point0) {
+            self.cur_block = b;
+            self.counts.iter_mut().for_each(|c| *c = 0);
+        }
+        let k = hit?;
+        if t.op != self.locators[k].op {
+            let (tap, b) = self.tap_slots[k];
+            self.fail(format!(
+                "tap `{tap}` at block {b}: the graph's node at its place is {}, not {} as in the checked graph",
+                super::ggml_op_name(t.op),
+                super::ggml_op_name(self.locators[k].op)
+            ));
+            return None;
+        }
+        Some(self.n_point_slots + k)
     }
 }
 
@@ -560,11 +986,17 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         let point = state.point_for(name);
         let slot = point.and_then(|p| state.slot_of_point[p]);
         let edit = point.filter(|&p| state.edits.get(p).is_some_and(Option::is_some));
+        let ptr = raw as usize;
         if ask {
             if state.check.is_some() {
                 // SAFETY: ask phase: t is a live node of the graph being computed, and its srcs
                 // are live tensors of that graph (nodes, leafs, weights or split copies).
                 unsafe { state.observe(t, name) };
+            } else if !state.locators.is_empty() {
+                if let Some(s) = state.match_tap(t, name) {
+                    state.pending.push((ptr, s));
+                    return true;
+                }
             }
             return slot.is_some() || edit.is_some();
         }
@@ -575,6 +1007,11 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         if let Some(slot) = slot {
             // SAFETY: data phase (ask is false): llama.cpp hands us a computed, live tensor.
             unsafe { state.copy(t, slot) };
+        }
+        if let Some(k) = state.pending.iter().position(|&(p, _)| p == ptr) {
+            let (_, s) = state.pending.swap_remove(k);
+            // SAFETY: data phase: the tensor a tap's locator matched in the ask phase, computed.
+            unsafe { state.copy(t, s) };
         }
         true
     }));
@@ -689,6 +1126,8 @@ pub struct Context<'m> {
     outputs: Vec<bool>,
     /// Most outputs one decode may ask for (llama.cpp's n_outputs_max, at least n_seq_max).
     n_outputs_max: usize,
+    /// What the capture state was made for (to check a graph again: [`Context::recheck`]).
+    spec: Option<CaptureSpec>,
 }
 
 impl Drop for Context<'_> {
@@ -717,8 +1156,8 @@ impl<'m> Context<'m> {
                 point0: spec.point0_name.as_bytes().to_vec(),
                 slot_of_point,
                 n_embd: spec.n_embd,
-                rows: vec![Vec::new(); spec.points.len()],
-                seen: vec![0; spec.points.len()],
+                rows: vec![Vec::new(); spec.points.len() + spec.tap_slots().len()],
+                seen: vec![0; spec.points.len() + spec.tap_slots().len()],
                 wanted: Vec::new(),
                 wanted_out: Vec::new(),
                 last_slot,
@@ -728,6 +1167,12 @@ impl<'m> Context<'m> {
                 blocks_checked: 0,
                 edits: vec![None; spec.n_layer + 1],
                 rows_edited: vec![0; spec.n_layer + 1],
+                n_point_slots: spec.points.len(),
+                tap_slots: spec.tap_slots(),
+                locators: Vec::new(),
+                cur_block: 0,
+                counts: Vec::new(),
+                pending: Vec::new(),
             })
         });
         // From here the state is reached only through this pointer (see CaptureState).
@@ -799,6 +1244,7 @@ impl<'m> Context<'m> {
             capture,
             outputs: Vec::new(),
             n_outputs_max,
+            spec: p.capture.clone(),
         })
     }
 
@@ -815,6 +1261,9 @@ impl<'m> Context<'m> {
             st.seen.iter_mut().for_each(|n| *n = 0);
             st.rows_edited.iter_mut().for_each(|n| *n = 0);
             st.error = None;
+            st.cur_block = 0;
+            st.counts.iter_mut().for_each(|c| *c = 0);
+            st.pending.clear();
             if let Some(check) = st.check.as_mut() {
                 // Whatever an interrupted decode recorded belonged to its own graph.
                 check.reset();
@@ -893,6 +1342,42 @@ impl<'m> Context<'m> {
             st.wanted_out.clear();
             st.wanted_out.extend_from_slice(outputs);
         }
+    }
+
+    /// Check the next decode's graph again (structure and taps), as for the first: after a
+    /// change that changes the graph's shape (a control vector adds nodes). Taps are captured
+    /// only from the graph after a checked one.
+    pub fn recheck(&mut self) {
+        let Some(spec) = self.spec.clone() else {
+            return;
+        };
+        if let Some(st) = self.state_mut() {
+            st.check = Some(GraphCheck::new(&spec));
+            st.blocks_checked = 0;
+            st.locators.clear();
+            st.counts.clear();
+        }
+    }
+
+    /// Per tap slot (see [`CaptureSpec::taps`]): values per row, and whether it holds one row per
+    /// output (after the last block's output-row selection) instead of one per token. Empty until
+    /// a checked graph identified the taps.
+    pub fn tap_layout(&self) -> Vec<(usize, bool)> {
+        self.state()
+            .map(|s| s.locators.iter().map(|l| (l.width, l.out_rows)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Per tap slot: llama.cpp's name of the tensor identified (for run.json).
+    pub fn tap_tensors(&self) -> Vec<String> {
+        self.state()
+            .map(|s| {
+                s.locators
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(&l.name).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Blocks (0..n) whose input and output tensors the structural graph check confirmed: equal
@@ -1075,6 +1560,7 @@ mod tests {
                     n_layer,
                     n_embd: 4,
                     points: (0..=n_layer).collect(),
+                    taps: Vec::new(),
                 }),
                 next: 0x1000,
                 addr: Default::default(),
@@ -1100,7 +1586,7 @@ mod tests {
                 .collect();
             self.next += 0x100;
             self.addr.insert(name.into(), self.next);
-            self.check.add(self.next, name.as_bytes(), op, &srcs)
+            self.check.add(self.next, name.as_bytes(), op, 4, &srcs)
         }
 
         /// A pre-norm block `il` reading `input`, as llama.cpp's llama graph builds it.
@@ -1130,6 +1616,173 @@ mod tests {
                 &[&n("ffn_out"), &n("ffn_inp")],
             )
         }
+    }
+
+    impl G {
+        /// A graph check asking for every identifiable tap at every block.
+        fn with_taps(point0: &str, n_layer: usize) -> G {
+            let mut g = G::new(point0, n_layer);
+            let blocks: Vec<usize> = (0..n_layer).collect();
+            g.check = GraphCheck::new(&CaptureSpec {
+                arch: "test".into(),
+                point0_name: point0.into(),
+                n_layer,
+                n_embd: 4,
+                points: (0..=n_layer).collect(),
+                taps: [
+                    Tap::ResidMid,
+                    Tap::AttnOut,
+                    Tap::MlpOut,
+                    Tap::Z,
+                    Tap::Neurons,
+                ]
+                .into_iter()
+                .map(|t| (t, blocks.clone()))
+                .collect(),
+            });
+            g
+        }
+
+        /// A block with GGUF weight names: sequential (llama) or parallel (gpt-neox:
+        /// l_out = (ffn + attn) + input).
+        fn named_block(
+            &mut self,
+            il: usize,
+            input: &str,
+            parallel: bool,
+        ) -> Result<Option<usize>, String> {
+            let w = |s: &str| format!("blk.{il}.{s}.weight");
+            let n = |s: &str| format!("{s}-{il}");
+            self.node(&n("attn_norm"), sys::GGML_OP_RMS_NORM, &[input])?;
+            self.node(
+                &n("kqv_out"),
+                sys::GGML_OP_MUL_MAT,
+                &[&w("attn_v"), &n("attn_norm")],
+            )?;
+            self.node(
+                "",
+                sys::GGML_OP_MUL_MAT,
+                &[&w("attn_output"), &n("kqv_out")],
+            )?;
+            // An unnamed node is named by its index, as ggml does.
+            let attn = format!("node_{il}a");
+            self.node(&attn, sys::GGML_OP_ADD, &["", "bo"])?;
+            let ffn_in = if parallel {
+                n("attn_norm")
+            } else {
+                self.node(&n("ffn_inp"), sys::GGML_OP_ADD, &[&attn, input])?;
+                n("ffn_inp")
+            };
+            self.node(&n("ffn_norm"), sys::GGML_OP_RMS_NORM, &[&ffn_in])?;
+            self.node(
+                &n("ffn_act"),
+                sys::GGML_OP_MUL_MAT,
+                &[&w("ffn_up"), &n("ffn_norm")],
+            )?;
+            self.node(
+                &n("ffn_out"),
+                sys::GGML_OP_MUL_MAT,
+                &[&w("ffn_down"), &n("ffn_act")],
+            )?;
+            if parallel {
+                self.node(&n("par"), sys::GGML_OP_ADD, &[&n("ffn_out"), &attn])?;
+                self.node(&n("l_out"), sys::GGML_OP_ADD, &[&n("par"), input])
+            } else {
+                self.node(
+                    &n("l_out"),
+                    sys::GGML_OP_ADD,
+                    &[&n("ffn_out"), &n("ffn_inp")],
+                )
+            }
+        }
+
+        /// The name of the node a tap was located at, per block.
+        fn located(&self, tap: Tap) -> Vec<Option<String>> {
+            self.check
+                .taps
+                .iter()
+                .zip(&self.check.found)
+                .filter(|((t, _), _)| *t == tap)
+                .map(|(_, f)| {
+                    f.as_ref()
+                        .map(|l| String::from_utf8_lossy(&l.name).into_owned())
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn taps_are_found_by_structure_in_a_sequential_block() {
+        let mut g = G::with_taps("embd", 2);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.named_block(0, "embd", false), Ok(Some(0)));
+        assert_eq!(g.named_block(1, "l_out-0", false), Ok(Some(1)));
+        let some = |v: [&str; 2]| v.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>();
+        assert_eq!(g.located(Tap::AttnOut), some(["node_0a", "node_1a"]));
+        assert_eq!(g.located(Tap::ResidMid), some(["ffn_inp-0", "ffn_inp-1"]));
+        assert_eq!(g.located(Tap::MlpOut), some(["ffn_out-0", "ffn_out-1"]));
+        assert_eq!(g.located(Tap::Z), some(["kqv_out-0", "kqv_out-1"]));
+        assert_eq!(g.located(Tap::Neurons), some(["ffn_act-0", "ffn_act-1"]));
+    }
+
+    #[test]
+    fn a_parallel_block_has_attention_and_mlp_terms_but_no_resid_mid() {
+        let mut g = G::with_taps("embd", 1);
+        g.check.taps.retain(|(t, _)| *t != Tap::ResidMid);
+        g.check.found.truncate(g.check.taps.len());
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        assert_eq!(g.named_block(0, "embd", true), Ok(Some(0)));
+        assert_eq!(g.located(Tap::AttnOut), vec![Some("node_0a".to_string())]);
+        assert_eq!(g.located(Tap::MlpOut), vec![Some("ffn_out-0".to_string())]);
+
+        let mut g = G::with_taps("embd", 1);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        let e = g.named_block(0, "embd", true).unwrap_err();
+        assert!(
+            e.contains("tap `resid_mid` cannot be identified at block 0 for architecture `test`: this architecture computes attention and the MLP in parallel"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_l_out_in_the_middle_of_a_block_is_caught_by_the_weights_it_leaves_behind() {
+        // `l_out-0` labels block 0's mid-block sum: block 1's span then holds the rest of block
+        // 0 (its MLP, reading blk.0 weights) before block 1's own nodes.
+        let mut g = G::new("embd", 2);
+        g.node("embd", sys::GGML_OP_GET_ROWS, &["token_embd", "ids"])
+            .unwrap();
+        g.node("", sys::GGML_OP_RMS_NORM, &["embd"]).unwrap();
+        g.node(
+            "a0",
+            sys::GGML_OP_MUL_MAT,
+            &["blk.0.attn_output.weight", ""],
+        )
+        .unwrap();
+        assert_eq!(
+            g.node("l_out-0", sys::GGML_OP_ADD, &["a0", "embd"]),
+            Ok(Some(0))
+        );
+        g.node("n0", sys::GGML_OP_RMS_NORM, &["l_out-0"]).unwrap();
+        g.node("f0", sys::GGML_OP_MUL_MAT, &["blk.0.ffn_down.weight", "n0"])
+            .unwrap();
+        g.node("r0", sys::GGML_OP_ADD, &["f0", "l_out-0"]).unwrap();
+        g.node("n1", sys::GGML_OP_RMS_NORM, &["r0"]).unwrap();
+        g.node(
+            "a1",
+            sys::GGML_OP_MUL_MAT,
+            &["blk.1.attn_output.weight", "n1"],
+        )
+        .unwrap();
+        let e = g
+            .node("l_out-1", sys::GGML_OP_ADD, &["a1", "r0"])
+            .unwrap_err();
+        assert!(
+            e.contains("reads block 0's weight `blk.0.ffn_down.weight`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1236,7 +1889,7 @@ mod tests {
         let first = g.addr["embd"];
         let e = g
             .check
-            .add(first, b"embd", sys::GGML_OP_GET_ROWS, &[])
+            .add(first, b"embd", sys::GGML_OP_GET_ROWS, 4, &[])
             .unwrap_err();
         assert!(e.contains("llama.cpp's graph has no `l_out-1`"), "{e}");
         assert!(g.check.missing_block().contains("no `l_out-1`"));

@@ -32,7 +32,11 @@ use crate::model_info::ModelFacts;
 use crate::output::{Kind, OutputError, Staging};
 use npy::{NpyRows, F16};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// The oldest run format this version reads (version 1: no taps inside blocks).
+pub const OLDEST_SCHEMA_VERSION: u32 = 1;
+/// Folder of the per-prompt files of taps inside blocks: `taps/<tap>/<index>.npy`.
+pub const TAPS_DIR: &str = "taps";
 pub const RUN_JSON: &str = "run.json";
 pub const STATES_DIR: &str = "states";
 pub const STATES_CSV: &str = "states.csv";
@@ -103,7 +107,7 @@ pub enum RunError {
         path: String,
         source: serde_json::Error,
     },
-    #[error("{path}: unsupported schema_version {found} (this gguf-trace reads {SCHEMA_VERSION})")]
+    #[error("{path}: unsupported schema_version {found} (this gguf-trace reads {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})")]
     Schema { path: String, found: u32 },
     #[error("{path}: {msg}")]
     Npy { path: String, msg: String },
@@ -120,6 +124,8 @@ pub enum RunError {
     },
     #[error("interrupted")]
     Interrupted,
+    #[error("--dtype f16 cannot hold {what}: it reaches {max:.0} in magnitude, beyond f16's largest value 65504 (this model's residual stream is too large for f16); trace with --dtype f32")]
+    F16Range { what: String, max: f32 },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -257,6 +263,34 @@ pub struct CaptureSettings {
     /// `--patch-from`: the source run, points and positions patched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<PatchSettings>,
+    /// Taps inside blocks (`--taps`; schema 2): what each file holds. Empty in version-1 runs
+    /// and for `--taps resid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<TapRecord>,
+}
+
+/// One tap inside blocks: per prompt `prompts[].tap_files[tap]`, an NPY array
+/// `[blocks.len(), n_positions, width]` of `dtype` (the positions of the prompt's states file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TapRecord {
+    pub tap: crate::capture::taps::Tap,
+    /// Blocks captured (block b reads point b), in file order.
+    pub blocks: Vec<usize>,
+    /// Values per token: n_embd for resid_mid, attn_out and mlp_out; n_head × head_dim for `z`
+    /// (head-major: reshape to [n_head, head_dim]); the MLP's hidden size for `neurons`.
+    pub width: usize,
+    /// For `z`: the number of heads (width = heads × head_dim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heads: Option<usize>,
+    pub dtype: Dtype,
+    /// Folder of the per-prompt files, relative to the run.
+    pub dir: String,
+    /// llama.cpp's name of the tensor captured at each block (names are not unique: the tensor
+    /// was identified by the graph's structure, see the README's "Taps inside the block").
+    pub tensors: Vec<String>,
+    /// Whether the last block's rows are the model's output rows only (llama.cpp computes the
+    /// rest of the last block only for tokens it outputs).
+    pub last_block_output_rows: bool,
 }
 
 /// Activation patching applied during a trace.
@@ -300,6 +334,9 @@ pub struct PromptRecord {
     pub generated_text: String,
     /// Relative path of the states file (None with --format csv).
     pub states_file: Option<String>,
+    /// Relative path of each tap's file (schema 2, taps inside blocks only).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tap_files: std::collections::BTreeMap<String, String>,
     /// The first point and position whose state (or the next-token logits, reported at the last
     /// point) was NaN or infinite — only in runs traced with `--allow-nonfinite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +435,8 @@ struct RunFiles {
     tokens_csv: csv::Writer<fs::File>,
     states_csv: Option<csv::Writer<fs::File>>,
     metrics_csv: csv::Writer<fs::File>,
+    /// Taps inside blocks, in the order of a trace's `taps` arrays.
+    taps: Vec<crate::capture::taps::Tap>,
 }
 
 impl RunFiles {
@@ -412,12 +451,14 @@ impl RunFiles {
 }
 
 /// The sizes a run directory is laid out for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunShape {
     pub n_prompts: usize,
     pub n_points: usize,
     pub n_embd: usize,
     pub n_vocab: usize,
+    /// Taps inside blocks: (tap, number of blocks, width).
+    pub taps: Vec<(crate::capture::taps::Tap, usize, usize)>,
 }
 
 /// Writes a run directory, prompt by prompt, inside a [`Staging`] directory that is swapped into
@@ -485,14 +526,21 @@ impl RunWriter {
                 Dtype::F16 => "<f2",
             };
             let sound = |e: &JournalEntry| {
+                let n_pos = e.record.positions.len();
                 valid(e)
                     && e.record.states_file.as_ref().is_none_or(|rel| {
                         check_npy(
                             &tmp_dir.join(rel),
                             descr,
-                            &[shape.n_points, e.record.positions.len(), shape.n_embd],
+                            &[shape.n_points, n_pos, shape.n_embd],
                         )
                         .is_ok()
+                    })
+                    && e.record.tap_files.len() == shape.taps.len()
+                    && shape.taps.iter().all(|&(tap, n_blocks, width)| {
+                        e.record.tap_files.get(tap.name()).is_some_and(|rel| {
+                            check_npy(&tmp_dir.join(rel), descr, &[n_blocks, n_pos, width]).is_ok()
+                        })
                     })
             };
             let ok = journal.iter().take_while(|e| sound(e)).count();
@@ -524,7 +572,7 @@ impl RunWriter {
                     out,
                     name.clone(),
                     tmp_dir.clone(),
-                    shape,
+                    shape.clone(),
                     dtype,
                     format,
                     false,
@@ -581,6 +629,7 @@ impl RunWriter {
             n_points,
             n_embd,
             n_vocab,
+            taps,
         } = shape;
         let csv_io = |p: &Path| {
             let path = p.display().to_string();
@@ -607,6 +656,12 @@ impl RunWriter {
         if fresh && format.npy() {
             let d = tmp_dir.join(STATES_DIR);
             fs::create_dir(&d).map_err(io_err(&d))?;
+        }
+        if fresh {
+            for (tap, _, _) in &taps {
+                let d = tmp_dir.join(TAPS_DIR).join(tap.name());
+                fs::create_dir_all(&d).map_err(io_err(&d))?;
+            }
         }
         let rows = |p: &Path, shape: &[usize]| {
             if fresh {
@@ -652,6 +707,7 @@ impl RunWriter {
             tokens_csv,
             states_csv,
             metrics_csv,
+            taps: taps.iter().map(|t| t.0).collect(),
         })
     }
 
@@ -734,6 +790,9 @@ impl RunWriter {
             crate::output::sync_file(&self.files.tmp_dir.join(rel))?;
         }
         crate::output::sync_dir(&self.files.tmp_dir.join(STATES_DIR));
+        for tap in &self.files.taps {
+            crate::output::sync_dir(&self.files.tmp_dir.join(TAPS_DIR).join(tap.name()));
+        }
         Ok(())
     }
 
@@ -748,7 +807,42 @@ impl RunWriter {
         format!("{STATES_DIR}/{index:0w$}.npy", w = self.files.width)
     }
 
-    /// Write one prompt's files. Returns the relative states path (None with --format csv).
+    /// Relative path of a prompt's file of tap `tap` (named like its states file).
+    pub fn tap_file(&self, tap: crate::capture::taps::Tap, index: usize) -> String {
+        format!(
+            "{TAPS_DIR}/{}/{index:0w$}.npy",
+            tap.name(),
+            w = self.files.width
+        )
+    }
+
+    /// Write one array as NPY of the run's dtype.
+    fn write_array(&mut self, rel: &str, a: &Array3<f32>) -> Result<(), RunError> {
+        let p = self.files.tmp_dir.join(rel);
+        let res = match self.files.dtype {
+            Dtype::F32 => ndarray_npy::write_npy(&p, a),
+            Dtype::F16 => {
+                // A value f16 cannot hold would be written as ±inf: a number nobody measured.
+                let max = a.iter().fold(0f32, |m, &x| m.max(x.abs()));
+                if max > half::f16::MAX.to_f32() {
+                    return Err(RunError::F16Range {
+                        what: rel.split('/').take(2).collect::<Vec<_>>().join("/"),
+                        max,
+                    });
+                }
+                ndarray_npy::write_npy(&p, &a.mapv(|x| F16(half::f16::from_f32(x))))
+            }
+        };
+        res.map_err(|e| RunError::Npy {
+            path: p.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        self.states_files.push(rel.to_string());
+        Ok(())
+    }
+
+    /// Write one prompt's files. Returns the relative states path (None with --format csv) and
+    /// the relative path of each tap's file.
     pub fn write_prompt(
         &mut self,
         t: &PromptTrace,
@@ -756,21 +850,20 @@ impl RunWriter {
         id: &str,
         label: Option<&str>,
         pieces: &[String],
-    ) -> Result<Option<String>, RunError> {
+    ) -> Result<(Option<String>, std::collections::BTreeMap<String, String>), RunError> {
         let rel = self.files.format.npy().then(|| self.states_file(t.index));
         if let Some(rel) = &rel {
-            let p = self.files.tmp_dir.join(rel);
-            let res = match self.files.dtype {
-                Dtype::F32 => ndarray_npy::write_npy(&p, &t.states),
-                Dtype::F16 => {
-                    ndarray_npy::write_npy(&p, &t.states.mapv(|x| F16(half::f16::from_f32(x))))
-                }
-            };
-            res.map_err(|e| RunError::Npy {
-                path: p.display().to_string(),
-                msg: e.to_string(),
+            self.write_array(rel, &t.states)?;
+        }
+        let mut tap_files = std::collections::BTreeMap::new();
+        for (k, tap) in self.files.taps.clone().into_iter().enumerate() {
+            let rel = self.tap_file(tap, t.index);
+            let a = t.taps.get(k).ok_or_else(|| RunError::Npy {
+                path: rel.clone(),
+                msg: format!("internal error: no {tap} array for prompt {}", t.index),
             })?;
-            self.states_files.push(rel.clone());
+            self.write_array(&rel, a)?;
+            tap_files.insert(tap.name().to_string(), rel);
         }
         let slot = t.last_prompt_slot();
         let p = self.files.tmp_dir.join(LAST_NPY);
@@ -848,7 +941,7 @@ impl RunWriter {
                 }
             }
         }
-        Ok(rel)
+        Ok((rel, tap_files))
     }
 
     /// Write an extra JSON file into the run (e.g. lens.json).
@@ -972,7 +1065,7 @@ impl Run {
             .get("schema_version")
             .and_then(|v| v.as_u64())
             .unwrap_or(0) as u32;
-        if found != SCHEMA_VERSION {
+        if !(OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&found) {
             return Err(RunError::Schema {
                 path: p.display().to_string(),
                 found,
@@ -1078,6 +1171,39 @@ impl Run {
                 };
                 check_npy(&path, descr, &[n_points, p.positions.len(), n_embd])?;
             }
+            // Taps inside blocks: exactly the taps run.json lists, each at its own file name.
+            if p.tap_files.len() != m.capture.taps.len() {
+                return Err(bad("tap_files do not match capture.taps".into()));
+            }
+            for t in &m.capture.taps {
+                let w = n_prompts.saturating_sub(1).to_string().len().max(5);
+                let want = format!("{TAPS_DIR}/{}/{i:0w$}.npy", t.tap.name());
+                if p.tap_files.get(t.tap.name()) != Some(&want) {
+                    return Err(bad(format!("tap_files[{}] is not {want}", t.tap)));
+                }
+                let descr = match t.dtype {
+                    Dtype::F32 => "<f4",
+                    Dtype::F16 => "<f2",
+                };
+                check_npy(
+                    &self.dir.join(&want),
+                    descr,
+                    &[t.blocks.len(), p.positions.len(), t.width],
+                )?;
+            }
+        }
+        for t in &m.capture.taps {
+            if t.blocks.is_empty()
+                || t.blocks.windows(2).any(|w| w[0] >= w[1])
+                || t.blocks.iter().any(|&b| b >= n_layer)
+                || t.width == 0
+                || t.dtype != m.capture.dtype
+            {
+                return Err(invalid(
+                    &rj,
+                    format!("capture.taps: `{}` needs sorted unique blocks below {n_layer}, a width and the run's dtype", t.tap),
+                ));
+            }
         }
         check_npy(
             &self.dir.join(LAST_NPY),
@@ -1171,6 +1297,32 @@ impl Run {
     pub fn logits(&self) -> Result<Array2<f32>, RunError> {
         let p = self.dir.join(LOGITS_NPY);
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
+    }
+
+    /// A prompt's array of tap `tap` inside blocks, `[n_blocks, n_positions, width]` as f32
+    /// (see [`TapRecord`]); `resid` is [`Run::states`].
+    pub fn tap(
+        &self,
+        tap: crate::capture::taps::Tap,
+        index: usize,
+    ) -> Result<Array3<f32>, RunError> {
+        let rec = &self.manifest.prompts[index];
+        let rel = rec.tap_files.get(tap.name()).ok_or_else(|| RunError::Npy {
+            path: self.dir.display().to_string(),
+            msg: format!("this run has no tap `{tap}` (trace with --taps {tap})"),
+        })?;
+        self.read_array(&self.dir.join(rel))
+    }
+
+    fn read_array(&self, p: &Path) -> Result<Array3<f32>, RunError> {
+        let a = match self.manifest.capture.dtype {
+            Dtype::F32 => ndarray_npy::read_npy(p).map_err(Self::npy_err(p))?,
+            Dtype::F16 => {
+                let a: Array3<F16> = ndarray_npy::read_npy(p).map_err(Self::npy_err(p))?;
+                a.mapv(|x| x.0.to_f32())
+            }
+        };
+        finite(p, a)
     }
 
     /// A prompt's states `[n_points, n_positions, n_embd]` as f32 (f16 files are widened).

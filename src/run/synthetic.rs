@@ -50,6 +50,7 @@ pub fn write_with(
         n_points,
         n_embd,
         n_vocab,
+        taps: Vec::new(),
     };
     let mut w = RunWriter::create(dir, true, shape, dtype, Format::Npy)?;
     let mut s = seed;
@@ -75,6 +76,7 @@ pub fn write_with(
         let t = PromptTrace {
             index: i,
             states,
+            taps: Vec::new(),
             positions: vec![0],
             tokens: vec![1],
             n_prompt: 1,
@@ -83,7 +85,8 @@ pub fn write_with(
         };
         let id = format!("s{i}");
         let label = labels.get(g).copied();
-        let states_file = w.write_prompt(&t, &points, &id, label, &["x".to_string()])?;
+        let (states_file, tap_files) =
+            w.write_prompt(&t, &points, &id, label, &["x".to_string()])?;
         prompts.push(PromptRecord {
             index: i,
             id,
@@ -98,6 +101,7 @@ pub fn write_with(
             positions: vec![0],
             generated_text: String::new(),
             states_file,
+            tap_files,
         });
     }
     let manifest = Manifest {
@@ -138,6 +142,7 @@ pub fn write_with(
             cache_type: Default::default(),
             ablation: None,
             patch: None,
+            taps: Vec::new(),
             points: points.clone(),
             point_tensors: points
                 .iter()

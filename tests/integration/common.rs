@@ -367,6 +367,15 @@ pub fn assert_same_data(a: &Path, b: &Path) {
     for e in std::fs::read_dir(b.join("states")).unwrap() {
         files.push(Path::new("states").join(e.unwrap().file_name()));
     }
+    // Taps inside blocks (schema 2): every file of every tap.
+    if let Ok(taps) = std::fs::read_dir(b.join("taps")) {
+        for t in taps {
+            let t = Path::new("taps").join(t.unwrap().file_name());
+            for e in std::fs::read_dir(b.join(&t)).unwrap() {
+                files.push(t.join(e.unwrap().file_name()));
+            }
+        }
+    }
     for f in files {
         assert!(
             std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),

@@ -19,3 +19,4 @@ mod report_scale;
 mod resume;
 mod rpc;
 mod steering;
+mod taps;

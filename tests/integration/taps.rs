@@ -1,0 +1,334 @@
+//! Taps inside the block (`--taps`): every tap is identified from llama.cpp's graph and checked
+//! by identities that hold bit for bit, because the graph adds exactly these f32 tensors:
+//! `resid_mid[b] = resid[b] + attn_out[b]` and `resid[b+1] = resid_mid[b] + mlp_out[b]`
+//! (f32 addition is commutative and llama.cpp's ADD computes one rounding of a + b). Capturing
+//! taps must not change a single bit of the states or logits.
+
+use crate::common::*;
+use crate::require;
+use gguf_trace::capture::engine::{Positions, PromptTrace};
+use gguf_trace::capture::taps::Tap;
+use gguf_trace::run::Run;
+use ndarray::s;
+
+const TAPS: [Tap; 5] = [
+    Tap::ResidMid,
+    Tap::AttnOut,
+    Tap::MlpOut,
+    Tap::Z,
+    Tap::Neurons,
+];
+
+const PROMPTS: [&str; 4] = [
+    "The quick brown fox jumps over the lazy dog because",
+    "Short one",
+    "Paris is the capital of",
+    "1, 2, 3, 4, 5,",
+];
+
+/// Assert both identities at every block and kept position, bit for bit; returns the number of
+/// state vectors checked.
+fn assert_identities(t: &PromptTrace, points: &[usize], blocks: &[usize], what: &str) -> usize {
+    let (mid, attn, mlp) = (&t.taps[0], &t.taps[1], &t.taps[2]);
+    let mut n = 0;
+    for (k, &b) in blocks.iter().enumerate() {
+        let (Some(pi), Some(po)) = (
+            points.iter().position(|&p| p == b),
+            points.iter().position(|&p| p == b + 1),
+        ) else {
+            continue;
+        };
+        for j in 0..t.positions.len() {
+            let resid = t.states.slice(s![pi, j, ..]);
+            let next = t.states.slice(s![po, j, ..]);
+            let m = mid.slice(s![k, j, ..]);
+            let a = attn.slice(s![k, j, ..]);
+            let f = mlp.slice(s![k, j, ..]);
+            for d in 0..resid.len() {
+                assert_eq!(
+                    (resid[d] + a[d]).to_bits(),
+                    m[d].to_bits(),
+                    "{what}: resid + attn_out != resid_mid at block {b}, position {j}, dim {d}"
+                );
+                assert_eq!(
+                    (m[d] + f[d]).to_bits(),
+                    next[d].to_bits(),
+                    "{what}: resid_mid + mlp_out != resid at block {}, position {j}, dim {d}",
+                    b + 1
+                );
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn taps_hold_the_block_identities_bit_for_bit_and_change_nothing() {
+    for (model, name, z_width, n_ff) in [
+        (smol(), "smollm2", 9 * 64, 1536),
+        (gemma(), "gemma3", 4 * 256, 2048),
+    ] {
+        let model = require!(model);
+        let l = model.n_layer();
+        let toks = tokens(model, &PROMPTS);
+        let plain = trace_tokens(model, &toks, |c| c.n_seq = 2);
+        // Every layout a trace can take: several sequences in tiny ubatches, last positions with
+        // generation, a subset of points.
+        type Layout = Box<dyn Fn(&mut gguf_trace::capture::engine::TraceConfig)>;
+        let layouts: Vec<(&str, Layout)> = vec![
+            (
+                "all positions, 3 sequences, ubatch 5",
+                Box::new(|c| {
+                    c.n_seq = 3;
+                    c.n_ubatch = 5;
+                }),
+            ),
+            (
+                "last position, generate 3",
+                Box::new(|c| {
+                    c.positions = Positions::Last;
+                    c.generate = 3;
+                }),
+            ),
+            (
+                "points 2-5 and the last",
+                Box::new(move |c| c.points = vec![2, 3, 4, 5, l]),
+            ),
+        ];
+        let mut checked = 0;
+        for (what, f) in layouts {
+            let what = format!("{name}, {what}");
+            let traced = trace_tokens(model, &toks, |c| {
+                c.n_seq = 2;
+                f(c);
+                c.taps = TAPS.to_vec();
+            });
+            let untraced = trace_tokens(model, &toks, |c| {
+                c.n_seq = 2;
+                f(c);
+            });
+            for (t, u) in traced.iter().zip(&untraced) {
+                assert_eq!(t.states, u.states, "{what}: taps changed the states");
+                assert_eq!(t.logits, u.logits, "{what}: taps changed the logits");
+                assert_eq!(t.tokens, u.tokens, "{what}: taps changed the generation");
+                let points: Vec<usize> = if what.contains("points 2-5") {
+                    vec![2, 3, 4, 5, l]
+                } else {
+                    (0..=l).collect()
+                };
+                let blocks: Vec<usize> = points.iter().copied().filter(|&p| p < l).collect();
+                let n_pos = t.positions.len();
+                assert_eq!(t.taps.len(), TAPS.len());
+                for (k, tap) in TAPS.iter().enumerate() {
+                    let width = match tap {
+                        Tap::Z => z_width,
+                        Tap::Neurons => n_ff,
+                        _ => model.n_embd(),
+                    };
+                    assert_eq!(
+                        t.taps[k].shape(),
+                        &[blocks.len(), n_pos, width],
+                        "{what}: {tap}"
+                    );
+                    assert!(
+                        t.taps[k].iter().all(|x| x.is_finite()),
+                        "{what}: {tap} not finite"
+                    );
+                    // No row left unfilled.
+                    for (b, block) in blocks.iter().enumerate() {
+                        for j in 0..n_pos {
+                            assert!(
+                                t.taps[k].slice(s![b, j, ..]).iter().any(|&x| x != 0.0),
+                                "{what}: {tap} block {block} position {j} is all zeros"
+                            );
+                        }
+                    }
+                }
+                checked += assert_identities(t, &points, &blocks, &what);
+            }
+        }
+        // The plain trace of the default layout equals the traced one with taps.
+        let with = trace_tokens(model, &toks, |c| {
+            c.n_seq = 2;
+            c.taps = TAPS.to_vec();
+        });
+        for (a, b) in with.iter().zip(&plain) {
+            assert_eq!(a.states, b.states, "{name}");
+        }
+        assert!(
+            checked > 100,
+            "{name}: only {checked} state vectors checked"
+        );
+    }
+}
+
+#[test]
+fn taps_through_the_cli_run_format_2_and_every_reader() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Gemma-3's residual stream exceeds f16's range: refused, never written as infinity.
+    let g = model_path(GEMMA).unwrap();
+    let o = run_bin(&[
+        "trace",
+        "-m",
+        s(&g),
+        "-p",
+        "Paris is the capital of",
+        "--taps",
+        "attn_out",
+        "--dtype",
+        "f16",
+        "-o",
+        s(&w.join("g")),
+    ]);
+    assert_clean_error(&o, "beyond f16's largest value 65504", Some(&w.join("g")));
+    let m = model_path(SMOL).unwrap();
+    ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-p",
+            "Paris is the capital of",
+            "-p",
+            "Hello there",
+            "--taps",
+            "resid,hook_attn_out,blocks.0.hook_mlp_out,hook_resid_mid,z",
+            "--points",
+            "3,4,5,30",
+            "--dtype",
+            "f16",
+            "-o",
+            "run",
+        ],
+    );
+    let run = Run::open(&w.join("run")).unwrap();
+    let m = &run.manifest;
+    assert_eq!(m.schema_version, 2);
+    let taps: Vec<Tap> = m.capture.taps.iter().map(|t| t.tap).collect();
+    assert_eq!(taps, vec![Tap::ResidMid, Tap::AttnOut, Tap::MlpOut, Tap::Z]);
+    for t in &m.capture.taps {
+        assert_eq!(t.blocks, vec![3, 4, 5], "point 30 = L has no block");
+        assert_eq!(t.dir, format!("taps/{}", t.tap));
+        assert_eq!(t.tensors.len(), 3);
+    }
+    assert_eq!(m.capture.taps[3].heads, Some(9));
+    assert_eq!(m.capture.taps[3].width, 576);
+    // f16 files widen to what the identities need within f16 rounding.
+    let states = run.states(0).unwrap();
+    let mid = run.tap(Tap::ResidMid, 0).unwrap();
+    let attn = run.tap(Tap::AttnOut, 0).unwrap();
+    assert_eq!(mid.shape(), &[3, states.shape()[1], 576]);
+    // point 3 is states[0]; block 3 is taps[0].
+    let sum = &states.slice(s![0, .., ..]) + &attn.slice(s![0, .., ..]);
+    let err = (&sum - &mid.slice(s![0, .., ..]))
+        .mapv(|x| x.abs())
+        .fold(0f32, |a, &b| a.max(b));
+    let scale = mid.mapv(|x| x.abs()).fold(0f32, |a, &b| a.max(b));
+    // Three f16 roundings of values up to `scale`: at most 3 × 2^-11 relative.
+    assert!(
+        err <= scale * 3.0 / 2048.0,
+        "f16 identity off by {err} (scale {scale})"
+    );
+    // numpy reads every tap in one line.
+    let out = run_python(
+        "import json,sys,numpy as np\nd=sys.argv[1]\nr=json.load(open(d+'/run.json'))\np=r['prompts'][1]\nprint(*[np.load(d+'/'+p['tap_files'][t['tap']]).shape for t in r['capture']['taps']])",
+        &[s(&w.join("run"))],
+    );
+    assert_eq!(
+        out.trim(),
+        "(3, 2, 576) (3, 2, 576) (3, 2, 576) (3, 2, 576)"
+    );
+    // The report reads a version-2 run.
+    ok(w, &["report", "run", "-o", "report.html"]);
+    assert!(w.join("report.html").exists());
+    // A tap file that does not match run.json is refused by every reader.
+    std::fs::write(w.join("run/taps/z/00001.npy"), b"not an npy").unwrap();
+    let o = run_bin(&["report", s(&w.join("run")), "-o", s(&w.join("r2.html"))]);
+    assert_clean_error(&o, "taps/z/00001.npy", Some(&w.join("r2.html")));
+}
+
+#[test]
+fn taps_that_cannot_be_captured_are_refused_by_name() {
+    let m = model_path(SMOL).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    for (taps, needle) in [
+        (
+            "attn",
+            "unknown tap `attn`: choose from resid, resid_mid, attn_out",
+        ),
+        (
+            "pattern",
+            "--taps pattern: `pattern` (per-head attention probabilities) is not captured yet",
+        ),
+        ("router", "not captured yet"),
+        ("z,z", "`z` is named twice"),
+        ("resid,", "an empty entry"),
+    ] {
+        let o = run_bin(&[
+            "trace",
+            "-m",
+            s(&m),
+            "-p",
+            "x",
+            "--taps",
+            taps,
+            "-o",
+            s(&w.join("o")),
+        ]);
+        assert_clean_error(&o, needle, Some(&w.join("o")));
+    }
+}
+
+#[test]
+fn resume_with_taps_checks_and_repairs_their_files() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let body: String = (0..64)
+        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
+        .collect();
+    std::fs::write(w.join("p.txt"), body).unwrap();
+    let args = |out: &'static str| {
+        vec![
+            "trace",
+            "-m",
+            m,
+            "-f",
+            "p.txt",
+            "--generate",
+            "2",
+            "--taps",
+            "attn_out,neurons",
+            "--points",
+            "0-6",
+            "-o",
+            out,
+        ]
+    };
+    ok(w, &args("reference"));
+    let a = args("run");
+    let (code, _) = interrupt_when(w, &a, || journaled(w, "") > 0, "KILL");
+    assert_eq!(code, None);
+    // Damage the first journaled prompt's neurons file: it must be traced again.
+    let partial = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".partial"))
+        .unwrap()
+        .join("run");
+    let p = partial.join("taps/neurons/00000.npy");
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+    let o = ok(w, &[&a[..], &["--resume"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("traced again") || err.contains("tracing from the start"),
+        "{err}"
+    );
+    assert_same_data(&w.join("run"), &w.join("reference"));
+}
