@@ -533,7 +533,7 @@ impl<'m> Tracer<'m> {
                 .collect();
             if widths.iter().any(|&w| w != widths[0]) {
                 return Err(TraceError::Tap(format!(
-                    "tap `{tap}` has {} values per token at some blocks and {} at others (blocks of different sizes); choose blocks of one size with --points",
+                    "tap `{tap}` cannot be captured at every block: it has {} values per token at some blocks and {} at others (blocks of different sizes); choose blocks of one size with --points",
                     widths.iter().min().unwrap_or(&0),
                     widths.iter().max().unwrap_or(&0)
                 )));

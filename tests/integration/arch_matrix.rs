@@ -17,6 +17,18 @@ use ndarray_npy::read_npy;
 use super::common::*;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_models.py");
+const TAPS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_taps.py");
+/// Every tap inside the block, in the table's order.
+const TAPS: [&str; 5] = ["resid_mid", "attn_out", "mlp_out", "z", "neurons"];
+/// Why gguf-trace may refuse a tap on a verified architecture: no residual between attention and
+/// the MLP (parallel blocks), per-expert MLP activations (mixture of experts), a block that adds
+/// a third term (Gemma 4's per-layer input), heads of different sizes in different blocks (Gemma 4).
+const TAP_REFUSALS: [&str; 4] = [
+    "in parallel from the block's input",
+    "mixture-of-experts",
+    "the block adds 3 term(s)",
+    "blocks of different sizes",
+];
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog and then runs into the forest";
 
 /// Worst relative L2 error (per state, over every point and position, and of the logits) accepted
@@ -237,6 +249,124 @@ fn trace(model: &Path, out: &Path, cache: &str) -> Result<serde_json::Value, Str
     Ok(serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap())
 }
 
+/// Trace `model` with every tap it has into `out` (F32 cache): a tap gguf-trace refuses is
+/// recorded with its reason and the trace repeated without it. Err: the trace failed otherwise.
+fn tap_trace(model: &Path, out: &Path) -> Result<BTreeMap<String, String>, String> {
+    let mut refused = BTreeMap::new();
+    loop {
+        let taps: Vec<&str> = TAPS
+            .iter()
+            .copied()
+            .filter(|t| !refused.contains_key(*t))
+            .collect();
+        if taps.is_empty() {
+            return Ok(refused);
+        }
+        let o = bin()
+            .args([
+                "trace",
+                "-m",
+                s(model),
+                "-p",
+                PROMPT,
+                "-o",
+                s(out),
+                "--force",
+            ])
+            .args([
+                "--taps",
+                &taps.join(","),
+                "--cache-type",
+                "f32",
+                "--threads",
+                "2",
+            ])
+            .output()
+            .expect("binary runs");
+        if o.status.success() {
+            return Ok(refused);
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let tap = TAPS
+            .iter()
+            .find(|t| err.contains(&format!("tap `{t}` cannot be ")));
+        match tap {
+            Some(t) => {
+                let why = err
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or("")
+                    .to_string();
+                let why = why
+                    .split_once("` cannot be ")
+                    .map_or(why.clone(), |(_, r)| {
+                        r.split_once(": ")
+                            .map_or(r.to_string(), |(_, w)| w.to_string())
+                    });
+                refused.insert(t.to_string(), why);
+            }
+            None => {
+                return Err(err
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or(err.trim())
+                    .to_string())
+            }
+        }
+    }
+}
+
+/// Worst relative L2 error of every tap gguf-trace captured against HF's (`None`: the oracle could
+/// not take the block apart; its reason is in `notes`).
+fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Value) {
+    let notes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hf.with_extension("taps.json")).unwrap()).unwrap();
+    let mut npz =
+        ndarray_npy::NpzReader::new(std::fs::File::open(hf.with_extension("taps.npz")).unwrap())
+            .unwrap();
+    let names = npz.names().unwrap();
+    let mut hf_arrays: BTreeMap<String, Array3<f64>> = BTreeMap::new();
+    for n in names {
+        let a: Array3<f64> = npz.by_name(&n).unwrap();
+        hf_arrays.insert(n.trim_end_matches(".npy").to_string(), a);
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("run.json")).unwrap()).unwrap();
+    let mut out = BTreeMap::new();
+    for t in manifest["capture"]["taps"].as_array().into_iter().flatten() {
+        let tap = t["tap"].as_str().unwrap();
+        let ours: Array3<f32> = read_npy(run.join(format!("taps/{tap}/00000.npy"))).unwrap();
+        let ours = ours.mapv(f64::from);
+        let reference = match tap {
+            "resid_mid" => match (hf_arrays.get("resid"), hf_arrays.get("attn")) {
+                (Some(r), Some(a)) => Some(r + a),
+                _ => None,
+            },
+            "attn_out" => hf_arrays.get("attn").cloned(),
+            "mlp_out" => hf_arrays.get("mlp").cloned(),
+            other => hf_arrays.get(other).cloned(),
+        };
+        let Some(reference) = reference else { continue };
+        assert_eq!(
+            ours.shape(),
+            reference.shape(),
+            "{}: {tap} shape",
+            run.display()
+        );
+        let mut worst = 0f64;
+        for b in 0..ours.len_of(Axis(0)) {
+            for i in 0..ours.len_of(Axis(1)) {
+                worst = worst.max(worst_rel(
+                    ours.slice(ndarray::s![b, i, ..]),
+                    reference.slice(ndarray::s![b, i, ..]),
+                ));
+            }
+        }
+        out.insert(tap.to_string(), worst);
+    }
+    (out, notes)
+}
+
 /// Errors of a traced run against HF: [point 0, points 1..L-1, point L, logits].
 fn errors(run: &Path, hf: &Path) -> [f64; 4] {
     let states: Array3<f32> = read_npy(run.join("states/00000.npy")).unwrap();
@@ -369,6 +499,110 @@ fn architecture_matrix() {
         row.f32 = Some(errors(&work.path().join(format!("{key}-f32")), &hf));
         row.f16 = Some(errors(&work.path().join(format!("{key}-f16")), &hf));
     }
+    // Taps inside the block, on every architecture that traced: gguf-trace's arrays against HF's
+    // own split of each decoder layer (tests/oracle/arch_taps.py).
+    // Per architecture: the taps gguf-trace refused (with why), and whether the trace ran.
+    type TapRow = (BTreeMap<String, String>, Result<(), String>);
+    let mut tap_rows: BTreeMap<String, TapRow> = BTreeMap::new();
+    let mut tap_requests = Vec::new();
+    for (key, row) in rows.iter() {
+        if row.refused.is_some() {
+            continue;
+        }
+        let out = work.path().join(format!("{key}-taps"));
+        let r = tap_trace(&dir.join(key).join("model.gguf"), &out);
+        if r.is_ok() {
+            let run: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+            tap_requests.push(serde_json::json!({
+                "hf": dir.join(key).join("hf"),
+                "ids": run["prompts"][0]["tokens"],
+                "out": work.path().join(format!("{key}-hf")),
+            }));
+        }
+        tap_rows.insert(
+            key.clone(),
+            match r {
+                Ok(refused) => (refused, Ok(())),
+                Err(e) => (BTreeMap::new(), Err(e)),
+            },
+        );
+    }
+    let req = work.path().join("tap-requests.json");
+    std::fs::write(&req, serde_json::to_vec(&tap_requests).unwrap()).unwrap();
+    let o = Command::new(&py)
+        .arg(TAPS_SCRIPT)
+        .args(["--requests", s(&req)])
+        .output()
+        .expect("python runs");
+    assert!(
+        o.status.success(),
+        "arch_taps.py failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut tap_failures = Vec::new();
+    eprintln!("| architecture | {} |", TAPS.join(" | "));
+    eprintln!("|---|{}", "---|".repeat(TAPS.len()));
+    for (key, (refused, traced)) in &tap_rows {
+        let expect = MATRIX.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
+        let tolerance = if expect == Some(VerifiedGelu) {
+            F32_GELU_TOLERANCE
+        } else {
+            F32_TOLERANCE
+        };
+        let verified_arch = matches!(expect, Some(Verified | VerifiedGelu));
+        let (errs, notes) = match traced {
+            Ok(()) => tap_errors(
+                &work.path().join(format!("{key}-taps")),
+                &work.path().join(format!("{key}-hf")),
+            ),
+            Err(e) => {
+                tap_failures.push(format!("{key}: the trace with taps failed: {e}"));
+                continue;
+            }
+        };
+        let mut cells = Vec::new();
+        for tap in TAPS {
+            let cell = if let Some(why) = refused.get(tap) {
+                if verified_arch && !TAP_REFUSALS.iter().any(|r| why.contains(r)) {
+                    tap_failures.push(format!(
+                        "{key}: {tap} refused for an unexpected reason: {why}"
+                    ));
+                }
+                format!("refused: {}", why.split(" (").next().unwrap_or(why))
+            } else if let Some(&e) = errs.get(tap) {
+                if e <= tolerance {
+                    format!("verified ({e:.1e})")
+                } else {
+                    if verified_arch {
+                        tap_failures.push(format!(
+                            "{key}: {tap} differs from HF by {e:.1e} (tolerance {tolerance:.0e})"
+                        ));
+                    }
+                    format!("DIFFERS ({e:.1e})")
+                }
+            } else {
+                let why = notes
+                    .get(if tap == "resid_mid" {
+                        "attn"
+                    } else {
+                        tap.trim_end_matches("_out")
+                    })
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("no reference");
+                if verified_arch {
+                    tap_failures.push(format!(
+                        "{key}: {tap} traced but HF's oracle has no reference: {why}"
+                    ));
+                }
+                format!("not checked: {why}")
+            };
+            cells.push(cell);
+        }
+        eprintln!("| {key} | {} |", cells.join(" | "));
+    }
+    assert!(tap_failures.is_empty(), "{}", tap_failures.join("\n"));
+
     // The table (the closing note's and the README's figures come from here).
     eprintln!("| architecture | GGUF arch | converter | loads | point 0 (f32 / f16 cache) | points 1..L-1 | point L | logits | lens | verdict |");
     eprintln!("|---|---|---|---|---|---|---|---|---|---|");
