@@ -104,7 +104,7 @@ fn bench_report() {
 /// wall time, and the share of it spent outside llama.cpp's decode (loading, tokenizing, writing,
 /// analysis and the report).
 fn bench_compare(source: &std::path::Path) {
-    use gguf_trace::cli::{CompareArgs, PositionsArg, PromptArgs};
+    use gguf_trace::cli::{CompareArgs, PromptArgs};
     let dir = tempfile::tempdir().unwrap();
     let f32_path = dir.path().join("ref.F32.gguf");
     let ty = |s: &str| gguf_trace::quant::parse_types(s).unwrap()[0].1;
@@ -132,21 +132,13 @@ fn bench_compare(source: &std::path::Path) {
             chat: false,
             system: None,
         },
-        positions: PositionsArg::All,
-        generate: 0,
         output: out.clone(),
         force: false,
         reference: None,
         lens: false,
         title: None,
         resume: false,
-        ctx: 512,
-        threads: None,
-        n_gpu_layers: None,
-        rpc: gguf_trace::cli::RpcArgs {
-            rpc: None,
-            tensor_split: None,
-        },
+        capture: gguf_trace::settings::CaptureArgs::default(),
     };
     let t = Instant::now();
     gguf_trace::commands::compare::run(&args, &mut std::io::sink()).unwrap();

@@ -2,10 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-use crate::capture::engine::Positions;
-use crate::run::{Dtype, Format};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,8 +71,9 @@ pub struct RpcServerArgs {
     pub threads: Option<i32>,
 }
 
-/// Where the layers run: llama.cpp RPC servers (shared by `trace` and `compare`).
-#[derive(Debug, Clone, Args)]
+/// Where the layers run: llama.cpp RPC servers (part of the capture settings).
+#[derive(Debug, Clone, Default, PartialEq, Args, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RpcArgs {
     /// Run layers on llama.cpp RPC servers, "HOST:PORT[,HOST:PORT...]" (`gguf-trace rpc-server`
     /// or llama.cpp's rpc-server on each worker). Every layer goes remote unless --n-gpu-layers
@@ -241,12 +239,6 @@ pub struct CompareArgs {
     pub models: Vec<PathBuf>,
     #[command(flatten)]
     pub input: PromptArgs,
-    /// Positions to store (drift is measured over every stored prompt position).
-    #[arg(long, value_enum, default_value = "all")]
-    pub positions: PositionsArg,
-    /// Greedy tokens to generate after each prompt.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub generate: usize,
     /// Output directory: one run directory per model and report.html.
     #[arg(short, long, value_name = "OUT_DIR")]
     pub output: PathBuf,
@@ -266,17 +258,8 @@ pub struct CompareArgs {
     /// interrupted one resumes from its last prompt on disk.
     #[arg(long)]
     pub resume: bool,
-    /// Token limit for one prompt plus its generation.
-    #[arg(long, value_name = "N", default_value_t = 512)]
-    pub ctx: usize,
-    /// CPU threads (default: all available).
-    #[arg(short, long, value_name = "N")]
-    pub threads: Option<i32>,
-    /// Layers to offload to the GPU (or to the --rpc servers).
-    #[arg(long, value_name = "N", allow_hyphen_values = true)]
-    pub n_gpu_layers: Option<i32>,
     #[command(flatten)]
-    pub rpc: RpcArgs,
+    pub capture: crate::settings::CaptureArgs,
 }
 
 /// Where prompts come from and how they are rendered (shared by `trace` and `compare`).
@@ -324,28 +307,6 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub input: PromptArgs,
 
-    /// Positions to store: every prompt position, or only the last (generated tokens are always stored).
-    #[arg(long, value_enum, default_value = "all")]
-    pub positions: PositionsArg,
-
-    /// Points to keep: "all", or a list such as "0,10-20,30" (0 = input of block 0, p = output of block p-1).
-    #[arg(long, value_name = "SPEC", default_value = "all")]
-    pub points: String,
-
-    /// Greedily generate N tokens after each prompt and store their states too (uses the KV cache).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub generate: usize,
-
-    /// What to capture: "resid" (the residual stream between blocks, always kept) and taps inside
-    /// each block --points names (point p < L names block p): resid_mid (after attention, before
-    /// the MLP), attn_out and mlp_out (what attention and the MLP add to the residual stream), z
-    /// (each head's output before the output projection), neurons (the MLP's hidden
-    /// activations). TransformerLens names work too (hook_attn_out, hook_resid_mid, hook_z,
-    /// hook_post). Each tap is found from the structure of llama.cpp's graph, or refused with the
-    /// reason; written as NPY to taps/<tap>/<prompt>.npy
-    #[arg(long, value_name = "TAP[,TAP...]", default_value = "resid")]
-    pub taps: String,
-
     /// Output directory (refused if it exists, unless --force).
     #[arg(short, long, value_name = "RUN_DIR")]
     pub output: PathBuf,
@@ -354,60 +315,13 @@ pub struct TraceArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// Format of the per-prompt states (last.npy and logits.npy are always written).
-    #[arg(long, value_enum, default_value = "npy")]
-    pub format: FormatArg,
-
-    /// Element type of the per-prompt NPY states.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
-
-    /// Token limit for one prompt plus its generation.
-    #[arg(long, value_name = "N", default_value_t = 512)]
-    pub ctx: usize,
-
-    /// CPU threads (default: all available).
-    #[arg(short, long, value_name = "N")]
-    pub threads: Option<i32>,
-
-    /// Layers to offload to the GPU or the --rpc servers (default: all there; 0 on CPU builds
-    /// without --rpc).
-    #[arg(long, value_name = "N", allow_hyphen_values = true)]
-    pub n_gpu_layers: Option<i32>,
-
     #[command(flatten)]
-    pub rpc: RpcArgs,
-
-    /// Prompts decoded together as separate sequences of one batch (1-256).
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    pub n_seq: usize,
-
-    /// Keep quantized weights in the file's layout on the CPU. By default llama.cpp repacks some
-    /// types (e.g. Q4_K) into interleaved layouts computed by other kernels, as RPC workers and
-    /// GPUs do not: with --no-repack a local trace is bit-identical to one over --rpc.
-    #[arg(long)]
-    pub no_repack: bool,
-
-    /// Element type of llama.cpp's KV cache. llama.cpp's default, f16, rounds every key and value
-    /// (states move by ~1e-3 relative against an exact computation); f32 keeps them in float32
-    /// (on the CPU: ~1e-7 from HF transformers in float64), costs twice the cache memory and turns
-    /// flash attention off (llama.cpp's flash attention rounds keys and values to f16); q8_0 …
-    /// q4_0 show what a quantized cache does to the states
-    #[arg(long, value_name = "TYPE", default_value = "f16")]
-    pub cache_type: crate::llama::context::CacheType,
+    pub capture: crate::settings::CaptureArgs,
 
     /// Read the weights into memory instead of memory-mapping the file. With mmap (the default)
     /// a model file that is truncated or replaced during a trace kills the process (SIGBUS).
     #[arg(long)]
     pub no_mmap: bool,
-
-    /// Largest number of tokens in one decode.
-    #[arg(long, value_name = "N", default_value_t = 512)]
-    pub batch_size: usize,
-
-    /// llama.cpp's physical micro-batch size.
-    #[arg(long, value_name = "N", default_value_t = 512)]
-    pub ubatch_size: usize,
 
     /// Logit lens: run every point's state at the last prompt position through the model's final
     /// norm and unembedding (stored in lens.json; checked against the model's own logits).
@@ -477,59 +391,6 @@ pub struct TraceArgs {
     /// prompts; a run that is already complete is left as it is.
     #[arg(long)]
     pub resume: bool,
-
-    /// Keep going when a state or logit is NaN or infinite (a broken model, an extreme control
-    /// vector): the first such point and position of each prompt is recorded in run.json
-    /// (prompts[].nonfinite) instead of failing the trace. Reports refuse such runs.
-    #[arg(long)]
-    pub allow_nonfinite: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PositionsArg {
-    All,
-    Last,
-}
-
-impl From<PositionsArg> for Positions {
-    fn from(p: PositionsArg) -> Positions {
-        match p {
-            PositionsArg::All => Positions::All,
-            PositionsArg::Last => Positions::Last,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum FormatArg {
-    Npy,
-    Csv,
-    Both,
-}
-
-impl From<FormatArg> for Format {
-    fn from(f: FormatArg) -> Format {
-        match f {
-            FormatArg::Npy => Format::Npy,
-            FormatArg::Csv => Format::Csv,
-            FormatArg::Both => Format::Both,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    F16,
-}
-
-impl From<DtypeArg> for Dtype {
-    fn from(d: DtypeArg) -> Dtype {
-        match d {
-            DtypeArg::F32 => Dtype::F32,
-            DtypeArg::F16 => Dtype::F16,
-        }
-    }
 }
 
 /// A finite f32 (NaN, infinities and values beyond f32's range are refused with the text typed).

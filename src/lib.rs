@@ -15,3 +15,4 @@ pub mod prompts;
 pub mod quant;
 pub mod report;
 pub mod run;
+pub mod settings;

@@ -19,7 +19,9 @@ use crate::llama::model::Model;
 use crate::llama::Token;
 
 /// Which positions of a prompt are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Positions {
     /// Every prompt position (and every generated one).

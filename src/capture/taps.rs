@@ -121,52 +121,31 @@ impl FromStr for Tap {
     }
 }
 
-/// Parse `--taps`: a comma list, each tap once; returned sorted in [`ALL`]'s order. Taps this
-/// version cannot capture are refused with the reason.
-pub fn parse_list(spec: &str) -> Result<Vec<Tap>, String> {
-    let mut taps = Vec::new();
-    for part in spec.split(',') {
-        if part.trim().is_empty() {
-            return Err(format!("--taps {spec:?}: an empty entry"));
-        }
-        let t: Tap = part.parse()?;
-        if let Some(why) = t.not_yet() {
-            return Err(format!("--taps {t}: {why}"));
-        }
-        if taps.contains(&t) {
-            return Err(format!("--taps {spec:?}: `{t}` is named twice"));
-        }
-        taps.push(t);
-    }
-    taps.sort();
-    Ok(taps)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_and_aliases() {
-        assert_eq!(parse_list("resid").unwrap(), vec![Tap::Resid]);
-        assert_eq!(
-            parse_list("mlp_out,hook_attn_out,blocks.3.hook_resid_mid,resid").unwrap(),
-            vec![Tap::Resid, Tap::ResidMid, Tap::AttnOut, Tap::MlpOut]
-        );
-        assert_eq!(
-            parse_list("attn.hook_z,mlp.hook_post").unwrap(),
-            vec![Tap::Z, Tap::Neurons]
-        );
-        assert!(parse_list("attn_out,attn_out")
-            .unwrap_err()
-            .contains("twice"));
-        assert!(parse_list("attn")
+        for (text, tap) in [
+            ("resid", Tap::Resid),
+            ("hook_attn_out", Tap::AttnOut),
+            ("blocks.3.hook_resid_mid", Tap::ResidMid),
+            (" mlp_out ", Tap::MlpOut),
+            ("attn.hook_z", Tap::Z),
+            ("mlp.hook_post", Tap::Neurons),
+        ] {
+            assert_eq!(text.parse::<Tap>(), Ok(tap), "{text}");
+        }
+        assert!("attn"
+            .parse::<Tap>()
             .unwrap_err()
             .contains("unknown tap `attn`"));
-        assert!(parse_list("resid,").unwrap_err().contains("empty"));
-        assert!(parse_list("pattern")
-            .unwrap_err()
-            .contains("not captured yet"));
+        assert!(Tap::Pattern.not_yet().is_some() && Tap::Router.not_yet().is_some());
+        assert!(ALL
+            .iter()
+            .filter(|t| t.not_yet().is_none())
+            .all(|t| t.aliases().len() <= 2));
         for t in ALL {
             assert_eq!(t.name().parse::<Tap>().unwrap(), t);
         }

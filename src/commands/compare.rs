@@ -27,11 +27,8 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     }
     // One plan for every model; validated (with the prompts and the output) before any load.
     let mut plan = TraceOptions::new(args.models[0].clone(), args.input.clone(), PathBuf::new());
-    plan.positions = args.positions.into();
-    plan.generate = args.generate;
-    plan.ctx = args.ctx;
-    plan.threads = super::resolve_threads(args.threads)?;
-    let mut plan = plan.with_rpc(&args.rpc, args.n_gpu_layers)?;
+    plan.capture = args.capture.clone();
+    plan.capture.validate()?;
     plan.lens = args.lens.then_some(LensOptions { all: false, k: 5 });
     plan.resume = args.resume;
     plan.validate()?;

@@ -133,13 +133,13 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
     };
     let options = |out: PathBuf, ablate_from: Option<usize>| {
         let mut t = TraceOptions::new(o.model.to_path_buf(), input.clone(), out);
-        t.positions = Positions::Last;
-        t.points = "last".into();
-        t.generate = o.generate;
-        t.cache_type = c.cache_type;
+        t.capture.positions = Positions::Last;
+        t.capture.points = "last".into();
+        t.capture.generate = o.generate;
+        t.capture.cache_type = c.cache_type;
         t.quiet = true;
         if let Some(th) = o.threads {
-            t.threads = th;
+            t.capture.threads = Some(th);
         }
         t.ablation = ablate_from.map(|p| Ablation {
             file: directions.to_path_buf(),

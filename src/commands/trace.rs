@@ -14,19 +14,19 @@ use crate::capture::engine::{
 };
 use crate::capture::taps::Tap;
 use crate::chat;
-use crate::cli::{default_gpu_layers, parse_control_points, parse_points, PromptArgs, TraceArgs};
+use crate::cli::{parse_control_points, parse_points, PromptArgs, TraceArgs};
 use crate::llama::backend;
-use crate::llama::context::{CacheType, Edit};
+use crate::llama::context::Edit;
 use crate::llama::gguf::Gguf;
 use crate::llama::lens::LensHead;
 use crate::llama::model::{LoadOptions, Model};
 use crate::model_info::{ModelFacts, Trust};
 use crate::prompts::{self, Prompt};
 use crate::run::{
-    self, CaptureSettings, Dtype, Format, Manifest, PromptRecord, Provenance, RunShape, RunWriter,
-    Timings,
+    self, CaptureSettings, Dtype, Manifest, PromptRecord, Provenance, RunShape, RunWriter, Timings,
 };
 use crate::run::{LensInfo, PromptLens};
+use crate::settings::CaptureArgs;
 
 /// A prompt ready to trace.
 pub struct Prepared {
@@ -70,12 +70,6 @@ fn hash_in_background(path: PathBuf) -> std::thread::JoinHandle<std::io::Result<
     std::thread::spawn(move || crate::model_hash::sha256(&path).map(|(sha, _)| sha))
 }
 
-/// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`).
-pub const MAX_SEQ: usize = 256;
-
-/// Largest `--ctx` accepted (tokens for one prompt plus its generation).
-pub const MAX_CTX: usize = 1 << 22;
-
 /// The logit lens settings of a trace.
 #[derive(Debug, Clone)]
 pub struct LensOptions {
@@ -117,38 +111,17 @@ pub struct Steering {
 pub struct TraceOptions {
     pub model: PathBuf,
     pub input: PromptArgs,
-    pub positions: Positions,
-    /// `--points` spec, parsed once the model's depth is known.
-    pub points: String,
-    /// `--taps`: taps inside blocks (resid is always kept), at the blocks `points` names.
-    pub taps: Vec<Tap>,
-    pub generate: usize,
+    /// What is captured and how it is laid out: the one settings record (see `crate::settings`).
+    pub capture: CaptureArgs,
     pub output: PathBuf,
     pub force: bool,
-    pub format: Format,
-    pub dtype: Dtype,
-    pub ctx: usize,
-    pub n_seq: usize,
-    pub n_batch: usize,
-    pub n_ubatch: usize,
-    pub threads: i32,
-    pub n_gpu_layers: i32,
     pub use_mmap: bool,
     pub lens: Option<LensOptions>,
     pub steering: Option<Steering>,
-    /// Record non-finite states instead of failing.
-    pub allow_nonfinite: bool,
     /// Continue an interrupted trace of the same output (see [`RunWriter::open`]).
     pub resume: bool,
     /// How messages name the output when it is written somewhere else first (compare's runs).
     pub shown_as: Option<PathBuf>,
-    /// llama.cpp RPC servers the layers run on ("HOST:PORT"), and their shares of the layers.
-    pub rpc: Vec<String>,
-    pub tensor_split: Vec<f32>,
-    /// Let llama.cpp repack quantized weights for the CPU (its default; see `--no-repack`).
-    pub cpu_repack: bool,
-    /// Element type of the KV cache (`--cache-type`).
-    pub cache_type: CacheType,
     /// `--ablate`: directional ablation at chosen points.
     pub ablation: Option<Ablation>,
     /// `--patch-from`: activation patching from another run.
@@ -162,54 +135,24 @@ impl TraceOptions {
     /// Defaults for tracing `input` through `model` into `output` (what `trace` does without
     /// options).
     pub fn new(model: PathBuf, input: PromptArgs, output: PathBuf) -> TraceOptions {
+        let mut capture = CaptureArgs::default();
+        // The defaults are valid; this resolves threads and layer placement.
+        let _ = capture.validate();
         TraceOptions {
             model,
             input,
-            positions: Positions::All,
-            points: "all".into(),
-            taps: Vec::new(),
-            generate: 0,
+            capture,
             output,
             force: false,
-            format: Format::Npy,
-            dtype: Dtype::F32,
-            ctx: 512,
-            n_seq: 16,
-            n_batch: 512,
-            n_ubatch: 512,
-            threads: crate::capture::engine::default_threads(),
-            n_gpu_layers: default_gpu_layers(),
             use_mmap: true,
             lens: None,
             steering: None,
-            allow_nonfinite: false,
             resume: false,
             shown_as: None,
-            rpc: Vec::new(),
-            tensor_split: Vec::new(),
-            cpu_repack: true,
-            cache_type: CacheType::F16,
             ablation: None,
             patching: None,
             quiet: false,
         }
-    }
-
-    /// Place the layers on `rpc` servers (all of them remote unless `n_gpu_layers` says).
-    pub fn with_rpc(
-        mut self,
-        rpc: &crate::cli::RpcArgs,
-        n_gpu_layers: Option<i32>,
-    ) -> Result<Self> {
-        let (endpoints, split) = rpc.resolve().map_err(anyhow::Error::msg)?;
-        self.n_gpu_layers = match n_gpu_layers {
-            Some(n) => n,
-            None if !endpoints.is_empty() => 999,
-            None => default_gpu_layers(),
-        };
-        self.rpc = endpoints;
-        self.tensor_split = split;
-        Ok(self)
     }
 
     /// The output as messages name it.
@@ -238,25 +181,11 @@ impl TraceOptions {
         if a.patch_from.is_some() && a.patch_points.is_none() {
             bail!("--patch-from needs --patch-points (which points to patch)");
         }
-        let threads = super::resolve_threads(a.threads)?;
-        let taps = crate::capture::taps::parse_list(&a.taps)
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .filter(|t| t.in_block())
-            .collect();
+        let mut capture = a.capture.clone();
+        capture.validate()?;
         let o = TraceOptions {
-            positions: a.positions.into(),
-            points: a.points.clone(),
-            taps,
-            generate: a.generate,
+            capture,
             force: a.force,
-            format: a.format.into(),
-            dtype: a.dtype.into(),
-            ctx: a.ctx,
-            n_seq: a.n_seq,
-            n_batch: a.batch_size,
-            n_ubatch: a.ubatch_size,
-            threads,
             use_mmap: !a.no_mmap,
             lens: a.lens.then_some(LensOptions {
                 all: a.lens_all,
@@ -267,10 +196,7 @@ impl TraceOptions {
                 scale: a.control_scale.first().copied().unwrap_or(1.0),
                 points: a.control_points.clone(),
             }),
-            allow_nonfinite: a.allow_nonfinite,
             resume: a.resume,
-            cpu_repack: !a.no_repack,
-            cache_type: a.cache_type,
             ablation: a.ablate.clone().map(|file| Ablation {
                 file,
                 points: a.ablate_points.clone(),
@@ -282,40 +208,15 @@ impl TraceOptions {
                 positions: a.patch_positions.clone(),
             }),
             ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
-        }
-        .with_rpc(&a.rpc, a.n_gpu_layers)?;
+        };
         o.validate()?;
         Ok(o)
     }
 
-    /// Check every option that can be checked without the model.
+    /// Check every option that can be checked without the model (the capture settings are
+    /// checked by [`CaptureArgs::validate`] when they are made).
     pub fn validate(&self) -> Result<()> {
-        super::resolve_threads(Some(self.threads))?;
-        if self.ctx == 0 || self.ctx > MAX_CTX {
-            bail!("--ctx {}: must be between 1 and {MAX_CTX}", self.ctx);
-        }
-        if self.n_seq == 0 || self.n_seq > MAX_SEQ {
-            bail!("--n-seq {}: must be between 1 and {MAX_SEQ}", self.n_seq);
-        }
-        if self.n_batch == 0 || self.n_ubatch == 0 {
-            bail!("--batch-size and --ubatch-size must be at least 1");
-        }
-        if self
-            .ctx
-            .checked_mul(self.n_seq)
-            .is_none_or(|n| n > u32::MAX as usize)
-        {
-            bail!("--ctx × --n-seq is too large for one KV cache; lower one of them");
-        }
-        if self.dtype == Dtype::F16 && !self.format.npy() {
-            bail!("--dtype f16 applies to NPY states; with --format csv it would be ignored (use --format both)");
-        }
-        if self.n_gpu_layers < -1 {
-            bail!(
-                "--n-gpu-layers {}: must be -1 (all) or more",
-                self.n_gpu_layers
-            );
-        }
+        self.capture.clone().validate()?;
         if let Some(l) = &self.lens {
             if l.k == 0 {
                 bail!("--lens-k 0: the lens needs at least one top token per point");
@@ -398,7 +299,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let cfg = batch_config(opts, &loaded, prepared.len());
     let token_lists: Vec<Vec<i32>> = prepared.iter().map(|p| p.tokens.clone()).collect();
     cfg.check_prompts(&token_lists)?;
-    if opts.taps.is_empty() {
+    if opts.capture.block_taps().is_empty() {
         check_disk(opts, &loaded, &token_lists, &[])?;
     }
     let mut tracer = Tracer::new(model, cfg.clone())?;
@@ -406,7 +307,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
     // Taps inside blocks are found in the graph first: their widths size the output.
     let taps = tracer.identify(&token_lists)?;
-    if !opts.taps.is_empty() {
+    if !opts.capture.block_taps().is_empty() {
         check_disk(opts, &loaded, &token_lists, &taps)?;
     }
     let n_blocks = cfg.tap_blocks(model.n_layer()).len();
@@ -442,8 +343,8 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         &opts.output,
         opts.force,
         shape,
-        opts.dtype,
-        opts.format,
+        opts.capture.dtype,
+        opts.capture.format,
         &plan,
         opts.resume,
         // A journaled prompt is kept only if it is the prompt at that index now.
@@ -504,7 +405,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                     blocks: cfg.tap_blocks(model.n_layer()),
                     width: t.width,
                     heads: (t.tap == Tap::Z).then(|| model.n_head()),
-                    dtype: opts.dtype,
+                    dtype: opts.capture.dtype,
                     dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
                     tensors: t.tensors,
                     last_block_output_rows: t.last_block_output_rows,
@@ -541,8 +442,8 @@ fn check(opts: &TraceOptions) -> Result<Vec<Prompt>> {
             super::check_gguf_path(p)?;
         }
     }
-    if !opts.rpc.is_empty() {
-        crate::llama::rpc::add_servers(&opts.rpc)?;
+    if !opts.capture.rpc().0.is_empty() {
+        crate::llama::rpc::add_servers(&opts.capture.rpc().0)?;
     }
     Ok(prompts)
 }
@@ -553,15 +454,15 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
     let model = load_model(
         &opts.model,
         LoadOptions {
-            n_gpu_layers: opts.n_gpu_layers,
+            n_gpu_layers: opts.capture.n_gpu_layers(),
             vocab_only: false,
             use_mmap: opts.use_mmap,
-            tensor_split: opts.tensor_split.clone(),
-            cpu_repack: opts.cpu_repack,
+            tensor_split: opts.capture.rpc().1.clone(),
+            cpu_repack: !opts.capture.no_repack,
         },
     )?;
-    if opts.n_gpu_layers != 0
-        && opts.rpc.is_empty()
+    if opts.capture.n_gpu_layers() != 0
+        && opts.capture.rpc().0.is_empty()
         && !cfg!(any(feature = "cuda", feature = "metal", feature = "vulkan"))
     {
         eprintln!(
@@ -573,7 +474,7 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
     }
     let gguf = Gguf::open(&opts.model)?;
     let facts = ModelFacts::gather(&opts.model, &model, &gguf);
-    let points = parse_points(&opts.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    let points = parse_points(&opts.capture.points, model.n_layer()).map_err(anyhow::Error::msg)?;
     if let Some(l) = &opts.lens {
         if l.k > model.n_vocab() {
             bail!(
@@ -595,26 +496,26 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
 fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> TraceConfig {
     // Generation decodes one token of every sequence at once, and llama.cpp sizes its output
     // buffers by the batch size: more sequences than --batch-size would abort inside llama.cpp.
-    let mut n_seq = opts.n_seq.min(n_prompts);
-    if n_seq > opts.n_batch {
+    let mut n_seq = opts.capture.n_seq.min(n_prompts);
+    if n_seq > opts.capture.batch_size {
         eprintln!(
             "note: decoding {} sequences together instead of {n_seq}, to fit --batch-size {}",
-            opts.n_batch, opts.n_batch
+            opts.capture.batch_size, opts.capture.batch_size
         );
-        n_seq = opts.n_batch;
+        n_seq = opts.capture.batch_size;
     }
     TraceConfig {
-        positions: opts.positions,
+        positions: opts.capture.positions,
         points: loaded.points.clone(),
-        generate: opts.generate,
-        ctx: opts.ctx,
+        generate: opts.capture.generate,
+        ctx: opts.capture.ctx,
         n_seq,
-        n_batch: opts.n_batch,
-        n_ubatch: opts.n_ubatch,
-        threads: opts.threads,
-        allow_nonfinite: opts.allow_nonfinite,
-        cache_type: opts.cache_type,
-        taps: opts.taps.clone(),
+        n_batch: opts.capture.batch_size,
+        n_ubatch: opts.capture.ubatch_size,
+        threads: opts.capture.threads(),
+        allow_nonfinite: opts.capture.allow_nonfinite,
+        cache_type: opts.capture.cache_type,
+        taps: opts.capture.block_taps().clone(),
     }
 }
 
@@ -638,8 +539,8 @@ fn check_disk(
         let kept: Vec<usize> = token_lists
             .iter()
             .map(|t| match positions {
-                Positions::All => t.len() + opts.generate,
-                Positions::Last => 1 + opts.generate,
+                Positions::All => t.len() + opts.capture.generate,
+                Positions::Last => 1 + opts.capture.generate,
             })
             .collect();
         let positions: u64 = kept.iter().map(|&k| k as u64).sum();
@@ -649,7 +550,7 @@ fn check_disk(
             model.n_embd(),
             model.n_vocab(),
             dtype,
-            opts.format,
+            opts.capture.format,
         )
         .saturating_add(
             positions
@@ -660,19 +561,19 @@ fn check_disk(
         .saturating_add(taps.len() as u64 * kept.len() as u64 * 128)
     };
     // Generation may stop early at an end-of-generation token: an upper bound.
-    let estimate = estimate_for(opts.positions, opts.dtype);
+    let estimate = estimate_for(opts.capture.positions, opts.capture.dtype);
     let mut cheaper = Vec::new();
     if estimate > LARGE_OUTPUT {
-        if opts.dtype == Dtype::F32 && opts.format.npy() {
+        if opts.capture.dtype == Dtype::F32 && opts.capture.format.npy() {
             cheaper.push(format!(
                 "--dtype f16: {}",
-                human_bytes(estimate_for(opts.positions, Dtype::F16))
+                human_bytes(estimate_for(opts.capture.positions, Dtype::F16))
             ));
         }
-        if opts.positions == Positions::All {
+        if opts.capture.positions == Positions::All {
             cheaper.push(format!(
                 "--positions last: {}",
-                human_bytes(estimate_for(Positions::Last, opts.dtype))
+                human_bytes(estimate_for(Positions::Last, opts.capture.dtype))
             ));
         }
     }
@@ -783,7 +684,7 @@ fn trace_prompts(
     }
     let total_tokens: usize = token_lists[start..]
         .iter()
-        .map(|t| t.len() + opts.generate)
+        .map(|t| t.len() + opts.capture.generate)
         .sum();
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()
@@ -974,17 +875,17 @@ fn write_run(
                 .collect(),
             points,
             positions: cfg.positions,
-            generate: opts.generate,
+            generate: opts.capture.generate,
             chat: opts.input.chat,
             system: opts.input.system.clone(),
-            dtype: opts.dtype,
-            format: opts.format,
+            dtype: opts.capture.dtype,
+            format: opts.capture.format,
             ctx: cfg.ctx,
             n_seq: cfg.n_seq,
             n_batch: cfg.n_batch,
             n_ubatch: cfg.n_ubatch,
             threads: cfg.threads,
-            n_gpu_layers: opts.n_gpu_layers,
+            n_gpu_layers: opts.capture.n_gpu_layers(),
             control_vectors: opts
                 .steering
                 .iter()
@@ -992,11 +893,11 @@ fn write_run(
                 .collect(),
             control_scale: opts.steering.as_ref().map_or(0.0, |s| s.scale),
             control_points,
-            allow_nonfinite: opts.allow_nonfinite,
-            rpc: opts.rpc.clone(),
-            tensor_split: opts.tensor_split.clone(),
-            cpu_repack: opts.cpu_repack,
-            cache_type: opts.cache_type,
+            allow_nonfinite: opts.capture.allow_nonfinite,
+            rpc: opts.capture.rpc().0.clone(),
+            tensor_split: opts.capture.rpc().1.clone(),
+            cpu_repack: !opts.capture.no_repack,
+            cache_type: opts.capture.cache_type,
             ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
                 // Absolute, so a report run from elsewhere finds the direction.
                 file: std::fs::canonicalize(&a.file)
@@ -1008,6 +909,7 @@ fn write_run(
             }),
             patch,
             taps,
+            settings: Some(opts.capture.clone()),
         },
         model: facts,
         prompts: records,
@@ -1033,8 +935,9 @@ fn write_run(
 const CHECKPOINT_SECONDS: f64 = 1.0;
 
 /// A fingerprint of what makes a run: the model file (path, size, modification time, inode —
-/// as the sha256 cache identifies it), every capture option, and every prompt as tokenized. A
-/// resumed trace must match it exactly.
+/// as the sha256 cache identifies it), the capture settings record (RPC endpoints and tensor
+/// split included), the interventions and their files, the tool and llama.cpp versions, and every
+/// prompt as tokenized. A resumed trace must match it exactly.
 fn plan_fingerprint(
     opts: &TraceOptions,
     cfg: &TraceConfig,
@@ -1043,23 +946,13 @@ fn plan_fingerprint(
     let value = serde_json::json!({
         "model": crate::model_hash::stamp(&opts.model)
             .with_context(|| format!("{}: cannot read", opts.model.display()))?,
-        "positions": cfg.positions,
+        // The whole settings record: a new option is in the fingerprint without an edit here.
+        "capture": opts.capture,
+        // What the settings resolve to for this model and these prompts.
         "points": cfg.points,
-        "taps": cfg.taps,
-        "rpc": opts.rpc,
-        "tensor_split": opts.tensor_split,
+        "n_seq_used": cfg.n_seq,
         "tool_version": env!("CARGO_PKG_VERSION"),
         "llama_cpp_sys_2": crate::llama::LLAMA_CPP_SYS_VERSION,
-        "generate": cfg.generate,
-        "ctx": cfg.ctx,
-        "n_seq": cfg.n_seq,
-        "n_batch": cfg.n_batch,
-        "n_ubatch": cfg.n_ubatch,
-        "threads": cfg.threads,
-        "allow_nonfinite": cfg.allow_nonfinite,
-        "n_gpu_layers": opts.n_gpu_layers,
-        "cpu_repack": opts.cpu_repack,
-        "cache_type": opts.cache_type,
         "patching": opts.patching.as_ref().map(|p| (
             crate::model_hash::stamp(&p.from.join(run::RUN_JSON)).ok(),
             &p.points,
@@ -1070,8 +963,6 @@ fn plan_fingerprint(
             a.points.clone(),
             a.direction.clone(),
         )),
-        "dtype": opts.dtype,
-        "format": opts.format,
         "chat": opts.input.chat,
         "system": opts.input.system,
         "lens": opts.lens.as_ref().map(|l| (l.all, l.k)),

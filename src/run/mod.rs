@@ -135,7 +135,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F32,
@@ -151,7 +151,7 @@ impl Dtype {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Npy,
@@ -267,6 +267,10 @@ pub struct CaptureSettings {
     /// and for `--taps resid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taps: Vec<TapRecord>,
+    /// The settings record as the trace used it (schema 2; see `crate::settings`): every option
+    /// as given, with threads and layer placement resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<crate::settings::CaptureArgs>,
 }
 
 /// One tap inside blocks: per prompt `prompts[].tap_files[tap]`, an NPY array

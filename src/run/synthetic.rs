@@ -143,6 +143,7 @@ pub fn write_with(
             ablation: None,
             patch: None,
             taps: Vec::new(),
+            settings: None,
             points: points.clone(),
             point_tensors: points
                 .iter()

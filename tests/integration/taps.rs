@@ -262,7 +262,7 @@ fn taps_that_cannot_be_captured_are_refused_by_name() {
         ),
         (
             "pattern",
-            "--taps pattern: `pattern` (per-head attention probabilities) is not captured yet",
+            "`pattern` (per-head attention probabilities) is not captured yet",
         ),
         ("router", "not captured yet"),
         ("z,z", "`z` is named twice"),
