@@ -75,6 +75,7 @@ fn plain_time(
             embeddings,
             capture: None,
             cache_type: Default::default(),
+            no_flash_attn: false,
         },
     )
     .unwrap();
@@ -465,10 +466,80 @@ fn bench_gpu(path: &std::path::Path) {
     );
 }
 
+/// Taps inside the block (`GGUF_TRACE_BENCH=taps`, and part of the default run): traced with
+/// resid + attn_out + mlp_out, and with every tap, vs untraced with the same outputs and vs a
+/// residual-only trace; every position, medians of alternated runs.
+fn bench_taps(path: &std::path::Path) {
+    use gguf_trace::capture::taps::Tap;
+    let model = Model::load(path, &LoadOptions::default()).expect("model loads");
+    let name = model.meta("general.architecture").unwrap_or_default();
+    let toks: Vec<Vec<i32>> = prompts(16)
+        .iter()
+        .map(|t| tokenize_prompt(&model, t).unwrap())
+        .collect();
+    let three = vec![Tap::AttnOut, Tap::MlpOut];
+    let all = vec![
+        Tap::ResidMid,
+        Tap::AttnOut,
+        Tap::MlpOut,
+        Tap::Z,
+        Tap::Neurons,
+    ];
+    plain_time(&model, &toks, 8, true, false);
+    trace_time(&model, &toks, |c| c.taps = all.clone());
+    let mut t: [Vec<f64>; 6] = Default::default();
+    for _ in 0..REPS {
+        // `pattern` decodes one prompt at a time without flash attention: against a residual
+        // trace of one prompt at a time with it.
+        t[4].push(trace_time(&model, &toks, |c| {
+            c.n_seq = 1;
+            c.taps = vec![Tap::Pattern];
+        }));
+        t[5].push(trace_time(&model, &toks, |c| c.n_seq = 1));
+        t[0].push(plain_time(&model, &toks, 8, true, false));
+        t[1].push(trace_time(&model, &toks, |c| c.n_seq = 8));
+        t[2].push(trace_time(&model, &toks, |c| {
+            c.n_seq = 8;
+            c.taps = three.clone();
+        }));
+        t[3].push(trace_time(&model, &toks, |c| {
+            c.n_seq = 8;
+            c.taps = all.clone();
+        }));
+    }
+    let [plain, resid, ram, every, pattern, one] = t.map(median);
+    println!(
+        "{name} taps_pattern_vs_resid_one_prompt_at_a_time: {:.3} x",
+        pattern / one
+    );
+    println!(
+        "{name} taps_resid_attn_mlp_vs_untraced_same_outputs: {:.3} x",
+        ram / plain
+    );
+    println!(
+        "{name} taps_resid_only_vs_untraced_same_outputs: {:.3} x",
+        resid / plain
+    );
+    println!(
+        "{name} taps_resid_attn_mlp_vs_resid_only: {:.3} x",
+        ram / resid
+    );
+    println!(
+        "{name} taps_all_five_vs_untraced_same_outputs: {:.3} x",
+        every / plain
+    );
+}
+
 fn main() {
     let paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     assert!(!paths.is_empty(), "usage: bench MODEL.gguf...");
     gguf_trace::llama::backend::init();
+    if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("taps") {
+        for p in &paths {
+            bench_taps(p);
+        }
+        return;
+    }
     if std::env::var("GGUF_TRACE_BENCH").as_deref() == Ok("gpu") {
         for p in &paths {
             bench_gpu(p);
@@ -486,6 +557,9 @@ fn main() {
         return;
     }
     bench_report();
+    for p in &paths {
+        bench_taps(p);
+    }
     bench_compare(&paths[0]);
     let traced = bench_memory(&paths[0]);
     bench_report_scale(traced.path());

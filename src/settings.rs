@@ -36,9 +36,10 @@ pub struct CaptureArgs {
     /// each block --points names (point p < L names block p): resid_mid (after attention, before
     /// the MLP), attn_out and mlp_out (what attention and the MLP add to the residual stream), z
     /// (each head's output before the output projection), neurons (the MLP's hidden
-    /// activations). TransformerLens names work too (hook_attn_out, hook_resid_mid, hook_z,
-    /// hook_post). Each tap is found from the structure of llama.cpp's graph, or refused with the
-    /// reason; written as NPY to taps/<tap>/<prompt>.npy
+    /// activations), pattern (per-head attention probabilities; turns flash attention off and
+    /// decodes one prompt at a time). TransformerLens names work too (hook_attn_out,
+    /// hook_resid_mid, hook_z, hook_post, hook_pattern). Each tap is found from the structure of
+    /// llama.cpp's graph, or refused with the reason; written as NPY to taps/<tap>/<prompt>.npy
     #[arg(long, value_name = "TAP[,TAP...]", default_value = "resid", value_delimiter = ',', value_parser = parse_tap)]
     pub taps: Vec<Tap>,
 

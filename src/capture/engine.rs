@@ -8,7 +8,7 @@
 //! decode, reusing the KV cache (no prefix is re-run). When a group is done its prompts are handed
 //! to the caller one by one (so the caller can stream them to disk) and the KV cache is cleared.
 
-use ndarray::Array3;
+use ndarray::{Array3, ArrayD, IxDyn};
 
 use super::arch;
 use super::taps::Tap;
@@ -112,6 +112,8 @@ pub struct TraceConfig {
     /// Taps inside blocks to capture (never `resid`: that is `points`), at the blocks `points`
     /// names (point p < n_layer names block p).
     pub taps: Vec<Tap>,
+    /// Compute attention without flash attention (always with the `pattern` tap).
+    pub no_flash_attn: bool,
 }
 
 impl TraceConfig {
@@ -129,6 +131,7 @@ impl TraceConfig {
             allow_nonfinite: false,
             cache_type: CacheType::F16,
             taps: Vec::new(),
+            no_flash_attn: false,
         }
     }
 
@@ -176,8 +179,10 @@ pub struct PromptTrace {
     pub index: usize,
     /// `[n_points, n_positions, n_embd]`: kept points × kept positions.
     pub states: Array3<f32>,
-    /// Per in-block tap of the config (in its order): `[n_blocks, n_positions, width]`.
-    pub taps: Vec<Array3<f32>>,
+    /// Per in-block tap of the config (in its order): `[n_blocks, n_positions, width]`, and for
+    /// `pattern` `[n_blocks, n_head, n_positions, n_tokens]` (queries at the kept positions, keys
+    /// at every token; zero where a key comes after its query).
+    pub taps: Vec<ArrayD<f32>>,
     /// Token position (into prompt + generated tokens) of every kept position.
     pub positions: Vec<usize>,
     /// Prompt tokens followed by generated tokens.
@@ -223,6 +228,7 @@ struct Seq {
 #[derive(Debug, Clone)]
 pub struct TapInfo {
     pub tap: Tap,
+    /// Values per token (for `pattern`: the heads; its keys are the prompt's tokens).
     pub width: usize,
     pub last_block_output_rows: bool,
     pub tensors: Vec<String>,
@@ -317,6 +323,7 @@ impl<'m> Tracer<'m> {
                 embeddings: false,
                 capture: Some(spec),
                 cache_type: cfg.cache_type,
+                no_flash_attn: cfg.no_flash_attn || cfg.taps.contains(&Tap::Pattern),
             },
         )?;
         Ok(Tracer {
@@ -437,6 +444,9 @@ impl<'m> Tracer<'m> {
         mut progress: impl FnMut(usize),
     ) -> Result<(), TraceError> {
         self.check_prompts(prompts)?;
+        if self.cfg.taps.contains(&Tap::Pattern) {
+            self.check_pattern(prompts)?;
+        }
         if !self.cfg.taps.is_empty() {
             self.identify_taps(prompts)?;
         }
@@ -470,6 +480,31 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
+    /// `pattern` maps the KV cache's cells to key positions: one sequence at a time in a
+    /// cleared cache puts position p in cell p, unless a sliding-window cache wraps around.
+    fn check_pattern(&self, prompts: &[Vec<Token>]) -> Result<(), TraceError> {
+        if self.cfg.n_seq != 1 {
+            return Err(TraceError::Tap(
+                "tap `pattern` needs one prompt at a time (--n-seq 1): the key positions are the KV cache's cells of one sequence".into(),
+            ));
+        }
+        let n_swa = self.ctx.model().n_swa();
+        if n_swa > 0 {
+            if let Some((i, p)) = prompts
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.len() + self.cfg.generate > n_swa)
+            {
+                return Err(TraceError::Tap(format!(
+                    "tap `pattern`: prompt {i} has {} tokens{}, more than this model's attention window ({n_swa}); its sliding-window cache reuses cells, so key positions cannot be told apart",
+                    p.len(),
+                    if self.cfg.generate > 0 { format!(" + {} to generate", self.cfg.generate) } else { String::new() }
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Tap slots: every in-block tap at every tap block.
     fn n_tap_slots(&self) -> usize {
         self.cfg.taps.len() * self.cfg.tap_blocks(self.n_layer).len()
@@ -484,6 +519,7 @@ impl<'m> Tracer<'m> {
         }
         self.identify_taps(prompts)?;
         let layout = self.ctx.tap_layout();
+        let heads = self.ctx.tap_heads();
         let names = self.ctx.tap_tensors();
         let n = self.cfg.tap_blocks(self.n_layer).len();
         Ok(self
@@ -493,7 +529,11 @@ impl<'m> Tracer<'m> {
             .enumerate()
             .map(|(t, &tap)| TapInfo {
                 tap,
-                width: layout[t * n].0,
+                width: if tap == Tap::Pattern {
+                    heads[t * n]
+                } else {
+                    layout[t * n].0
+                },
                 last_block_output_rows: layout[(t + 1) * n - 1].1,
                 tensors: names[t * n..(t + 1) * n].to_vec(),
             })
@@ -528,10 +568,12 @@ impl<'m> Tracer<'m> {
             });
         }
         let blocks = self.cfg.tap_blocks(self.n_layer);
+        let heads = self.ctx.tap_heads();
         for (t, tap) in self.cfg.taps.iter().enumerate() {
             let widths: Vec<usize> = layout[t * blocks.len()..(t + 1) * blocks.len()]
                 .iter()
-                .map(|l| l.0)
+                .zip(&heads[t * blocks.len()..(t + 1) * blocks.len()])
+                .map(|(l, &h)| l.0.max(h))
                 .collect();
             if widths.iter().any(|&w| w != widths[0]) {
                 return Err(TraceError::Tap(format!(
@@ -705,6 +747,24 @@ impl<'m> Tracer<'m> {
         let tap_layout = self.ctx.tap_layout();
         let n_points = self.cfg.points.len();
         let blocks = self.cfg.tap_blocks(self.n_layer);
+        let tap_heads = self.ctx.tap_heads();
+        let row_lens = self
+            .ctx
+            .tap_row_lens()
+            .expect("tracer contexts always capture");
+        // Where each copied row of a `pattern` slot starts.
+        let starts: Vec<Vec<usize>> = row_lens
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .scan(0, |acc, &n| {
+                        let s = *acc;
+                        *acc += n;
+                        Some(s)
+                    })
+                    .collect()
+            })
+            .collect();
         for (k, &(width, out_rows)) in tap_layout.iter().enumerate() {
             let slot = n_points + k;
             let (want, copied) = if out_rows {
@@ -712,7 +772,12 @@ impl<'m> Tracer<'m> {
             } else {
                 (n_tokens, n_kept)
             };
-            if seen[slot] != want || rows[slot].len() != copied * width {
+            let complete = if width == 0 {
+                row_lens[k].len() == copied && row_lens[k].iter().sum::<usize>() == rows[slot].len()
+            } else {
+                rows[slot].len() == copied * width
+            };
+            if seen[slot] != want || !complete {
                 return Err(TraceError::Incomplete {
                     point: blocks[k % blocks.len()],
                     tensor: format!("tap {}", self.cfg.taps[k / blocks.len()]),
@@ -767,6 +832,29 @@ impl<'m> Tracer<'m> {
                 }
                 for (k, &(width, out_rows)) in tap_layout.iter().enumerate() {
                     let r = if out_rows { out_row[i] } else { kept_row[i] };
+                    if width == 0 {
+                        // `pattern`: per head, the keys up to the query (cells 0..=pos); every
+                        // later cell must hold an exact 0 (masked), or cells are not positions.
+                        let (start, len) = (starts[k][r], row_lens[k][r]);
+                        let heads = tap_heads[k];
+                        let n_kv = len / heads;
+                        let row = &rows[n_points + k][start..start + len];
+                        let block = blocks[k % blocks.len()];
+                        if n_kv <= slot.pos {
+                            return Err(TraceError::Tap(format!("tap `pattern` at block {block}: {n_kv} key cells for a query at position {}", slot.pos)));
+                        }
+                        for h in 0..heads {
+                            let cells = &row[h * n_kv..(h + 1) * n_kv];
+                            if let Some(c) = cells[slot.pos + 1..].iter().position(|&x| x != 0.0) {
+                                return Err(TraceError::Tap(format!(
+                                    "tap `pattern` at block {block}, head {h}: key cell {} after the query at position {} holds {}: the KV cache's cells are not this prompt's positions",
+                                    slot.pos + 1 + c, slot.pos, cells[slot.pos + 1 + c]
+                                )));
+                            }
+                            s.rows[n_points + k].extend_from_slice(&cells[..=slot.pos]);
+                        }
+                        continue;
+                    }
                     let row = &rows[n_points + k][r * width..(r + 1) * width];
                     if s.nonfinite.is_none() && !row.iter().all(|x| x.is_finite()) {
                         s.nonfinite = Some((n_points - 1, j));
@@ -816,9 +904,29 @@ impl<'m> Tracer<'m> {
         let n_blocks = self.cfg.tap_blocks(self.n_layer).len();
         let layout = self.ctx.tap_layout();
         let mut taps = Vec::with_capacity(self.cfg.taps.len());
+        let heads = self.ctx.tap_heads();
+        let n_tokens = s.tokens.len();
         for (t, chunk) in s.rows[n_points..].chunks(n_blocks.max(1)).enumerate() {
             if t >= self.cfg.taps.len() {
                 break;
+            }
+            if self.cfg.taps[t] == Tap::Pattern {
+                // Queries at the kept positions, keys at every token, zero after the query.
+                let h = heads[t * n_blocks];
+                let mut a = ArrayD::zeros(IxDyn(&[n_blocks, h, n_pos, n_tokens]));
+                for (b, r) in chunk.iter().enumerate() {
+                    let mut at = 0;
+                    for (j, &pos) in s.positions.iter().enumerate() {
+                        for head in 0..h {
+                            for key in 0..=pos {
+                                a[[b, head, j, key]] = r[at + key];
+                            }
+                            at += pos + 1;
+                        }
+                    }
+                }
+                taps.push(a);
+                continue;
             }
             // Every block of a tap has the same width (checked by identify_taps).
             let width = layout[t * n_blocks].0;
@@ -827,7 +935,7 @@ impl<'m> Tracer<'m> {
                 flat.extend_from_slice(r);
             }
             taps.push(
-                Array3::from_shape_vec((n_blocks, n_pos, width), flat)
+                ArrayD::from_shape_vec(IxDyn(&[n_blocks, n_pos, width]), flat)
                     .expect("rows match the layout"),
             );
         }

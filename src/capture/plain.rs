@@ -27,6 +27,7 @@ pub fn context(
             embeddings: false,
             capture: None,
             cache_type: Default::default(),
+            no_flash_attn: false,
         },
     )
 }

@@ -29,7 +29,8 @@ pub enum Tap {
     Z,
     /// The MLP's hidden activations: the input of its down projection [n_ff].
     Neurons,
-    /// Per-head attention probabilities (not captured yet).
+    /// Per-head attention probabilities: [n_head, query, key] (needs llama.cpp's attention
+    /// without flash attention, which a trace with `pattern` uses).
     Pattern,
     /// MoE router logits and chosen experts (not captured yet).
     Router,
@@ -83,11 +84,6 @@ impl Tap {
     /// Why this tap cannot be captured by this version, if it cannot.
     pub fn not_yet(self) -> Option<&'static str> {
         match self {
-            Tap::Pattern => Some(
-                "`pattern` (per-head attention probabilities) is not captured yet: llama.cpp's \
-                 attention keeps its probabilities in a KV-cache layout that this version does \
-                 not map back to query and key positions",
-            ),
             Tap::Router => {
                 Some("`router` (MoE router logits and chosen experts) is not captured yet")
             }
@@ -141,7 +137,7 @@ mod tests {
             .parse::<Tap>()
             .unwrap_err()
             .contains("unknown tap `attn`"));
-        assert!(Tap::Pattern.not_yet().is_some() && Tap::Router.not_yet().is_some());
+        assert!(Tap::Pattern.not_yet().is_none() && Tap::Router.not_yet().is_some());
         assert!(ALL
             .iter()
             .filter(|t| t.not_yet().is_none())

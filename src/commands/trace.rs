@@ -404,7 +404,11 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                     tap: t.tap,
                     blocks: cfg.tap_blocks(model.n_layer()),
                     width: t.width,
-                    heads: (t.tap == Tap::Z).then(|| model.n_head()),
+                    heads: match t.tap {
+                        Tap::Z => Some(model.n_head()),
+                        Tap::Pattern => Some(t.width),
+                        _ => None,
+                    },
                     dtype: opts.capture.dtype,
                     dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
                     tensors: t.tensors,
@@ -497,6 +501,13 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
     // Generation decodes one token of every sequence at once, and llama.cpp sizes its output
     // buffers by the batch size: more sequences than --batch-size would abort inside llama.cpp.
     let mut n_seq = opts.capture.n_seq.min(n_prompts);
+    if opts.capture.block_taps().contains(&Tap::Pattern) && n_seq > 1 {
+        // Key positions are the KV cache's cells of one sequence.
+        if !opts.quiet {
+            eprintln!("note: tap `pattern` traces one prompt at a time (--n-seq 1)");
+        }
+        n_seq = 1;
+    }
     if n_seq > opts.capture.batch_size {
         eprintln!(
             "note: decoding {} sequences together instead of {n_seq}, to fit --batch-size {}",
@@ -515,7 +526,8 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         threads: opts.capture.threads(),
         allow_nonfinite: opts.capture.allow_nonfinite,
         cache_type: opts.capture.cache_type,
-        taps: opts.capture.block_taps().clone(),
+        taps: opts.capture.block_taps(),
+        no_flash_attn: false,
     }
 }
 
@@ -534,7 +546,17 @@ fn check_disk(
         .iter()
         .filter(|&&p| p < model.n_layer())
         .count() as u64;
-    let tap_width: u64 = taps.iter().map(|t| t.width as u64).sum();
+    let tap_width: u64 = taps
+        .iter()
+        .filter(|t| t.tap != Tap::Pattern)
+        .map(|t| t.width as u64)
+        .sum();
+    // `pattern`: heads × kept positions × tokens per block and prompt, so it grows with tokens².
+    let heads: u64 = taps
+        .iter()
+        .filter(|t| t.tap == Tap::Pattern)
+        .map(|t| t.width as u64)
+        .sum();
     let estimate_for = |positions: Positions, dtype: Dtype| {
         let kept: Vec<usize> = token_lists
             .iter()
@@ -544,6 +566,14 @@ fn check_disk(
             })
             .collect();
         let positions: u64 = kept.iter().map(|&k| k as u64).sum();
+        let pattern: u64 = kept
+            .iter()
+            .zip(token_lists)
+            .map(|(&k, t)| k as u64 * (t.len() + opts.capture.generate) as u64)
+            .sum::<u64>()
+            .saturating_mul(n_blocks)
+            .saturating_mul(heads)
+            .saturating_mul(dtype.bytes() as u64);
         run::estimate_bytes(
             n_points,
             &kept,
@@ -558,6 +588,7 @@ fn check_disk(
                 .saturating_mul(tap_width)
                 .saturating_mul(dtype.bytes() as u64),
         )
+        .saturating_add(pattern)
         .saturating_add(taps.len() as u64 * kept.len() as u64 * 128)
     };
     // Generation may stop early at an end-of-generation token: an upper bound.
@@ -910,6 +941,7 @@ fn write_run(
             patch,
             taps,
             settings: Some(opts.capture.clone()),
+            flash_attn_off: cfg.taps.contains(&Tap::Pattern),
         },
         model: facts,
         prompts: records,

@@ -81,7 +81,11 @@ pub struct Locator {
     pub name: Vec<u8>,
     pub occurrence: usize,
     pub op: sys::ggml_op,
+    /// Values per row (per head for `pattern`, whose rows are as wide as the KV cache's cells in
+    /// use, so they vary from decode to decode: 0 here).
     pub width: usize,
+    /// Heads (ne[2]) for `pattern`; 1 for every other tap.
+    pub heads: usize,
     pub out_rows: bool,
 }
 
@@ -125,6 +129,9 @@ struct CaptureState {
     cur_block: usize,
     counts: Vec<usize>,
     pending: Vec<(usize, usize)>,
+    /// Per tap slot of `pattern`: the length of every row copied in the current decode (heads ×
+    /// the KV cells in use, which grow from ubatch to ubatch).
+    row_lens: Vec<Vec<usize>>,
 }
 
 /// An intervention on the residual stream at one point, applied in the eval callback's data phase:
@@ -272,6 +279,13 @@ impl CaptureState {
     /// `t` is a live tensor handed to the eval callback by llama.cpp's scheduler in the data phase
     /// (`ask == false`): its data is computed, and `view_src`, when set, points to its live source.
     unsafe fn copy(&mut self, t: &sys::ggml_tensor, slot: usize) {
+        if let Some(k) = slot.checked_sub(self.n_point_slots) {
+            if self.locators[k].width == 0 {
+                // SAFETY: as for this function.
+                unsafe { self.copy_heads(t, slot, k) };
+                return;
+            }
+        }
         let (ne0, out_rows) = match slot.checked_sub(self.n_point_slots) {
             None => (self.n_embd, Some(slot) == self.last_slot),
             Some(k) => (self.locators[k].width, self.locators[k].out_rows),
@@ -320,6 +334,70 @@ impl CaptureState {
             }
             self.bytes_read += (row_bytes * (end - r)) as u64;
             r = end;
+        }
+    }
+
+    /// Copy an attention-probability tensor `[n_kv, n_tokens, n_head]`: for every wanted token
+    /// row, every head's n_kv values, head after head (one row of `row_lens`).
+    ///
+    /// # Safety
+    /// As for [`CaptureState::copy`].
+    unsafe fn copy_heads(&mut self, t: &sys::ggml_tensor, slot: usize, k: usize) {
+        let name = tensor_name(t);
+        let heads = self.locators[k].heads;
+        if t.type_ != sys::GGML_TYPE_F32
+            || t.nb[0] != 4
+            || t.ne[3] != 1
+            || t.ne[2] as usize != heads
+        {
+            self.fail(format!(
+                "tensor {name} ({}, shape {:?}) is not f32 [n_kv, n_tokens, {heads}] with contiguous rows",
+                super::ggml_type_name(t.type_),
+                t.ne
+            ));
+            return;
+        }
+        let buffer = if t.view_src.is_null() {
+            t.buffer
+        } else {
+            // SAFETY: view_src, when set, points to the live source tensor of this view.
+            unsafe { (*t.view_src).buffer }
+        };
+        if buffer.is_null() {
+            self.fail(format!("tensor {name} has no backend buffer"));
+            return;
+        }
+        let (ne0, ne1) = (t.ne[0] as usize, t.ne[1] as usize);
+        let first = self.seen[slot];
+        self.seen[slot] += ne1;
+        let wanted = if self.locators[k].out_rows {
+            &self.wanted_out
+        } else {
+            &self.wanted
+        };
+        let want: Vec<bool> = (0..ne1)
+            .map(|r| wanted.is_empty() || wanted.get(first + r).copied().unwrap_or(false))
+            .collect();
+        for (r, _) in want.iter().enumerate().filter(|(_, &w)| w) {
+            let rows = &mut self.rows[slot];
+            let start = rows.len();
+            rows.resize(start + ne0 * heads, 0.0);
+            for h in 0..heads {
+                let dst = &mut rows[start + h * ne0..start + (h + 1) * ne0];
+                // SAFETY: the tensor is computed (data phase), f32 with contiguous rows (nb[0] = 4,
+                // checked) and in a buffer; row r < ne1 of head h < ne2 starts at r*nb[1] +
+                // h*nb[2] and holds ne0 values, all inside the tensor; dst has exactly ne0 slots.
+                unsafe {
+                    sys::ggml_backend_tensor_get(
+                        t,
+                        dst.as_mut_ptr().cast::<c_void>(),
+                        r * t.nb[1] + h * t.nb[2],
+                        ne0 * 4,
+                    );
+                }
+            }
+            self.bytes_read += (ne0 * heads * 4) as u64;
+            self.row_lens[k].push(ne0 * heads);
         }
     }
 
@@ -415,8 +493,9 @@ struct GraphNode {
     computed_from: bool,
     /// Computed after llama.cpp's selection of output rows: one row per output, not per token.
     out_rows: bool,
-    /// Values per row (ne[0]).
+    /// Values per row (ne[0]), and ne[2] (heads of an attention tensor).
     ne0: usize,
+    ne2: usize,
     /// (block, occurrence of its name in that block's span): where a [`Locator`] finds it.
     at: (usize, usize),
 }
@@ -502,7 +581,7 @@ impl GraphCheck {
         ptr: usize,
         name: &[u8],
         op: sys::ggml_op,
-        ne0: usize,
+        (ne0, ne2): (usize, usize),
         srcs: &[(usize, Vec<u8>)],
     ) -> Result<Option<usize>, String> {
         if self.by_ptr.contains_key(&ptr) {
@@ -549,6 +628,7 @@ impl GraphCheck {
             computed_from: false,
             out_rows,
             ne0,
+            ne2,
             at,
         });
         self.by_ptr.insert(ptr, idx);
@@ -860,7 +940,26 @@ impl GraphCheck {
                     &format!("blk.{block}.ffn_down.weight"),
                     Some(&format!("blk.{block}.ffn_down_exps")),
                 ),
-                Tap::Resid | Tap::Pattern | Tap::Router => Err("not a tap inside the block".into()),
+                Tap::Pattern => {
+                    // The softmax over keys: the one whose scores read this block's K cache.
+                    let cache = format!("cache_k_l{block}");
+                    let hits: Vec<usize> = self
+                        .span_nodes(block, out)
+                        .filter(|&i| self.nodes[i].op == sys::GGML_OP_SOFT_MAX)
+                        .filter(|&i| {
+                            self.reads(i, input, &[]).0.iter().any(|w| w.starts_with(cache.as_bytes()))
+                        })
+                        .collect();
+                    match hits.as_slice() {
+                        [i] => Ok(*i),
+                        [] if self.span_nodes(block, out).any(|i| self.nodes[i].op == sys::GGML_OP_FLASH_ATTN_EXT) => {
+                            Err("llama.cpp computed this block's attention with flash attention, which keeps no probabilities".into())
+                        }
+                        [] => Err(format!("no softmax over scores read from `{cache}` in the block")),
+                        _ => Err(format!("{} softmaxes over scores read from `{cache}` in the block", hits.len())),
+                    }
+                }
+                Tap::Resid | Tap::Router => Err("not a tap inside the block".into()),
             }
             .map_err(|why| fail(tap, why))?;
             let n = &self.nodes[node];
@@ -870,6 +969,7 @@ impl GraphCheck {
                     format!("{} lies outside the block's span of the graph", shown(n)),
                 ));
             }
+            let pattern = tap == Tap::Pattern;
             located.push((
                 k,
                 Locator {
@@ -877,7 +977,8 @@ impl GraphCheck {
                     name: n.name.clone(),
                     occurrence: n.at.1,
                     op: n.op,
-                    width: n.ne0,
+                    width: if pattern { 0 } else { n.ne0 },
+                    heads: if pattern { n.ne2 } else { 1 },
                     out_rows: n.out_rows,
                 },
             ));
@@ -910,7 +1011,8 @@ impl CaptureState {
             })
             .collect();
         let ptr = t as *const sys::ggml_tensor as usize;
-        match check.add(ptr, name, t.op, t.ne[0].max(0) as usize, &srcs) {
+        let ne = (t.ne[0].max(0) as usize, t.ne[2].max(0) as usize);
+        match check.add(ptr, name, t.op, ne, &srcs) {
             Ok(None) => {}
             Ok(Some(block)) => {
                 self.blocks_checked = self.blocks_checked.max(block + 1);
@@ -1114,6 +1216,8 @@ pub struct ContextParams {
     pub capture: Option<CaptureSpec>,
     /// Element type of the KV cache.
     pub cache_type: CacheType,
+    /// Compute attention without flash attention (which keeps no attention probabilities).
+    pub no_flash_attn: bool,
 }
 
 /// A llama.cpp context borrowing its model. Freed on drop, before its capture state.
@@ -1173,6 +1277,7 @@ impl<'m> Context<'m> {
                 cur_block: 0,
                 counts: Vec::new(),
                 pending: Vec::new(),
+                row_lens: vec![Vec::new(); spec.tap_slots().len()],
             })
         });
         // From here the state is reached only through this pointer (see CaptureState).
@@ -1213,7 +1318,7 @@ impl<'m> Context<'m> {
         cp.no_perf = true;
         cp.type_k = p.cache_type.ggml();
         cp.type_v = p.cache_type.ggml();
-        if p.cache_type == CacheType::F32 {
+        if p.cache_type == CacheType::F32 || p.no_flash_attn {
             // llama.cpp's flash-attention path casts F32 keys and values to F16 before attending,
             // so an F32 cache is exact only on the classic attention path.
             cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
@@ -1264,6 +1369,7 @@ impl<'m> Context<'m> {
             st.cur_block = 0;
             st.counts.iter_mut().for_each(|c| *c = 0);
             st.pending.clear();
+            st.row_lens.iter_mut().for_each(Vec::clear);
             if let Some(check) = st.check.as_mut() {
                 // Whatever an interrupted decode recorded belonged to its own graph.
                 check.reset();
@@ -1365,6 +1471,19 @@ impl<'m> Context<'m> {
     pub fn tap_layout(&self) -> Vec<(usize, bool)> {
         self.state()
             .map(|s| s.locators.iter().map(|l| (l.width, l.out_rows)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Per tap slot: the length of every row the last decode copied, for taps whose rows vary
+    /// (`pattern`: heads × KV cells in use); empty for the others.
+    pub fn tap_row_lens(&self) -> Option<&[Vec<usize>]> {
+        self.state().map(|s| s.row_lens.as_slice())
+    }
+
+    /// Per tap slot: the heads of `pattern` (1 for other taps).
+    pub fn tap_heads(&self) -> Vec<usize> {
+        self.state()
+            .map(|s| s.locators.iter().map(|l| l.heads).collect())
             .unwrap_or_default()
     }
 
@@ -1586,7 +1705,8 @@ mod tests {
                 .collect();
             self.next += 0x100;
             self.addr.insert(name.into(), self.next);
-            self.check.add(self.next, name.as_bytes(), op, 4, &srcs)
+            self.check
+                .add(self.next, name.as_bytes(), op, (4, 1), &srcs)
         }
 
         /// A pre-norm block `il` reading `input`, as llama.cpp's llama graph builds it.
@@ -1889,7 +2009,7 @@ mod tests {
         let first = g.addr["embd"];
         let e = g
             .check
-            .add(first, b"embd", sys::GGML_OP_GET_ROWS, 4, &[])
+            .add(first, b"embd", sys::GGML_OP_GET_ROWS, (4, 1), &[])
             .unwrap_err();
         assert!(e.contains("llama.cpp's graph has no `l_out-1`"), "{e}");
         assert!(g.check.missing_block().contains("no `l_out-1`"));

@@ -143,6 +143,12 @@ impl Model {
         unsafe { sys::llama_model_n_head(self.ptr.as_ptr()) }.max(0) as usize
     }
 
+    /// Sliding-window size of the attention layers that have one (0: none).
+    pub fn n_swa(&self) -> usize {
+        // SAFETY: valid model pointer; pure getter.
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) }.max(0) as usize
+    }
+
     pub fn n_head_kv(&self) -> usize {
         // SAFETY: valid model pointer; pure getter.
         unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()) }.max(0) as usize

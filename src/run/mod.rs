@@ -271,17 +271,23 @@ pub struct CaptureSettings {
     /// as given, with threads and layer placement resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<crate::settings::CaptureArgs>,
+    /// Attention computed without flash attention (a trace with the `pattern` tap: flash
+    /// attention keeps no probabilities); false when llama.cpp chose.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flash_attn_off: bool,
 }
 
-/// One tap inside blocks: per prompt `prompts[].tap_files[tap]`, an NPY array
-/// `[blocks.len(), n_positions, width]` of `dtype` (the positions of the prompt's states file).
+/// One tap inside blocks: per prompt `prompts[].tap_files[tap]`, an NPY array of `dtype`,
+/// `[blocks.len(), n_positions, width]` (the positions of the prompt's states file), or for
+/// `pattern` `[blocks.len(), heads, n_positions, n_tokens]` (see [`TapRecord::shape`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TapRecord {
     pub tap: crate::capture::taps::Tap,
     /// Blocks captured (block b reads point b), in file order.
     pub blocks: Vec<usize>,
     /// Values per token: n_embd for resid_mid, attn_out and mlp_out; n_head × head_dim for `z`
-    /// (head-major: reshape to [n_head, head_dim]); the MLP's hidden size for `neurons`.
+    /// (head-major: reshape to [n_head, head_dim]); the MLP's hidden size for `neurons`; the
+    /// heads for `pattern`.
     pub width: usize,
     /// For `z`: the number of heads (width = heads × head_dim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -443,6 +449,29 @@ struct RunFiles {
     taps: Vec<crate::capture::taps::Tap>,
 }
 
+impl TapRecord {
+    /// The shape of a prompt's file with `n_pos` stored positions and `n_tokens` tokens.
+    pub fn shape(&self, n_pos: usize, n_tokens: usize) -> Vec<usize> {
+        tap_shape(self.tap, self.blocks.len(), self.width, n_pos, n_tokens)
+    }
+}
+
+/// The shape of a tap's file: `[n_blocks, n_pos, width]`, or `[n_blocks, heads, n_pos, n_tokens]`
+/// for `pattern` (whose width is its heads).
+pub fn tap_shape(
+    tap: crate::capture::taps::Tap,
+    n_blocks: usize,
+    width: usize,
+    n_pos: usize,
+    n_tokens: usize,
+) -> Vec<usize> {
+    if tap == crate::capture::taps::Tap::Pattern {
+        vec![n_blocks, width, n_pos, n_tokens]
+    } else {
+        vec![n_blocks, n_pos, width]
+    }
+}
+
 impl RunFiles {
     fn into_writer(self, staging: Staging, resumed: bool) -> RunWriter {
         RunWriter {
@@ -542,9 +571,11 @@ impl RunWriter {
                     })
                     && e.record.tap_files.len() == shape.taps.len()
                     && shape.taps.iter().all(|&(tap, n_blocks, width)| {
-                        e.record.tap_files.get(tap.name()).is_some_and(|rel| {
-                            check_npy(&tmp_dir.join(rel), descr, &[n_blocks, n_pos, width]).is_ok()
-                        })
+                        let want = tap_shape(tap, n_blocks, width, n_pos, e.record.tokens.len());
+                        e.record
+                            .tap_files
+                            .get(tap.name())
+                            .is_some_and(|rel| check_npy(&tmp_dir.join(rel), descr, &want).is_ok())
                     })
             };
             let ok = journal.iter().take_while(|e| sound(e)).count();
@@ -821,7 +852,11 @@ impl RunWriter {
     }
 
     /// Write one array as NPY of the run's dtype.
-    fn write_array(&mut self, rel: &str, a: &Array3<f32>) -> Result<(), RunError> {
+    fn write_array<D: ndarray::Dimension>(
+        &mut self,
+        rel: &str,
+        a: &ndarray::Array<f32, D>,
+    ) -> Result<(), RunError> {
         let p = self.files.tmp_dir.join(rel);
         let res = match self.files.dtype {
             Dtype::F32 => ndarray_npy::write_npy(&p, a),
@@ -1192,7 +1227,7 @@ impl Run {
                 check_npy(
                     &self.dir.join(&want),
                     descr,
-                    &[t.blocks.len(), p.positions.len(), t.width],
+                    &t.shape(p.positions.len(), p.tokens.len()),
                 )?;
             }
         }
@@ -1303,30 +1338,29 @@ impl Run {
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 
-    /// A prompt's array of tap `tap` inside blocks, `[n_blocks, n_positions, width]` as f32
-    /// (see [`TapRecord`]); `resid` is [`Run::states`].
+    /// A prompt's array of tap `tap` inside blocks as f32: `[n_blocks, n_positions, width]`, or
+    /// `[n_blocks, n_head, n_positions, n_tokens]` for `pattern` (see [`TapRecord::shape`]);
+    /// `resid` is [`Run::states`].
     pub fn tap(
         &self,
         tap: crate::capture::taps::Tap,
         index: usize,
-    ) -> Result<Array3<f32>, RunError> {
+    ) -> Result<ndarray::ArrayD<f32>, RunError> {
         let rec = &self.manifest.prompts[index];
         let rel = rec.tap_files.get(tap.name()).ok_or_else(|| RunError::Npy {
             path: self.dir.display().to_string(),
             msg: format!("this run has no tap `{tap}` (trace with --taps {tap})"),
         })?;
-        self.read_array(&self.dir.join(rel))
-    }
-
-    fn read_array(&self, p: &Path) -> Result<Array3<f32>, RunError> {
-        let a = match self.manifest.capture.dtype {
-            Dtype::F32 => ndarray_npy::read_npy(p).map_err(Self::npy_err(p))?,
+        let p = self.dir.join(rel);
+        let a: ndarray::ArrayD<f32> = match self.manifest.capture.dtype {
+            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?,
             Dtype::F16 => {
-                let a: Array3<F16> = ndarray_npy::read_npy(p).map_err(Self::npy_err(p))?;
+                let a: ndarray::ArrayD<F16> =
+                    ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
                 a.mapv(|x| x.0.to_f32())
             }
         };
-        finite(p, a)
+        finite(&p, a)
     }
 
     /// A prompt's states `[n_points, n_positions, n_embd]` as f32 (f16 files are widened).

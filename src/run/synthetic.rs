@@ -144,6 +144,7 @@ pub fn write_with(
             patch: None,
             taps: Vec::new(),
             settings: None,
+            flash_attn_off: false,
             points: points.clone(),
             point_tensors: points
                 .iter()

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ndarray::{Array2, Array3, ArrayView1, Axis};
+use ndarray::{Array2, Array3, ArrayD, ArrayView1, Axis};
 use ndarray_npy::read_npy;
 
 use super::common::*;
@@ -19,7 +19,14 @@ use super::common::*;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_models.py");
 const TAPS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_taps.py");
 /// Every tap inside the block, in the table's order.
-const TAPS: [&str; 5] = ["resid_mid", "attn_out", "mlp_out", "z", "neurons"];
+const TAPS: [&str; 6] = [
+    "resid_mid",
+    "attn_out",
+    "mlp_out",
+    "z",
+    "neurons",
+    "pattern",
+];
 /// Why gguf-trace may refuse a tap on a verified architecture: no residual between attention and
 /// the MLP (parallel blocks), per-expert MLP activations (mixture of experts), a block that adds
 /// a third term (Gemma 4's per-layer input), heads of different sizes in different blocks (Gemma 4).
@@ -325,9 +332,9 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
         ndarray_npy::NpzReader::new(std::fs::File::open(hf.with_extension("taps.npz")).unwrap())
             .unwrap();
     let names = npz.names().unwrap();
-    let mut hf_arrays: BTreeMap<String, Array3<f64>> = BTreeMap::new();
+    let mut hf_arrays: BTreeMap<String, ArrayD<f64>> = BTreeMap::new();
     for n in names {
-        let a: Array3<f64> = npz.by_name(&n).unwrap();
+        let a: ArrayD<f64> = npz.by_name(&n).unwrap();
         hf_arrays.insert(n.trim_end_matches(".npy").to_string(), a);
     }
     let manifest: serde_json::Value =
@@ -335,7 +342,7 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
     let mut out = BTreeMap::new();
     for t in manifest["capture"]["taps"].as_array().into_iter().flatten() {
         let tap = t["tap"].as_str().unwrap();
-        let ours: Array3<f32> = read_npy(run.join(format!("taps/{tap}/00000.npy"))).unwrap();
+        let ours: ArrayD<f32> = read_npy(run.join(format!("taps/{tap}/00000.npy"))).unwrap();
         let ours = ours.mapv(f64::from);
         let reference = match tap {
             "resid_mid" => match (hf_arrays.get("resid"), hf_arrays.get("attn")) {
@@ -353,15 +360,16 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
             "{}: {tap} shape",
             run.display()
         );
-        let mut worst = 0f64;
-        for b in 0..ours.len_of(Axis(0)) {
-            for i in 0..ours.len_of(Axis(1)) {
-                worst = worst.max(worst_rel(
-                    ours.slice(ndarray::s![b, i, ..]),
-                    reference.slice(ndarray::s![b, i, ..]),
-                ));
-            }
-        }
+        // Worst over every vector along the last axis (a state; a head's probabilities of a query).
+        let last = *ours.shape().last().unwrap();
+        let rows = ours.len() / last;
+        let ours = ours.into_shape_with_order((rows, last)).unwrap();
+        let reference = reference
+            .into_shape_with_order((ours.nrows(), last))
+            .unwrap();
+        let worst = (0..ours.nrows())
+            .map(|r| worst_rel(ours.row(r), reference.row(r)))
+            .fold(0f64, f64::max);
         out.insert(tap.to_string(), worst);
     }
     (out, notes)

@@ -413,6 +413,7 @@ fn decode_untraced<'m>(
             embeddings,
             capture: None,
             cache_type: Default::default(),
+            no_flash_attn: false,
         },
     )
     .unwrap();

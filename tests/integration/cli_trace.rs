@@ -10,7 +10,7 @@ import sys, json, csv
 import numpy as np
 d = sys.argv[1]
 m = json.load(open(f"{d}/run.json"))
-assert m["complete"] is True and m["schema_version"] == 1
+assert m["complete"] is True and m["schema_version"] == 2
 P = len(m["capture"]["points"]); E = m["model"]["n_embd"]; V = m["model"]["n_vocab"]; N = len(m["prompts"])
 last = np.load(f"{d}/last.npy"); logits = np.load(f"{d}/logits.npy")
 assert last.shape == (N, P, E) and last.dtype == np.float32, last.shape

@@ -9,7 +9,7 @@ use crate::require;
 use gguf_trace::capture::engine::{Positions, PromptTrace};
 use gguf_trace::capture::taps::Tap;
 use gguf_trace::run::Run;
-use ndarray::s;
+use ndarray::{s, Axis, Ix3};
 
 const TAPS: [Tap; 5] = [
     Tap::ResidMid,
@@ -44,15 +44,21 @@ fn assert_identities(t: &PromptTrace, points: &[usize], blocks: &[usize], what: 
             let m = mid.slice(s![k, j, ..]);
             let a = attn.slice(s![k, j, ..]);
             let f = mlp.slice(s![k, j, ..]);
-            for d in 0..resid.len() {
+            for (d, (((r, a), m), (f, nx))) in resid
+                .iter()
+                .zip(a.iter())
+                .zip(m.iter())
+                .zip(f.iter().zip(next.iter()))
+                .enumerate()
+            {
                 assert_eq!(
-                    (resid[d] + a[d]).to_bits(),
-                    m[d].to_bits(),
+                    (r + a).to_bits(),
+                    m.to_bits(),
                     "{what}: resid + attn_out != resid_mid at block {b}, position {j}, dim {d}"
                 );
                 assert_eq!(
-                    (m[d] + f[d]).to_bits(),
-                    next[d].to_bits(),
+                    (m + f).to_bits(),
+                    nx.to_bits(),
                     "{what}: resid_mid + mlp_out != resid at block {}, position {j}, dim {d}",
                     b + 1
                 );
@@ -218,8 +224,16 @@ fn taps_through_the_cli_run_format_2_and_every_reader() {
     assert_eq!(m.capture.taps[3].width, 576);
     // f16 files widen to what the identities need within f16 rounding.
     let states = run.states(0).unwrap();
-    let mid = run.tap(Tap::ResidMid, 0).unwrap();
-    let attn = run.tap(Tap::AttnOut, 0).unwrap();
+    let mid = run
+        .tap(Tap::ResidMid, 0)
+        .unwrap()
+        .into_dimensionality::<Ix3>()
+        .unwrap();
+    let attn = run
+        .tap(Tap::AttnOut, 0)
+        .unwrap()
+        .into_dimensionality::<Ix3>()
+        .unwrap();
     assert_eq!(mid.shape(), &[3, states.shape()[1], 576]);
     // point 3 is states[0]; block 3 is taps[0].
     let sum = &states.slice(s![0, .., ..]) + &attn.slice(s![0, .., ..]);
@@ -259,10 +273,6 @@ fn taps_that_cannot_be_captured_are_refused_by_name() {
         (
             "attn",
             "unknown tap `attn`: choose from resid, resid_mid, attn_out",
-        ),
-        (
-            "pattern",
-            "`pattern` (per-head attention probabilities) is not captured yet",
         ),
         ("router", "not captured yet"),
         ("z,z", "`z` is named twice"),
@@ -331,4 +341,164 @@ fn resume_with_taps_checks_and_repairs_their_files() {
         "{err}"
     );
     assert_same_data(&w.join("run"), &w.join("reference"));
+}
+
+/// `pattern`: every (block, head, query) row is a probability distribution over the keys up to the
+/// query (sums to 1 within float32 rounding of llama.cpp's softmax: measured ≤ 3e-7, bound 1e-5),
+/// with exact zeros after the query (the causal mask); the trace equals one without taps that
+/// also turns flash attention off, bit for bit; the positions kept by `--positions last` are the
+/// same rows as with every position.
+#[test]
+fn pattern_rows_are_distributions_over_earlier_tokens() {
+    for (model, name) in [(smol(), "smollm2"), (gemma(), "gemma3")] {
+        let model = require!(model);
+        let toks = tokens(model, &PROMPTS);
+        let heads = model.n_head();
+        let all = trace_tokens(model, &toks, |c| {
+            c.n_seq = 1;
+            c.taps = vec![Tap::Pattern];
+        });
+        let plain = trace_tokens(model, &toks, |c| {
+            c.n_seq = 1;
+            c.no_flash_attn = true;
+        });
+        let last = trace_tokens(model, &toks, |c| {
+            c.n_seq = 1;
+            c.positions = Positions::Last;
+            c.generate = 3;
+            c.taps = vec![Tap::Pattern];
+        });
+        let mut worst = 0f64;
+        for ((t, p), l) in all.iter().zip(&plain).zip(&last) {
+            assert_eq!(t.states, p.states, "{name}: pattern changed the states");
+            assert_eq!(t.logits, p.logits, "{name}: pattern changed the logits");
+            let n = t.tokens.len();
+            let a = &t.taps[0];
+            assert_eq!(a.shape(), &[model.n_layer(), heads, n, n], "{name}");
+            for b in 0..model.n_layer() {
+                for h in 0..heads {
+                    for q in 0..n {
+                        let row = a.slice(s![b, h, q, ..]);
+                        let sum: f64 = row.iter().map(|&x| x as f64).sum();
+                        worst = worst.max((sum - 1.0).abs());
+                        assert!(
+                            (sum - 1.0).abs() < 1e-5,
+                            "{name}: block {b} head {h} query {q} sums to {sum}"
+                        );
+                        assert!(
+                            row.iter().skip(q + 1).all(|&x| x == 0.0),
+                            "{name}: a key after query {q}"
+                        );
+                        assert!(row.iter().all(|&x| (0.0..=1.0).contains(&x)));
+                    }
+                }
+            }
+            // --positions last with generation: the last prompt query and every generated one,
+            // keys over prompt and generated tokens; the prompt query's row is the same as above.
+            let la = &l.taps[0];
+            assert_eq!(la.shape()[2], l.positions.len());
+            assert_eq!(la.shape()[3], l.tokens.len());
+            let q = t.n_prompt - 1;
+            let from_all = a.index_axis(Axis(2), q);
+            let from_last = la.index_axis(Axis(2), 0);
+            assert_eq!(
+                from_all.slice(s![.., .., ..n]),
+                from_last.slice(s![.., .., ..n]),
+                "{name}: the last prompt query differs between --positions all and last"
+            );
+        }
+        eprintln!("{name}: worst |row sum - 1| = {worst:.1e}");
+    }
+    // pattern needs one sequence at a time: the tracer refuses otherwise.
+    let model = require!(smol());
+    let mut cfg = gguf_trace::capture::engine::TraceConfig::new(model);
+    cfg.n_seq = 2;
+    cfg.taps = vec![Tap::Pattern];
+    let e = gguf_trace::capture::engine::Tracer::new(model, cfg)
+        .unwrap()
+        .trace(&tokens(model, &PROMPTS), |_| Ok(()), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tap `pattern` needs one prompt at a time"),
+        "{e}"
+    );
+}
+
+/// Version-1 runs (before taps and the settings record) are still read by every command that
+/// reads runs: report, direction, --patch-from and --ablate (with a direction from a v1 run).
+#[test]
+fn version_1_runs_are_still_read() {
+    let m = model_path(SMOL).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let lines: String = (0..6)
+        .map(|i| {
+            let (label, text) = if i % 2 == 0 {
+                ("a", format!("Write a poem about the sea, number {i}."))
+            } else {
+                ("b", format!("List three prime numbers, number {i}."))
+            };
+            format!("{{\"text\": \"{text}\", \"label\": \"{label}\"}}\n")
+        })
+        .collect();
+    std::fs::write(w.join("p.jsonl"), lines).unwrap();
+    ok(w, &["trace", "-m", s(&m), "-f", "p.jsonl", "-o", "v1"]);
+    // Make it a version-1 run: what version 1 wrote, nothing more.
+    let p = w.join("v1/run.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["schema_version"] = 1.into();
+    let capture = v["capture"].as_object_mut().unwrap();
+    capture.remove("settings");
+    capture.remove("taps");
+    for p in v["prompts"].as_array_mut().unwrap() {
+        p.as_object_mut().unwrap().remove("tap_files");
+    }
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    assert_eq!(Run::open(&w.join("v1")).unwrap().manifest.schema_version, 1);
+    ok(w, &["report", "v1", "-o", "r.html"]);
+    ok(w, &["direction", "v1", "--labels", "a,b", "-o", "d.gguf"]);
+    ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-f",
+            "p.jsonl",
+            "--patch-from",
+            "v1",
+            "--patch-points",
+            "5",
+            "-o",
+            "patched",
+        ],
+    );
+    // Self-patching from the v1 run is the identity.
+    assert_same_data(&w.join("patched"), &w.join("v1"));
+    ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-f",
+            "p.jsonl",
+            "--ablate",
+            "d.gguf",
+            "--ablate-points",
+            "5-10",
+            "-o",
+            "ablated",
+        ],
+    );
+    // A schema this version does not know is refused by name.
+    v["schema_version"] = 3.into();
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let o = run_bin(&["report", s(&w.join("v1")), "-o", s(&w.join("r3.html"))]);
+    assert_clean_error(
+        &o,
+        "unsupported schema_version 3 (this gguf-trace reads 1 to 2)",
+        Some(&w.join("r3.html")),
+    );
 }

@@ -3,7 +3,8 @@
     arch_taps.py --requests REQ.json     -> for each {"hf", "ids", "out"}: OUT.taps.npz holding, per
         block (float64, [n_layer, T, width]): resid (the block's input), attn (what attention adds
         to the residual stream), mlp (what the MLP adds), z (the input of attention's output
-        projection), neurons (the input of the MLP's down projection); and OUT.taps.json saying
+        projection), neurons (the input of the MLP's down projection), pattern (HF's attention
+        probabilities, [n_layer, heads, T, T]); and OUT.taps.json saying
         which of them the oracle could take apart for this architecture, and why not.
 
 The split is found generically and proven by HF's own arithmetic: the attention and MLP modules of
@@ -103,7 +104,7 @@ def taps(req):
         if d is not None:
             hooks.append(d.register_forward_pre_hook(keep(i, "neurons", True), with_kwargs=True))
     ids = torch.tensor([req["ids"]], dtype=torch.long)
-    model(input_ids=ids, use_cache=False)
+    res = model(input_ids=ids, use_cache=False, output_attentions=True)
     for h in hooks:
         h.remove()
     r = float(getattr(cfg, "residual_multiplier", 1.0) or 1.0)
@@ -141,6 +142,13 @@ def taps(req):
         else:
             why = notes.get("split") if k in ("resid", "attn", "mlp") else None
             notes.setdefault(k, why or f"no module found for {k} (or not one per block)")
+    # Attention probabilities [n_layer, heads, query, key] (eager attention computes them).
+    att = getattr(res, "attentions", None)
+    if att is not None and len(att) == n_layer and all(a is not None for a in att) \
+            and len({tuple(a.shape) for a in att}) == 1:
+        arrays["pattern"] = torch.stack([a[0] for a in att]).double().numpy()
+    else:
+        notes.setdefault("pattern", "the model returned no attention probabilities per layer")
     np.savez(req["out"] + ".taps.npz", **arrays)
     Path(req["out"] + ".taps.json").write_text(json.dumps(notes))
 
