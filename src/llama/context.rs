@@ -764,6 +764,59 @@ impl GraphCheck {
         (weights, reached)
     }
 
+    /// Whether softmax node `sm` normalises attention scores: back from its input through the
+    /// element-wise steps scores take (scale, soft-capping, bias) to a matrix product one of whose
+    /// operands is, through layout-only ops, the K cache `cache` (a router's softmax reads a
+    /// product with its gate weights instead).
+    fn scores_read(&self, sm: usize, cache: &[u8]) -> bool {
+        let through_layout = |from: usize| {
+            let mut stack = vec![from];
+            while let Some(i) = stack.pop() {
+                let n = &self.nodes[i];
+                if n.leafs.iter().flatten().any(|w| w.starts_with(cache)) {
+                    return true;
+                }
+                if layout_only(n.op) {
+                    stack.extend(n.pos_srcs.iter().flatten().copied());
+                }
+            }
+            false
+        };
+        let mut stack: Vec<usize> = self.nodes[sm]
+            .pos_srcs
+            .first()
+            .copied()
+            .flatten()
+            .into_iter()
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(i) = stack.pop() {
+            if !seen.insert(i) {
+                continue;
+            }
+            let n = &self.nodes[i];
+            if n.op == sys::GGML_OP_MUL_MAT {
+                if n.leafs.iter().flatten().any(|w| w.starts_with(cache))
+                    || n.pos_srcs.iter().flatten().any(|&s| through_layout(s))
+                {
+                    return true;
+                }
+            } else if layout_only(n.op)
+                || matches!(
+                    n.op,
+                    sys::GGML_OP_SCALE
+                        | sys::GGML_OP_ADD
+                        | sys::GGML_OP_MUL
+                        | sys::GGML_OP_DIV
+                        | sys::GGML_OP_UNARY
+                )
+            {
+                stack.extend(n.pos_srcs.iter().flatten().copied());
+            }
+        }
+        false
+    }
+
     /// Find block `block`'s taps in the graph from its output `out` and input `input`, by
     /// structure: the residual path from input to output, the terms added along it, which
     /// block-`block` weights each term reads (`attn_output` for attention, `ffn_down*` for the
@@ -946,9 +999,7 @@ impl GraphCheck {
                     let hits: Vec<usize> = self
                         .span_nodes(block, out)
                         .filter(|&i| self.nodes[i].op == sys::GGML_OP_SOFT_MAX)
-                        .filter(|&i| {
-                            self.reads(i, input, &[]).0.iter().any(|w| w.starts_with(cache.as_bytes()))
-                        })
+                        .filter(|&i| self.scores_read(i, cache.as_bytes()))
                         .collect();
                     match hits.as_slice() {
                         [i] => Ok(*i),
