@@ -43,6 +43,10 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "TAP[,TAP...]", default_value = "resid", value_delimiter = ',', value_parser = parse_tap)]
     pub taps: Vec<Tap>,
 
+    /// Heads to keep for the z and pattern taps, e.g. "0,3-5" (default: every head).
+    #[arg(long, value_name = "SPEC")]
+    pub heads: Option<String>,
+
     /// Greedily generate N tokens after each prompt and store their states too (uses the KV cache).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub generate: usize,
@@ -148,6 +152,11 @@ impl CaptureArgs {
                 bail!("--taps: `{t}` is named twice");
             }
             seen.push(*t);
+        }
+        if self.heads.is_some() && !self.taps.iter().any(|t| matches!(t, Tap::Z | Tap::Pattern)) {
+            bail!(
+                "--heads chooses heads of the z and pattern taps: add --taps z or --taps pattern"
+            );
         }
         if self.ctx == 0 || self.ctx > MAX_CTX {
             bail!("--ctx {}: must be between 1 and {MAX_CTX}", self.ctx);

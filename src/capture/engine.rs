@@ -114,6 +114,8 @@ pub struct TraceConfig {
     pub taps: Vec<Tap>,
     /// Compute attention without flash attention (always with the `pattern` tap).
     pub no_flash_attn: bool,
+    /// Heads kept by the `z` and `pattern` taps (sorted, unique; None: every head).
+    pub heads: Option<Vec<usize>>,
 }
 
 impl TraceConfig {
@@ -132,6 +134,7 @@ impl TraceConfig {
             cache_type: CacheType::F16,
             taps: Vec::new(),
             no_flash_attn: false,
+            heads: None,
         }
     }
 
@@ -529,10 +532,11 @@ impl<'m> Tracer<'m> {
             .enumerate()
             .map(|(t, &tap)| TapInfo {
                 tap,
-                width: if tap == Tap::Pattern {
-                    heads[t * n]
-                } else {
-                    layout[t * n].0
+                width: match (tap, &self.cfg.heads) {
+                    (Tap::Pattern, Some(k)) => k.len(),
+                    (Tap::Pattern, None) => heads[t * n],
+                    (Tap::Z, Some(k)) => layout[t * n].0 / self.ctx.model().n_head() * k.len(),
+                    _ => layout[t * n].0,
                 },
                 last_block_output_rows: layout[(t + 1) * n - 1].1,
                 tensors: names[t * n..(t + 1) * n].to_vec(),
@@ -913,13 +917,16 @@ impl<'m> Tracer<'m> {
             if self.cfg.taps[t] == Tap::Pattern {
                 // Queries at the kept positions, keys at every token, zero after the query.
                 let h = heads[t * n_blocks];
-                let mut a = ArrayD::zeros(IxDyn(&[n_blocks, h, n_pos, n_tokens]));
+                let kept: Vec<usize> = self.cfg.heads.clone().unwrap_or_else(|| (0..h).collect());
+                let mut a = ArrayD::zeros(IxDyn(&[n_blocks, kept.len(), n_pos, n_tokens]));
                 for (b, r) in chunk.iter().enumerate() {
                     let mut at = 0;
                     for (j, &pos) in s.positions.iter().enumerate() {
                         for head in 0..h {
-                            for key in 0..=pos {
-                                a[[b, head, j, key]] = r[at + key];
+                            if let Some(slot) = kept.iter().position(|&k| k == head) {
+                                for key in 0..=pos {
+                                    a[[b, slot, j, key]] = r[at + key];
+                                }
                             }
                             at += pos + 1;
                         }
@@ -934,10 +941,18 @@ impl<'m> Tracer<'m> {
             for r in chunk {
                 flat.extend_from_slice(r);
             }
-            taps.push(
-                ArrayD::from_shape_vec(IxDyn(&[n_blocks, n_pos, width]), flat)
-                    .expect("rows match the layout"),
-            );
+            let mut a = ArrayD::from_shape_vec(IxDyn(&[n_blocks, n_pos, width]), flat)
+                .expect("rows match the layout");
+            if let (Tap::Z, Some(kept)) = (self.cfg.taps[t], &self.cfg.heads) {
+                // Head-major rows: keep the chosen heads' slices.
+                let head_dim = width / self.ctx.model().n_head();
+                let cols: Vec<usize> = kept
+                    .iter()
+                    .flat_map(|&h| h * head_dim..(h + 1) * head_dim)
+                    .collect();
+                a = a.select(ndarray::Axis(2), &cols);
+            }
+            taps.push(a);
         }
         Ok(PromptTrace {
             index: s.index,

@@ -311,6 +311,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         check_disk(opts, &loaded, &token_lists, &taps)?;
     }
     let n_blocks = cfg.tap_blocks(model.n_layer()).len();
+    let loaded_heads = loaded.heads.clone();
     if let Some((a, b)) = control_points {
         if let Some(p) = ablated.iter().find(|&&p| (a..=b).contains(&p)) {
             // llama.cpp adds the control vector before l_out is named, so the ablation would
@@ -405,9 +406,13 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                     blocks: cfg.tap_blocks(model.n_layer()),
                     width: t.width,
                     heads: match t.tap {
-                        Tap::Z => Some(model.n_head()),
+                        Tap::Z => Some(loaded_heads.as_ref().map_or(model.n_head(), Vec::len)),
                         Tap::Pattern => Some(t.width),
                         _ => None,
+                    },
+                    head_ids: match t.tap {
+                        Tap::Z | Tap::Pattern => loaded_heads.clone().unwrap_or_default(),
+                        _ => Vec::new(),
                     },
                     dtype: opts.capture.dtype,
                     dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
@@ -429,6 +434,8 @@ struct Loaded {
     facts: ModelFacts,
     /// Points kept, resolved against the model's depth.
     points: Vec<usize>,
+    /// `--heads`, resolved against the model's heads.
+    heads: Option<Vec<usize>>,
 }
 
 /// Step 1: everything that can be checked without the model, so nobody waits for a load to learn
@@ -479,6 +486,17 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
     let gguf = Gguf::open(&opts.model)?;
     let facts = ModelFacts::gather(&opts.model, &model, &gguf);
     let points = parse_points(&opts.capture.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    let heads = match &opts.capture.heads {
+        None => None,
+        Some(spec) => Some(
+            parse_points(spec, model.n_head().saturating_sub(1)).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    e.replace("--points", "--heads").replace("point", "head")
+                )
+            })?,
+        ),
+    };
     if let Some(l) = &opts.lens {
         if l.k > model.n_vocab() {
             bail!(
@@ -493,6 +511,7 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
         gguf,
         facts,
         points,
+        heads,
     })
 }
 
@@ -528,6 +547,7 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         cache_type: opts.capture.cache_type,
         taps: opts.capture.block_taps(),
         no_flash_attn: false,
+        heads: loaded.heads.clone(),
     }
 }
 

@@ -289,9 +289,12 @@ pub struct TapRecord {
     /// (head-major: reshape to [n_head, head_dim]); the MLP's hidden size for `neurons`; the
     /// heads for `pattern`.
     pub width: usize,
-    /// For `z`: the number of heads (width = heads × head_dim).
+    /// For `z`: the number of heads kept (width = heads × head_dim); for `pattern`: the heads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heads: Option<usize>,
+    /// The model's head numbers kept (`--heads`), in file order; empty: every head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub head_ids: Vec<usize>,
     pub dtype: Dtype,
     /// Folder of the per-prompt files, relative to the run.
     pub dir: String,
@@ -858,8 +861,10 @@ impl RunWriter {
         a: &ndarray::Array<f32, D>,
     ) -> Result<(), RunError> {
         let p = self.files.tmp_dir.join(rel);
+        // Always C order: readers (ours and the README's numpy lines) expect it.
+        let a = a.as_standard_layout();
         let res = match self.files.dtype {
-            Dtype::F32 => ndarray_npy::write_npy(&p, a),
+            Dtype::F32 => ndarray_npy::write_npy(&p, &a),
             Dtype::F16 => {
                 // A value f16 cannot hold would be written as ±inf: a number nobody measured.
                 let max = a.iter().fold(0f32, |m, &x| m.max(x.abs()));

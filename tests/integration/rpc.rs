@@ -348,3 +348,50 @@ fn rpc_interventions_equal_local_ones() {
         assert!(d > 1e-3, "{name}: the intervention changed nothing ({d})");
     }
 }
+
+/// Taps inside the block over RPC: every layer remote, and the layers split between this process
+/// and a worker, give the same bits as a local trace (the graph check resolves the worker's copies
+/// of tensors by name, and the taps are located on whichever backend computes them).
+#[test]
+fn rpc_taps_equal_local_ones() {
+    let server = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = model_path(SMOL).unwrap();
+    let base = [
+        "trace",
+        "-m",
+        s(&m),
+        "-p",
+        "The capital of France is",
+        "-p",
+        "Water boils at a temperature of",
+        "--taps",
+        "resid_mid,attn_out,mlp_out,z,neurons,pattern",
+    ];
+    ok(w, &[&base[..], &["-o", "local"]].concat());
+    ok(
+        w,
+        &[&base[..], &["--rpc", &server.endpoint, "-o", "remote"]].concat(),
+    );
+    ok(
+        w,
+        &[
+            &base[..],
+            &[
+                "--rpc",
+                &server.endpoint,
+                "--n-gpu-layers",
+                "15",
+                "-o",
+                "split",
+            ],
+        ]
+        .concat(),
+    );
+    for r in ["remote", "split"] {
+        assert_same_data(&w.join(r), &w.join("local"));
+    }
+    let run = gguf_trace::run::Run::open(&w.join("split")).unwrap();
+    assert_eq!(run.manifest.capture.taps.len(), 6);
+}

@@ -257,6 +257,36 @@ fn taps_through_the_cli_run_format_2_and_every_reader() {
     );
     // The report reads a version-2 run.
     ok(w, &["report", "run", "-o", "report.html"]);
+    // compare takes the same settings record: its runs hold the taps.
+    let smol = model_path(SMOL).unwrap();
+    ok(
+        w,
+        &[
+            "compare",
+            "-m",
+            s(&smol),
+            "-m",
+            s(&smol),
+            "-p",
+            "Paris is the capital of",
+            "--taps",
+            "mlp_out",
+            "--points",
+            "5-9",
+            "-o",
+            "cmp",
+        ],
+    );
+    let stem = smol.file_stem().unwrap().to_string_lossy().into_owned();
+    for sub in [stem.clone(), format!("{stem}-1")] {
+        let r = Run::open(&w.join("cmp").join(&sub)).unwrap();
+        assert_eq!(
+            r.manifest.capture.taps[0].blocks,
+            vec![5, 6, 7, 8, 9],
+            "{sub}"
+        );
+        assert_eq!(r.tap(Tap::MlpOut, 0).unwrap().shape()[0], 5);
+    }
     assert!(w.join("report.html").exists());
     // A tap file that does not match run.json is refused by every reader.
     std::fs::write(w.join("run/taps/z/00001.npy"), b"not an npy").unwrap();
@@ -501,4 +531,86 @@ fn version_1_runs_are_still_read() {
         "unsupported schema_version 3 (this gguf-trace reads 1 to 2)",
         Some(&w.join("r3.html")),
     );
+}
+
+/// `--heads` keeps the chosen heads of `z` and `pattern`: the same numbers as those heads' slices
+/// of a full capture; bad specs are refused by name.
+#[test]
+fn heads_keep_the_chosen_heads_of_z_and_pattern() {
+    let m = model_path(SMOL).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let base = [
+        "trace",
+        "-m",
+        s(&m),
+        "-p",
+        "Paris is the capital of",
+        "--taps",
+        "z,pattern",
+        "--points",
+        "2-4",
+    ];
+    ok(w, &[&base[..], &["-o", "full"]].concat());
+    ok(
+        w,
+        &[&base[..], &["--heads", "1,4-5", "-o", "some"]].concat(),
+    );
+    let (full, some) = (
+        Run::open(&w.join("full")).unwrap(),
+        Run::open(&w.join("some")).unwrap(),
+    );
+    let z = &some.manifest.capture.taps[0];
+    assert_eq!(
+        (z.tap, z.width, z.heads, z.head_ids.clone()),
+        (Tap::Z, 3 * 64, Some(3), vec![1, 4, 5])
+    );
+    let (zf, zs) = (full.tap(Tap::Z, 0).unwrap(), some.tap(Tap::Z, 0).unwrap());
+    for (k, h) in [1usize, 4, 5].into_iter().enumerate() {
+        assert_eq!(
+            zs.slice(s![.., .., k * 64..(k + 1) * 64]),
+            zf.slice(s![.., .., h * 64..(h + 1) * 64]),
+            "z head {h}"
+        );
+    }
+    let (pf, ps) = (
+        full.tap(Tap::Pattern, 0).unwrap(),
+        some.tap(Tap::Pattern, 0).unwrap(),
+    );
+    assert_eq!(ps.shape()[1], 3);
+    for (k, h) in [1usize, 4, 5].into_iter().enumerate() {
+        assert_eq!(
+            ps.index_axis(Axis(1), k),
+            pf.index_axis(Axis(1), h),
+            "pattern head {h}"
+        );
+    }
+    for (heads, taps, needle) in [
+        (
+            "9",
+            "z",
+            "--heads: head 9 is out of range; this model has heads 0..=8",
+        ),
+        (
+            "1",
+            "attn_out",
+            "--heads chooses heads of the z and pattern taps",
+        ),
+        ("3-1", "z", "--heads: range 3-1 is backwards"),
+    ] {
+        let o = run_bin(&[
+            "trace",
+            "-m",
+            s(&m),
+            "-p",
+            "x",
+            "--taps",
+            taps,
+            "--heads",
+            heads,
+            "-o",
+            s(&w.join("bad")),
+        ]);
+        assert_clean_error(&o, needle, Some(&w.join("bad")));
+    }
 }
