@@ -37,6 +37,40 @@ const TAP_REFUSALS: [&str; 4] = [
     "blocks of different sizes",
 ];
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog and then runs into the forest";
+/// Largest relative L2 error of mlp_out against W·neurons + b (float32 sums in llama.cpp against
+/// float64 here). Measured worst: 1.4e-7 (gpt_bigcode).
+const DOWN_TOLERANCE: f64 = 1e-6;
+/// Architectures whose MLP term is exactly its down projection: every traced one but those with a
+/// post-feed-forward norm (gemma2, gemma3, olmo2, olmo3, exaone4) or a residual scale (granite),
+/// and those whose neurons are refused (mixture of experts).
+const DOWN_PROJECTION_ARCHS: &[&str] = &[
+    "apertus",
+    "arcee",
+    "bloom",
+    "cohere",
+    "cohere2",
+    "ernie4_5",
+    "falcon",
+    "gemma",
+    "gpt2",
+    "gpt_bigcode",
+    "gpt_neox",
+    "jais2",
+    "llama",
+    "llama3",
+    "mistral",
+    "mpt",
+    "nemotron",
+    "olmo",
+    "phi",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "seed_oss",
+    "smollm3",
+    "stablelm",
+    "starcoder2",
+];
 
 /// Worst relative L2 error (per state, over every point and position, and of the logits) accepted
 /// with `--cache-type f32`: F32 weights, an F32 cache and no flash attention leave llama.cpp's
@@ -375,6 +409,51 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
     (out, notes)
 }
 
+/// Worst relative L2 error of `mlp_out` against the model's own down projection of `neurons`
+/// (W·x + b, W and b read from the F32 GGUF), over every block and position; `None` when the run
+/// lacks either tap.
+fn down_projection_error(run: &Path, model: &Path) -> Option<f64> {
+    let ours = |tap: &str| -> Option<ArrayD<f32>> {
+        read_npy(run.join(format!("taps/{tap}/00000.npy"))).ok()
+    };
+    let (mlp, neurons) = (ours("mlp_out")?, ours("neurons")?);
+    let gguf = gguf_trace::llama::gguf::Gguf::open(model).unwrap();
+    let (n_blocks, n_pos, n_embd, n_ff) = (
+        mlp.shape()[0],
+        mlp.shape()[1],
+        mlp.shape()[2],
+        neurons.shape()[2],
+    );
+    let mut worst = 0f64;
+    for b in 0..n_blocks {
+        // ggml's [n_ff, n_embd]: n_embd rows of n_ff values.
+        let w = gguf.read_f32(&format!("blk.{b}.ffn_down.weight")).unwrap();
+        assert_eq!(
+            w.len(),
+            n_ff * n_embd,
+            "{}: blk.{b}.ffn_down.weight",
+            model.display()
+        );
+        let bias = gguf.read_f32(&format!("blk.{b}.ffn_down.bias")).ok();
+        for j in 0..n_pos {
+            let x: Vec<f64> = (0..n_ff).map(|k| neurons[[b, j, k]] as f64).collect();
+            let y: ndarray::Array1<f64> = (0..n_embd)
+                .map(|r| {
+                    let dot: f64 = w[r * n_ff..(r + 1) * n_ff]
+                        .iter()
+                        .zip(&x)
+                        .map(|(&a, &b)| a as f64 * b)
+                        .sum();
+                    dot + bias.as_ref().map_or(0.0, |v| v[r] as f64)
+                })
+                .collect();
+            let m: ndarray::Array1<f64> = (0..n_embd).map(|r| mlp[[b, j, r]] as f64).collect();
+            worst = worst.max(worst_rel(m.view(), y.view()));
+        }
+    }
+    Some(worst)
+}
+
 /// Errors of a traced run against HF: [point 0, points 1..L-1, point L, logits].
 fn errors(run: &Path, hf: &Path) -> [f64; 4] {
     let states: Array3<f32> = read_npy(run.join("states/00000.npy")).unwrap();
@@ -549,6 +628,7 @@ fn architecture_matrix() {
         String::from_utf8_lossy(&o.stderr)
     );
     let mut tap_failures = Vec::new();
+    let mut down_proj: Vec<(String, f64)> = Vec::new();
     eprintln!("| architecture | {} |", TAPS.join(" | "));
     eprintln!("|---|{}", "---|".repeat(TAPS.len()));
     for (key, (refused, traced)) in &tap_rows {
@@ -608,6 +688,28 @@ fn architecture_matrix() {
             cells.push(cell);
         }
         eprintln!("| {key} | {} |", cells.join(" | "));
+        // Where the MLP adds exactly its down projection (no post-norm, no scale after it), the
+        // captured mlp_out is the model's own W·neurons + b: float32 sums against float64 here.
+        if let Some(e) = down_projection_error(
+            &work.path().join(format!("{key}-taps")),
+            &dir.join(key).join("model.gguf"),
+        ) {
+            down_proj.push((key.clone(), e));
+        }
+    }
+    down_proj.sort_by(|a, b| a.1.total_cmp(&b.1));
+    eprintln!("mlp_out against the down projection of neurons (worst relative L2 per vector): {down_proj:?}");
+    let exact: Vec<&str> = down_proj
+        .iter()
+        .filter(|(_, e)| *e <= DOWN_TOLERANCE)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    for key in DOWN_PROJECTION_ARCHS {
+        if !exact.contains(key) {
+            tap_failures.push(format!(
+                "{key}: mlp_out is not the down projection of neurons ({down_proj:?})"
+            ));
+        }
     }
     assert!(tap_failures.is_empty(), "{}", tap_failures.join("\n"));
 
