@@ -115,6 +115,13 @@ fn parse_tap(s: &str) -> Result<Tap, String> {
     if s.trim().is_empty() {
         return Err("an empty entry in the list".into());
     }
+    if let Some(rest) = s.trim().strip_prefix("blocks.") {
+        // TransformerLens names a block in the hook; here --points chooses the blocks.
+        let (block, hook) = rest.split_once('.').unwrap_or((rest, ""));
+        return Err(format!(
+            "`{s}` names block {block}: give the tap without its block and choose blocks with --points (--taps {hook} --points {block})"
+        ));
+    }
     let t: Tap = s.parse()?;
     match t.not_yet() {
         Some(why) => Err(why.to_string()),
@@ -153,6 +160,18 @@ impl CaptureArgs {
             }
             seen.push(*t);
         }
+        // One order, so the same taps in another order are the same plan for --resume.
+        self.taps.sort();
+        if self.taps.contains(&Tap::Pattern)
+            && !matches!(
+                self.cache_type,
+                CacheType::F16 | CacheType::F32 | CacheType::Bf16
+            )
+        {
+            bail!(
+                "--taps pattern computes attention without flash attention, and llama.cpp's quantized KV cache needs flash attention: use --cache-type f16, bf16 or f32"
+            );
+        }
         if self.heads.is_some() && !self.taps.iter().any(|t| matches!(t, Tap::Z | Tap::Pattern)) {
             bail!(
                 "--heads chooses heads of the z and pattern taps: add --taps z or --taps pattern"
@@ -174,7 +193,7 @@ impl CaptureArgs {
         {
             bail!("--ctx × --n-seq is too large for one KV cache; lower one of them");
         }
-        if self.dtype == Dtype::F16 && !self.format.npy() {
+        if self.dtype == Dtype::F16 && !self.format.npy() && self.block_taps().is_empty() {
             bail!("--dtype f16 applies to NPY states; with --format csv it would be ignored (use --format both)");
         }
         if self.n_gpu_layers() < -1 {

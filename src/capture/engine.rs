@@ -18,6 +18,10 @@ use crate::llama::context::{
 use crate::llama::model::Model;
 use crate::llama::Token;
 
+/// Largest |sum − 1| of a captured row of attention probabilities: llama.cpp's softmax in float32
+/// over at most a few thousand keys (measured ≤ 3e-7 on SmolLM2 and Gemma-3).
+const PATTERN_SUM_TOLERANCE: f64 = 1e-4;
+
 /// Which positions of a prompt are stored.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -145,6 +149,13 @@ impl TraceConfig {
             .copied()
             .filter(|&p| p < n_layer)
             .collect()
+    }
+
+    /// Whether something kept is computed by the last block after llama.cpp's output-row
+    /// selection (point L, or a tap at block L−1), so that every kept token must be an output.
+    pub fn reads_last_block(&self, n_layer: usize) -> bool {
+        self.points.last() == Some(&n_layer)
+            || (!self.taps.is_empty() && self.points.contains(&(n_layer - 1)))
     }
 }
 
@@ -316,7 +327,7 @@ impl<'m> Tracer<'m> {
                 // sequence in a decode) — and at every kept position when the last point is kept
                 // there, since llama.cpp's last block computes only the rows it outputs.
                 n_outputs_max: if cfg.positions == Positions::All
-                    && cfg.points.last() == Some(&model.n_layer())
+                    && cfg.reads_last_block(model.n_layer())
                 {
                     0
                 } else {
@@ -451,6 +462,7 @@ impl<'m> Tracer<'m> {
             self.check_pattern(prompts)?;
         }
         if !self.cfg.taps.is_empty() {
+            self.check_tap_blocks()?;
             self.identify_taps(prompts)?;
         }
         let n_slots = self.cfg.points.len() + self.n_tap_slots();
@@ -480,6 +492,17 @@ impl<'m> Tracer<'m> {
             start = end;
         }
         self.ctx.clear_memory();
+        Ok(())
+    }
+
+    /// Taps inside blocks need a block to be captured at.
+    fn check_tap_blocks(&self) -> Result<(), TraceError> {
+        if self.cfg.tap_blocks(self.n_layer).is_empty() {
+            return Err(TraceError::Tap(format!(
+                "taps inside blocks need a block: --points names none below point {} (point p < {} names block p)",
+                self.n_layer, self.n_layer
+            )));
+        }
         Ok(())
     }
 
@@ -520,6 +543,7 @@ impl<'m> Tracer<'m> {
         if self.cfg.taps.is_empty() {
             return Ok(Vec::new());
         }
+        self.check_tap_blocks()?;
         self.identify_taps(prompts)?;
         let layout = self.ctx.tap_layout();
         let heads = self.ctx.tap_heads();
@@ -579,6 +603,22 @@ impl<'m> Tracer<'m> {
                 .zip(&heads[t * blocks.len()..(t + 1) * blocks.len()])
                 .map(|(l, &h)| l.0.max(h))
                 .collect();
+            let n_head = self.ctx.model().n_head();
+            let mismatched = layout[t * blocks.len()..(t + 1) * blocks.len()]
+                .iter()
+                .zip(&heads[t * blocks.len()..(t + 1) * blocks.len()])
+                .any(|(l, &h)| {
+                    if *tap == Tap::Z {
+                        l.0 % n_head != 0
+                    } else {
+                        h != n_head
+                    }
+                });
+            if self.cfg.heads.is_some() && matches!(tap, Tap::Z | Tap::Pattern) && mismatched {
+                return Err(TraceError::Tap(format!(
+                    "--heads: tap `{tap}` does not have this model's {n_head} heads at every chosen block; choose blocks with --points, or leave out --heads"
+                )));
+            }
             if widths.iter().any(|&w| w != widths[0]) {
                 return Err(TraceError::Tap(format!(
                     "tap `{tap}` cannot be captured at every block: it has {} values per token at some blocks and {} at others (blocks of different sizes); choose blocks of one size with --points",
@@ -600,8 +640,7 @@ impl<'m> Tracer<'m> {
     /// Whether token `pos` of `s` must be marked as an output: its logits are needed (last prompt
     /// token, generated tokens) or its row of the last block is kept.
     fn is_output(&self, s: &Seq, pos: usize) -> bool {
-        pos + 1 >= s.n_prompt
-            || (self.keeps(s, pos) && self.cfg.points.last() == Some(&self.n_layer))
+        pos + 1 >= s.n_prompt || (self.keeps(s, pos) && self.cfg.reads_last_block(self.n_layer))
     }
 
     fn prompt_phase(
@@ -855,7 +894,18 @@ impl<'m> Tracer<'m> {
                                     slot.pos + 1 + c, slot.pos, cells[slot.pos + 1 + c]
                                 )));
                             }
-                            s.rows[n_points + k].extend_from_slice(&cells[..=slot.pos]);
+                            let kept = &cells[..=slot.pos];
+                            let finite = kept.iter().all(|x| x.is_finite());
+                            let sum: f64 = kept.iter().map(|&x| x as f64).sum();
+                            if !finite && self.cfg.allow_nonfinite {
+                                s.nonfinite.get_or_insert((n_points - 1, j));
+                            } else if !finite || (sum - 1.0).abs() > PATTERN_SUM_TOLERANCE {
+                                return Err(TraceError::Tap(format!(
+                                    "tap `pattern` at block {block}, head {h}, position {}: the probabilities sum to {sum} (NaN or infinite values, or not a softmax over these keys)",
+                                    slot.pos
+                                )));
+                            }
+                            s.rows[n_points + k].extend_from_slice(kept);
                         }
                         continue;
                     }

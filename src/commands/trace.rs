@@ -961,7 +961,8 @@ fn write_run(
             patch,
             taps,
             settings: Some(opts.capture.clone()),
-            flash_attn_off: cfg.taps.contains(&Tap::Pattern),
+            flash_attn_off: cfg.taps.contains(&Tap::Pattern)
+                || cfg.cache_type == crate::llama::context::CacheType::F32,
         },
         model: facts,
         prompts: records,

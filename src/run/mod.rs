@@ -271,8 +271,8 @@ pub struct CaptureSettings {
     /// as given, with threads and layer placement resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<crate::settings::CaptureArgs>,
-    /// Attention computed without flash attention (a trace with the `pattern` tap: flash
-    /// attention keeps no probabilities); false when llama.cpp chose.
+    /// Attention computed without flash attention: a trace with the `pattern` tap (flash attention
+    /// keeps no probabilities) or with an f32 KV cache; false when llama.cpp chose.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flash_attn_off: bool,
 }
@@ -867,7 +867,11 @@ impl RunWriter {
             Dtype::F32 => ndarray_npy::write_npy(&p, &a),
             Dtype::F16 => {
                 // A value f16 cannot hold would be written as ±inf: a number nobody measured.
-                let max = a.iter().fold(0f32, |m, &x| m.max(x.abs()));
+                // (Non-finite values are the model's, recorded with --allow-nonfinite.)
+                let max = a
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(0f32, |m, &x| m.max(x.abs()));
                 if max > half::f16::MAX.to_f32() {
                     return Err(RunError::F16Range {
                         what: rel.split('/').take(2).collect::<Vec<_>>().join("/"),

@@ -101,6 +101,12 @@ fn taps_hold_the_block_identities_bit_for_bit_and_change_nothing() {
                 "points 2-5 and the last",
                 Box::new(move |c| c.points = vec![2, 3, 4, 5, l]),
             ),
+            // The last block without point L: its taps after the output-row selection still need
+            // every kept token as an output.
+            (
+                "every block, not point L",
+                Box::new(move |c| c.points = (0..l).collect()),
+            ),
         ];
         let mut checked = 0;
         for (what, f) in layouts {
@@ -120,6 +126,8 @@ fn taps_hold_the_block_identities_bit_for_bit_and_change_nothing() {
                 assert_eq!(t.tokens, u.tokens, "{what}: taps changed the generation");
                 let points: Vec<usize> = if what.contains("points 2-5") {
                     vec![2, 3, 4, 5, l]
+                } else if what.contains("not point L") {
+                    (0..l).collect()
                 } else {
                     (0..=l).collect()
                 };
@@ -201,7 +209,7 @@ fn taps_through_the_cli_run_format_2_and_every_reader() {
             "-p",
             "Hello there",
             "--taps",
-            "resid,hook_attn_out,blocks.0.hook_mlp_out,hook_resid_mid,z",
+            "resid,hook_attn_out,hook_mlp_out,hook_resid_mid,z",
             "--points",
             "3,4,5,30",
             "--dtype",
@@ -305,6 +313,10 @@ fn taps_that_cannot_be_captured_are_refused_by_name() {
             "unknown tap `attn`: choose from resid, resid_mid, attn_out",
         ),
         ("router", "not captured yet"),
+        (
+            "blocks.3.hook_attn_out",
+            "names block 3: give the tap without its block and choose blocks with --points (--taps hook_attn_out --points 3)",
+        ),
         ("z,z", "`z` is named twice"),
         ("resid,", "an empty entry"),
     ] {
@@ -319,6 +331,25 @@ fn taps_that_cannot_be_captured_are_refused_by_name() {
             "-o",
             s(&w.join("o")),
         ]);
+        assert_clean_error(&o, needle, Some(&w.join("o")));
+    }
+    for (extra, needle) in [
+        (
+            vec!["--taps", "attn_out", "--points", "last"],
+            "taps inside blocks need a block: --points names none below point 30",
+        ),
+        (
+            vec!["--taps", "pattern", "--cache-type", "q8_0"],
+            "llama.cpp's quantized KV cache needs flash attention",
+        ),
+    ] {
+        let o = run_bin(
+            &[
+                &["trace", "-m", s(&m), "-p", "x", "-o", s(&w.join("o"))][..],
+                &extra,
+            ]
+            .concat(),
+        );
         assert_clean_error(&o, needle, Some(&w.join("o")));
     }
 }
