@@ -19,7 +19,7 @@ use crate::llama::model::Model;
 use crate::llama::Token;
 
 /// Largest |sum − 1| of a captured row of attention probabilities: llama.cpp's softmax in float32
-/// over at most a few thousand keys (measured ≤ 3e-7 on SmolLM2 and Gemma-3).
+/// over at most a few thousand keys (measured 1.9e-7 on SmolLM2, 1.7e-7 on Gemma-3).
 const PATTERN_SUM_TOLERANCE: f64 = 1e-4;
 
 /// Which positions of a prompt are stored.
