@@ -246,6 +246,8 @@ pub struct TapInfo {
     pub width: usize,
     pub last_block_output_rows: bool,
     pub tensors: Vec<String>,
+    /// `pattern` only: the softmax has attention sinks at some block, so rows there sum below 1.
+    pub sinks: bool,
 }
 
 /// Where each token of the last batch came from.
@@ -548,6 +550,7 @@ impl<'m> Tracer<'m> {
         let layout = self.ctx.tap_layout();
         let heads = self.ctx.tap_heads();
         let names = self.ctx.tap_tensors();
+        let sinks = self.ctx.tap_sinks();
         let n = self.cfg.tap_blocks(self.n_layer).len();
         Ok(self
             .cfg
@@ -564,6 +567,7 @@ impl<'m> Tracer<'m> {
                 },
                 last_block_output_rows: layout[(t + 1) * n - 1].1,
                 tensors: names[t * n..(t + 1) * n].to_vec(),
+                sinks: sinks[t * n..(t + 1) * n].iter().any(|&s| s),
             })
             .collect())
     }
@@ -791,6 +795,7 @@ impl<'m> Tracer<'m> {
         let n_points = self.cfg.points.len();
         let blocks = self.cfg.tap_blocks(self.n_layer);
         let tap_heads = self.ctx.tap_heads();
+        let tap_sinks = self.ctx.tap_sinks();
         let row_lens = self
             .ctx
             .tap_row_lens()
@@ -897,11 +902,23 @@ impl<'m> Tracer<'m> {
                             let kept = &cells[..=slot.pos];
                             let finite = kept.iter().all(|x| x.is_finite());
                             let sum: f64 = kept.iter().map(|&x| x as f64).sum();
+                            // With attention sinks the sink's share is missing from the row:
+                            // the keys' probabilities are non-negative and sum to at most 1.
+                            let softmax = if tap_sinks[k] {
+                                kept.iter().all(|&x| x >= 0.0) && sum <= 1.0 + PATTERN_SUM_TOLERANCE
+                            } else {
+                                (sum - 1.0).abs() <= PATTERN_SUM_TOLERANCE
+                            };
                             if !finite && self.cfg.allow_nonfinite {
                                 s.nonfinite.get_or_insert((n_points - 1, j));
-                            } else if !finite || (sum - 1.0).abs() > PATTERN_SUM_TOLERANCE {
+                            } else if !finite || !softmax {
+                                let over = if tap_sinks[k] {
+                                    "these keys and the attention sink"
+                                } else {
+                                    "these keys"
+                                };
                                 return Err(TraceError::Tap(format!(
-                                    "tap `pattern` at block {block}, head {h}, position {}: the probabilities sum to {sum} (NaN or infinite values, or not a softmax over these keys)",
+                                    "tap `pattern` at block {block}, head {h}, position {}: the probabilities sum to {sum} (NaN or infinite values, or not a softmax over {over})",
                                     slot.pos
                                 )));
                             }

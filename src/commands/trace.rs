@@ -418,6 +418,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                     dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
                     tensors: t.tensors,
                     last_block_output_rows: t.last_block_output_rows,
+                    attention_sinks: t.sinks,
                 })
                 .collect(),
         },

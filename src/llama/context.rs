@@ -87,6 +87,9 @@ pub struct Locator {
     /// Heads (ne[2]) for `pattern`; 1 for every other tap.
     pub heads: usize,
     pub out_rows: bool,
+    /// For `pattern`: the softmax has attention sinks (gpt-oss), a learned logit per head that
+    /// joins the normalisation without a key, so a row sums to 1 minus the sink's share.
+    pub sinks: bool,
 }
 
 /// Callback state: allocated with `Box::into_raw` when the [`Context`] is created, reached only
@@ -496,6 +499,8 @@ struct GraphNode {
     /// Values per row (ne[0]), and ne[2] (heads of an attention tensor).
     ne0: usize,
     ne2: usize,
+    /// A softmax with attention sinks (`ggml_soft_max_add_sinks`: its third source is set).
+    sinks: bool,
     /// (block, occurrence of its name in that block's span): where a [`Locator`] finds it.
     at: (usize, usize),
 }
@@ -583,6 +588,7 @@ impl GraphCheck {
         op: sys::ggml_op,
         (ne0, ne2): (usize, usize),
         srcs: &[(usize, Vec<u8>)],
+        sinks: bool,
     ) -> Result<Option<usize>, String> {
         if self.by_ptr.contains_key(&ptr) {
             // A node seen before: the first graph ended and another began (the next ubatch)
@@ -629,6 +635,7 @@ impl GraphCheck {
             out_rows,
             ne0,
             ne2,
+            sinks,
             at,
         });
         self.by_ptr.insert(ptr, idx);
@@ -1031,6 +1038,7 @@ impl GraphCheck {
                     width: if pattern { 0 } else { n.ne0 },
                     heads: if pattern { n.ne2 } else { 1 },
                     out_rows: n.out_rows,
+                    sinks: pattern && n.sinks,
                 },
             ));
         }
@@ -1063,7 +1071,8 @@ impl CaptureState {
             .collect();
         let ptr = t as *const sys::ggml_tensor as usize;
         let ne = (t.ne[0].max(0) as usize, t.ne[2].max(0) as usize);
-        match check.add(ptr, name, t.op, ne, &srcs) {
+        let sinks = t.op == sys::GGML_OP_SOFT_MAX && !t.src[2].is_null();
+        match check.add(ptr, name, t.op, ne, &srcs, sinks) {
             Ok(None) => {}
             Ok(Some(block)) => {
                 self.blocks_checked = self.blocks_checked.max(block + 1);
@@ -1538,6 +1547,13 @@ impl<'m> Context<'m> {
             .unwrap_or_default()
     }
 
+    /// Per tap slot: whether its softmax has attention sinks (`pattern` rows then sum below 1).
+    pub fn tap_sinks(&self) -> Vec<bool> {
+        self.state()
+            .map(|s| s.locators.iter().map(|l| l.sinks).collect())
+            .unwrap_or_default()
+    }
+
     /// Per tap slot: llama.cpp's name of the tensor identified (for run.json).
     pub fn tap_tensors(&self) -> Vec<String> {
         self.state()
@@ -1757,7 +1773,7 @@ mod tests {
             self.next += 0x100;
             self.addr.insert(name.into(), self.next);
             self.check
-                .add(self.next, name.as_bytes(), op, (4, 1), &srcs)
+                .add(self.next, name.as_bytes(), op, (4, 1), &srcs, false)
         }
 
         /// A pre-norm block `il` reading `input`, as llama.cpp's llama graph builds it.
@@ -2060,7 +2076,7 @@ mod tests {
         let first = g.addr["embd"];
         let e = g
             .check
-            .add(first, b"embd", sys::GGML_OP_GET_ROWS, (4, 1), &[])
+            .add(first, b"embd", sys::GGML_OP_GET_ROWS, (4, 1), &[], false)
             .unwrap_err();
         assert!(e.contains("llama.cpp's graph has no `l_out-1`"), "{e}");
         assert!(g.check.missing_block().contains("no `l_out-1`"));

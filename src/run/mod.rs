@@ -304,6 +304,11 @@ pub struct TapRecord {
     /// Whether the last block's rows are the model's output rows only (llama.cpp computes the
     /// rest of the last block only for tokens it outputs).
     pub last_block_output_rows: bool,
+    /// `pattern` only: the model's softmax has attention sinks (gpt-oss), a learned logit per
+    /// head normalised with the keys but belonging to none, so each row sums to 1 minus the
+    /// sink's share (as transformers' eager attention returns it). Absent: rows sum to 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_sinks: bool,
 }
 
 /// Activation patching applied during a trace.

@@ -37,6 +37,9 @@ const TAP_REFUSALS: [&str; 4] = [
     "blocks of different sizes",
 ];
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog and then runs into the forest";
+/// Architectures whose attention softmax has sinks (a learned per-head logit normalised with the
+/// keys): their `pattern` rows sum below 1 and run.json says `attention_sinks`; no other's does.
+const SINK_ARCHS: &[&str] = &["gpt_oss"];
 /// Largest relative L2 error of mlp_out against W·neurons + b (float32 sums in llama.cpp against
 /// float64 here). Measured worst: 1.4e-7 (gpt_bigcode).
 const DOWN_TOLERANCE: f64 = 1e-6;
@@ -649,6 +652,22 @@ fn architecture_matrix() {
                 continue;
             }
         };
+        let run: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(work.path().join(format!("{key}-taps")).join("run.json")).unwrap(),
+        )
+        .unwrap();
+        let sinks = run["capture"]["taps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tap"] == "pattern")
+            .map(|t| t["attention_sinks"] == true);
+        if sinks.is_some_and(|s| s != SINK_ARCHS.contains(&key.as_str())) {
+            tap_failures.push(format!(
+                "{key}: capture.taps[pattern].attention_sinks is {sinks:?}, expected {}",
+                SINK_ARCHS.contains(&key.as_str())
+            ));
+        }
         let mut cells = Vec::new();
         for tap in TAPS {
             let cell = if let Some(why) = refused.get(tap) {
