@@ -37,7 +37,8 @@ pub struct CaptureArgs {
     /// the MLP), attn_out and mlp_out (what attention and the MLP add to the residual stream), z
     /// (each head's output before the output projection), neurons (the MLP's hidden
     /// activations), pattern (per-head attention probabilities; turns flash attention off and
-    /// decodes one prompt at a time). TransformerLens names work too (hook_attn_out,
+    /// decodes one prompt at a time), router (a mixture-of-experts block's router_logits, the
+    /// router_experts it chose and their router_weights). TransformerLens names work too (hook_attn_out,
     /// hook_resid_mid, hook_z, hook_post, hook_pattern). Each tap is found from the structure of
     /// llama.cpp's graph, or refused with the reason; written as NPY to taps/<tap>/<prompt>.npy
     #[arg(long, value_name = "TAP[,TAP...]", default_value = "resid", value_delimiter = ',', value_parser = parse_tap)]
@@ -122,11 +123,7 @@ fn parse_tap(s: &str) -> Result<Tap, String> {
             "`{s}` names block {block}: give the tap without its block and choose blocks with --points (--taps {hook} --points {block})"
         ));
     }
-    let t: Tap = s.parse()?;
-    match t.not_yet() {
-        Some(why) => Err(why.to_string()),
-        None => Ok(t),
-    }
+    s.parse()
 }
 
 impl Default for CaptureArgs {
@@ -154,12 +151,13 @@ impl CaptureArgs {
             None => crate::cli::default_gpu_layers(),
         });
         let mut seen = Vec::new();
-        for t in &self.taps {
+        for t in self.taps.iter().flat_map(|t| t.expand()) {
             if seen.contains(t) {
                 bail!("--taps: `{t}` is named twice");
             }
             seen.push(*t);
         }
+        self.taps = seen;
         // One order, so the same taps in another order are the same plan for --resume.
         self.taps.sort();
         if self.taps.contains(&Tap::Pattern)

@@ -32,12 +32,24 @@ pub enum Tap {
     /// Per-head attention probabilities: [n_head, query, key] (needs llama.cpp's attention
     /// without flash attention, which a trace with `pattern` uses).
     Pattern,
-    /// MoE router logits and chosen experts (not captured yet).
+    /// A mixture-of-experts block's router logits, one per expert: [n_expert].
+    RouterLogits,
+    /// The experts the router chose for the token, as llama.cpp ranks them: [n_expert_used]
+    /// expert numbers (int32).
+    RouterExperts,
+    /// The weight each chosen expert's output is multiplied by (after the model's gating,
+    /// normalisation and scale), in the order of `router_experts`: [n_expert_used].
+    RouterWeights,
+    /// `--taps router`: the three router taps, as the command line names them together; the
+    /// settings record replaces it with [`ROUTER`] when it is validated, so no trace sees it.
     Router,
 }
 
+/// `--taps router`: the three router taps together.
+pub const ROUTER: [Tap; 3] = [Tap::RouterLogits, Tap::RouterExperts, Tap::RouterWeights];
+
 /// Every tap, in the order files and run.json list them.
-pub const ALL: [Tap; 8] = [
+pub const ALL: [Tap; 10] = [
     Tap::Resid,
     Tap::ResidMid,
     Tap::AttnOut,
@@ -45,7 +57,9 @@ pub const ALL: [Tap; 8] = [
     Tap::Z,
     Tap::Neurons,
     Tap::Pattern,
-    Tap::Router,
+    Tap::RouterLogits,
+    Tap::RouterExperts,
+    Tap::RouterWeights,
 ];
 
 impl Tap {
@@ -58,6 +72,9 @@ impl Tap {
             Tap::Z => "z",
             Tap::Neurons => "neurons",
             Tap::Pattern => "pattern",
+            Tap::RouterLogits => "router_logits",
+            Tap::RouterExperts => "router_experts",
+            Tap::RouterWeights => "router_weights",
             Tap::Router => "router",
         }
     }
@@ -72,7 +89,7 @@ impl Tap {
             Tap::Z => &["hook_z", "attn.hook_z"],
             Tap::Neurons => &["hook_post", "mlp.hook_post"],
             Tap::Pattern => &["hook_pattern", "attn.hook_pattern"],
-            Tap::Router => &[],
+            Tap::RouterLogits | Tap::RouterExperts | Tap::RouterWeights | Tap::Router => &[],
         }
     }
 
@@ -81,13 +98,16 @@ impl Tap {
         self != Tap::Resid
     }
 
-    /// Why this tap cannot be captured by this version, if it cannot.
-    pub fn not_yet(self) -> Option<&'static str> {
+    /// Whether the tap's values are integers (expert numbers, written as int32).
+    pub fn integer(self) -> bool {
+        self == Tap::RouterExperts
+    }
+
+    /// The taps a `--taps` entry stands for: itself, or the three router taps for `router`.
+    pub fn expand(self) -> &'static [Tap] {
         match self {
-            Tap::Router => {
-                Some("`router` (MoE router logits and chosen experts) is not captured yet")
-            }
-            _ => None,
+            Tap::Router => &ROUTER,
+            t => std::slice::from_ref(ALL.iter().find(|&&a| a == t).expect("every tap is in ALL")),
         }
     }
 }
@@ -105,13 +125,16 @@ impl FromStr for Tap {
         let bare = s
             .strip_prefix("blocks.")
             .map_or(s, |r| r.split_once('.').map_or(r, |(_, rest)| rest));
+        if bare == Tap::Router.name() {
+            return Ok(Tap::Router);
+        }
         for t in ALL {
             if t.name() == bare || t.aliases().contains(&bare) {
                 return Ok(t);
             }
         }
         Err(format!(
-            "unknown tap `{s}`: choose from {} (TransformerLens names such as hook_attn_out work too)",
+            "unknown tap `{s}`: choose from {}, or router for the three router taps (TransformerLens names such as hook_attn_out work too)",
             ALL.map(Tap::name).join(", ")
         ))
     }
@@ -137,11 +160,13 @@ mod tests {
             .parse::<Tap>()
             .unwrap_err()
             .contains("unknown tap `attn`"));
-        assert!(Tap::Pattern.not_yet().is_none() && Tap::Router.not_yet().is_some());
+        assert_eq!(" router ".parse::<Tap>().map(Tap::expand), Ok(&ROUTER[..]));
+        assert_eq!(Tap::Z.expand(), &[Tap::Z]);
+        assert!(ALL.iter().all(|t| t.aliases().len() <= 2));
         assert!(ALL
             .iter()
-            .filter(|t| t.not_yet().is_none())
-            .all(|t| t.aliases().len() <= 2));
+            .filter(|t| t.integer())
+            .eq([Tap::RouterExperts].iter()));
         for t in ALL {
             assert_eq!(t.name().parse::<Tap>().unwrap(), t);
         }

@@ -414,7 +414,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
                         Tap::Z | Tap::Pattern => loaded_heads.clone().unwrap_or_default(),
                         _ => Vec::new(),
                     },
-                    dtype: opts.capture.dtype,
+                    dtype: opts.capture.dtype.for_tap(t.tap),
                     dir: format!("{}/{}", run::TAPS_DIR, t.tap.name()),
                     tensors: t.tensors,
                     last_block_output_rows: t.last_block_output_rows,

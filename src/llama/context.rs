@@ -90,6 +90,11 @@ pub struct Locator {
     /// For `pattern`: the softmax has attention sinks (gpt-oss), a learned logit per head that
     /// joins the normalisation without a key, so a row sums to 1 minus the sink's share.
     pub sinks: bool,
+    /// The tensor is `[1, width, n_tokens]` (`router_weights`): a token's values are its ne[1]
+    /// values, rows ne[2] apart.
+    pub flat: bool,
+    /// The tensor holds int32 (`router_experts`), copied as exact f32.
+    pub int: bool,
 }
 
 /// Callback state: allocated with `Box::into_raw` when the [`Context`] is created, reached only
@@ -183,18 +188,38 @@ impl CaptureState {
         (il + 1 < self.slot_of_point.len()).then_some(il + 1)
     }
 
-    /// Check that `t` is a tensor we can read and write: F32, `[width, rows]`, rows of
-    /// contiguous values, in a backend buffer. Returns (rows, bytes between rows).
-    fn layout(&mut self, t: &sys::ggml_tensor, width: usize) -> Option<(usize, usize)> {
+    /// Check that `t` is a tensor we can read and write: F32 (I32 when `int`), `[width, rows]`,
+    /// rows of contiguous values, in a backend buffer; with `flat`, `[1, width, rows]` with each
+    /// row's values contiguous. Returns (rows, bytes between rows).
+    fn layout(
+        &mut self,
+        t: &sys::ggml_tensor,
+        width: usize,
+        (flat, int): (bool, bool),
+    ) -> Option<(usize, usize)> {
         let name = tensor_name(t);
-        if t.type_ != sys::GGML_TYPE_F32 {
+        let ty = if int {
+            sys::GGML_TYPE_I32
+        } else {
+            sys::GGML_TYPE_F32
+        };
+        if t.type_ != ty {
             self.fail(format!(
-                "tensor {name} is {} , expected f32",
-                super::ggml_type_name(t.type_)
+                "tensor {name} is {}, expected {}",
+                super::ggml_type_name(t.type_),
+                super::ggml_type_name(ty)
             ));
             return None;
         }
-        if t.ne[0] as usize != width || t.ne[2] != 1 || t.ne[3] != 1 {
+        if flat {
+            if t.ne[0] != 1 || t.ne[1] as usize != width || t.ne[3] != 1 || t.nb[1] != 4 {
+                self.fail(format!(
+                    "tensor {name} has shape {:?} (strides {:?}), expected [1, {width}, n_tokens, 1] with contiguous rows",
+                    t.ne, t.nb
+                ));
+                return None;
+            }
+        } else if t.ne[0] as usize != width || t.ne[2] != 1 || t.ne[3] != 1 {
             self.fail(format!(
                 "tensor {name} has shape {:?}, expected [{width}, n_tokens, 1, 1]",
                 t.ne
@@ -218,7 +243,11 @@ impl CaptureState {
             self.fail(format!("tensor {name} has no backend buffer"));
             return None;
         }
-        Some((t.ne[1] as usize, t.nb[1]))
+        Some(if flat {
+            (t.ne[2] as usize, t.nb[2])
+        } else {
+            (t.ne[1] as usize, t.nb[1])
+        })
     }
 
     /// Apply the edit of `point` to every row of the computed tensor `raw` and write it back.
@@ -229,7 +258,7 @@ impl CaptureState {
     unsafe fn edit(&mut self, raw: *mut sys::ggml_tensor, point: usize) {
         // SAFETY: raw is the live tensor handed to the callback (see the caller).
         let t = unsafe { &*raw };
-        let Some((ne1, nb1)) = self.layout(t, self.n_embd) else {
+        let Some((ne1, nb1)) = self.layout(t, self.n_embd, (false, false)) else {
             return;
         };
         let Some(edit) = self.edits.get_mut(point).and_then(Option::take) else {
@@ -289,11 +318,14 @@ impl CaptureState {
                 return;
             }
         }
-        let (ne0, out_rows) = match slot.checked_sub(self.n_point_slots) {
-            None => (self.n_embd, Some(slot) == self.last_slot),
-            Some(k) => (self.locators[k].width, self.locators[k].out_rows),
+        let (ne0, out_rows, kind) = match slot.checked_sub(self.n_point_slots) {
+            None => (self.n_embd, Some(slot) == self.last_slot, (false, false)),
+            Some(k) => {
+                let l = &self.locators[k];
+                (l.width, l.out_rows, (l.flat, l.int))
+            }
         };
-        let Some((ne1, _)) = self.layout(t, ne0) else {
+        let Some((ne1, nb_row)) = self.layout(t, ne0, kind) else {
             return;
         };
         // Only the rows the caller stores are read from the backend (on a GPU or an RPC server
@@ -316,24 +348,31 @@ impl CaptureState {
             }
             let mut end = r + 1;
             // A run of consecutive rows is one contiguous byte range when rows are packed.
-            while end < ne1 && want(end) && t.nb[1] == row_bytes {
+            while end < ne1 && want(end) && nb_row == row_bytes {
                 end += 1;
             }
             let start = rows.len();
             rows.resize(start + ne0 * (end - r), 0.0);
             let dst = &mut rows[start..];
             // SAFETY: the tensor is computed (data phase), has a buffer (checked), and holds ne1
-            // rows of ne0 contiguous f32 (type and nb[0] checked) starting every nb[1] bytes; rows
-            // r..end lie within it, and when end > r + 1 they are packed (nb[1] == row_bytes), so
-            // the range r*nb[1] .. + (end-r)*row_bytes is inside the tensor. dst has exactly
-            // (end-r)*ne0 f32 slots. ggml_backend_tensor_get copies from host or device memory.
+            // rows of ne0 contiguous 4-byte values (f32, or i32 when `int`: type and nb[0], or
+            // for a flat tensor nb[1], checked) starting every nb_row bytes; rows r..end lie
+            // within it, and when end > r + 1 they are packed (nb_row == row_bytes), so the range
+            // r*nb_row .. + (end-r)*row_bytes is inside the tensor. dst has exactly (end-r)*ne0
+            // 4-byte slots. ggml_backend_tensor_get copies from host or device memory.
             unsafe {
                 sys::ggml_backend_tensor_get(
                     t,
                     dst.as_mut_ptr().cast::<c_void>(),
-                    r * t.nb[1],
+                    r * nb_row,
                     row_bytes * (end - r),
                 );
+            }
+            if kind.1 {
+                // The bytes are i32: reinterpret each and convert (exact: expert numbers).
+                for x in dst.iter_mut() {
+                    *x = x.to_bits() as i32 as f32;
+                }
             }
             self.bytes_read += (row_bytes * (end - r)) as u64;
             r = end;
@@ -496,8 +535,9 @@ struct GraphNode {
     computed_from: bool,
     /// Computed after llama.cpp's selection of output rows: one row per output, not per token.
     out_rows: bool,
-    /// Values per row (ne[0]), and ne[2] (heads of an attention tensor).
+    /// Values per row (ne[0]), ne[1], and ne[2] (heads of an attention tensor).
     ne0: usize,
+    ne1: usize,
     ne2: usize,
     /// A softmax with attention sinks (`ggml_soft_max_add_sinks`: its third source is set).
     sinks: bool,
@@ -586,7 +626,7 @@ impl GraphCheck {
         ptr: usize,
         name: &[u8],
         op: sys::ggml_op,
-        (ne0, ne2): (usize, usize),
+        (ne0, ne1, ne2): (usize, usize, usize),
         srcs: &[(usize, Vec<u8>)],
         sinks: bool,
     ) -> Result<Option<usize>, String> {
@@ -634,6 +674,7 @@ impl GraphCheck {
             computed_from: false,
             out_rows,
             ne0,
+            ne1,
             ne2,
             sinks,
             at,
@@ -769,6 +810,99 @@ impl GraphCheck {
             stack.extend(n.pos_srcs.iter().flatten().copied().filter(|&s| s > input));
         }
         (weights, reached)
+    }
+
+    /// A mixture-of-experts block's router tensors: the logits are the product with the block's
+    /// `ffn_gate_inp` weight (plus its bias, when the model adds one); the chosen experts are the
+    /// ids the experts' down projection (`MUL_MAT_ID` with `ffn_down_exps`) selects by; their
+    /// weights the other factor of the product that scales that projection's output.
+    fn router_node(&self, block: usize, out: usize, tap: Tap) -> Result<usize, String> {
+        let is_leaf = |i: usize, pos: usize, name: &str| matches!(self.nodes[i].leafs.get(pos), Some(Some(w)) if w.as_slice() == name.as_bytes());
+        let one = |hits: Vec<usize>, what: &str| {
+            match hits.as_slice() {
+            [i] => Ok(*i),
+            [] => Err(format!(
+                "no {what}: block {block} is not a mixture-of-experts block (the router taps need one; choose such blocks with --points)"
+            )),
+            _ => Err(format!("{} {what}s in the block", hits.len())),
+        }
+        };
+        let span: Vec<usize> = self.span_nodes(block, out).collect();
+        if tap == Tap::RouterLogits {
+            let gate = format!("blk.{block}.ffn_gate_inp.weight");
+            let bias = format!("blk.{block}.ffn_gate_inp.bias");
+            let logits = one(
+                span.iter()
+                    .copied()
+                    .filter(|&i| self.nodes[i].op == sys::GGML_OP_MUL_MAT && is_leaf(i, 0, &gate))
+                    .collect(),
+                &format!("matrix product with `{gate}`"),
+            )?;
+            let biased: Vec<usize> = span
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let n = &self.nodes[i];
+                    n.op == sys::GGML_OP_ADD
+                        && n.pos_srcs.contains(&Some(logits))
+                        && n.leafs
+                            .iter()
+                            .flatten()
+                            .any(|w| w.as_slice() == bias.as_bytes())
+                })
+                .collect();
+            return match biased.as_slice() {
+                [] => Ok(logits),
+                _ => one(biased, &format!("sum with `{bias}`")),
+            };
+        }
+        let down_w = format!("blk.{block}.ffn_down_exps.weight");
+        let down = one(
+            span.iter()
+                .copied()
+                .filter(|&i| self.nodes[i].op == sys::GGML_OP_MUL_MAT_ID && is_leaf(i, 0, &down_w))
+                .collect(),
+            &format!("expert product with `{down_w}`"),
+        )?;
+        if tap == Tap::RouterExperts {
+            return self.nodes[down]
+                .pos_srcs
+                .get(2)
+                .copied()
+                .flatten()
+                .ok_or_else(|| {
+                    format!(
+                        "the expert ids of the product with `{down_w}` are not a computed tensor"
+                    )
+                });
+        }
+        // The experts' outputs (the product, or it plus the experts' biases) times the weights.
+        let outputs: Vec<usize> = std::iter::once(down)
+            .chain(span.iter().copied().filter(|&i| {
+                self.nodes[i].op == sys::GGML_OP_ADD_ID
+                    && self.nodes[i].pos_srcs.first() == Some(&Some(down))
+            }))
+            .collect();
+        let scaled: Vec<usize> = span
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.op == sys::GGML_OP_MUL
+                    && n.pos_srcs
+                        .first()
+                        .copied()
+                        .flatten()
+                        .is_some_and(|s| outputs.contains(&s))
+            })
+            .collect();
+        let mul = one(scaled, "product of the experts' outputs with their weights")?;
+        self.nodes[mul]
+            .pos_srcs
+            .get(1)
+            .copied()
+            .flatten()
+            .ok_or_else(|| "the experts' weights are not a computed tensor".to_string())
     }
 
     /// Whether softmax node `sm` normalises attention scores: back from its input through the
@@ -1017,6 +1151,9 @@ impl GraphCheck {
                         _ => Err(format!("{} softmaxes over scores read from `{cache}` in the block", hits.len())),
                     }
                 }
+                Tap::RouterLogits | Tap::RouterExperts | Tap::RouterWeights => {
+                    self.router_node(block, out, tap)
+                }
                 Tap::Resid | Tap::Router => Err("not a tap inside the block".into()),
             }
             .map_err(|why| fail(tap, why))?;
@@ -1028,6 +1165,13 @@ impl GraphCheck {
                 ));
             }
             let pattern = tap == Tap::Pattern;
+            let flat = tap == Tap::RouterWeights;
+            if flat && n.ne0 != 1 {
+                return Err(fail(
+                    tap,
+                    format!("{} is not one weight per chosen expert", shown(n)),
+                ));
+            }
             located.push((
                 k,
                 Locator {
@@ -1035,10 +1179,16 @@ impl GraphCheck {
                     name: n.name.clone(),
                     occurrence: n.at.1,
                     op: n.op,
-                    width: if pattern { 0 } else { n.ne0 },
+                    width: match () {
+                        _ if pattern => 0,
+                        _ if flat => n.ne1,
+                        _ => n.ne0,
+                    },
                     heads: if pattern { n.ne2 } else { 1 },
                     out_rows: n.out_rows,
                     sinks: pattern && n.sinks,
+                    flat,
+                    int: tap.integer(),
                 },
             ));
         }
@@ -1070,7 +1220,11 @@ impl CaptureState {
             })
             .collect();
         let ptr = t as *const sys::ggml_tensor as usize;
-        let ne = (t.ne[0].max(0) as usize, t.ne[2].max(0) as usize);
+        let ne = (
+            t.ne[0].max(0) as usize,
+            t.ne[1].max(0) as usize,
+            t.ne[2].max(0) as usize,
+        );
         let sinks = t.op == sys::GGML_OP_SOFT_MAX && !t.src[2].is_null();
         match check.add(ptr, name, t.op, ne, &srcs, sinks) {
             Ok(None) => {}
@@ -1773,7 +1927,7 @@ mod tests {
             self.next += 0x100;
             self.addr.insert(name.into(), self.next);
             self.check
-                .add(self.next, name.as_bytes(), op, (4, 1), &srcs, false)
+                .add(self.next, name.as_bytes(), op, (4, 1, 1), &srcs, false)
         }
 
         /// A pre-norm block `il` reading `input`, as llama.cpp's llama graph builds it.
@@ -2076,7 +2230,7 @@ mod tests {
         let first = g.addr["embd"];
         let e = g
             .check
-            .add(first, b"embd", sys::GGML_OP_GET_ROWS, (4, 1), &[], false)
+            .add(first, b"embd", sys::GGML_OP_GET_ROWS, (4, 1, 1), &[], false)
             .unwrap_err();
         assert!(e.contains("llama.cpp's graph has no `l_out-1`"), "{e}");
         assert!(g.check.missing_block().contains("no `l_out-1`"));

@@ -140,13 +140,35 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '
 pub enum Dtype {
     F32,
     F16,
+    /// Integer taps (`router_experts`: expert numbers), whatever --dtype says; not a choice of
+    /// --dtype.
+    #[value(skip)]
+    I32,
 }
 
 impl Dtype {
     pub fn bytes(self) -> usize {
         match self {
-            Dtype::F32 => 4,
+            Dtype::F32 | Dtype::I32 => 4,
             Dtype::F16 => 2,
+        }
+    }
+
+    /// The NPY header's `descr` of this type (little-endian).
+    pub fn descr(self) -> &'static str {
+        match self {
+            Dtype::F32 => "<f4",
+            Dtype::F16 => "<f2",
+            Dtype::I32 => "<i4",
+        }
+    }
+
+    /// The type tap `tap`'s files are written in when the run's --dtype is `self`.
+    pub fn for_tap(self, tap: crate::capture::taps::Tap) -> Dtype {
+        if tap.integer() {
+            Dtype::I32
+        } else {
+            self
         }
     }
 }
@@ -562,10 +584,7 @@ impl RunWriter {
         let tmp_dir = staging.path(&name);
         if adopted {
             let journal = read_journal(&tmp_dir.join(JOURNAL));
-            let descr = match dtype {
-                Dtype::F32 => "<f4",
-                Dtype::F16 => "<f2",
-            };
+            let descr = dtype.descr();
             let sound = |e: &JournalEntry| {
                 let n_pos = e.record.positions.len();
                 valid(e)
@@ -580,10 +599,9 @@ impl RunWriter {
                     && e.record.tap_files.len() == shape.taps.len()
                     && shape.taps.iter().all(|&(tap, n_blocks, width)| {
                         let want = tap_shape(tap, n_blocks, width, n_pos, e.record.tokens.len());
-                        e.record
-                            .tap_files
-                            .get(tap.name())
-                            .is_some_and(|rel| check_npy(&tmp_dir.join(rel), descr, &want).is_ok())
+                        e.record.tap_files.get(tap.name()).is_some_and(|rel| {
+                            check_npy(&tmp_dir.join(rel), dtype.for_tap(tap).descr(), &want).is_ok()
+                        })
                     })
             };
             let ok = journal.iter().take_while(|e| sound(e)).count();
@@ -859,17 +877,31 @@ impl RunWriter {
         )
     }
 
-    /// Write one array as NPY of the run's dtype.
+    /// Write one array as NPY of type `dtype`.
     fn write_array<D: ndarray::Dimension>(
         &mut self,
         rel: &str,
         a: &ndarray::Array<f32, D>,
+        dtype: Dtype,
     ) -> Result<(), RunError> {
         let p = self.files.tmp_dir.join(rel);
         // Always C order: readers (ours and the README's numpy lines) expect it.
         let a = a.as_standard_layout();
-        let res = match self.files.dtype {
+        let res = match dtype {
             Dtype::F32 => ndarray_npy::write_npy(&p, &a),
+            Dtype::I32 => {
+                // Integers captured as f32 (exact below 2^24): anything else is not one.
+                if let Some(x) = a
+                    .iter()
+                    .find(|x| x.fract() != 0.0 || x.abs() > 16_777_216.0)
+                {
+                    return Err(RunError::Npy {
+                        path: p.display().to_string(),
+                        msg: format!("internal error: {x} is not an integer"),
+                    });
+                }
+                ndarray_npy::write_npy(&p, &a.mapv(|x| x as i32))
+            }
             Dtype::F16 => {
                 // A value f16 cannot hold would be written as ±inf: a number nobody measured.
                 // (Non-finite values are the model's, recorded with --allow-nonfinite.)
@@ -906,7 +938,7 @@ impl RunWriter {
     ) -> Result<(Option<String>, std::collections::BTreeMap<String, String>), RunError> {
         let rel = self.files.format.npy().then(|| self.states_file(t.index));
         if let Some(rel) = &rel {
-            self.write_array(rel, &t.states)?;
+            self.write_array(rel, &t.states, self.files.dtype)?;
         }
         let mut tap_files = std::collections::BTreeMap::new();
         for (k, tap) in self.files.taps.clone().into_iter().enumerate() {
@@ -915,7 +947,7 @@ impl RunWriter {
                 path: rel.clone(),
                 msg: format!("internal error: no {tap} array for prompt {}", t.index),
             })?;
-            self.write_array(&rel, a)?;
+            self.write_array(&rel, a, self.files.dtype.for_tap(tap))?;
             tap_files.insert(tap.name().to_string(), rel);
         }
         let slot = t.last_prompt_slot();
@@ -1077,6 +1109,21 @@ fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> 
 
 /// Refuse an array read from `path` that holds NaN or infinity (runs hold finite numbers only;
 /// a run traced with `--allow-nonfinite` is refused earlier, by name).
+/// An NPY file of type `dtype` read as f32 (f16 widened, int32 converted: exact below 2^24).
+fn read_as_f32(p: &Path, dtype: Dtype) -> Result<ndarray::ArrayD<f32>, RunError> {
+    Ok(match dtype {
+        Dtype::F32 => ndarray_npy::read_npy(p).map_err(Run::npy_err(p))?,
+        Dtype::F16 => {
+            let a: ndarray::ArrayD<F16> = ndarray_npy::read_npy(p).map_err(Run::npy_err(p))?;
+            a.mapv(|x| x.0.to_f32())
+        }
+        Dtype::I32 => {
+            let a: ndarray::ArrayD<i32> = ndarray_npy::read_npy(p).map_err(Run::npy_err(p))?;
+            a.mapv(|x| x as f32)
+        }
+    })
+}
+
 fn finite<D: ndarray::Dimension>(
     path: &Path,
     a: ndarray::Array<f32, D>,
@@ -1218,11 +1265,11 @@ impl Run {
                 }
                 // (The exact name above also keeps the path inside the run directory.)
                 let path = self.dir.join(rel);
-                let descr = match m.capture.dtype {
-                    Dtype::F32 => "<f4",
-                    Dtype::F16 => "<f2",
-                };
-                check_npy(&path, descr, &[n_points, p.positions.len(), n_embd])?;
+                check_npy(
+                    &path,
+                    m.capture.dtype.descr(),
+                    &[n_points, p.positions.len(), n_embd],
+                )?;
             }
             // Taps inside blocks: exactly the taps run.json lists, each at its own file name.
             if p.tap_files.len() != m.capture.taps.len() {
@@ -1234,13 +1281,17 @@ impl Run {
                 if p.tap_files.get(t.tap.name()) != Some(&want) {
                     return Err(bad(format!("tap_files[{}] is not {want}", t.tap)));
                 }
-                let descr = match t.dtype {
-                    Dtype::F32 => "<f4",
-                    Dtype::F16 => "<f2",
-                };
+                if t.dtype != m.capture.dtype.for_tap(t.tap) {
+                    return Err(bad(format!(
+                        "capture.taps[{}].dtype is {:?}, not the run's {:?}",
+                        t.tap,
+                        t.dtype,
+                        m.capture.dtype.for_tap(t.tap)
+                    )));
+                }
                 check_npy(
                     &self.dir.join(&want),
-                    descr,
+                    t.dtype.descr(),
                     &t.shape(p.positions.len(), p.tokens.len()),
                 )?;
             }
@@ -1366,15 +1417,10 @@ impl Run {
             msg: format!("this run has no tap `{tap}` (trace with --taps {tap})"),
         })?;
         let p = self.dir.join(rel);
-        let a: ndarray::ArrayD<f32> = match self.manifest.capture.dtype {
-            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?,
-            Dtype::F16 => {
-                let a: ndarray::ArrayD<F16> =
-                    ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
-                a.mapv(|x| x.0.to_f32())
-            }
-        };
-        finite(&p, a)
+        finite(
+            &p,
+            read_as_f32(&p, self.manifest.capture.dtype.for_tap(tap))?,
+        )
     }
 
     /// A prompt's states `[n_points, n_positions, n_embd]` as f32 (f16 files are widened).
@@ -1385,13 +1431,13 @@ impl Run {
             msg: "this run was written with --format csv: no NPY states".into(),
         })?;
         let p = self.dir.join(rel);
-        let a = match self.manifest.capture.dtype {
-            Dtype::F32 => ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?,
-            Dtype::F16 => {
-                let a: Array3<F16> = ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?;
-                a.mapv(|x| x.0.to_f32())
-            }
-        };
+        let a = read_as_f32(&p, self.manifest.capture.dtype)?;
+        let a = a
+            .into_dimensionality::<ndarray::Ix3>()
+            .map_err(|e| RunError::Npy {
+                path: p.display().to_string(),
+                msg: e.to_string(),
+            })?;
         finite(&p, a)
     }
 }

@@ -19,20 +19,25 @@ use super::common::*;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_models.py");
 const TAPS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/arch_taps.py");
 /// Every tap inside the block, in the table's order.
-const TAPS: [&str; 6] = [
+const TAPS: [&str; 9] = [
     "resid_mid",
     "attn_out",
     "mlp_out",
     "z",
     "neurons",
     "pattern",
+    "router_logits",
+    "router_experts",
+    "router_weights",
 ];
 /// Why gguf-trace may refuse a tap on a verified architecture: no residual between attention and
 /// the MLP (parallel blocks), per-expert MLP activations (mixture of experts), a block that adds
-/// a third term (Gemma 4's per-layer input), heads of different sizes in different blocks (Gemma 4).
-const TAP_REFUSALS: [&str; 4] = [
+/// a third term (Gemma 4's per-layer input), heads of different sizes in different blocks (Gemma 4),
+/// a router in a block that has none (every dense architecture).
+const TAP_REFUSALS: [&str; 5] = [
     "in parallel from the block's input",
     "mixture-of-experts",
+    "not a mixture-of-experts block",
     "the block adds 3 term(s)",
     "blocks of different sizes",
 ];
@@ -40,6 +45,19 @@ const PROMPT: &str = "The quick brown fox jumps over the lazy dog and then runs 
 /// Architectures whose attention softmax has sinks (a learned per-head logit normalised with the
 /// keys): their `pattern` rows sum below 1 and run.json says `attention_sinks`; no other's does.
 const SINK_ARCHS: &[&str] = &["gpt_oss"];
+/// Mixture-of-experts architectures whose router taps must be captured and agree with HF at every
+/// block (afmoe and ernie4_5_moe start with a dense block, so a trace of every block refuses them).
+const ROUTER_ARCHS: &[&str] = &[
+    "cohere2moe",
+    "gpt_oss",
+    "granitemoe",
+    "granitemoeshared",
+    "mellum",
+    "mixtral",
+    "olmoe",
+    "qwen2moe",
+    "qwen3moe",
+];
 /// Largest relative L2 error of mlp_out against W·neurons + b (float32 sums in llama.cpp against
 /// float64 here). Measured worst: 1.4e-7 (gpt_bigcode).
 const DOWN_TOLERANCE: f64 = 1e-6;
@@ -377,10 +395,37 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("run.json")).unwrap()).unwrap();
     let mut out = BTreeMap::new();
+    // Chosen experts in ascending expert order, with their weights moved along: llama.cpp and HF
+    // rank equal-probability experts differently, and which experts were chosen is the claim.
+    let ours_experts: Option<ArrayD<i32>> =
+        read_npy(run.join("taps/router_experts/00000.npy")).ok();
+    let by_expert = |ids: &ArrayD<f64>, values: &ArrayD<f64>| -> ArrayD<f64> {
+        let mut out = values.clone();
+        let k = *ids.shape().last().unwrap();
+        let ids = ids.to_shape((ids.len() / k, k)).unwrap();
+        let mut flat = out
+            .view_mut()
+            .into_shape_with_order((ids.nrows(), k))
+            .unwrap();
+        for (r, mut row) in flat.rows_mut().into_iter().enumerate() {
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&a, &b| ids[[r, a]].total_cmp(&ids[[r, b]]));
+            let v: Vec<f64> = order.iter().map(|&j| row[j]).collect();
+            row.iter_mut().zip(v).for_each(|(x, y)| *x = y);
+        }
+        out
+    };
     for t in manifest["capture"]["taps"].as_array().into_iter().flatten() {
         let tap = t["tap"].as_str().unwrap();
-        let ours: ArrayD<f32> = read_npy(run.join(format!("taps/{tap}/00000.npy"))).unwrap();
-        let ours = ours.mapv(f64::from);
+        let ours: ArrayD<f64> = if tap == "router_experts" {
+            ours_experts
+                .clone()
+                .expect("router_experts")
+                .mapv(f64::from)
+        } else {
+            let a: ArrayD<f32> = read_npy(run.join(format!("taps/{tap}/00000.npy"))).unwrap();
+            a.mapv(f64::from)
+        };
         let reference = match tap {
             "resid_mid" => match (hf_arrays.get("resid"), hf_arrays.get("attn")) {
                 (Some(r), Some(a)) => Some(r + a),
@@ -397,6 +442,35 @@ fn tap_errors(run: &Path, hf: &Path) -> (BTreeMap<String, f64>, serde_json::Valu
             "{}: {tap} shape",
             run.display()
         );
+        if tap.starts_with("router_") && tap != "router_logits" {
+            let (Some(mine), Some(theirs)) = (&ours_experts, hf_arrays.get("router_experts"))
+            else {
+                continue;
+            };
+            let mine = mine.mapv(f64::from);
+            let (a, b) = (by_expert(&mine, &ours), by_expert(theirs, &reference));
+            let e = if tap == "router_experts" {
+                // The share of (block, token) rows whose chosen experts differ.
+                let k = *a.shape().last().unwrap();
+                let (a, b) = (
+                    a.to_shape((a.len() / k, k)).unwrap(),
+                    b.to_shape((b.len() / k, k)).unwrap(),
+                );
+                let differ = (0..a.nrows()).filter(|&r| a.row(r) != b.row(r)).count();
+                differ as f64 / a.nrows() as f64
+            } else {
+                let k = *a.shape().last().unwrap();
+                let (a, b) = (
+                    a.to_shape((a.len() / k, k)).unwrap(),
+                    b.to_shape((b.len() / k, k)).unwrap(),
+                );
+                (0..a.nrows())
+                    .map(|r| worst_rel(a.row(r), b.row(r)))
+                    .fold(0f64, f64::max)
+            };
+            out.insert(tap.to_string(), e);
+            continue;
+        }
         // Worst over every vector along the last axis (a state; a head's probabilities of a query).
         let last = *ours.shape().last().unwrap();
         let rows = ours.len() / last;
@@ -668,6 +742,16 @@ fn architecture_matrix() {
                 SINK_ARCHS.contains(&key.as_str())
             ));
         }
+        if ROUTER_ARCHS.contains(&key.as_str())
+            && TAPS
+                .iter()
+                .filter(|t| t.starts_with("router_"))
+                .any(|t| !errs.contains_key(*t))
+        {
+            tap_failures.push(format!(
+                "{key}: the router taps were not all captured and compared ({refused:?})"
+            ));
+        }
         let mut cells = Vec::new();
         for tap in TAPS {
             let cell = if let Some(why) = refused.get(tap) {
@@ -692,6 +776,8 @@ fn architecture_matrix() {
                 let why = notes
                     .get(if tap == "resid_mid" {
                         "attn"
+                    } else if tap.starts_with("router") {
+                        "router"
                     } else {
                         tap.trim_end_matches("_out")
                     })

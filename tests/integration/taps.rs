@@ -312,7 +312,11 @@ fn taps_that_cannot_be_captured_are_refused_by_name() {
             "attn",
             "unknown tap `attn`: choose from resid, resid_mid, attn_out",
         ),
-        ("router", "not captured yet"),
+        (
+            "router",
+            "tap `router_logits` cannot be identified at block 0 for architecture `llama`: no matrix product with `blk.0.ffn_gate_inp.weight`: block 0 is not a mixture-of-experts block",
+        ),
+        ("router_weights,router", "`router_weights` is named twice"),
         (
             "blocks.3.hook_attn_out",
             "names block 3: give the tap without its block and choose blocks with --points (--taps hook_attn_out --points 3)",

@@ -4,7 +4,10 @@
         block (float64, [n_layer, T, width]): resid (the block's input), attn (what attention adds
         to the residual stream), mlp (what the MLP adds), z (the input of attention's output
         projection), neurons (the input of the MLP's down projection), pattern (HF's attention
-        probabilities, [n_layer, heads, T, T]); and OUT.taps.json saying
+        probabilities, [n_layer, heads, T, T]), and for mixture-of-experts models router_logits
+        ([n_layer, T, n_expert], HF's output_router_logits), router_experts and router_weights
+        ([n_layer, T, k]: the top_k_index and top_k_weights HF's experts module is called with);
+        and OUT.taps.json saying
         which of them the oracle could take apart for this architecture, and why not.
 
 The split is found generically and proven by HF's own arithmetic: the attention and MLP modules of
@@ -103,8 +106,26 @@ def taps(req):
         d = child(mlp, PROJ_DOWN)
         if d is not None:
             hooks.append(d.register_forward_pre_hook(keep(i, "neurons", True), with_kwargs=True))
+        # The experts module of a mixture of experts is called with the chosen experts and their
+        # weights (transformers' interface for MoE models; gpt-oss spells it its own way).
+        for m in layer.modules():
+            params = inspect.signature(m.forward).parameters
+            pair = next((p for p in (("top_k_index", "top_k_weights"),
+                                     ("router_indices", "routing_weights"))
+                         if p[0] in params and p[1] in params), None)
+            if pair is not None:
+                names = list(params)
+
+                def route(mod, args, kwargs, i=i, names=names, pair=pair):
+                    bound = dict(zip(names, args)) | kwargs
+                    rec[i].setdefault("router_experts", bound[pair[0]].detach().clone())
+                    rec[i].setdefault("router_weights", bound[pair[1]].detach().clone())
+                hooks.append(m.register_forward_pre_hook(route, with_kwargs=True))
+                break
     ids = torch.tensor([req["ids"]], dtype=torch.long)
-    res = model(input_ids=ids, use_cache=False, output_attentions=True)
+    moe = hasattr(cfg, "output_router_logits")
+    extra = {"output_router_logits": True} if moe else {}
+    res = model(input_ids=ids, use_cache=False, output_attentions=True, **extra)
     for h in hooks:
         h.remove()
     r = float(getattr(cfg, "residual_multiplier", 1.0) or 1.0)
@@ -142,6 +163,19 @@ def taps(req):
         else:
             why = notes.get("split") if k in ("resid", "attn", "mlp") else None
             notes.setdefault(k, why or f"no module found for {k} (or not one per block)")
+    # The router: per block, [T, n_expert] logits and [T, k] chosen experts and weights.
+    if moe:
+        logits = [x for x in (getattr(res, "router_logits", None) or ()) if x is not None]
+        routed = [t for t in rec if "router_experts" in t]
+        if len(logits) == n_layer and len(routed) == n_layer:
+            arrays["router_logits"] = torch.stack(
+                [x.reshape(-1, x.shape[-1]) for x in logits]).double().numpy()
+            for k in ("router_experts", "router_weights"):
+                arrays[k] = torch.stack(
+                    [t[k].reshape(-1, t[k].shape[-1]) for t in routed]).double().numpy()
+        else:
+            notes["router"] = (f"{len(logits)} router logits and {len(routed)} expert calls for "
+                               f"{n_layer} blocks")
     # Attention probabilities [n_layer, heads, query, key] (eager attention computes them).
     att = getattr(res, "attentions", None)
     if att is not None and len(att) == n_layer and all(a is not None for a in att) \
