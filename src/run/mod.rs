@@ -1281,14 +1281,6 @@ impl Run {
                 if p.tap_files.get(t.tap.name()) != Some(&want) {
                     return Err(bad(format!("tap_files[{}] is not {want}", t.tap)));
                 }
-                if t.dtype != m.capture.dtype.for_tap(t.tap) {
-                    return Err(bad(format!(
-                        "capture.taps[{}].dtype is {:?}, not the run's {:?}",
-                        t.tap,
-                        t.dtype,
-                        m.capture.dtype.for_tap(t.tap)
-                    )));
-                }
                 check_npy(
                     &self.dir.join(&want),
                     t.dtype.descr(),
@@ -1301,11 +1293,15 @@ impl Run {
                 || t.blocks.windows(2).any(|w| w[0] >= w[1])
                 || t.blocks.iter().any(|&b| b >= n_layer)
                 || t.width == 0
-                || t.dtype != m.capture.dtype
+                || t.dtype != m.capture.dtype.for_tap(t.tap)
+                || matches!(
+                    t.tap,
+                    crate::capture::taps::Tap::Resid | crate::capture::taps::Tap::Router
+                )
             {
                 return Err(invalid(
                     &rj,
-                    format!("capture.taps: `{}` needs sorted unique blocks below {n_layer}, a width and the run's dtype", t.tap),
+                    format!("capture.taps: `{}` needs to be a tap inside blocks, with sorted unique blocks below {n_layer}, a width and the run's dtype (int32 for router_experts)", t.tap),
                 ));
             }
         }

@@ -752,6 +752,21 @@ fn architecture_matrix() {
                 "{key}: the router taps were not all captured and compared ({refused:?})"
             ));
         }
+        if ROUTER_ARCHS.contains(&key.as_str()) {
+            // The run opens (every file checked against run.json, router_experts as int32) and
+            // reads back the expert numbers the file holds.
+            let dir = work.path().join(format!("{key}-taps"));
+            let r = gguf_trace::run::Run::open(&dir).unwrap();
+            let got = r
+                .tap(gguf_trace::capture::taps::Tap::RouterExperts, 0)
+                .unwrap();
+            let file: ArrayD<i32> = read_npy(dir.join("taps/router_experts/00000.npy")).unwrap();
+            assert_eq!(
+                got,
+                file.mapv(|x| x as f32),
+                "{key}: router_experts read back"
+            );
+        }
         let mut cells = Vec::new();
         for tap in TAPS {
             let cell = if let Some(why) = refused.get(tap) {
