@@ -61,16 +61,12 @@ fn plain_time(
     let mut ctx = Context::new(
         model,
         ContextParams {
-            n_ctx: (512 * n_seq) as u32,
+            n_ctx: 512 * n_seq,
             n_batch: 512,
             n_ubatch: 512,
-            n_seq_max: n_seq as u32,
+            n_seq_max: n_seq,
             // As the tracer does: logits buffers sized for the outputs asked for.
-            n_outputs_max: if output_all || embeddings {
-                0
-            } else {
-                n_seq as u32
-            },
+            n_outputs_max: if output_all || embeddings { 0 } else { n_seq },
             n_threads: default_threads(),
             embeddings,
             capture: None,

@@ -181,8 +181,19 @@ impl CaptureArgs {
         if self.n_seq == 0 || self.n_seq > MAX_SEQ {
             bail!("--n-seq {}: must be between 1 and {MAX_SEQ}", self.n_seq);
         }
-        if self.batch_size == 0 || self.ubatch_size == 0 {
-            bail!("--batch-size and --ubatch-size must be at least 1");
+        if self.generate > MAX_CTX {
+            bail!(
+                "--generate {}: at most {MAX_CTX} tokens (the largest --ctx) can follow a prompt",
+                self.generate
+            );
+        }
+        for (flag, v) in [
+            ("--batch-size", self.batch_size),
+            ("--ubatch-size", self.ubatch_size),
+        ] {
+            if v == 0 || v > MAX_CTX {
+                bail!("{flag} {v}: must be between 1 and {MAX_CTX} tokens (sizes beyond --ctx × --n-seq are lowered to it, as llama.cpp does)");
+            }
         }
         if self
             .ctx

@@ -305,7 +305,7 @@ impl<'m> Tracer<'m> {
     /// checking what happens when a name does not exist in the graph).
     pub fn with_point0(
         model: &'m Model,
-        cfg: TraceConfig,
+        mut cfg: TraceConfig,
         point0: &str,
     ) -> Result<Tracer<'m>, TraceError> {
         let arch = model.meta("general.architecture").unwrap_or_default();
@@ -318,13 +318,19 @@ impl<'m> Tracer<'m> {
             points: cfg.points.clone(),
             taps: cfg.taps.iter().map(|&t| (t, blocks.clone())).collect(),
         };
+        // A decode never holds more tokens than the KV cache (llama.cpp's own rule, applied here
+        // so that the sizes asked for are the sizes that run).
+        let n_ctx = cfg.ctx.saturating_mul(cfg.n_seq);
+        cfg.n_batch = cfg.n_batch.min(n_ctx);
+        cfg.n_ubatch = cfg.n_ubatch.min(cfg.n_batch);
+        let n_batch = cfg.n_batch;
         let ctx = Context::new(
             model,
             ContextParams {
-                n_ctx: (cfg.ctx * cfg.n_seq) as u32,
-                n_batch: cfg.n_batch as u32,
-                n_ubatch: cfg.n_ubatch.min(cfg.n_batch) as u32,
-                n_seq_max: cfg.n_seq as u32,
+                n_ctx,
+                n_batch,
+                n_ubatch: cfg.n_ubatch,
+                n_seq_max: cfg.n_seq,
                 // Logits are needed at the last prompt token and each generated one (≤ one per
                 // sequence in a decode) — and at every kept position when the last point is kept
                 // there, since llama.cpp's last block computes only the rows it outputs.
@@ -333,7 +339,7 @@ impl<'m> Tracer<'m> {
                 {
                     0
                 } else {
-                    cfg.n_seq as u32
+                    cfg.n_seq
                 },
                 n_threads: cfg.threads,
                 embeddings: false,
@@ -344,7 +350,7 @@ impl<'m> Tracer<'m> {
         )?;
         Ok(Tracer {
             ctx,
-            batch: Batch::new(cfg.n_batch.max(cfg.n_seq)),
+            batch: Batch::new(n_batch.max(cfg.n_seq))?,
             n_layer: model.n_layer(),
             n_embd: model.n_embd(),
             arch,

@@ -18,10 +18,10 @@ pub fn context(
     Context::new(
         model,
         ContextParams {
-            n_ctx: (ctx * n_seq) as u32,
-            n_batch: n_batch as u32,
-            n_ubatch: n_batch.min(512) as u32,
-            n_seq_max: n_seq as u32,
+            n_ctx: ctx.saturating_mul(n_seq),
+            n_batch: n_batch.min(ctx.saturating_mul(n_seq)),
+            n_ubatch: n_batch.min(ctx.saturating_mul(n_seq)).min(512),
+            n_seq_max: n_seq,
             n_outputs_max: 0,
             n_threads: threads,
             embeddings: false,
@@ -39,7 +39,7 @@ pub fn greedy(
     n: usize,
 ) -> Result<Vec<Token>, ContextError> {
     ctx.clear_memory();
-    let mut batch = Batch::new(prompt.len().max(1));
+    let mut batch = Batch::new(prompt.len().max(1))?;
     for (i, &t) in prompt.iter().enumerate() {
         batch.push(t, i, 0, i + 1 == prompt.len());
     }
@@ -74,7 +74,7 @@ pub fn decode_prompts(
     n_batch: usize,
     output_all: bool,
 ) -> Result<(), ContextError> {
-    let mut batch = Batch::new(n_batch);
+    let mut batch = Batch::new(n_batch)?;
     for group in prompts.chunks(n_seq) {
         ctx.clear_memory();
         let work: Vec<(usize, usize)> = group

@@ -122,6 +122,13 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
     if o.generate == 0 {
         bail!("--select-generate must be at least 1: the judge reads the generated text");
     }
+    if o.generate > crate::settings::MAX_CTX {
+        bail!(
+            "--select-generate {}: at most {} tokens (the largest --ctx) can follow a prompt",
+            o.generate,
+            crate::settings::MAX_CTX
+        );
+    }
     let tmp =
         tempfile::tempdir().context("cannot create a temporary folder for the selection runs")?;
     let c = &run.manifest.capture;

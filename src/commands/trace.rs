@@ -535,14 +535,20 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         );
         n_seq = opts.capture.batch_size;
     }
+    // What llama.cpp would do itself (a decode never holds more tokens than the KV cache, nor a
+    // micro-batch more than the batch), done here so that run.json records the sizes that ran.
+    let n_batch = opts
+        .capture
+        .batch_size
+        .min(opts.capture.ctx.saturating_mul(n_seq));
     TraceConfig {
         positions: opts.capture.positions,
         points: loaded.points.clone(),
         generate: opts.capture.generate,
         ctx: opts.capture.ctx,
         n_seq,
-        n_batch: opts.capture.batch_size,
-        n_ubatch: opts.capture.ubatch_size,
+        n_batch,
+        n_ubatch: opts.capture.ubatch_size.min(n_batch),
         threads: opts.capture.threads(),
         allow_nonfinite: opts.capture.allow_nonfinite,
         cache_type: opts.capture.cache_type,

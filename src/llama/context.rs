@@ -1408,22 +1408,27 @@ impl CacheType {
     }
 }
 
-/// Parameters of a context.
+/// Most tokens one batch or context may hold: the sizes cross into llama.cpp as 32-bit ints and
+/// are allocated at once (`llama_batch_init`), so they are bounded here, before C sees them.
+pub const MAX_TOKENS: usize = 1 << 30;
+
+/// Parameters of a context. Sizes are checked against [`MAX_TOKENS`] by [`Context::new`], and
+/// llama.cpp's own adjustments are refused there (what a caller asks for is what ran).
 #[derive(Debug, Clone)]
 pub struct ContextParams {
     /// Total KV cache size in tokens (for all sequences together).
-    pub n_ctx: u32,
+    pub n_ctx: usize,
     /// Largest batch passed to one decode.
-    pub n_batch: u32,
-    /// Physical micro-batch size.
-    pub n_ubatch: u32,
+    pub n_batch: usize,
+    /// Physical micro-batch size (at most `n_batch`).
+    pub n_ubatch: usize,
     /// Number of sequences decoded together.
-    pub n_seq_max: u32,
+    pub n_seq_max: usize,
     /// Most outputs (tokens with logits) one decode may ask for; 0 = `n_batch`. llama.cpp sizes
     /// its compute and output buffers for this many vocabulary-wide rows of logits, so a tracer
     /// that asks only for last tokens saves n_batch × n_vocab × 4 bytes twice (311 MB each for a
     /// 512-token batch of a 151,936-token vocabulary). Must be ≥ n_seq_max.
-    pub n_outputs_max: u32,
+    pub n_outputs_max: usize,
     pub n_threads: i32,
     /// Embeddings mode (pooling none): `embeddings_ith` returns the normed last hidden state.
     pub embeddings: bool,
@@ -1502,12 +1507,34 @@ impl<'m> Context<'m> {
                 drop(unsafe { Box::from_raw(st.as_ptr()) });
             }
         };
+        for (what, v) in [
+            ("context size", p.n_ctx),
+            ("batch size", p.n_batch),
+            ("micro-batch size", p.n_ubatch),
+            ("sequence count", p.n_seq_max),
+            ("output count", p.n_outputs_max),
+        ] {
+            if v > MAX_TOKENS {
+                free_capture(capture);
+                return Err(ContextError::Create(Some(format!(
+                    "the {what} {v} is more than llama.cpp can be given ({MAX_TOKENS})"
+                ))));
+            }
+        }
+        if p.n_ubatch > p.n_batch || p.n_batch > p.n_ctx || p.n_seq_max == 0 || p.n_ubatch == 0 {
+            free_capture(capture);
+            return Err(ContextError::Create(Some(format!(
+                "sizes that llama.cpp would change: micro-batch {} ≤ batch {} ≤ context {} and at least one sequence are needed",
+                p.n_ubatch, p.n_batch, p.n_ctx
+            ))));
+        }
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
-        cp.n_ctx = p.n_ctx;
-        cp.n_batch = p.n_batch;
-        cp.n_ubatch = p.n_ubatch;
-        cp.n_seq_max = p.n_seq_max;
+        // Each value is at most MAX_TOKENS (checked above), so it fits u32.
+        cp.n_ctx = p.n_ctx as u32;
+        cp.n_batch = p.n_batch as u32;
+        cp.n_ubatch = p.n_ubatch as u32;
+        cp.n_seq_max = p.n_seq_max as u32;
         if p.n_outputs_max > 0 {
             // llama.cpp reserves n_seq_max outputs at creation and asserts they fit.
             let v = p.n_outputs_max.max(p.n_seq_max);
@@ -1518,7 +1545,7 @@ impl<'m> Context<'m> {
                     p.n_seq_max, p.n_batch
                 ))));
             }
-            cp.n_outputs_max = v;
+            cp.n_outputs_max = v as u32;
         }
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;
@@ -1551,11 +1578,27 @@ impl<'m> Context<'m> {
             free_capture(capture);
             return Err(ContextError::Create(backend::last_error_line()));
         };
+        // SAFETY: ptr is the context just created.
+        let used = unsafe {
+            (
+                sys::llama_n_batch(ptr.as_ptr()),
+                sys::llama_n_ubatch(ptr.as_ptr()),
+            )
+        };
+        if used != (cp.n_batch, cp.n_ubatch) {
+            // What run.json records must be what ran.
+            // SAFETY: ptr was created above and is not used after this.
+            unsafe { sys::llama_free(ptr.as_ptr()) };
+            free_capture(capture);
+            return Err(ContextError::Create(Some(format!(
+                "llama.cpp chose batch {} and micro-batch {} instead of {} and {}",
+                used.0, used.1, cp.n_batch, cp.n_ubatch
+            ))));
+        }
         let n_outputs_max = if cp.n_outputs_max > 0 {
             cp.n_outputs_max
         } else {
-            // SAFETY: ptr is the context just created.
-            unsafe { sys::llama_n_batch(ptr.as_ptr()) }
+            used.0
         } as usize;
         Ok(Context {
             ptr,
@@ -1829,13 +1872,30 @@ impl Drop for Batch {
 }
 
 impl Batch {
-    /// A batch holding up to `cap` tokens.
-    pub fn new(cap: usize) -> Batch {
+    /// A batch holding up to `cap` tokens (1 ..= [`MAX_TOKENS`]; more is refused before C sees it).
+    pub fn new(cap: usize) -> Result<Batch, ContextError> {
+        if cap > MAX_TOKENS {
+            return Err(ContextError::Create(Some(format!(
+                "a batch of {cap} tokens is more than llama.cpp can be given ({MAX_TOKENS})"
+            ))));
+        }
         let cap = cap.max(1);
-        // SAFETY: allocates arrays for cap tokens with room for one sequence id each.
+        // SAFETY: allocates arrays for cap ≤ MAX_TOKENS < i32::MAX tokens with room for one
+        // sequence id each; llama_batch_init does not check its mallocs, so they are checked here.
         let mut raw = unsafe { sys::llama_batch_init(cap as i32, 0, 1) };
         raw.n_tokens = 0;
-        Batch { raw, cap }
+        let b = Batch { raw, cap };
+        if b.raw.token.is_null()
+            || b.raw.pos.is_null()
+            || b.raw.n_seq_id.is_null()
+            || b.raw.seq_id.is_null()
+            || b.raw.logits.is_null()
+        {
+            return Err(ContextError::Create(Some(format!(
+                "out of memory for a batch of {cap} tokens"
+            ))));
+        }
+        Ok(b)
     }
 
     pub fn len(&self) -> usize {

@@ -24,6 +24,59 @@ pub enum RpcError {
     Unreachable { endpoint: String, why: String },
     #[error("the RPC server at {0} offers no device")]
     NoDevice(String),
+    #[error("{endpoint} is not a llama.cpp RPC server of this version: {why}")]
+    NotRpc { endpoint: String, why: String },
+}
+
+/// ggml-rpc's handshake, as the client sends it (ggml-rpc.cpp, `negotiate_hello`): the HELLO
+/// command (14), the request's size and the request (the connection capabilities, 24 bytes; all
+/// zero: no transport upgrade). The answer is its size (28) and major, minor, patch, padding and
+/// the server's capabilities. These are llama.cpp's protocol constants for the version linked
+/// here (protocol 7.0); the RPC tests run a real server through this check.
+const RPC_CMD_HELLO: u8 = 14;
+const RPC_CONN_CAPS_SIZE: usize = 24;
+const RPC_PROTO_MAJOR_VERSION: u8 = 7;
+/// How long the handshake may take: a server on this network answers in milliseconds.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Say hello as ggml-rpc does and check the answer, with every step bounded by
+/// [`HANDSHAKE_TIMEOUT`]: something else listening at the port (a web server waits for a request
+/// line forever) would otherwise hang ggml-rpc's own handshake, which has no timeout.
+fn handshake(mut s: std::net::TcpStream) -> Result<(), String> {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let mut req = vec![RPC_CMD_HELLO];
+    req.extend_from_slice(&(RPC_CONN_CAPS_SIZE as u64).to_le_bytes());
+    req.extend_from_slice(&[0u8; RPC_CONN_CAPS_SIZE]);
+    let silent = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "it did not answer the handshake within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+        std::io::ErrorKind::UnexpectedEof => "it closed the connection during the handshake".into(),
+        _ => e.to_string(),
+    };
+    s.write_all(&req).and_then(|()| s.flush()).map_err(silent)?;
+    let mut size = [0u8; 8];
+    s.read_exact(&mut size).map_err(silent)?;
+    let want = 4 + RPC_CONN_CAPS_SIZE;
+    if u64::from_le_bytes(size) != want as u64 {
+        return Err(format!(
+            "it answered the handshake with {:?}…, not ggml-rpc's {want}-byte hello",
+            String::from_utf8_lossy(&size)
+        ));
+    }
+    let mut rsp = vec![0u8; want];
+    s.read_exact(&mut rsp).map_err(silent)?;
+    if rsp[0] != RPC_PROTO_MAJOR_VERSION {
+        return Err(format!(
+            "it speaks RPC protocol {}.{}.{}, this gguf-trace's llama.cpp speaks {RPC_PROTO_MAJOR_VERSION}.x (run the rpc-server of the same llama.cpp version)",
+            rsp[0], rsp[1], rsp[2]
+        ));
+    }
+    Ok(())
 }
 
 type AddServerFn = unsafe extern "C" fn(*const c_char) -> sys::ggml_backend_reg_t;
@@ -51,8 +104,9 @@ fn proc_address(name: &std::ffi::CStr) -> Result<*mut std::ffi::c_void, RpcError
     Ok(f)
 }
 
-/// Check "HOST:PORT" and that something listens there: ggml-rpc aborts the process when it cannot
-/// connect, so an unreachable server must be caught here with a clear error.
+/// Check "HOST:PORT", that something listens there and that it answers ggml-rpc's handshake:
+/// ggml-rpc aborts the process when it cannot connect, and waits forever for an answer that does
+/// not come, so both must be caught here with a clear error.
 pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
     let (host, port) = endpoint
         .rsplit_once(':')
@@ -68,12 +122,15 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
             endpoint: endpoint.into(),
             why: "no address".into(),
         })?;
-    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .map(drop)
+    let s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .map_err(|e| RpcError::Unreachable {
             endpoint: endpoint.into(),
             why: e.to_string(),
-        })
+        })?;
+    handshake(s).map_err(|why| RpcError::NotRpc {
+        endpoint: endpoint.into(),
+        why,
+    })
 }
 
 /// Register RPC servers: their devices join the devices every later model load uses (layers go

@@ -1097,7 +1097,12 @@ fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> 
         )));
     }
     let item = if descr == "<f2" { 2 } else { 4 };
-    let want = h.data_offset + shape.iter().product::<usize>() as u64 * item;
+    // Shapes come from files: a product that does not fit is a damaged file, not a wrapped size.
+    let want = shape
+        .iter()
+        .try_fold(item, |n: u64, &d| n.checked_mul(d as u64))
+        .and_then(|n| n.checked_add(h.data_offset))
+        .ok_or_else(|| invalid(format!("shape {shape:?} is too large to be a file")))?;
     let len = fs::metadata(path).map_err(io_err(path))?.len();
     if len != want {
         return Err(invalid(format!(
@@ -1107,8 +1112,6 @@ fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> 
     Ok(())
 }
 
-/// Refuse an array read from `path` that holds NaN or infinity (runs hold finite numbers only;
-/// a run traced with `--allow-nonfinite` is refused earlier, by name).
 /// An NPY file of type `dtype` read as f32 (f16 widened, int32 converted: exact below 2^24).
 fn read_as_f32(p: &Path, dtype: Dtype) -> Result<ndarray::ArrayD<f32>, RunError> {
     Ok(match dtype {
@@ -1124,6 +1127,8 @@ fn read_as_f32(p: &Path, dtype: Dtype) -> Result<ndarray::ArrayD<f32>, RunError>
     })
 }
 
+/// Refuse an array read from `path` that holds NaN or infinity (runs hold finite numbers only;
+/// a run traced with `--allow-nonfinite` is refused earlier, by name).
 fn finite<D: ndarray::Dimension>(
     path: &Path,
     a: ndarray::Array<f32, D>,

@@ -57,8 +57,27 @@ impl NpyReader {
         if crate::llama::backend::interrupted() {
             return Err(RunError::Interrupted);
         }
-        let mut bytes = vec![0u8; len * self.item];
-        let at = self.data_offset + (start * self.item) as u64;
+        // Offsets come from run.json's shapes: one that does not fit is a damaged run, and no
+        // more is allocated than the file holds.
+        let range = len
+            .checked_mul(self.item)
+            .zip(start.checked_mul(self.item))
+            .and_then(|(n, s)| Some((n, self.data_offset.checked_add(s as u64)?)))
+            .filter(|&(n, at)| {
+                self.file
+                    .metadata()
+                    .is_ok_and(|m| at.checked_add(n as u64).is_some_and(|end| end <= m.len()))
+            });
+        let Some((n_bytes, at)) = range else {
+            return Err(RunError::Npy {
+                path: self.path.display().to_string(),
+                msg: format!(
+                    "elements {start}..{} lie beyond the end of the file (a damaged run?)",
+                    start.saturating_add(len)
+                ),
+            });
+        };
+        let mut bytes = vec![0u8; n_bytes];
         self.file
             .read_exact_at(&mut bytes, at)
             .map_err(|e| RunError::Npy {

@@ -265,6 +265,56 @@ fn model_files() {
 // ---------------------------------------------------------------------------------------------
 // trace: prompts and options.
 
+/// Sizes beyond what one decode can hold are lowered as llama.cpp lowers them (a batch to the KV
+/// cache, a micro-batch to the batch), and run.json records the sizes llama.cpp ran with (the
+/// context creation refuses any size llama.cpp would change itself); the states equal those of
+/// the default sizes bit for bit.
+#[test]
+fn oversized_batches_run_as_llama_cpp_runs_them_and_are_recorded() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = smol_path();
+    let trace = |dir: &str, extra: &[&str]| {
+        let o = bin()
+            .args([
+                "trace",
+                "-m",
+                s(&m),
+                "-p",
+                "hello there",
+                "-p",
+                "a second prompt",
+            ])
+            .args(["--ctx", "32", "--n-seq", "2", "-o", s(&w.join(dir))])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(w.join(dir).join("run.json")).unwrap()).unwrap();
+        run
+    };
+    let big = trace(
+        "big",
+        &["--batch-size", "4194304", "--ubatch-size", "4194304"],
+    );
+    assert_eq!(big["capture"]["n_batch"], 64, "--ctx 32 × 2 sequences");
+    assert_eq!(big["capture"]["n_ubatch"], 64);
+    assert_eq!(
+        big["capture"]["settings"]["batch_size"], 4194304,
+        "as given"
+    );
+    let small = trace("small", &["--batch-size", "64", "--ubatch-size", "64"]);
+    for i in ["00000", "00001"] {
+        let a: ndarray::Array3<f32> =
+            ndarray_npy::read_npy(w.join(format!("big/states/{i}.npy"))).unwrap();
+        let b: ndarray::Array3<f32> =
+            ndarray_npy::read_npy(w.join(format!("small/states/{i}.npy"))).unwrap();
+        assert_eq!(a, b, "prompt {i}");
+    }
+    assert_eq!(small["capture"]["n_batch"], 64);
+}
+
 #[test]
 fn trace_prompts_and_options() {
     let m = smol_path();
@@ -323,6 +373,22 @@ fn trace_prompts_and_options() {
     t(&["-p", "hello", "--n-seq", "0"], "--n-seq 0");
     t(&["-p", "hello", "--n-seq", "1000"], "--n-seq 1000");
     t(&["-p", "hello", "--batch-size", "0"], "--batch-size");
+    // Sizes that cross into llama.cpp as 32-bit ints (these segfaulted or were silently ignored).
+    for (flag, v) in [
+        ("--batch-size", "3000000000"),
+        ("--batch-size", "2147483648"),
+        ("--ubatch-size", "3000000000"),
+        ("--ubatch-size", "4194305"),
+    ] {
+        t(
+            &["-p", "hello", flag, v],
+            &format!("{flag} {v}: must be between 1 and 4194304 tokens"),
+        );
+    }
+    t(
+        &["-p", "hello", "--generate", "18446744073709551615"],
+        "--generate 18446744073709551615: at most 4194304 tokens",
+    );
     t(&["-p", "hello", "--n-gpu-layers=-5"], "--n-gpu-layers -5");
     t(&["-p", "hello", "--lens", "--lens-k", "0"], "--lens-k 0");
     t(

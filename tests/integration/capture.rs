@@ -398,7 +398,7 @@ fn too_long_prompt_is_refused_before_decoding() {
 fn decode_untraced<'m>(
     model: &'m gguf_trace::llama::model::Model,
     toks: &[i32],
-    n_ubatch: u32,
+    n_ubatch: usize,
     embeddings: bool,
 ) -> Context<'m> {
     let mut ctx = Context::new(
@@ -417,7 +417,7 @@ fn decode_untraced<'m>(
         },
     )
     .unwrap();
-    let mut batch = Batch::new(toks.len());
+    let mut batch = Batch::new(toks.len()).unwrap();
     for (i, &tk) in toks.iter().enumerate() {
         batch.push(tk, i, 0, true);
     }
@@ -429,7 +429,7 @@ fn decode_untraced<'m>(
 fn plain_logits(
     model: &gguf_trace::llama::model::Model,
     toks: &[i32],
-    n_ubatch: u32,
+    n_ubatch: usize,
 ) -> Vec<Vec<f32>> {
     let ctx = decode_untraced(model, toks, n_ubatch, false);
     (0..toks.len())

@@ -263,6 +263,46 @@ fn rpc_reads_little_and_survives_a_dead_worker() {
         .output()
         .unwrap();
     assert_clean_error(&o, "2 shares for 1 RPC servers", None);
+    // Something else listening at the port: one that never answers (a web server waiting for a
+    // request line hung the trace forever) and one that answers something else. Each is a clear
+    // line within the handshake's bound; the 120 s here only guards against a hang.
+    for (answer, needle) in [
+        (None, "did not answer the handshake within 10 s"),
+        (
+            Some(&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..]),
+            "not a llama.cpp RPC server of this version: it answered the handshake with \"HTTP/1.1\"",
+        ),
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let keeper = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            if let Some(a) = answer {
+                std::io::Write::write_all(&mut c, a).unwrap();
+            }
+            // Hold the connection open (silent) until the client goes away.
+            let _ = std::io::Read::read_to_end(&mut c, &mut Vec::new());
+        });
+        let mut child = bin()
+            .args(["trace", "-m", m, "-p", "x", "-o", "x"])
+            .args(["--rpc", &format!("127.0.0.1:{port}")])
+            .current_dir(w)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(120),
+                "--rpc at a silent port hangs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_clean_error(&o, needle, None);
+        keeper.join().unwrap();
+    }
 }
 
 /// Interventions over RPC: the write-back is then a copy into the worker's buffer. An ablation
