@@ -431,6 +431,12 @@ impl<'m> Tracer<'m> {
         Ok(())
     }
 
+    /// The configuration the tracer runs with: the one it was given, with the batch sizes lowered
+    /// to what the context holds (see [`Tracer::new`]).
+    pub fn config(&self) -> &TraceConfig {
+        &self.cfg
+    }
+
     /// Sequences decoded together (the size of a batch group).
     pub fn n_seq(&self) -> usize {
         self.cfg.n_seq

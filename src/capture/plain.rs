@@ -15,12 +15,15 @@ pub fn context(
     n_batch: usize,
     threads: i32,
 ) -> Result<Context<'_>, ContextError> {
+    // A decode never holds more tokens than the KV cache (as llama.cpp would lower it).
+    let n_ctx = ctx.saturating_mul(n_seq);
+    let n_batch = n_batch.min(n_ctx);
     Context::new(
         model,
         ContextParams {
-            n_ctx: ctx.saturating_mul(n_seq),
-            n_batch: n_batch.min(ctx.saturating_mul(n_seq)),
-            n_ubatch: n_batch.min(ctx.saturating_mul(n_seq)).min(512),
+            n_ctx,
+            n_batch,
+            n_ubatch: n_batch.min(512),
             n_seq_max: n_seq,
             n_outputs_max: 0,
             n_threads: threads,

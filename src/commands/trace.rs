@@ -302,7 +302,10 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     if opts.capture.block_taps().is_empty() {
         check_disk(opts, &loaded, &token_lists, &[])?;
     }
-    let mut tracer = Tracer::new(model, cfg.clone())?;
+    let mut tracer = Tracer::new(model, cfg)?;
+    // What run.json records: the sizes the tracer runs with (a batch larger than the KV cache is
+    // lowered to it, as llama.cpp does).
+    let cfg = tracer.config().clone();
     let control_points = steer(&mut tracer, opts.steering.as_ref(), model)?;
     let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
     // Taps inside blocks are found in the graph first: their widths size the output.
@@ -535,20 +538,14 @@ fn batch_config(opts: &TraceOptions, loaded: &Loaded, n_prompts: usize) -> Trace
         );
         n_seq = opts.capture.batch_size;
     }
-    // What llama.cpp would do itself (a decode never holds more tokens than the KV cache, nor a
-    // micro-batch more than the batch), done here so that run.json records the sizes that ran.
-    let n_batch = opts
-        .capture
-        .batch_size
-        .min(opts.capture.ctx.saturating_mul(n_seq));
     TraceConfig {
         positions: opts.capture.positions,
         points: loaded.points.clone(),
         generate: opts.capture.generate,
         ctx: opts.capture.ctx,
         n_seq,
-        n_batch,
-        n_ubatch: opts.capture.ubatch_size.min(n_batch),
+        n_batch: opts.capture.batch_size,
+        n_ubatch: opts.capture.ubatch_size,
         threads: opts.capture.threads(),
         allow_nonfinite: opts.capture.allow_nonfinite,
         cache_type: opts.capture.cache_type,

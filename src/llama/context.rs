@@ -817,7 +817,17 @@ impl GraphCheck {
     /// ids the experts' down projection (`MUL_MAT_ID` with `ffn_down_exps`) selects by; their
     /// weights the other factor of the product that scales that projection's output.
     fn router_node(&self, block: usize, out: usize, tap: Tap) -> Result<usize, String> {
-        let is_leaf = |i: usize, pos: usize, name: &str| matches!(self.nodes[i].leafs.get(pos), Some(Some(w)) if w.as_slice() == name.as_bytes());
+        let span: Vec<usize> = self.span_nodes(block, out).collect();
+        // The nodes of the block computed by `op` whose first operand is the weight `name`.
+        let products = |op: sys::ggml_op, name: &str| -> Vec<usize> {
+            span.iter()
+                .copied()
+                .filter(|&i| {
+                    let n = &self.nodes[i];
+                    n.op == op && matches!(n.leafs.first(), Some(Some(w)) if w.as_slice() == name.as_bytes())
+                })
+                .collect()
+        };
         let one = |hits: Vec<usize>, what: &str| {
             match hits.as_slice() {
             [i] => Ok(*i),
@@ -827,15 +837,11 @@ impl GraphCheck {
             _ => Err(format!("{} {what}s in the block", hits.len())),
         }
         };
-        let span: Vec<usize> = self.span_nodes(block, out).collect();
         if tap == Tap::RouterLogits {
             let gate = format!("blk.{block}.ffn_gate_inp.weight");
             let bias = format!("blk.{block}.ffn_gate_inp.bias");
             let logits = one(
-                span.iter()
-                    .copied()
-                    .filter(|&i| self.nodes[i].op == sys::GGML_OP_MUL_MAT && is_leaf(i, 0, &gate))
-                    .collect(),
+                products(sys::GGML_OP_MUL_MAT, &gate),
                 &format!("matrix product with `{gate}`"),
             )?;
             let biased: Vec<usize> = span
@@ -858,10 +864,7 @@ impl GraphCheck {
         }
         let down_w = format!("blk.{block}.ffn_down_exps.weight");
         let down = one(
-            span.iter()
-                .copied()
-                .filter(|&i| self.nodes[i].op == sys::GGML_OP_MUL_MAT_ID && is_leaf(i, 0, &down_w))
-                .collect(),
+            products(sys::GGML_OP_MUL_MAT_ID, &down_w),
             &format!("expert product with `{down_w}`"),
         )?;
         if tap == Tap::RouterExperts {
@@ -1179,10 +1182,12 @@ impl GraphCheck {
                     name: n.name.clone(),
                     occurrence: n.at.1,
                     op: n.op,
-                    width: match () {
-                        _ if pattern => 0,
-                        _ if flat => n.ne1,
-                        _ => n.ne0,
+                    width: if pattern {
+                        0
+                    } else if flat {
+                        n.ne1
+                    } else {
+                        n.ne0
                     },
                     heads: if pattern { n.ne2 } else { 1 },
                     out_rows: n.out_rows,

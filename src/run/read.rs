@@ -22,6 +22,8 @@ pub struct NpyReader {
     path: PathBuf,
     data_offset: u64,
     item: usize,
+    /// The file's length when opened: no read reaches beyond it.
+    len: u64,
     pub shape: Vec<usize>,
 }
 
@@ -41,11 +43,13 @@ impl NpyReader {
             return Err(bad("Fortran-order arrays are not supported".into()));
         }
         let file = File::open(path).map_err(|e| bad(e.to_string()))?;
+        let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
         Ok(NpyReader {
             file,
             path: path.to_path_buf(),
             data_offset: h.data_offset,
             item,
+            len,
             shape: h.shape,
         })
     }
@@ -63,11 +67,7 @@ impl NpyReader {
             .checked_mul(self.item)
             .zip(start.checked_mul(self.item))
             .and_then(|(n, s)| Some((n, self.data_offset.checked_add(s as u64)?)))
-            .filter(|&(n, at)| {
-                self.file
-                    .metadata()
-                    .is_ok_and(|m| at.checked_add(n as u64).is_some_and(|end| end <= m.len()))
-            });
+            .filter(|&(n, at)| at.checked_add(n as u64).is_some_and(|end| end <= self.len));
         let Some((n_bytes, at)) = range else {
             return Err(RunError::Npy {
                 path: self.path.display().to_string(),
