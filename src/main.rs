@@ -1,5 +1,7 @@
 //! The `gguf-trace` binary: parse, dispatch, print errors as one line, exit codes.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, Write};
 use std::process::ExitCode;
 

@@ -212,19 +212,107 @@ extern "C" {
     fn openblas_set_num_threads(n: std::os::raw::c_int);
 }
 
+/// How many `with_single_threaded_blas` calls are inside, and the thread count the outermost found.
+struct BlasDepth {
+    inside: usize,
+    before: std::os::raw::c_int,
+}
+static BLAS_DEPTH: std::sync::Mutex<BlasDepth> = std::sync::Mutex::new(BlasDepth {
+    inside: 0,
+    before: 0,
+});
+fn blas_depth() -> std::sync::MutexGuard<'static, BlasDepth> {
+    BLAS_DEPTH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Run `f` with OpenBLAS on one thread, restoring its thread count afterwards: for work that is
 /// already spread over every core by our own threads (OpenBLAS's threads on top of them
-/// oversubscribe the cores and spin: a PCA pass ran 3× slower). Not reentrant: callers are the
-/// report's passes, one at a time.
+/// oversubscribe the cores and spin: a PCA pass ran 3× slower).
+///
+/// No precondition: calls may nest and may come from several threads at once. A depth count under
+/// one lock makes the outermost call set one thread and the last one to leave restore the count
+/// it found, so a nested or concurrent call never restores too early (before, a second caller
+/// could restore the count while the first was still inside). A panic in `f` restores it too.
 pub fn with_single_threaded_blas<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: plain getters/setters of OpenBLAS's global thread count, with no BLAS call running
-    // on another thread (the report calls this from its only analysis thread, before spawning
-    // the workers of a pass and after joining them).
-    let before = unsafe { openblas_get_num_threads() };
-    // SAFETY: as above.
-    unsafe { openblas_set_num_threads(1) };
-    let out = f();
-    // SAFETY: as above; the workers have been joined.
-    unsafe { openblas_set_num_threads(before) };
-    out
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            let mut d = blas_depth();
+            d.inside -= 1;
+            if d.inside == 0 {
+                // SAFETY: OpenBLAS's thread count is one global integer that its setter may change
+                // at any time (a call in flight on another thread keeps the count it read when it
+                // started; growing the pool happens under OpenBLAS's own server lock). Our lock
+                // orders this against the other set/restore calls.
+                unsafe { openblas_set_num_threads(d.before) };
+            }
+        }
+    }
+    {
+        let mut d = blas_depth();
+        if d.inside == 0 {
+            // SAFETY: a plain getter of that global count.
+            d.before = unsafe { openblas_get_num_threads() };
+            // SAFETY: as in `Leave::drop`.
+            unsafe { openblas_set_num_threads(1) };
+        }
+        d.inside += 1;
+    }
+    let _leave = Leave;
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn threads() -> std::os::raw::c_int {
+        // SAFETY: a plain getter of OpenBLAS's global thread count.
+        unsafe { openblas_get_num_threads() }
+    }
+
+    /// Two threads overlap (A enters, B enters, A leaves, B still inside): B must still run on one
+    /// BLAS thread, and the count is restored once both have left. Before the depth count, A's
+    /// exit restored the old count under B.
+    #[test]
+    fn single_threaded_blas_holds_while_any_caller_is_inside() {
+        {
+            let d = blas_depth();
+            if d.inside == 0 {
+                // SAFETY: as in `with_single_threaded_blas`; a count other than 1, so a too-early
+                // restore is visible.
+                unsafe { openblas_set_num_threads(3) };
+            }
+        }
+        let a_in = std::sync::Barrier::new(2);
+        let a_out = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                with_single_threaded_blas(|| {
+                    assert_eq!(threads(), 1);
+                    a_in.wait();
+                });
+                a_out.wait();
+            });
+            s.spawn(|| {
+                a_in.wait();
+                with_single_threaded_blas(|| {
+                    a_out.wait();
+                    assert_eq!(
+                        threads(),
+                        1,
+                        "a caller's exit restored the count under another"
+                    );
+                    // Nested inside.
+                    with_single_threaded_blas(|| assert_eq!(threads(), 1));
+                    assert_eq!(threads(), 1);
+                });
+            });
+        });
+        // Other tests of this binary may be inside now; the count is restored once none is.
+        let d = blas_depth();
+        if d.inside == 0 {
+            assert_eq!(threads(), 3, "the count found at entry is restored");
+        }
+    }
 }

@@ -289,7 +289,9 @@ impl CaptureState {
                 changed |= edit.apply(first + r + k, row);
             }
             if changed {
-                // SAFETY: as above; raw is the callback's own mutable tensor pointer.
+                // SAFETY: raw is the callback's own mutable tensor pointer, live until the callback
+                // returns; the same rows r..r+rows (offset r*nb1, length bytes) were just read
+                // from it, and nothing reads the tensor before the callback returns.
                 unsafe {
                     sys::ggml_backend_tensor_set(
                         raw,
@@ -1294,10 +1296,10 @@ impl CaptureState {
 
 unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     let result = catch_unwind(AssertUnwindSafe(|| {
+        let raw = t;
         // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
         // llama_free; llama.cpp calls the callback from the thread inside llama_decode (which holds
         // &mut Context), so no other reference to the state is live. t is a live graph tensor.
-        let raw = t;
         let (state, t) = unsafe { (&mut *(user as *mut CaptureState), &*t) };
         let name: &[u8] =
             // SAFETY: the name is a NUL-terminated char array inside the tensor; reinterpreting
@@ -1339,7 +1341,9 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
     match result {
         Ok(v) => v,
         Err(_) => {
-            // SAFETY: as above; the panicking borrow has ended.
+            // SAFETY: user_data is the CaptureState leaked by Context::new, live until
+            // llama_free; the reference made inside the closure ended with its unwinding, so
+            // this is again the only one.
             let state = unsafe { &mut *(user as *mut CaptureState) };
             state.fail("internal error (panic) in the capture callback".into());
             // Data phase: never return false (it would leave stale results); ask phase: don't observe.

@@ -61,7 +61,8 @@ pub struct Model {
 // SAFETY: a llama_model is immutable after loading and llama.cpp allows using it from several
 // threads (contexts carry the mutable state); we never mutate it through &Model.
 unsafe impl Send for Model {}
-// SAFETY: see above: all methods taking &self only read.
+// SAFETY: every method taking &self only reads the model (llama.cpp's getters and
+// llama_model_get_vocab), which llama.cpp allows from several threads at once.
 unsafe impl Sync for Model {}
 
 impl Drop for Model {
