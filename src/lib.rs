@@ -19,6 +19,7 @@ pub mod llama;
 pub mod model_hash;
 pub mod model_info;
 pub mod output;
+pub mod paths;
 pub mod prompts;
 pub mod quant;
 pub mod report;

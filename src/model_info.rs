@@ -77,10 +77,10 @@ impl ModelFacts {
     pub fn gather(path: &Path, model: &Model, gguf: &Gguf) -> ModelFacts {
         let architecture = gguf.get_str("general.architecture").unwrap_or_default();
         ModelFacts {
-            path: path.display().to_string(),
+            path: crate::paths::recorded(path.as_os_str()),
             file_name: path
                 .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
+                .map(crate::paths::recorded)
                 .unwrap_or_default(),
             name: gguf.get_str("general.name"),
             file_type: model.ftype_name(),

@@ -96,13 +96,22 @@ pub fn parent_dir(p: &Path) -> PathBuf {
     }
 }
 
+/// The target's file name, which names its staging files and (for a report) its CSVs: UTF-8, so
+/// that two names never share them (the folder it is in may be any bytes).
 fn file_name(p: &Path) -> Result<String, OutputError> {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| n != "." && n != "..")
+    let name = p
+        .file_name()
+        .filter(|n| *n != "." && *n != "..")
         .ok_or_else(|| OutputError::BadTarget {
             path: p.display().to_string(),
             why: "the path names no file or directory".into(),
+        })?;
+    name.to_str()
+        .filter(|n| !n.contains('\n'))
+        .map(str::to_owned)
+        .ok_or_else(|| OutputError::BadTarget {
+            path: crate::paths::recorded(p.as_os_str()),
+            why: "an output name must be UTF-8 text without line breaks (the folder it is in may be anything)".into(),
         })
 }
 

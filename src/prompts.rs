@@ -107,7 +107,7 @@ pub fn collect(texts: &[String], files: &[impl AsRef<Path>]) -> Result<Vec<Promp
 /// Load one prompt file. The file's stem is the default label (so `-f paraphrases.txt -f
 /// unrelated.txt` gives two groups) and the default id prefix.
 pub fn load_file(path: &Path) -> Result<Vec<Prompt>, PromptError> {
-    let name = path.display().to_string();
+    let name = crate::paths::recorded(path.as_os_str());
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

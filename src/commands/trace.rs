@@ -226,6 +226,16 @@ impl TraceOptions {
             if !st.scale.is_finite() {
                 bail!("--control-scale {}: must be a finite number", st.scale);
             }
+            for f in &st.files {
+                crate::paths::read_back(f, "--control-vector")?;
+            }
+        }
+        // run.json records these for `report` to open again: they must be text.
+        if let Some(a) = &self.ablation {
+            crate::paths::read_back(&a.file, "--ablate")?;
+        }
+        if let Some(p) = &self.patching {
+            crate::paths::read_back(&p.from, "--patch-from")?;
         }
         Ok(())
     }
@@ -921,7 +931,9 @@ fn write_run(
             llama_cpp_sys_2: crate::llama::LLAMA_CPP_SYS_VERSION.into(),
             system_info: backend::system_info(),
             devices: backend::devices(),
-            command_line: std::env::args().collect(),
+            command_line: std::env::args_os()
+                .map(|a| crate::paths::recorded(&a))
+                .collect(),
         },
         capture: CaptureSettings {
             point_tensors: points
@@ -944,7 +956,11 @@ fn write_run(
             control_vectors: opts
                 .steering
                 .iter()
-                .flat_map(|s| s.files.iter().map(|p| p.display().to_string()))
+                .flat_map(|s| {
+                    s.files
+                        .iter()
+                        .map(|p| crate::paths::recorded(p.as_os_str()))
+                })
                 .collect(),
             control_scale: opts.steering.as_ref().map_or(0.0, |s| s.scale),
             control_points,
@@ -955,10 +971,11 @@ fn write_run(
             cache_type: opts.capture.cache_type,
             ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
                 // Absolute, so a report run from elsewhere finds the direction.
-                file: std::fs::canonicalize(&a.file)
-                    .unwrap_or_else(|_| a.file.clone())
-                    .display()
-                    .to_string(),
+                file: crate::paths::recorded(
+                    std::fs::canonicalize(&a.file)
+                        .unwrap_or_else(|_| a.file.clone())
+                        .as_os_str(),
+                ),
                 points: ablated,
                 direction_point: ablated_from,
             }),
@@ -1255,7 +1272,7 @@ fn open_patch(
         }
     }
     let settings = run::PatchSettings {
-        from: p.from.display().to_string(),
+        from: crate::paths::recorded(p.from.as_os_str()),
         points: points.clone(),
         positions: p.positions.clone().unwrap_or_else(|| "all".into()),
     };

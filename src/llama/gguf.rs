@@ -66,8 +66,8 @@ impl Gguf {
     /// Open a GGUF file's header (metadata and tensor directory only).
     pub fn open(path: &Path) -> Result<Gguf, GgufError> {
         super::backend::init();
-        let cpath = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| GgufError::Open(path.display().to_string()))?;
+        let cpath =
+            super::c_path(path).ok_or_else(|| GgufError::Open(path.display().to_string()))?;
         let params = sys::gguf_init_params {
             no_alloc: true,
             ctx: std::ptr::null_mut(),
@@ -254,7 +254,7 @@ pub fn write_control_vector_with_peak(
         directions.iter().all(|(il, _)| *il >= 1),
         "direction.0 is not a valid control-vector layer"
     );
-    let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| err())?;
+    let cpath = super::c_path(path).ok_or_else(err)?;
     let ckeys = [
         c"general.architecture",
         c"controlvector.model_hint",

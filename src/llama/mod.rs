@@ -26,6 +26,13 @@ pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 
 pub use llama_cpp_sys_2::llama_token as Token;
 
+/// A path as the C string llama.cpp opens: its bytes exactly (a lossy conversion would open a
+/// different file when the name is not UTF-8). `None` when the path holds a NUL byte.
+pub(crate) fn c_path(path: &std::path::Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).ok()
+}
+
 /// Copy a C string owned by llama.cpp into an owned `String` (lossy on invalid UTF-8).
 ///
 /// Returns an empty string for a null pointer.

@@ -78,8 +78,8 @@ impl Model {
     /// for a friendlier error; llama.cpp's own reason (from its log) is attached on failure.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, ModelError> {
         backend::init();
-        let cpath = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| ModelError::NulInPath(path.display().to_string()))?;
+        let cpath =
+            super::c_path(path).ok_or_else(|| ModelError::NulInPath(path.display().to_string()))?;
         // SAFETY: returns a plain struct of defaults.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;

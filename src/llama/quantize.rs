@@ -4,7 +4,6 @@
 //! (see [`super::backend::set_log_observer`]) for the `[i/n]` lines, and a failure carries the last
 //! error line of the log.
 
-use std::ffi::CString;
 use std::path::Path;
 
 use llama_cpp_sys_2 as sys;
@@ -30,8 +29,7 @@ pub fn quantize(
 ) -> Result<(), QuantizeError> {
     backend::init();
     let c = |p: &Path| {
-        CString::new(p.to_string_lossy().as_bytes())
-            .map_err(|_| QuantizeError::NulInPath(p.display().to_string()))
+        super::c_path(p).ok_or_else(|| QuantizeError::NulInPath(p.display().to_string()))
     };
     let (csrc, cdst) = (c(src)?, c(dst)?);
     // SAFETY: returns a plain struct of defaults (null pointers for imatrix/overrides).

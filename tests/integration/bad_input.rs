@@ -418,6 +418,103 @@ fn trace_prompts_and_options() {
 
 /// Options llama.cpp would abort on are adapted before it sees them: more sequences than
 /// --batch-size decode fewer at a time and give the same states.
+/// Paths are bytes (issue 21, class 3): a model, a prompt file and an output folder whose names
+/// are not UTF-8 are opened as they are (llama.cpp gets the exact bytes), run.json records them
+/// with `\xNN`, and where a name must be text (an output's own name; a path run.json hands to a
+/// later command) the command refuses up front with a clear error and leaves nothing behind.
+#[test]
+fn paths_that_are_not_utf8() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStringExt;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let raw = |b: &[u8]| OsString::from_vec(b.to_vec());
+    let (model, prompts, folder) = (raw(b"m\xff.gguf"), raw(b"p\xfd.txt"), raw(b"d\xfe"));
+    std::os::unix::fs::symlink(smol_path(), w.join(&model)).unwrap();
+    std::fs::write(w.join(&prompts), "hello there\nhow are you\n").unwrap();
+    std::fs::create_dir(w.join(&folder)).unwrap();
+    let run = Path::new(&folder).join("run");
+    let go = |args: &[&OsStr]| bin().args(args).current_dir(w).output().unwrap();
+    let o = go(&[
+        "trace".as_ref(),
+        "-m".as_ref(),
+        &model,
+        "-f".as_ref(),
+        &prompts,
+        "-o".as_ref(),
+        run.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.join(&run).join("run.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model"]["path"], "m\\xFF.gguf");
+    assert_eq!(manifest["prompts"][1]["source"], "p\\xFD.txt:2");
+    let cmd = manifest["provenance"]["command_line"].as_array().unwrap();
+    assert!(cmd.iter().any(|a| a == "d\\xFE/run"), "{cmd:?}");
+    let html = Path::new(&folder).join("r.html");
+    let o = go(&[
+        "report".as_ref(),
+        run.as_os_str(),
+        "-o".as_ref(),
+        html.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(w.join(&html).is_file());
+    let o = go(&["inspect".as_ref(), &model]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("m\\xFF.gguf"));
+    // Refused up front, with nothing left behind.
+    let m = smol_path();
+    let refused = |args: &[&OsStr], needle: &str| {
+        let before = snapshot(w);
+        let o = go(args);
+        assert_clean_error(&o, needle, None);
+        assert_unchanged(w, &before, &format!("{args:?}"));
+    };
+    let p = [
+        "trace".as_ref(),
+        "-m".as_ref(),
+        m.as_os_str(),
+        "-p".as_ref(),
+        "hi".as_ref(),
+    ];
+    let bad_out = raw(b"o\xfc");
+    refused(
+        &[&p[..], &["-o".as_ref(), bad_out.as_os_str()]].concat(),
+        "an output name must be UTF-8",
+    );
+    for flag in ["--ablate", "--control-vector"] {
+        refused(
+            &[
+                &p[..],
+                &[
+                    flag.as_ref(),
+                    model.as_os_str(),
+                    "-o".as_ref(),
+                    "x".as_ref(),
+                ],
+            ]
+            .concat(),
+            &format!("{flag} m\\xFF.gguf: the path is not valid UTF-8"),
+        );
+    }
+    refused(
+        &[
+            &p[..],
+            &[
+                "--patch-from".as_ref(),
+                run.as_os_str(),
+                "--patch-points".as_ref(),
+                "3".as_ref(),
+                "-o".as_ref(),
+                "x".as_ref(),
+            ],
+        ]
+        .concat(),
+        "--patch-from d\\xFE/run: the path is not valid UTF-8",
+    );
+}
+
 #[test]
 fn trace_adapts_batch_size_below_sequences() {
     let m = smol_path();
