@@ -104,7 +104,7 @@ fn file_name(p: &Path) -> Result<String, OutputError> {
         .filter(|n| *n != "." && *n != "..")
         .ok_or_else(|| OutputError::BadTarget {
             path: p.display().to_string(),
-            why: "the path names no file or directory".into(),
+            why: "it names a folder (`.`, `..` or `/`), not an output; give the output its own name in it (e.g. ./run)".into(),
         })?;
     name.to_str()
         .filter(|n| !n.contains('\n'))
@@ -130,8 +130,32 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
             why: format!("{} is not an existing directory", parent.display()),
         });
     }
-    if fs::symlink_metadata(target).is_err() {
+    // Refused before any work, not after it: a read-only mount or a folder this user may not write
+    // (the probe is removed when dropped).
+    if let Err(e) = tempfile::Builder::new()
+        .prefix(".gguf-trace~probe.")
+        .tempfile_in(&parent)
+    {
+        return Err(OutputError::BadTarget {
+            path: target.display().to_string(),
+            why: format!(
+                "{} is not writable ({})",
+                parent.display(),
+                std::io::Error::from(e.kind())
+            ),
+        });
+    }
+    let Ok(meta) = fs::symlink_metadata(target) else {
         return Ok(());
+    };
+    if meta.file_type().is_symlink() && fs::metadata(target).is_err() {
+        return Err(OutputError::BadTarget {
+            path: target.display().to_string(),
+            why: format!(
+                "it is a symbolic link to {}, which does not exist; remove the link or choose another name",
+                fs::read_link(target).unwrap_or_default().display()
+            ),
+        });
     }
     if !force {
         return Err(OutputError::Exists(target.display().to_string()));
@@ -198,17 +222,18 @@ fn foreign_entries(dir: &Path, kind: Kind) -> Vec<String> {
             }
         }
         Kind::Compare => {
-            let runs: Vec<String> = fs::read_to_string(dir.join(COMPARE_JSON))
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| {
-                    v.get("runs")?.as_array().map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_str().map(str::to_string))
-                            .collect()
+            let runs: Vec<String> =
+                crate::paths::read_text(&dir.join(COMPARE_JSON), crate::paths::MAX_JSON)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| {
+                        v.get("runs")?.as_array().map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(str::to_string))
+                                .collect()
+                        })
                     })
-                })
-                .unwrap_or_default();
+                    .unwrap_or_default();
             for (n, is_dir) in names(dir) {
                 let ours = if is_dir {
                     runs.contains(&n)
@@ -247,7 +272,7 @@ fn read_head(path: &Path, n: usize) -> Option<Vec<u8>> {
 }
 
 fn json_tool_is_ours(path: &Path) -> bool {
-    let Ok(text) = fs::read_to_string(path) else {
+    let Ok(text) = crate::paths::read_text(path, crate::paths::MAX_JSON) else {
         return false;
     };
     serde_json::from_str::<serde_json::Value>(&text)
@@ -610,7 +635,9 @@ fn recover_stale(parent: &Path, key: &str, remove_partials: bool) -> Vec<String>
         let mut restored = 0;
         if old.exists() && !committed {
             // An interrupted swap: put every earlier output back, remove what was half moved in.
-            let targets = fs::read_to_string(partial.join(".targets")).unwrap_or_default();
+            let targets =
+                crate::paths::read_text(&partial.join(".targets"), crate::paths::MAX_JSON)
+                    .unwrap_or_default();
             for n in targets.lines().filter(|n| !n.is_empty()) {
                 let target = parent.join(n);
                 let was = old.join(n);

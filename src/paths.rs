@@ -40,6 +40,64 @@ pub fn read_back<'a>(p: &'a Path, what: &str) -> Result<&'a str, NotUtf8> {
     })
 }
 
+/// What a path that is not a regular file or directory is ("a character device", ...), for
+/// errors: `/dev/zero` is a device, not "an empty file".
+pub fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_fifo() {
+        Some("a pipe")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        None
+    }
+}
+
+/// Largest JSON file gguf-trace reads back (run.json, compare.json, journals): far above any run
+/// it writes, and a bound on what a damaged or hostile file can make it allocate.
+pub const MAX_JSON: u64 = 1 << 30;
+
+/// Read a file of at most `limit` bytes: a regular file, or a pipe where `pipes` allows one. A
+/// device is refused (`/dev/zero` would be read forever), a directory too, and a longer file is
+/// an error, never a truncated read.
+pub fn read_bounded(path: &Path, limit: u64, pipes: bool) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(std::io::Error::other("is a directory"));
+    }
+    if let Some(kind) = special_kind(meta.file_type()) {
+        if !(pipes && kind == "a pipe") {
+            return Err(std::io::Error::other(format!("is {kind}, not a file")));
+        }
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            limit >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`read_bounded`] (no pipes) as UTF-8 text.
+pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, limit, false)?).map_err(|e| {
+        std::io::Error::other(format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

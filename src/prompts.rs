@@ -43,21 +43,14 @@ pub const MAX_PROMPT_FILE: u64 = 256 << 20;
 
 /// Read a prompt file as UTF-8 text: a regular file (or a pipe) of at most [`MAX_PROMPT_FILE`].
 fn read_bounded(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let meta = std::fs::metadata(path)?;
-    if meta.is_dir() {
-        return Err(std::io::Error::other("is a directory"));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_PROMPT_FILE + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_PROMPT_FILE {
-        return Err(std::io::Error::other(format!(
-            "larger than {} MiB; split it into several files",
-            MAX_PROMPT_FILE >> 20
-        )));
-    }
+    // A pipe is a file's contents on its way (`-f <(…)` has no .txt name, but a named FIFO may).
+    let mut bytes = crate::paths::read_bounded(path, MAX_PROMPT_FILE, true).map_err(|e| {
+        if e.to_string().starts_with("larger than") {
+            std::io::Error::other(format!("{e}; split it into several files"))
+        } else {
+            e
+        }
+    })?;
     // A UTF-8 byte-order mark (some editors write one) is not part of the first prompt.
     if bytes.starts_with(b"\xef\xbb\xbf") {
         bytes.drain(..3);

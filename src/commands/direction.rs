@@ -210,7 +210,8 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         recorded,
         json.as_deref().map(|j| (SELECTION_KEY, j)),
     )
-    .with_context(|| format!("cannot write {}", args.output.display()))?;
+    .with_context(|| format!("cannot write {}", args.output.display()))
+    .map_err(|e| super::name_full_disk(&crate::output::parent_dir(&args.output), e))?;
     sync_file(&staged)?;
     staging.commit(&[name], &[])?;
     let pk = c.peak;

@@ -31,6 +31,12 @@ pub fn check_gguf_path(path: &Path) -> Result<()> {
             path.display()
         );
     }
+    if let Some(kind) = crate::paths::special_kind(meta.file_type()) {
+        bail!(
+            "{}: is {kind}, not a file; expected a .gguf model file",
+            path.display()
+        );
+    }
     if meta.len() == 0 {
         bail!("{}: empty file, expected a .gguf model", path.display());
     }
@@ -177,6 +183,20 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
             .progress_chars("=> "),
     );
     pb
+}
+
+/// A write into `dir` failed: when the disk there is full, say so. llama.cpp's GGUF writers report
+/// only "gguf_write_to_file failed" or "basic_ios::clear: iostream error", never the errno; a disk
+/// with under 1 MiB left just after a failed write (the partial file still on it) is the cause.
+pub fn name_full_disk(dir: &Path, e: anyhow::Error) -> anyhow::Error {
+    match fs4::available_space(dir) {
+        Ok(free) if free < 1 << 20 => anyhow::anyhow!(
+            "no space left on {} ({} free): {e:#}",
+            dir.display(),
+            human_bytes(free)
+        ),
+        _ => e,
+    }
 }
 
 /// "12.3 MiB".

@@ -119,7 +119,8 @@ fn write_all(
         }
         worker
             .join()
-            .map_err(|_| anyhow::anyhow!("the quantization thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("the quantization thread panicked"))?
+            .map_err(|e| super::name_full_disk(&args.output, e.into()))?;
         sync_file(&tmp)?;
         let g = Gguf::open(&tmp)?;
         let label = g

@@ -23,7 +23,7 @@ pub fn write_report(
     refusal_phrases: Option<&Path>,
 ) -> Result<usize> {
     let phrases = crate::analysis::effects::parse_phrases(&match refusal_phrases {
-        Some(p) => std::fs::read_to_string(p)
+        Some(p) => crate::paths::read_text(p, 16 << 20)
             .with_context(|| format!("--refusal-phrases {}: cannot read", p.display()))?,
         None => crate::analysis::effects::DEFAULT_PHRASES.to_string(),
     });
@@ -32,6 +32,20 @@ pub fn write_report(
     }
     if runs.is_empty() {
         bail!("no run directories given");
+    }
+    // The same run twice is not a comparison (nor a quantization ladder of one file).
+    for (i, a) in runs.iter().enumerate() {
+        for b in &runs[..i] {
+            if let (Ok(x), Ok(y)) = (a.canonicalize(), b.canonicalize()) {
+                if x == y {
+                    bail!(
+                        "{} and {} are the same run; give each run once (several runs are compared with each other)",
+                        b.display(),
+                        a.display()
+                    );
+                }
+            }
+        }
     }
     if out.is_dir() {
         bail!(

@@ -70,7 +70,7 @@ pub struct JournalEntry {
 
 /// The journal's complete lines, in order (a torn last line — a power cut — is ignored).
 fn read_journal(path: &Path) -> Vec<JournalEntry> {
-    let text = fs::read_to_string(path).unwrap_or_default();
+    let text = crate::paths::read_text(path, crate::paths::MAX_JSON).unwrap_or_default();
     let mut out: Vec<JournalEntry> = Vec::new();
     for line in text.split_inclusive('\n') {
         if !line.ends_with('\n') {
@@ -566,7 +566,8 @@ impl RunWriter {
     ) -> Result<(RunWriter, Vec<JournalEntry>), RunError> {
         check_output(out, force)?;
         let accept = |dir: &Path| -> Result<(), OutputError> {
-            let found = fs::read_to_string(dir.join(RESUME_PLAN)).unwrap_or_default();
+            let found = crate::paths::read_text(&dir.join(RESUME_PLAN), crate::paths::MAX_JSON)
+                .unwrap_or_default();
             if found.trim() == plan {
                 Ok(())
             } else {
@@ -1157,7 +1158,14 @@ impl Run {
             return Err(RunError::NotARun(d));
         }
         let p = dir.join(RUN_JSON);
-        let text = fs::read_to_string(&p).map_err(|_| RunError::NotARun(d.clone()))?;
+        let text =
+            crate::paths::read_text(&p, crate::paths::MAX_JSON).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => RunError::NotARun(d.clone()),
+                _ => RunError::Io {
+                    path: p.display().to_string(),
+                    source: e,
+                },
+            })?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| RunError::BadManifest {
                 path: p.display().to_string(),

@@ -515,6 +515,188 @@ fn paths_that_are_not_utf8() {
     );
 }
 
+/// A full disk is named (issue 21, class 7): llama.cpp's GGUF writers (`direction`, `quantize`)
+/// report only "gguf_write_to_file failed" / "iostream error"; every writer says "no space left
+/// on …" and leaves nothing on the disk. Each case runs in its own mount namespace (`unshare -rm`,
+/// no root needed where user namespaces are allowed) over a 64 KiB tmpfs.
+#[test]
+fn a_full_disk_is_named() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let run = copy_run(w, "run");
+    let full = w.join("full");
+    std::fs::create_dir(&full).unwrap();
+    let m = smol_path();
+    let script = r#"full=$1; shift
+        mount -t tmpfs -o size=64k tmpfs "$full" || exit 99
+        "$@"; rc=$?; echo "left:$(ls -A "$full")"; exit $rc"#;
+    let cases: [&[&str]; 4] = [
+        &[
+            "direction",
+            s(&run),
+            "--labels",
+            "pos,neg",
+            "-o",
+            "full/d.gguf",
+        ],
+        &["quantize", s(&m), "-o", "full/q", "--type", "q8_0"],
+        &["report", s(&run), "-o", "full/r.html"],
+        &["trace", "-m", s(&m), "-p", "hi", "-o", "full/run"],
+    ];
+    for args in cases {
+        let o = std::process::Command::new("unshare")
+            .args(["-rm", "sh", "-c", script, "sh", s(&full)])
+            .arg(env!("CARGO_BIN_EXE_gguf-trace"))
+            .args(args)
+            .current_dir(w)
+            .output()
+            .unwrap();
+        assert_ne!(
+            o.status.code(),
+            Some(99),
+            "cannot mount a tmpfs in a user namespace (unshare -rm): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let needle = if args[0] == "trace" {
+            "not enough disk space in full"
+        } else {
+            "no space left on"
+        };
+        assert_clean_error(&o, needle, None);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.ends_with("left:\n"),
+            "{args:?} left files behind: {out}"
+        );
+    }
+}
+
+/// Errors that say what is wrong (issue 21, class 7): a device is not "an empty file" and is never
+/// read forever (a model, a prompt file, a run.json, a phrase list), `.` and `/` are folders, a
+/// dangling link is named as one (with or without --force), the same run twice is not a
+/// comparison, and a folder that cannot be written is refused before any work — shown by giving a
+/// model that does not exist, which would be the error if the work had started.
+#[test]
+fn errors_name_the_problem() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = smol_path();
+    let m = s(&m);
+    let run = copy_run(w, "run");
+    // Links live outside `work`, whose snapshot would follow them.
+    let odd_dir = tempfile::tempdir().unwrap();
+    let odd = |name: &str| s(&odd_dir.path().join(name)).to_string();
+    let link = |name: &str, to: &str| std::os::unix::fs::symlink(to, odd(name)).unwrap();
+    link("zero.txt", "/dev/zero");
+    link("dangling", "absent");
+    std::fs::create_dir(odd("fake")).unwrap();
+    link("fake/run.json", "/dev/zero");
+    let (zero_txt, dangling, fake) = (odd("zero.txt"), odd("dangling"), odd("fake"));
+    let trace =
+        |more: &[&'static str]| -> Vec<&str> { [&["trace", "-m", m, "-p", "hi"], more].concat() };
+    fails(
+        w,
+        &["trace", "-m", "/dev/zero", "-p", "hi", "-o", "x"],
+        "is a character device, not a file",
+    );
+    fails(w, &["inspect", "/dev/zero"], "is a character device");
+    fails(
+        w,
+        &["trace", "-m", m, "-f", &zero_txt, "-o", "x"],
+        "zero.txt: cannot read prompt file: is a character device",
+    );
+    fails(
+        w,
+        &["report", &fake, "-o", "r.html"],
+        "fake/run.json: is a character device",
+    );
+    fails(
+        w,
+        &[
+            "report",
+            "run",
+            "-o",
+            "r.html",
+            "--refusal-phrases",
+            "/dev/zero",
+        ],
+        "is a character device",
+    );
+    for o in [".", "..", "/"] {
+        fails(w, &trace(&["-o", o, "--force"]), "names a folder");
+    }
+    fails(
+        w,
+        &[trace(&["-o"]), vec![&dangling]].concat(),
+        "symbolic link to absent, which does not exist",
+    );
+    fails(
+        w,
+        &[trace(&["--force", "-o"]), vec![&dangling]].concat(),
+        "symbolic link to absent",
+    );
+    assert_eq!(
+        std::fs::read_dir(odd_dir.path()).unwrap().count(),
+        3,
+        "files left beside the links"
+    );
+    fails(
+        w,
+        &["report", "run", "run/", "-o", "r.html"],
+        "are the same run",
+    );
+    fails(
+        w,
+        &["report", "run", "./run", s(&run), "-o", "r.html"],
+        "are the same run",
+    );
+    // A read-only folder, in a mount namespace of its own.
+    let ro = w.join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let missing = s(&w.join("no-such-model.gguf")).to_string();
+    let cases: [&[&str]; 5] = [
+        &[
+            "patch",
+            "-m",
+            &missing,
+            "--clean",
+            "a",
+            "--corrupt",
+            "b",
+            "-o",
+            "ro/p.html",
+        ],
+        &["trace", "-m", &missing, "-p", "hi", "-o", "ro/run"],
+        &[
+            "compare", "-m", &missing, "-m", &missing, "-p", "hi", "-o", "ro/c",
+        ],
+        &["report", "run", "-o", "ro/r.html"],
+        &["direction", "run", "--labels", "pos,neg", "-o", "ro/d.gguf"],
+    ];
+    for args in cases {
+        let o = std::process::Command::new("unshare")
+            .args([
+                "-rm",
+                "sh",
+                "-c",
+                r#"mount -t tmpfs -o ro,size=64k tmpfs "$1" || exit 99; shift; exec "$@""#,
+                "sh",
+                s(&ro),
+            ])
+            .arg(env!("CARGO_BIN_EXE_gguf-trace"))
+            .args(args)
+            .current_dir(w)
+            .output()
+            .unwrap();
+        assert_ne!(
+            o.status.code(),
+            Some(99),
+            "cannot mount a tmpfs (unshare -rm)"
+        );
+        assert_clean_error(&o, "ro is not writable (read-only", None);
+    }
+}
+
 #[test]
 fn trace_adapts_batch_size_below_sequences() {
     let m = smol_path();
@@ -768,7 +950,7 @@ fn outputs_are_never_lost() {
     fails(
         w,
         &["trace", "-m", m, "-p", "x", "-o", "."],
-        "names no file or directory",
+        "names a folder",
     );
     fails(
         w,
