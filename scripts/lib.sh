@@ -43,7 +43,7 @@ ensure_system() {
   case "$(uname -s)" in
     Linux)
       command -v apt-get >/dev/null || die "this script knows apt-get (Debian/Ubuntu) and brew (macOS); install cmake, clang, libclang, OpenBLAS and python3 by hand"
-      local pkgs=(build-essential cmake clang libclang-dev pkg-config libopenblas-dev liblapack-dev python3 python3-venv python3-pip ca-certificates procps)
+      local pkgs=(build-essential cmake clang libclang-dev pkg-config libopenblas-dev liblapack-dev python3 python3-venv python3-pip ca-certificates procps util-linux)
       if [ "${1:-}" = browser ]; then pkgs+=(chromium fonts-dejavu-core); fi
       apt_install "${pkgs[@]}"
       ;;

@@ -520,6 +520,7 @@ fn paths_that_are_not_utf8() {
 /// on …" and leaves nothing on the disk. Each case runs in its own mount namespace (`unshare -rm`,
 /// no root needed where user namespaces are allowed) over a 64 KiB tmpfs.
 #[test]
+#[cfg(target_os = "linux")] // mount namespaces (unshare)
 fn a_full_disk_is_named() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -577,6 +578,7 @@ fn a_full_disk_is_named() {
 /// comparison, and a folder that cannot be written is refused before any work — shown by giving a
 /// model that does not exist, which would be the error if the work had started.
 #[test]
+#[cfg(target_os = "linux")] // mount namespaces (unshare)
 fn errors_name_the_problem() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
