@@ -69,7 +69,7 @@ pub struct JournalEntry {
 }
 
 /// The journal's complete lines, in order (a torn last line — a power cut — is ignored).
-fn read_journal(path: &Path) -> Vec<JournalEntry> {
+pub fn read_journal(path: &Path) -> Vec<JournalEntry> {
     let text = crate::paths::read_text(path, crate::paths::MAX_JSON).unwrap_or_default();
     let mut out: Vec<JournalEntry> = Vec::new();
     for line in text.split_inclusive('\n') {
@@ -1113,8 +1113,20 @@ fn check_npy(path: &Path, descr: &str, shape: &[usize]) -> Result<(), RunError> 
     Ok(())
 }
 
+/// Before ndarray-npy reads `path`: its header passes our parser (which refuses what would hang
+/// py_literal's) and the file holds exactly the data its shape says, so a damaged header can make
+/// nothing be allocated beyond the file's size.
+fn guard_npy(path: &Path) -> Result<(), RunError> {
+    let h = npy::NpyHeader::read(path).map_err(|e| RunError::Npy {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    check_npy(path, &h.descr, &h.shape)
+}
+
 /// An NPY file of type `dtype` read as f32 (f16 widened, int32 converted: exact below 2^24).
 fn read_as_f32(p: &Path, dtype: Dtype) -> Result<ndarray::ArrayD<f32>, RunError> {
+    guard_npy(p)?;
     Ok(match dtype {
         Dtype::F32 => ndarray_npy::read_npy(p).map_err(Run::npy_err(p))?,
         Dtype::F16 => {
@@ -1388,6 +1400,7 @@ impl Run {
     /// and tests; analyses read it a prompt at a time with [`Run::last_states`].
     pub fn last(&self) -> Result<Array3<f32>, RunError> {
         let p = self.dir.join(LAST_NPY);
+        guard_npy(&p)?;
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 
@@ -1409,6 +1422,7 @@ impl Run {
     /// runs and tests; analyses use [`Run::logit_rows`]).
     pub fn logits(&self) -> Result<Array2<f32>, RunError> {
         let p = self.dir.join(LOGITS_NPY);
+        guard_npy(&p)?;
         finite(&p, ndarray_npy::read_npy(&p).map_err(Self::npy_err(&p))?)
     }
 

@@ -178,10 +178,27 @@ impl NpyHeader {
         if len > 1 << 20 {
             return Err(bad("NPY header too long"));
         }
-        let mut text = vec![0u8; len];
-        f.read_exact(&mut text)
-            .map_err(|_| bad("truncated NPY header"))?;
+        // As much as the file holds, not what the header claims.
+        let mut text = Vec::new();
+        (&mut f).take(len as u64).read_to_end(&mut text)?;
+        if text.len() < len {
+            return Err(bad("truncated NPY header"));
+        }
         let text = String::from_utf8_lossy(&text);
+        // An NPY header is a flat dict holding a shape tuple (depth 2). py_literal's parser takes
+        // time exponential in the nesting depth ("[[[[…" hangs it), so deeper headers are refused
+        // before it sees them; ndarray-npy reads no file whose header this has not passed.
+        let mut depth = 0usize;
+        for c in text.chars() {
+            match c {
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth > 4 {
+                return Err(bad("unreadable NPY header (nested too deep)"));
+            }
+        }
         let dict: PyValue = text
             .trim()
             .parse()
