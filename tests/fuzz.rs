@@ -538,6 +538,7 @@ fn fuzz_resume_journal() {
                 lens_diff: 0.0,
                 csv_lengths: [10, 20, 30],
                 checkpoint_size: 1,
+                checksums: [("last.npy#0".to_string(), "00".repeat(32))].into(),
             };
             serde_json::to_string(&e).unwrap() + "\n"
         })

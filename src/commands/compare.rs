@@ -32,7 +32,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     plan.lens = args.lens.then_some(LensOptions { all: false, k: 5 });
     plan.resume = args.resume;
     plan.validate()?;
-    prompts::collect(&args.input.prompts, &args.input.files)?;
+    let prompts = prompts::collect(&args.input.prompts, &args.input.files)?;
     check_target(&args.output, Kind::Compare, args.force)?;
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let reference = match &args.reference {
@@ -56,8 +56,38 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .context("the output path names no directory")?;
-    // (Each model's run checks its own plan when it resumes.)
-    let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume, &|_| Ok(()))?;
+    // The compare's own plan (each model's run also checks its own when it resumes): an
+    // interrupted compare of other models, options or prompts is refused, never mixed in.
+    let fingerprint = serde_json::json!({
+        "models": args
+            .models
+            .iter()
+            .map(|m| crate::model_hash::stamp(m).with_context(|| format!("{}: cannot read", m.display())))
+            .collect::<Result<Vec<_>>>()?,
+        "capture": plan.capture,
+        "lens": args.lens,
+        "chat": plan.input.chat,
+        "system": plan.input.system,
+        "prompts": prompts.iter().map(|p| (&p.id, &p.label, &p.text)).collect::<Vec<_>>(),
+        "reference": reference,
+        "title": args.title,
+        "tool_version": env!("CARGO_PKG_VERSION"),
+    })
+    .to_string();
+    let accept = |dir: &Path| -> Result<(), crate::output::OutputError> {
+        let found =
+            crate::paths::read_text(&dir.join(crate::run::RESUME_PLAN), crate::paths::MAX_JSON)
+                .unwrap_or_default();
+        if found.trim() == fingerprint {
+            Ok(())
+        } else {
+            Err(crate::output::OutputError::Refused(format!(
+                "the interrupted compare of {} was made with other model files, other options or other prompts; run without --resume to start over (it is discarded then)",
+                args.output.display()
+            )))
+        }
+    };
+    let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume, &accept)?;
     if args.resume && !adopted {
         eprintln!(
             "note: no interrupted compare of {} to resume; starting it",
@@ -67,9 +97,12 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     let work = staging.path(&name);
     if !work.is_dir() {
         std::fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+        crate::output::write_synced(&work.join(crate::run::RESUME_PLAN), fingerprint.as_bytes())?;
     }
     match compare_into(args, &plan, &work, reference) {
         Ok(n) => {
+            std::fs::remove_file(work.join(crate::run::RESUME_PLAN))
+                .with_context(|| format!("cannot finish {}", work.display()))?;
             staging.commit(&[name], &[])?;
             eprintln!("report with {n} figures from {} runs", args.models.len());
             writeln!(out, "{}", args.output.join(REPORT).display())?;

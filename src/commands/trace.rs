@@ -812,6 +812,7 @@ fn trace_prompts(
                 lens_diff: lens_entry.1,
                 csv_lengths: [0; 3],
                 checkpoint_size: 0,
+                checksums: Default::default(),
             });
             records.push(record);
             // Checkpoints fall on group boundaries: a resumed trace then decodes the same groups

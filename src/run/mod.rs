@@ -66,6 +66,44 @@ pub struct JournalEntry {
     /// How many prompts the checkpoint of this entry journaled (to tell a whole one).
     #[serde(default)]
     pub checkpoint_size: usize,
+    /// sha256 of this prompt's staged data, verified before `--resume` keeps it: its states and
+    /// tap files by relative path, its rows of `last.npy` and `logits.npy` (`last.npy#3`), and the
+    /// CSV bytes its checkpoint added (`tokens.csv@120..480`). An entry without them is not kept.
+    #[serde(default)]
+    pub checksums: std::collections::BTreeMap<String, String>,
+}
+
+/// The checksum of one staged item named as in [`JournalEntry::checksums`], computed from the
+/// staging directory `dir`.
+fn staged_checksum(dir: &Path, key: &str) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let range = |rel: &str, start: u64, end: u64| -> std::io::Result<String> {
+        let f = fs::File::open(dir.join(rel))?;
+        let mut buf = vec![0u8; (end.saturating_sub(start)).min(f.metadata()?.len()) as usize];
+        f.read_exact_at(&mut buf, start)?;
+        Ok(format!("{:x}", Sha256::digest(&buf)))
+    };
+    if let Some((rel, row)) = key.split_once('#') {
+        let row: u64 = row.parse().map_err(std::io::Error::other)?;
+        let h = npy::NpyHeader::read(&dir.join(rel))?;
+        let width = h.shape.iter().skip(1).product::<usize>() as u64 * 4;
+        let start = h.data_offset + row * width;
+        return range(rel, start, start + width);
+    }
+    if let Some((rel, span)) = key.split_once('@') {
+        let (a, b) = span
+            .split_once("..")
+            .ok_or_else(|| std::io::Error::other("bad span"))?;
+        let (a, b): (u64, u64) = (
+            a.parse().map_err(std::io::Error::other)?,
+            b.parse().map_err(std::io::Error::other)?,
+        );
+        return range(rel, a, b);
+    }
+    let mut h = Sha256::new();
+    std::io::copy(&mut fs::File::open(dir.join(key))?, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// The journal's complete lines, in order (a torn last line — a power cut — is ignored).
@@ -509,6 +547,7 @@ impl RunFiles {
             staging,
             states_files: Vec::new(),
             resumed,
+            csv_checked: [0; 3],
         }
     }
 }
@@ -533,6 +572,8 @@ pub struct RunWriter {
     states_files: Vec<String>,
     /// Whether this writer continues an interrupted trace (`--resume`).
     resumed: bool,
+    /// CSV lengths the journal's checksums already cover (tokens, metrics, states).
+    csv_checked: [u64; 3],
 }
 
 impl RunWriter {
@@ -586,9 +627,24 @@ impl RunWriter {
         if adopted {
             let journal = read_journal(&tmp_dir.join(JOURNAL));
             let descr = dtype.descr();
+            // Staged data is kept only where it is what the journal recorded (a file edited by
+            // hand, a NaN written without changing its size, is traced again).
+            // (Every entry of a checkpoint names the same CSV bytes: each is hashed once.)
+            let seen = std::cell::RefCell::new(std::collections::HashMap::new());
+            let verified = |e: &JournalEntry| {
+                !e.checksums.is_empty()
+                    && e.checksums.iter().all(|(k, c)| {
+                        let mut seen = seen.borrow_mut();
+                        let x = seen
+                            .entry(k.clone())
+                            .or_insert_with(|| staged_checksum(&tmp_dir, k).ok());
+                        x.as_ref() == Some(c)
+                    })
+            };
             let sound = |e: &JournalEntry| {
                 let n_pos = e.record.positions.len();
                 valid(e)
+                    && verified(e)
                     && e.record.states_file.as_ref().is_none_or(|rel| {
                         check_npy(
                             &tmp_dir.join(rel),
@@ -642,6 +698,7 @@ impl RunWriter {
                 if let Ok(files) = reopened {
                     let mut w = files.into_writer(staging, true);
                     w.truncate_csvs(journal[cut - 1].csv_lengths)?;
+                    w.csv_checked = journal[cut - 1].csv_lengths;
                     let kept: Vec<JournalEntry> = journal.into_iter().take(cut).collect();
                     w.rewrite_journal(&kept)?;
                     return Ok((w, kept));
@@ -814,6 +871,31 @@ impl RunWriter {
             .open(&p)
             .map_err(io_err(&p))?;
         let size = entries.len();
+        // What this checkpoint adds, by checksum: each prompt's files and rows, and the new CSV
+        // bytes (the same for every entry of the checkpoint).
+        let dir = &self.files.tmp_dir;
+        let sum = |key: String| -> Result<(String, String), RunError> {
+            let c = staged_checksum(dir, &key).map_err(io_err(&dir.join(&key)))?;
+            Ok((key, c))
+        };
+        let mut csv_sums = Vec::new();
+        for (k, name) in [TOKENS_CSV, METRICS_CSV, STATES_CSV].iter().enumerate() {
+            if dir.join(name).exists() {
+                csv_sums.push(sum(format!(
+                    "{name}@{}..{}",
+                    self.csv_checked[k], lengths[k]
+                ))?);
+            }
+        }
+        for e in entries.iter_mut() {
+            let i = e.record.index;
+            let mut keys = vec![format!("{LAST_NPY}#{i}"), format!("{LOGITS_NPY}#{i}")];
+            keys.extend(e.record.states_file.iter().cloned());
+            keys.extend(e.record.tap_files.values().cloned());
+            e.checksums = keys.into_iter().map(sum).collect::<Result<_, _>>()?;
+            e.checksums.extend(csv_sums.iter().cloned());
+        }
+        self.csv_checked = lengths;
         for e in entries.iter_mut() {
             e.csv_lengths = lengths;
             e.checkpoint_size = size;

@@ -160,15 +160,31 @@ fn resume_refuses_other_inputs() {
     };
     refuse(&[], s(&m), "q.txt");
     refuse(&[], "copy.gguf", "p.txt");
-    refuse(&["--positions", "last"], s(&m), "p.txt");
+    // Every option that changes what is measured or how it is stored.
+    for extra in [
+        &["--positions", "last"][..],
+        &["--dtype", "f16"],
+        &["--points", "0,5,10"],
+        &["--lens"],
+        &["--cache-type", "f32"],
+        &["--no-repack"],
+        &["--n-seq", "1"],
+        &["--chat"],
+        &["--format", "both"],
+        &["--taps", "attn_out"],
+    ] {
+        refuse(extra, s(&m), "p.txt");
+    }
     // The interrupted trace is still there for the right --resume.
     let o = ok(w, &[&a[..], &["--resume"]].concat());
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
 }
 
 /// A damaged or edited staging directory is never trusted: a deleted or truncated states file, a
-/// journal torn mid-line, a journaled prompt that no longer matches — the affected prompts are
-/// traced again and the run still equals an uninterrupted one.
+/// journal torn mid-line, a journaled prompt that no longer matches, and data edited without
+/// changing any size (a NaN in a states file, a row of last.npy, a byte of tokens.csv: caught by
+/// the journal's checksums) — the affected prompts are traced again and the run still equals an
+/// uninterrupted one.
 #[test]
 fn resume_repairs_a_damaged_interrupted_trace() {
     let m = model_path(SMOL).unwrap();
@@ -201,7 +217,32 @@ fn resume_repairs_a_damaged_interrupted_trace() {
         Box::new(|d: &Path| {
             let p = d.join(".journal.jsonl");
             let t = std::fs::read_to_string(&p).unwrap();
-            std::fs::write(&p, t.replacen("Prompt number 0 ", "Prompt number X ", 1)).unwrap();
+            let edited = t.replacen("Prompt number 0 ", "Prompt number X ", 1);
+            assert_ne!(edited, t, "prompt 0 is not in the journal");
+            std::fs::write(&p, edited).unwrap();
+        }),
+        // Same size, other content.
+        Box::new(|d: &Path| {
+            let p = d.join("states/00000.npy");
+            let mut b = std::fs::read(&p).unwrap();
+            let n = b.len();
+            b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+            std::fs::write(&p, &b).unwrap();
+        }),
+        Box::new(|d: &Path| {
+            // Row 0 of last.npy starts right after its header.
+            let p = d.join("last.npy");
+            let mut b = std::fs::read(&p).unwrap();
+            let start = b.iter().position(|&c| c == b'\n').unwrap() + 1;
+            b[start + 8] ^= 0x40;
+            std::fs::write(&p, &b).unwrap();
+        }),
+        Box::new(|d: &Path| {
+            let p = d.join("tokens.csv");
+            let t = std::fs::read_to_string(&p).unwrap();
+            let edited = t.replacen(",Prom,", ",Prox,", 1);
+            assert_ne!(edited, t, "no piece `Prom` in tokens.csv");
+            std::fs::write(&p, edited).unwrap();
         }),
     ];
     for damage in damages {
@@ -240,6 +281,22 @@ fn compare_resumes() {
     assert_eq!(code, Some(130), "{seen:?}");
     assert!(seen.iter().any(|l| l.contains("--resume")), "{seen:?}");
     assert!(!w.join("cmp").exists());
+    // Another plan does not take over the interrupted compare, and leaves it as it was.
+    prompts(w, "q.txt", N - 1);
+    let before = snapshot(w);
+    for other in [
+        a.map(|x| if x == "p.txt" { "q.txt" } else { x }).to_vec(),
+        [&a[..], &["--dtype", "f16"]].concat(),
+        [&a[..], &["--lens"]].concat(),
+    ] {
+        let o = bin()
+            .args([&other[..], &["--resume"]].concat())
+            .current_dir(w)
+            .output()
+            .unwrap();
+        assert_clean_error(&o, "interrupted compare of cmp was made with other", None);
+        assert_unchanged(w, &before, &format!("{other:?}"));
+    }
     let o = ok(w, &[&a[..], &["--resume"]].concat());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
