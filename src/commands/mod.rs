@@ -111,6 +111,34 @@ pub fn check_model_gguf(path: &Path) -> Result<()> {
             bail!("{}: metadata {key} is not a number", path.display());
         }
     }
+    // Recurrent models (mamba, mamba2, rwkv…) carry state-space or WKV hyper-parameters and no
+    // attention heads: llama.cpp runs them, but there is no residual stream of transformer blocks
+    // to trace. Said as such, not as "no attention heads" (hybrids, which have heads in some
+    // layers, load and are refused by name after the load).
+    let heads = g.get(&format!("{arch}.attention.head_count"));
+    let no_heads = heads.as_ref().is_none_or(|v| match v.as_f64() {
+        Some(x) => x < 1.0,
+        None => v
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x.as_f64().is_some_and(|x| x < 1.0))),
+    });
+    let recurrent_keys = g.keys().into_iter().any(|k| {
+        [
+            ".ssm.",
+            ".wkv.",
+            ".rwkv.",
+            ".time_mix_",
+            ".token_shift_count",
+        ]
+        .iter()
+        .any(|m| k.starts_with(&arch) && k[arch.len()..].starts_with(m))
+    });
+    if recurrent_keys && no_heads {
+        bail!(
+            "{}: {arch} is a recurrent architecture (state-space or RWKV), not supported: gguf-trace traces the residual stream between transformer blocks",
+            path.display()
+        );
+    }
     if let Some(v) = g.get(&format!("{arch}.attention.head_count")) {
         if v.as_f64().is_some_and(|x| x < 1.0) {
             bail!(

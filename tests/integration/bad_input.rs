@@ -699,6 +699,42 @@ fn errors_name_the_problem() {
     }
 }
 
+/// Recurrent models (issue 21, class 12): mamba, mamba2 and rwkv6 headers (written by the `gguf`
+/// package as their converters write them: state-space or WKV keys, head_count 0 or absent) are
+/// refused as recurrent by `trace` and `inspect`, not as "a model needs attention heads".
+#[test]
+fn recurrent_models_are_named() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    run_python(
+        r#"
+import sys, numpy as np, gguf
+def make(path, arch, heads):
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(2); w.add_embedding_length(8); w.add_context_length(64)
+    if arch.startswith("mamba"):
+        for k, v in [("conv_kernel", 4), ("inner_size", 16), ("state_size", 16), ("time_step_rank", 1)]:
+            w.add_uint32(f"{arch}.ssm.{k}", v)
+    else:
+        w.add_uint32(f"{arch}.wkv.head_size", 4)
+    if heads is not None:
+        w.add_uint32(f"{arch}.attention.head_count", heads)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+make(sys.argv[1] + "/mamba.gguf", "mamba", 0)
+make(sys.argv[1] + "/mamba2.gguf", "mamba2", None)
+make(sys.argv[1] + "/rwkv6.gguf", "rwkv6", 0)
+"#,
+        &[s(w)],
+    );
+    for arch in ["mamba", "mamba2", "rwkv6"] {
+        let f = format!("{arch}.gguf");
+        let needle = format!("{arch} is a recurrent architecture");
+        fails(w, &["inspect", &f], &needle);
+        fails(w, &["trace", "-m", &f, "-p", "hi", "-o", "x"], &needle);
+    }
+}
+
 #[test]
 fn trace_adapts_batch_size_below_sequences() {
     let m = smol_path();
