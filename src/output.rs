@@ -319,6 +319,52 @@ pub fn is_ours(target: &Path, kind: Kind) -> bool {
 
 const PREFIX: &str = ".gguf-trace-";
 
+/// This process's stagings in progress, for the abort path: llama.cpp can end the process from
+/// inside a decode (a failed GGML_ASSERT), where nothing unwinds and no `Drop` runs.
+struct Live {
+    dir: PathBuf,
+    lock: PathBuf,
+    /// Holds something `--resume` can continue (a checkpoint, a finished run of a compare).
+    resumable: bool,
+}
+
+static LIVE: std::sync::Mutex<Vec<Live>> = std::sync::Mutex::new(Vec::new());
+
+fn live_add(dir: &Path, lock: &Path, resumable: bool) {
+    crate::llama::backend::set_abort_cleanup(abort_cleanup);
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.push(Live {
+        dir: dir.to_path_buf(),
+        lock: lock.to_path_buf(),
+        resumable,
+    });
+}
+
+fn live_remove(dir: &Path) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|l| l.dir != dir);
+}
+
+/// Called by the abort path just before the process ends: removes every staging that holds
+/// nothing to resume (and its lock), so an abort leaves no leftovers; returns whether something
+/// resumable stays (then, and only then, the error suggests `--resume`).
+fn abort_cleanup() -> bool {
+    let Ok(live) = LIVE.try_lock() else {
+        // Held by the aborting thread itself: leave everything as it is, as SIGKILL would.
+        return true;
+    };
+    let mut resumable = false;
+    for l in live.iter() {
+        if l.resumable {
+            resumable = true;
+        } else {
+            let _ = fs::remove_dir_all(&l.dir);
+            let _ = fs::remove_file(&l.lock);
+        }
+    }
+    resumable
+}
+
 /// Files written while an output is being produced, and the swap into place.
 pub struct Staging {
     parent: PathBuf,
@@ -345,6 +391,7 @@ impl Staging {
         let dir = parent.join(format!("{PREFIX}{key}.{pid}.partial"));
         let lock = fs::File::create(&lock_path).map_err(io_err(&parent))?;
         lock.try_lock_exclusive().map_err(io_err(&lock_path))?;
+        live_add(&dir, &lock_path, false);
         if dir.exists() {
             // Our own pid: a leftover of an earlier Staging in this process.
             fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
@@ -435,6 +482,7 @@ impl Staging {
             return Err(io_err(&old_dir)(e));
         }
         let _ = fs::remove_file(format!("{}.lock", old_base.display()));
+        live_add(&dir, &lock_path, true);
         // Anything else dead processes left for this target goes.
         for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
@@ -454,6 +502,16 @@ impl Staging {
     /// when this process exits, which is what marks it resumable.
     pub fn keep(mut self) {
         self.done = true;
+        live_remove(&self.dir);
+    }
+
+    /// Record that the staging now holds something `--resume` can continue (a checkpoint, a
+    /// finished run of a compare): an abort leaves it in place and says so.
+    pub fn mark_resumable(&self) {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        for l in live.iter_mut().filter(|l| l.dir == self.dir) {
+            l.resumable = true;
+        }
     }
 
     /// Where to write the output that will become `parent/name`.
@@ -474,6 +532,8 @@ impl Staging {
         if crate::llama::backend::interrupted() {
             return Err(OutputError::Interrupted);
         }
+        // From here a swap may be half done: an abort leaves it to the next command's recovery.
+        live_remove(&self.dir);
         for n in names {
             let p = self.dir.join(n);
             if fs::symlink_metadata(&p).is_err() {
@@ -518,6 +578,7 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
+        live_remove(&self.dir);
         if !self.done {
             let _ = fs::remove_dir_all(&self.dir);
             let _ = fs::remove_file(&self.lock_path);

@@ -99,7 +99,7 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
         std::fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
         crate::output::write_synced(&work.join(crate::run::RESUME_PLAN), fingerprint.as_bytes())?;
     }
-    match compare_into(args, &plan, &work, reference) {
+    match compare_into(args, &plan, &work, reference, &|| staging.mark_resumable()) {
         Ok(n) => {
             std::fs::remove_file(work.join(crate::run::RESUME_PLAN))
                 .with_context(|| format!("cannot finish {}", work.display()))?;
@@ -124,6 +124,7 @@ fn compare_into(
     plan: &TraceOptions,
     work: &Path,
     reference: Option<usize>,
+    run_done: &dyn Fn(),
 ) -> Result<usize> {
     // One run directory per model, named after the model file (numbered when names repeat).
     let mut names: Vec<String> = Vec::new();
@@ -150,6 +151,7 @@ fn compare_into(
         // A run left by an interrupted compare is ours to replace.
         t.force = true;
         super::trace::trace(&t)?;
+        run_done();
         names.push(sub);
     }
     let dirs: Vec<PathBuf> = names.iter().map(|n| work.join(n)).collect();

@@ -147,6 +147,32 @@ unsafe extern "C" fn log_callback(_level: u32, text: *const c_char, _user: *mut 
 /// anticipate): print one `error:` line with llama.cpp's own message and end the process at once
 /// with status 1 — no backtrace dump, no core. Outputs being written stay unfinished in their
 /// staging directories, which the next command removes (or `--resume` continues).
+/// What the abort path runs before the process ends: the output module's clean-up of stagings that
+/// hold nothing to resume; it returns whether something resumable stays.
+static ABORT_CLEANUP: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
+
+/// Register the abort path's clean-up (once; later calls are ignored).
+pub fn set_abort_cleanup(f: fn() -> bool) {
+    let _ = ABORT_CLEANUP.set(f);
+}
+
+/// Test hook: with `GGUF_TRACE_FAILPOINT=ggml-abort`, llama.cpp's own abort (`ggml_abort`, what a
+/// failed GGML_ASSERT calls) runs here, before the first decode, through the real abort path.
+pub fn failpoint_ggml_abort() {
+    if std::env::var("GGUF_TRACE_FAILPOINT").is_ok_and(|v| v == "ggml-abort") {
+        // SAFETY: ggml_abort takes a file name, a line and a printf format (here without
+        // conversions, so no variadic arguments are read); it calls our abort handler and does not
+        // return.
+        unsafe {
+            llama_cpp_sys_2::ggml_abort(
+                c"failpoint.c".as_ptr(),
+                1,
+                c"GGML_ASSERT(failpoint) failed".as_ptr(),
+            )
+        }
+    }
+}
+
 unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
     // SAFETY: ggml passes its NUL-terminated message buffer, valid during this call.
     let text = unsafe { super::c_str_to_string(message) };
@@ -158,10 +184,23 @@ unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
         ),
         _ => (String::new(), text.trim().to_string()),
     };
+    // Stagings with nothing to resume are removed; the hint is given only where it can help. (No
+    // panic may unwind into ggml: a failing clean-up counts as "something may be resumable".)
+    let resumable =
+        std::panic::catch_unwind(|| ABORT_CLEANUP.get().is_some_and(|f| f())).unwrap_or(true);
     let _ = writeln!(
         std::io::stderr(),
-        "error: llama.cpp stopped: {msg}{} — the output was not completed; a trace keeps its checkpoints: run the same command with --resume to continue",
-        if place.is_empty() { String::new() } else { format!(" ({place})") }
+        "error: llama.cpp stopped: {msg}{} — {}",
+        if place.is_empty() {
+            String::new()
+        } else {
+            format!(" ({place})")
+        },
+        if resumable {
+            "the output was not completed; the trace's checkpoints are kept: run the same command with --resume to continue"
+        } else {
+            "nothing was written"
+        }
     );
     // SAFETY: _exit ends the process immediately without running destructors that llama.cpp's
     // other threads may still be using; nothing is unwound across the C frames.

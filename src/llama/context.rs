@@ -1626,6 +1626,7 @@ impl<'m> Context<'m> {
     /// Decode a batch. On success the captured rows of this decode are available through
     /// [`Context::captured`].
     pub fn decode(&mut self, batch: &Batch) -> Result<(), ContextError> {
+        super::backend::failpoint_ggml_abort();
         self.outputs.clear();
         if let Some(st) = self.state_mut() {
             st.rows.iter_mut().for_each(Vec::clear);

@@ -906,7 +906,9 @@ impl RunWriter {
             line.push(b'\n');
             f.write_all(&line).map_err(io_err(&p))?;
         }
-        f.sync_all().map_err(io_err(&p))
+        f.sync_all().map_err(io_err(&p))?;
+        self.staging.mark_resumable();
+        Ok(())
     }
 
     /// Flush and sync every data file written so far.

@@ -735,6 +735,50 @@ make(sys.argv[1] + "/rwkv6.gguf", "rwkv6", 0)
     }
 }
 
+/// An abort inside llama.cpp before anything is checkpointed (issue 21, class 12: an embedding-only
+/// Gemma variant fails `GGML_ASSERT(buffer)` at its first decode) leaves no staging folder and no
+/// lock, and does not suggest `--resume`, which could not help. Driven through llama.cpp's own
+/// `ggml_abort` at the first decode (`GGUF_TRACE_FAILPOINT=ggml-abort`); the other half — an abort
+/// after a checkpoint keeps it and says `--resume` — is the dead-worker case in `rpc.rs`.
+#[test]
+fn an_abort_inside_llama_cpp_leaves_nothing_behind() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = smol_path();
+    let m = s(&m);
+    let cases: [&[&str]; 3] = [
+        &["trace", "-m", m, "-p", "hi", "-o", "run"],
+        &["compare", "-m", m, "-m", m, "-p", "hi", "-o", "cmp"],
+        &[
+            "patch",
+            "-m",
+            m,
+            "--clean",
+            "The capital of France is",
+            "--corrupt",
+            "The capital of Italy is",
+            "-o",
+            "p.html",
+        ],
+    ];
+    for args in cases {
+        let before = snapshot(w);
+        let o = bin()
+            .args(args)
+            .env("GGUF_TRACE_FAILPOINT", "ggml-abort")
+            .current_dir(w)
+            .output()
+            .unwrap();
+        assert_clean_error(&o, "llama.cpp stopped: GGML_ASSERT(failpoint) failed", None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("nothing was written") && !err.contains("--resume"),
+            "{err}"
+        );
+        assert_unchanged(w, &before, &format!("{args:?}"));
+    }
+}
+
 #[test]
 fn trace_adapts_batch_size_below_sequences() {
     let m = smol_path();
