@@ -291,10 +291,14 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// For an architecture outside the verified matrix, run the graph self-check now: a
-    /// one-token decode that proves point 0 and every l_out-N are the residual stream (every
-    /// trace runs it on its first decode anyway). Reads every weight once.
+    /// Skip the graph check. By default `inspect` runs the check every trace runs on its first
+    /// decode (a one-token decode proving point 0 and every l_out-N are the residual stream), so
+    /// its "traceable" verdict is the trace's own; the decode reads every weight once, which takes
+    /// a while for a large model on a slow disk.
     #[arg(long)]
+    pub no_check: bool,
+    /// (The check is now the default; kept so older scripts still run.)
+    #[arg(long, hide = true, conflicts_with = "no_check")]
     pub check: bool,
 }
 

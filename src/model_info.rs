@@ -46,7 +46,7 @@ pub enum Trust {
     /// states at every point and position (and every trace also passes the self-check).
     Verified,
     /// Not in the matrix, but llama.cpp's graph proved point 0 and every `l_out-N` to be the
-    /// residual stream (a trace of it completed, or `inspect --check` ran the check).
+    /// residual stream (a trace of it completed, or `inspect` ran the check).
     SelfChecked,
     /// Not in the matrix and not yet checked (the check runs on a trace's first decode).
     #[default]
@@ -66,7 +66,7 @@ impl Trust {
                 "self-checked: llama.cpp's graph proves point 0 and every l_out-N are the residual stream (architecture not in the verified matrix)"
             }
             Trust::Unchecked => {
-                "not in the verified matrix; every trace proves point 0 and l_out-N from llama.cpp's graph on its first decode (`inspect --check` runs that check now)"
+                "not in the verified matrix; every trace proves point 0 and l_out-N from llama.cpp's graph on its first decode (`inspect` runs that check unless --no-check)"
             }
             Trust::Untraceable => "not traceable",
         }

@@ -12,15 +12,19 @@ use crate::llama::model::LoadOptions;
 use crate::model_info::{ModelFacts, Trust};
 
 pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
-    // Weights are memory-mapped, not read: loading is quick even for large files (`--check`
-    // decodes one token, which reads them all). (vocab_only
-    // loads leave the per-layer hyper-parameters unset and llama.cpp aborts on n_head.)
+    // Weights are memory-mapped, not read: loading is quick even for large files (the graph
+    // check decodes one token, which reads them all). (vocab_only loads leave the per-layer
+    // hyper-parameters unset and llama.cpp aborts on n_head.)
     let model = load_model(&args.model, LoadOptions::default())?;
     let gguf = Gguf::open(&args.model)?;
     let mut facts = ModelFacts::gather(&args.model, &model, &gguf);
-    if facts.trust == Trust::Unchecked && args.check {
+    // The verdict is the trace's own: the same structural check of llama.cpp's graph, verified
+    // architectures included (a file can hold a variant whose graph differs, e.g. gemma3n).
+    let checked = facts.untraceable.is_none() && !args.no_check;
+    if checked {
         match arch::self_check(&model) {
-            Ok(()) => facts.trust = Trust::SelfChecked,
+            Ok(()) if facts.trust == Trust::Unchecked => facts.trust = Trust::SelfChecked,
+            Ok(()) => {}
             Err(why) => {
                 facts.trust = Trust::Untraceable;
                 facts.untraceable = Some(why);
@@ -67,10 +71,14 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
         if facts.has_chat_template { "yes" } else { "no" }
     )?;
     match &facts.untraceable {
+        None if checked => writeln!(
+            out,
+            "traceable     yes: llama.cpp's graph checked (point 0 = `{}`, points 1.. = `l_out-*`)",
+            facts.point0_tensor
+        )?,
         None => writeln!(
             out,
-            "traceable     yes (point 0 = `{}`, points 1.. = `l_out-*`)",
-            facts.point0_tensor
+            "traceable     not checked (--no-check): a trace checks llama.cpp's graph on its first decode"
         )?,
         Some(why) => writeln!(out, "traceable     no: {why}")?,
     }

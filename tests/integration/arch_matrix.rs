@@ -936,16 +936,18 @@ fn architecture_matrix() {
         e.contains("point-0 self-check failed for architecture `gpt2`: in llama.cpp's graph the input of block 0 is `inpL` (ADD), not `embd`"),
         "{e}"
     );
-    // `inspect --check` of an architecture outside the verified list runs the check and says so;
-    // plain `inspect` does not decode.
+    // `inspect` of an architecture outside the verified list runs the trace's graph check and says
+    // so; `--no-check` does not decode.
     let phimoe = dir.join("phimoe/model.gguf");
-    let o = run_bin(&["inspect", s(&phimoe), "--check"]);
+    let o = run_bin(&["inspect", s(&phimoe)]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        o.status.success() && text.contains("trust         self-checked"),
+        o.status.success()
+            && text.contains("trust         self-checked")
+            && text.contains("traceable     yes: llama.cpp's graph checked"),
         "{text}"
     );
-    let o = run_bin(&["inspect", s(&phimoe), "--json"]);
+    let o = run_bin(&["inspect", s(&phimoe), "--json", "--no-check"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["trust"], "unchecked");
 }

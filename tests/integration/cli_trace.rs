@@ -200,7 +200,17 @@ fn inspect_reports_the_real_tensor_mix() {
         assert!(total > 100 && hist.contains_key("f32"));
         let text = run_bin(&["inspect", s(&path)]);
         let text = String::from_utf8_lossy(&text.stdout);
-        assert!(text.contains("traceable     yes"), "{text}");
+        // The verdict comes from the trace's own graph check, which `--no-check` skips.
+        assert!(
+            text.contains("traceable     yes: llama.cpp's graph checked"),
+            "{text}"
+        );
+        let unchecked = run_bin(&["inspect", s(&path), "--no-check"]);
+        let unchecked = String::from_utf8_lossy(&unchecked.stdout);
+        assert!(
+            unchecked.contains("traceable     not checked (--no-check)"),
+            "{unchecked}"
+        );
         assert!(
             text.contains("trust         verified against HF transformers"),
             "{text}"
