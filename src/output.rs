@@ -374,6 +374,9 @@ pub struct Staging {
     lock_path: PathBuf,
     _lock: fs::File,
     done: bool,
+    /// Whether the target existed when this staging began: one that appears meanwhile was made by
+    /// someone else, and the commit leaves it alone.
+    target_existed: bool,
 }
 
 impl Staging {
@@ -408,6 +411,7 @@ impl Staging {
             lock_path,
             _lock: lock,
             done: false,
+            target_existed: fs::symlink_metadata(target).is_ok(),
         })
     }
 
@@ -495,6 +499,7 @@ impl Staging {
             lock_path,
             _lock: lock,
             done: false,
+            target_existed: fs::symlink_metadata(target).is_ok(),
         }))
     }
 
@@ -532,6 +537,13 @@ impl Staging {
         if crate::llama::backend::interrupted() {
             return Err(OutputError::Interrupted);
         }
+        let main = self.parent.join(&self.key);
+        if !self.target_existed && fs::symlink_metadata(&main).is_ok() {
+            return Err(OutputError::BadTarget {
+                path: main.display().to_string(),
+                why: "it appeared while this command ran (made by someone else?); it is left as it is and nothing was written".into(),
+            });
+        }
         // From here a swap may be half done: an abort leaves it to the next command's recovery.
         live_remove(&self.dir);
         for n in names {
@@ -552,19 +564,73 @@ impl Staging {
                 .collect::<String>()
                 .as_bytes(),
         )?;
+        // The targets that do not exist yet: a recovery removes only these when it finds them
+        // without a staged copy (the others it restores from `.old`, and once restored it must
+        // leave them, so a second recovery after an interrupted first one restores nothing twice
+        // and deletes nothing it put back).
+        write_synced(
+            &self.dir.join(".new"),
+            all.iter()
+                .filter(|n| fs::symlink_metadata(self.parent.join(n)).is_err())
+                .map(|n| format!("{n}\n"))
+                .collect::<String>()
+                .as_bytes(),
+        )?;
         sync_dir(&self.dir);
+        let new: Vec<&String> = all
+            .iter()
+            .copied()
+            .filter(|n| fs::symlink_metadata(self.parent.join(n)).is_err())
+            .collect();
         let old = self.old_dir();
         fs::create_dir(&old).map_err(io_err(&old))?;
-        for n in &all {
-            let target = self.parent.join(n);
-            if fs::symlink_metadata(&target).is_ok() {
-                fs::rename(&target, old.join(n)).map_err(io_err(&target))?;
+        let swap = || -> Result<(), OutputError> {
+            for n in &all {
+                let target = self.parent.join(n);
+                if fs::symlink_metadata(&target).is_ok() {
+                    fs::rename(&target, old.join(n)).map_err(io_err(&target))?;
+                }
             }
-        }
-        failpoint("swap");
-        for n in names {
-            let target = self.parent.join(n);
-            fs::rename(self.dir.join(n), &target).map_err(io_err(&target))?;
+            failpoint("swap");
+            for (i, n) in names.iter().enumerate() {
+                let target = self.parent.join(n);
+                #[cfg(test)]
+                if tests::FAIL_MOVE_IN.with(|f| f.get()) == Some(i) {
+                    return Err(io_err(&target)(std::io::Error::other(
+                        "test: move-in fails",
+                    )));
+                }
+                let _ = i;
+                fs::rename(self.dir.join(n), &target).map_err(io_err(&target))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = swap() {
+            // Undone here, as a recovery would: every earlier output back in place, the new ones
+            // moved in removed. Only if that fails too is the earlier output left in `.old` (and
+            // the error says where).
+            let mut left = false;
+            for n in &all {
+                let (target, was) = (self.parent.join(n), old.join(n));
+                if fs::symlink_metadata(&was).is_ok() {
+                    remove_any(&target);
+                    left |= fs::rename(&was, &target).is_err();
+                } else if new.contains(n) && fs::symlink_metadata(self.dir.join(n)).is_err() {
+                    remove_any(&target);
+                }
+            }
+            if left {
+                self.done = true; // keep the staging: the next command's recovery finishes it
+                return Err(OutputError::BadTarget {
+                    path: self.parent.join(&self.key).display().to_string(),
+                    why: format!(
+                        "{e}; the earlier output could not be put back and is in {}",
+                        old.display()
+                    ),
+                });
+            }
+            let _ = fs::remove_dir_all(&old);
+            return Err(e);
         }
         write_synced(&self.dir.join(".committed"), b"")?;
         sync_dir(&self.parent);
@@ -696,9 +762,12 @@ fn recover_stale(parent: &Path, key: &str, remove_partials: bool) -> Vec<String>
         let mut restored = 0;
         if old.exists() && !committed {
             // An interrupted swap: put every earlier output back, remove what was half moved in.
-            let targets =
-                crate::paths::read_text(&partial.join(".targets"), crate::paths::MAX_JSON)
-                    .unwrap_or_default();
+            let read = |f: &str| {
+                crate::paths::read_text(&partial.join(f), crate::paths::MAX_JSON)
+                    .unwrap_or_default()
+            };
+            let (targets, new) = (read(".targets"), read(".new"));
+            let new: Vec<&str> = new.lines().collect();
             for n in targets.lines().filter(|n| !n.is_empty()) {
                 let target = parent.join(n);
                 let was = old.join(n);
@@ -707,9 +776,11 @@ fn recover_stale(parent: &Path, key: &str, remove_partials: bool) -> Vec<String>
                     if fs::rename(&was, &target).is_ok() {
                         restored += 1;
                     }
-                } else if fs::symlink_metadata(partial.join(n)).is_err() {
+                } else if new.contains(&n) && fs::symlink_metadata(partial.join(n)).is_err() {
+                    // A new output moved in before the kill: it goes.
                     remove_any(&target);
                 }
+                // Else the earlier output is already back (an earlier recovery): left alone.
             }
         }
         remove_any(&partial);
@@ -801,5 +872,97 @@ mod tests {
         assert_eq!(fs::read_to_string(&target).unwrap(), "new");
         drop(st);
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    thread_local! {
+        /// Test hook: make the move-in of the i-th name fail inside `commit`.
+        pub(super) static FAIL_MOVE_IN: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// A commit whose swap fails midway puts every earlier output back and removes what it moved
+    /// in: nothing stays hidden in `.old`, and the next commit works. Twice in a row.
+    #[test]
+    fn a_swap_that_fails_midway_puts_everything_back() {
+        let d = tempfile::tempdir().unwrap();
+        let names: Vec<String> = ["r.html", "r.metrics.csv", "r.delta.csv"]
+            .map(String::from)
+            .to_vec();
+        fs::write(d.path().join("r.html"), "old page").unwrap();
+        fs::write(d.path().join("r.delta.csv"), "old delta").unwrap();
+        for round in 0..2 {
+            let st = Staging::new(&d.path().join("r.html")).unwrap();
+            for n in &names {
+                fs::write(st.path(n), format!("new {n}")).unwrap();
+            }
+            FAIL_MOVE_IN.with(|f| f.set(Some(1 + round % 2)));
+            assert!(st.commit(&names, &[]).is_err());
+            FAIL_MOVE_IN.with(|f| f.set(None));
+            assert_eq!(
+                fs::read_to_string(d.path().join("r.html")).unwrap(),
+                "old page"
+            );
+            assert_eq!(
+                fs::read_to_string(d.path().join("r.delta.csv")).unwrap(),
+                "old delta"
+            );
+            assert!(!d.path().join("r.metrics.csv").exists());
+            assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2, "leftovers");
+        }
+        let st = Staging::new(&d.path().join("r.html")).unwrap();
+        for n in &names {
+            fs::write(st.path(n), format!("new {n}")).unwrap();
+        }
+        st.commit(&names, &[]).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("r.html")).unwrap(),
+            "new r.html"
+        );
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 3);
+    }
+
+    /// Recovery is idempotent: killed mid-swap (one target replaced, one new), then killed again
+    /// after the recovery put the old output back but before it cleaned up — the second recovery
+    /// keeps what the first restored and removes only the half-moved new output. Every step twice.
+    #[test]
+    fn a_recovery_interrupted_and_run_again_loses_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (kept, fresh) = (d.path().join("r.html"), d.path().join("r.metrics.csv"));
+        let base = d.path().join(".gguf-trace-r.html.999999998");
+        let partial = PathBuf::from(format!("{}.partial", base.display()));
+        let old = PathBuf::from(format!("{}.old", base.display()));
+        let lock = PathBuf::from(format!("{}.lock", base.display()));
+        // The state a kill inside `commit` leaves: both targets listed, the metrics CSV new,
+        // the old page in `.old`, both new files moved in.
+        let killed_mid_swap = || {
+            fs::create_dir_all(&partial).unwrap();
+            fs::create_dir_all(&old).unwrap();
+            fs::write(partial.join(".targets"), "r.html\nr.metrics.csv\n").unwrap();
+            fs::write(partial.join(".new"), "r.metrics.csv\n").unwrap();
+            fs::write(old.join("r.html"), "old page").unwrap();
+            fs::write(&kept, "half page").unwrap();
+            fs::write(&fresh, "half csv").unwrap();
+            fs::write(&lock, "").unwrap();
+        };
+        for _round in 0..2 {
+            killed_mid_swap();
+            assert_eq!(recover_stale(d.path(), "r.html", true).len(), 1);
+            assert_eq!(fs::read_to_string(&kept).unwrap(), "old page");
+            assert!(!fresh.exists());
+            assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+            // Killed again after restoring, before cleaning up: the leftovers are there, the
+            // page already back.
+            fs::create_dir_all(&partial).unwrap();
+            fs::create_dir_all(&old).unwrap();
+            fs::write(partial.join(".targets"), "r.html\nr.metrics.csv\n").unwrap();
+            fs::write(partial.join(".new"), "r.metrics.csv\n").unwrap();
+            fs::write(&lock, "").unwrap();
+            for _again in 0..2 {
+                recover_stale(d.path(), "r.html", true);
+                assert_eq!(fs::read_to_string(&kept).unwrap(), "old page");
+                assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+            }
+            fs::remove_file(&kept).unwrap();
+            fs::write(&kept, "old page").unwrap();
+        }
     }
 }

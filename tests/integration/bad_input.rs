@@ -779,6 +779,43 @@ fn an_abort_inside_llama_cpp_leaves_nothing_behind() {
     }
 }
 
+/// A folder someone else creates at `-o` while a trace runs is not replaced at the end (issue 21,
+/// class 6): the trace fails naming it, the folder and its file stay, nothing else is left.
+#[test]
+fn an_output_that_appears_meanwhile_is_left_alone() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    many_prompts(w);
+    let m = smol_path();
+    let mut child = bin()
+        .args(["trace", "-m", s(&m), "-f", "many.txt", "-o", "run"])
+        .current_dir(w)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while journaled(w, "") == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "finished too early");
+        assert!(start.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::create_dir(w.join("run")).unwrap();
+    std::fs::write(w.join("run/notes.txt"), "mine").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_clean_error(&o, "run: it appeared while this command ran", None);
+    assert_eq!(
+        std::fs::read_to_string(w.join("run/notes.txt")).unwrap(),
+        "mine"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["many.txt", "run"]);
+}
+
 #[test]
 fn trace_adapts_batch_size_below_sequences() {
     let m = smol_path();

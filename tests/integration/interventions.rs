@@ -399,6 +399,36 @@ fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
     patched.extend(["--patch-from", s(&a3), "--patch-points", "all"]);
     trace_texts(&model, &three, &aa3, &patched);
     assert_same_data(&aa3, &a3);
+    // The identity alone would pass if nothing were written back: in the same layout, patching
+    // point 5 from other prompts of the same token counts makes every later point theirs (every
+    // ubatch's rows written back where they belong; measured bit-identical, bound 1e-4).
+    let other = [b_texts[0], b_texts[1], a_texts[1]];
+    let (b3, ab3) = (dir.path().join("b3"), dir.path().join("ab3"));
+    trace_texts(&model, &other, &b3, &small);
+    let mut patched = small.to_vec();
+    patched.extend(["--patch-from", s(&b3), "--patch-points", "5"]);
+    trace_texts(&model, &three, &ab3, &patched);
+    for i in 0..3 {
+        let (s3, sb, sp) = (states(&a3, i), states(&b3, i), states(&ab3, i));
+        let gap = |x: &ndarray::Array3<f32>, y: &ndarray::Array3<f32>| {
+            x.slice(ndarray::s![5.., .., ..])
+                .iter()
+                .zip(y.slice(ndarray::s![5.., .., ..]))
+                .map(|(u, v)| (u - v).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(
+            gap(&sp, &sb) <= 1e-4,
+            "prompt {i}: points 5.. differ from the source's by {}",
+            gap(&sp, &sb)
+        );
+        if i < 2 {
+            assert!(
+                gap(&s3, &sb) > 1.0,
+                "prompt {i}: the twins must differ for this to mean anything"
+            );
+        }
+    }
 
     // Bad input: one clear line, nothing written.
     let bad = dir.path().join("bad");
