@@ -78,9 +78,10 @@ pub enum TraceError {
     Tap(String),
     #[error("llama.cpp returned no logits for prompt {0}")]
     NoLogits(usize),
-    #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite \
-             (a broken model or an extreme control vector); nothing was written. Pass --allow-nonfinite \
-             to record such prompts instead")]
+    #[error("prompt {index}: the {what} at point {point}, position {position} is NaN or infinite, \
+             or saturated beyond llama.cpp's f32 arithmetic (a squared norm over 3.4e38, every logit \
+             equal) — a broken model or an extreme control vector; nothing was written. Pass \
+             --allow-nonfinite to record such prompts instead")]
     NonFinite {
         index: usize,
         what: &'static str,
@@ -89,6 +90,27 @@ pub enum TraceError {
     },
     #[error("the sink rejected prompt {index}: {source}")]
     Sink { index: usize, source: anyhow::Error },
+}
+
+/// A state llama.cpp computed with: finite, and with a squared norm f32 holds. Beyond it every
+/// norm llama.cpp takes in f32 overflows (an RMS norm of such a state is exactly 0), so what
+/// follows is not the model's computation but the overflow's (`--control-scale 1e30` makes every
+/// logit 0 and the generation empty).
+fn measurable_state(row: &[f32]) -> bool {
+    let mut sq = 0f64;
+    for &x in row {
+        if !x.is_finite() {
+            return false;
+        }
+        sq += x as f64 * x as f64;
+    }
+    sq <= f32::MAX as f64
+}
+
+/// Next-token logits that are a distribution: finite and not all equal (every logit equal —
+/// exactly 0 after an overflowed final norm — says nothing about the next token).
+fn measurable_logits(row: &[f32]) -> bool {
+    row.iter().all(|x| x.is_finite()) && (row.len() < 2 || row.iter().any(|&x| x != row[0]))
 }
 
 /// Settings of a tracer.
@@ -877,7 +899,7 @@ impl<'m> Tracer<'m> {
                         kept_row[i]
                     };
                     let row = &rows[k][r * e..(r + 1) * e];
-                    if s.nonfinite.is_none() && !row.iter().all(|x| x.is_finite()) {
+                    if s.nonfinite.is_none() && !measurable_state(row) {
                         s.nonfinite = Some((k, j));
                         if !self.cfg.allow_nonfinite {
                             return Err(TraceError::NonFinite {
@@ -958,7 +980,7 @@ impl<'m> Tracer<'m> {
                     .ctx
                     .logits_ith(i)
                     .ok_or(TraceError::NoLogits(s.index))?;
-                if s.nonfinite.is_none() && !logits.iter().all(|x| x.is_finite()) {
+                if s.nonfinite.is_none() && !measurable_logits(logits) {
                     s.nonfinite = Some((self.cfg.points.len() - 1, s.positions.len() - 1));
                     if !self.cfg.allow_nonfinite {
                         return Err(TraceError::NonFinite {

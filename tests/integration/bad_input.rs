@@ -18,6 +18,30 @@ use crate::common::*;
 // ---------------------------------------------------------------------------------------------
 // Helpers: a snapshot of a directory tree, hostile model files, the CLI.
 
+/// Run the binary with `args` in `work`, in a mount namespace of its own with a tmpfs mounted
+/// with `opts` ("size=64k", "ro,size=64k") over `mount` (`unshare -rm`: no root needed where user
+/// namespaces are allowed). Its stdout ends with `left:` and what the tmpfs then held.
+#[cfg(target_os = "linux")]
+fn on_tmpfs(work: &Path, mount: &Path, opts: &str, args: &[&str]) -> Output {
+    let script = r#"dir=$1; opts=$2; shift 2
+        mount -t tmpfs -o "$opts" tmpfs "$dir" || exit 99
+        "$@"; rc=$?; echo "left:$(ls -A "$dir")"; exit $rc"#;
+    let o = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", script, "sh", s(mount), opts])
+        .arg(env!("CARGO_BIN_EXE_gguf-trace"))
+        .args(args)
+        .current_dir(work)
+        .output()
+        .unwrap();
+    assert_ne!(
+        o.status.code(),
+        Some(99),
+        "cannot mount a tmpfs in a user namespace (unshare -rm): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 /// Run the binary in `work` and assert a clean failure mentioning `needle` that left `work` as
 /// it was.
 fn fails(work: &Path, args: &[&str], needle: &str) -> Output {
@@ -528,9 +552,6 @@ fn a_full_disk_is_named() {
     let full = w.join("full");
     std::fs::create_dir(&full).unwrap();
     let m = smol_path();
-    let script = r#"full=$1; shift
-        mount -t tmpfs -o size=64k tmpfs "$full" || exit 99
-        "$@"; rc=$?; echo "left:$(ls -A "$full")"; exit $rc"#;
     let cases: [&[&str]; 4] = [
         &[
             "direction",
@@ -545,19 +566,7 @@ fn a_full_disk_is_named() {
         &["trace", "-m", s(&m), "-p", "hi", "-o", "full/run"],
     ];
     for args in cases {
-        let o = std::process::Command::new("unshare")
-            .args(["-rm", "sh", "-c", script, "sh", s(&full)])
-            .arg(env!("CARGO_BIN_EXE_gguf-trace"))
-            .args(args)
-            .current_dir(w)
-            .output()
-            .unwrap();
-        assert_ne!(
-            o.status.code(),
-            Some(99),
-            "cannot mount a tmpfs in a user namespace (unshare -rm): {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o = on_tmpfs(w, &full, "size=64k", args);
         let needle = if args[0] == "trace" {
             "not enough disk space in full"
         } else {
@@ -676,26 +685,9 @@ fn errors_name_the_problem() {
         &["direction", "run", "--labels", "pos,neg", "-o", "ro/d.gguf"],
     ];
     for args in cases {
-        let o = std::process::Command::new("unshare")
-            .args([
-                "-rm",
-                "sh",
-                "-c",
-                r#"mount -t tmpfs -o ro,size=64k tmpfs "$1" || exit 99; shift; exec "$@""#,
-                "sh",
-                s(&ro),
-            ])
-            .arg(env!("CARGO_BIN_EXE_gguf-trace"))
-            .args(args)
-            .current_dir(w)
-            .output()
-            .unwrap();
-        assert_ne!(
-            o.status.code(),
-            Some(99),
-            "cannot mount a tmpfs (unshare -rm)"
-        );
+        let o = on_tmpfs(w, &ro, "ro,size=64k", args);
         assert_clean_error(&o, "ro is not writable (read-only", None);
+        assert!(String::from_utf8_lossy(&o.stdout).ends_with("left:\n"));
     }
 }
 
@@ -787,19 +779,7 @@ fn an_output_that_appears_meanwhile_is_left_alone() {
     let w = work.path();
     many_prompts(w);
     let m = smol_path();
-    let mut child = bin()
-        .args(["trace", "-m", s(&m), "-f", "many.txt", "-o", "run"])
-        .current_dir(w)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while journaled(w, "") == 0 {
-        assert!(child.try_wait().unwrap().is_none(), "finished too early");
-        assert!(start.elapsed() < Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_until_journaled(w, &["trace", "-m", s(&m), "-f", "many.txt", "-o", "run"]);
     std::fs::create_dir(w.join("run")).unwrap();
     std::fs::write(w.join("run/notes.txt"), "mine").unwrap();
     let o = child.wait_with_output().unwrap();
@@ -989,6 +969,14 @@ fn nonfinite_states_are_never_written_silently() {
         &["--control-vector", "d.gguf", "--control-scale", "1e38"],
         "NaN or infinite",
     );
+    // Finite but beyond llama.cpp's f32 norms: every logit came out exactly 0 and the generation
+    // empty, with exit 0 (issue 21, class 4).
+    for scale in ["1e30", "1e20"] {
+        st(
+            &["--control-vector", "d.gguf", "--control-scale", scale],
+            "saturated beyond llama.cpp's f32 arithmetic",
+        );
+    }
     st(&["--control-vector", "missing.gguf"], "cannot open model");
     st(
         &["--control-vector", s(&m)],

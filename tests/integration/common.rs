@@ -389,6 +389,25 @@ pub fn assert_same_data(a: &Path, b: &Path) {
 
 /// Prompts journaled (checkpointed to disk) by unfinished traces under `dir` whose staging path
 /// contains `filter`.
+/// Start the binary with `args` in `w` (stderr piped) and return once it has journaled a prompt
+/// (a checkpoint is on disk), failing if it ends first or takes over 300 s.
+pub fn spawn_until_journaled(w: &Path, args: &[&str]) -> std::process::Child {
+    let mut child = bin()
+        .args(args)
+        .current_dir(w)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while journaled(w, "") == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "finished too early");
+        assert!(start.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 pub fn journaled(dir: &Path, filter: &str) -> usize {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];

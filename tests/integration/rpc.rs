@@ -182,19 +182,7 @@ fn rpc_reads_little_and_survives_a_dead_worker() {
         "-o",
         "remote",
     ];
-    let mut child = bin()
-        .args(a)
-        .current_dir(w)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while journaled(w, "") == 0 {
-        assert!(child.try_wait().unwrap().is_none(), "finished too early");
-        assert!(start.elapsed() < Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = spawn_until_journaled(w, &a);
     server.child.kill().unwrap();
     let _ = server.child.wait();
     let o = child.wait_with_output().unwrap();
