@@ -83,6 +83,13 @@ pub struct RpcArgs {
     /// Share of the remote layers per server, e.g. "3,1" (llama.cpp's --tensor-split).
     #[arg(long, value_name = "A,B,...", requires = "rpc")]
     pub tensor_split: Option<String>,
+    /// Seconds an RPC worker may go without answering (while the model uploads or a batch
+    /// computes) before the trace stops with an error naming it; the checkpoints stay for
+    /// --resume. Not part of the settings record: it changes no number.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::llama::rpc::DEFAULT_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    #[serde(skip)]
+    pub rpc_timeout: u64,
 }
 
 impl RpcArgs {

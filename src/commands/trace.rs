@@ -469,6 +469,7 @@ fn check(opts: &TraceOptions) -> Result<Vec<Prompt>> {
     }
     if !opts.capture.rpc().0.is_empty() {
         crate::llama::rpc::add_servers(&opts.capture.rpc().0)?;
+        crate::llama::rpc::watch(&opts.capture.rpc().0, opts.capture.rpc.rpc_timeout);
     }
     Ok(prompts)
 }

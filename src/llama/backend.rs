@@ -184,18 +184,27 @@ unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
         ),
         _ => (String::new(), text.trim().to_string()),
     };
-    // Stagings with nothing to resume are removed; the hint is given only where it can help. (No
-    // panic may unwind into ggml: a failing clean-up counts as "something may be resumable".)
-    let resumable =
-        std::panic::catch_unwind(|| ABORT_CLEANUP.get().is_some_and(|f| f())).unwrap_or(true);
-    let _ = writeln!(
-        std::io::stderr(),
-        "error: llama.cpp stopped: {msg}{} — {}",
+    stop_process(&format!(
+        "llama.cpp stopped: {msg}{}",
         if place.is_empty() {
             String::new()
         } else {
             format!(" ({place})")
-        },
+        }
+    ))
+}
+
+/// End the process with status 1 and one `error:` line, `what` and what became of the outputs:
+/// stagings with nothing to resume are removed, and `--resume` is suggested only where it can
+/// help. For when llama.cpp cannot go on or cannot be asked to (its abort, an RPC worker that
+/// stopped answering); callable from any thread.
+pub fn stop_process(what: &str) -> ! {
+    // No panic may unwind into ggml: a failing clean-up counts as "something may be resumable".
+    let resumable =
+        std::panic::catch_unwind(|| ABORT_CLEANUP.get().is_some_and(|f| f())).unwrap_or(true);
+    let _ = writeln!(
+        std::io::stderr(),
+        "error: {what} — {}",
         if resumable {
             "the output was not completed; the trace's checkpoints are kept: run the same command with --resume to continue"
         } else {
@@ -203,7 +212,8 @@ unsafe extern "C" fn ggml_abort_handler(message: *const c_char) {
         }
     );
     // SAFETY: _exit ends the process immediately without running destructors that llama.cpp's
-    // other threads may still be using; nothing is unwound across the C frames.
+    // other threads may still be using (or that would wait on a worker that does not answer);
+    // nothing is unwound across C frames.
     unsafe { libc::_exit(1) }
 }
 

@@ -1295,6 +1295,7 @@ impl CaptureState {
 }
 
 unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    super::rpc::progress();
     let result = catch_unwind(AssertUnwindSafe(|| {
         let raw = t;
         // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
@@ -1580,9 +1581,12 @@ impl<'m> Context<'m> {
         cp.abort_callback = Some(abort_callback);
         cp.abort_callback_data = std::ptr::null_mut();
         backend::clear_log();
-        // SAFETY: the model outlives the context (borrow 'm); cb_eval_user_data is the leaked
-        // capture state that this Context frees after llama_free.
-        let ptr = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let ptr = {
+            let _watch = super::rpc::arm();
+            // SAFETY: the model outlives the context (borrow 'm); cb_eval_user_data is the leaked
+            // capture state that this Context frees after llama_free.
+            unsafe { sys::llama_init_from_model(model.as_ptr(), cp) }
+        };
         let Some(ptr) = NonNull::new(ptr) else {
             free_capture(capture);
             return Err(ContextError::Create(backend::last_error_line()));
@@ -1655,9 +1659,12 @@ impl<'m> Context<'m> {
                 max: self.n_outputs_max,
             });
         }
-        // SAFETY: the context is valid; the batch's arrays hold batch.len() initialised entries
-        // (Batch maintains that invariant) and stay alive during the call.
-        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        let rc = {
+            let _watch = super::rpc::arm();
+            // SAFETY: the context is valid; the batch's arrays hold batch.len() initialised
+            // entries (Batch maintains that invariant) and stay alive during the call.
+            unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) }
+        };
         match rc {
             0 => {}
             1 => return Err(ContextError::NoKvSlot),
@@ -1839,6 +1846,7 @@ impl<'m> Context<'m> {
     /// Forget the KV cache of all sequences.
     pub fn clear_memory(&mut self) {
         self.outputs.clear();
+        let _watch = super::rpc::arm();
         // SAFETY: the context is valid; its memory handle is valid while the context lives.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }

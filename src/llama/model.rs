@@ -73,6 +73,12 @@ impl Drop for Model {
     }
 }
 
+/// llama.cpp's load progress: marks progress for the RPC watchdog and lets the load go on.
+unsafe extern "C" fn load_progress(_progress: f32, _user: *mut std::ffi::c_void) -> bool {
+    super::rpc::progress();
+    true
+}
+
 impl Model {
     /// Load a GGUF model. The caller should have validated that the path is a readable GGUF file
     /// for a friendlier error; llama.cpp's own reason (from its log) is attached on failure.
@@ -105,10 +111,17 @@ impl Model {
             params.tensor_split = split.as_ptr();
         }
         backend::clear_log();
-        // SAFETY: cpath is a valid NUL-terminated string for the duration of the call; params is
-        // a fully initialised struct whose pointers are the defaults (null or static) or `split`,
-        // which holds llama_max_devices() floats and outlives the call.
-        let ptr = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        // Loading uploads the weights to RPC workers: the watchdog counts llama.cpp's progress.
+        params.progress_callback = Some(load_progress);
+        params.progress_callback_user_data = std::ptr::null_mut();
+        let ptr = {
+            let _watch = super::rpc::arm();
+            // SAFETY: cpath is a valid NUL-terminated string for the duration of the call; params
+            // is a fully initialised struct whose pointers are the defaults (null or static),
+            // `split` (llama_max_devices() floats, outliving the call) or load_progress (a
+            // function that never unwinds and ignores its null user data).
+            unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) }
+        };
         match NonNull::new(ptr) {
             Some(ptr) => Ok(Model { ptr }),
             None => Err(ModelError::Load {

@@ -183,3 +183,212 @@ pub fn serve(endpoint: &str, threads: usize) -> Result<(), RpcError> {
         why: "the server could not start (is the port in use?)".into(),
     })
 }
+
+// ---- A worker that stops answering mid-trace ----
+//
+// ggml-rpc's calls block on their socket with no timeout: a worker that stops answering (a machine
+// that froze, a process stopped, a network that dropped its packets) would hang the trace forever.
+// A watchdog thread sees whether llama.cpp makes progress while it may be waiting on a worker (a
+// model upload, a context's buffers, a decode): the capture callback and llama.cpp's load progress
+// mark it. After `--rpc-timeout` seconds without progress it names the worker llama.cpp waits on
+// and ends the process through the abort path, which keeps the trace's checkpoints for `--resume`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// Seconds without progress after which a worker counts as gone (`--rpc-timeout`'s default): one
+/// block of one micro-batch on one worker takes well under a second for models that fit a
+/// laptop, and minutes only on a machine that is not computing at all.
+pub const DEFAULT_TIMEOUT_S: u64 = 60;
+
+static WATCHING: AtomicBool = AtomicBool::new(false);
+static ARMED: AtomicU32 = AtomicU32::new(0);
+static LAST_PROGRESS_MS: AtomicU64 = AtomicU64::new(0);
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Mark progress (llama.cpp computed something or read something): called from the capture
+/// callback and the load progress callback, so it only touches atomics and never panics.
+pub fn progress() {
+    if WATCHING.load(Ordering::Relaxed) {
+        LAST_PROGRESS_MS.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// While alive, llama.cpp may be waiting on a worker: the watchdog counts the time without
+/// progress.
+pub struct Armed(());
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        ARMED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Arm the watchdog around a call into llama.cpp that may talk to an RPC worker.
+pub fn arm() -> Armed {
+    LAST_PROGRESS_MS.store(now_ms(), Ordering::Relaxed);
+    ARMED.fetch_add(1, Ordering::Relaxed);
+    Armed(())
+}
+
+/// Start watching the RPC workers `endpoints` (once per process; later calls are ignored).
+pub fn watch(endpoints: &[String], timeout_s: u64) {
+    if endpoints.is_empty() || WATCHING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let endpoints = endpoints.to_vec();
+    // 0: settings built in code (not from the command line) take the default.
+    let timeout_s = if timeout_s == 0 {
+        DEFAULT_TIMEOUT_S
+    } else {
+        timeout_s
+    };
+    let timeout_ms = timeout_s.saturating_mul(1000);
+    LAST_PROGRESS_MS.store(now_ms(), Ordering::Relaxed);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let idle = now_ms().saturating_sub(LAST_PROGRESS_MS.load(Ordering::Relaxed));
+        if ARMED.load(Ordering::Relaxed) == 0 || idle < timeout_ms {
+            continue;
+        }
+        let who = match stalled_on(&endpoints) {
+            Some(e) => format!("the RPC worker at {e}"),
+            None if endpoints.len() == 1 => format!("the RPC worker at {}", endpoints[0]),
+            None => format!("one of the RPC workers ({})", endpoints.join(", ")),
+        };
+        backend::stop_process(&format!(
+            "{who} stopped answering: no progress for {timeout_s} s (--rpc-timeout)"
+        ));
+    });
+}
+
+/// The endpoint llama.cpp is blocked on, where the system says (Linux: the socket a thread of this
+/// process waits in, and its peer); None elsewhere or when no thread waits on a worker.
+fn stalled_on(endpoints: &[String]) -> Option<String> {
+    let peer = blocked_peer()?;
+    for e in endpoints {
+        let addrs = std::net::ToSocketAddrs::to_socket_addrs(e.as_str()).ok()?;
+        if addrs.into_iter().any(|a| a == peer) {
+            return Some(e.clone());
+        }
+    }
+    Some(peer.to_string())
+}
+
+#[cfg(target_os = "linux")]
+fn blocked_peer() -> Option<std::net::SocketAddr> {
+    let socket_calls = [
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_read,
+        libc::SYS_write,
+    ];
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(line) = std::fs::read_to_string(task.path().join("syscall")) else {
+            continue;
+        };
+        let mut words = line.split_whitespace();
+        let Some(nr) = words.next().and_then(|w| w.parse::<libc::c_long>().ok()) else {
+            continue;
+        };
+        if !socket_calls.contains(&nr) {
+            continue;
+        }
+        let Some(fd) = words
+            .next()
+            .and_then(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        else {
+            continue;
+        };
+        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+        else {
+            continue;
+        };
+        if let Some(peer) = tcp_peer(inode) {
+            return Some(peer);
+        }
+    }
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn blocked_peer() -> Option<std::net::SocketAddr> {
+    None
+}
+
+/// The remote address of the TCP socket with this inode (`/proc/self/net/tcp` and `tcp6`).
+#[cfg(target_os = "linux")]
+fn tcp_peer(inode: &str) -> Option<std::net::SocketAddr> {
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for row in text.lines().skip(1) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            if cols.get(9) == Some(&inode) {
+                return cols.get(2).and_then(|a| parse_proc_addr(a));
+            }
+        }
+    }
+    None
+}
+
+/// `/proc/net/tcp`'s "ADDR:PORT" in hex: the address as 32-bit words in host order, the port big
+/// endian.
+#[cfg(target_os = "linux")]
+fn parse_proc_addr(a: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = a.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// A connected socket is found by its inode with the peer it was connected to.
+    #[test]
+    fn proc_tables_name_a_connected_peer() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = l.local_addr().unwrap();
+        let s = std::net::TcpStream::connect(peer).unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())).unwrap();
+        let link = link.to_string_lossy().into_owned();
+        let inode = link
+            .strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap();
+        assert_eq!(tcp_peer(inode), Some(peer));
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+    }
+}

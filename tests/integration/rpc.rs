@@ -293,6 +293,83 @@ fn rpc_reads_little_and_survives_a_dead_worker() {
     }
 }
 
+/// A worker that stops answering mid-trace (here stopped with SIGSTOP: connected, silent) fails
+/// the trace within `--rpc-timeout` with one line naming that worker — the second of two, found by
+/// the socket llama.cpp waits on — and keeps the checkpoints: with the worker back, `--resume`
+/// completes a run identical to a local one.
+#[test]
+fn rpc_a_worker_that_stops_answering_is_named_and_the_trace_resumes() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let body: String = (0..400)
+        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
+        .collect();
+    std::fs::write(w.join("p.txt"), body).unwrap();
+    let first = Server::start();
+    let mut second = Server::start();
+    let both = format!("{},{}", first.endpoint, second.endpoint);
+    let a = [
+        "trace",
+        "-m",
+        m,
+        "-f",
+        "p.txt",
+        "--rpc",
+        &both,
+        "--tensor-split",
+        "1,1",
+        "--rpc-timeout",
+        "3",
+        "-o",
+        "run",
+    ];
+    let child = spawn_until_journaled(w, &a);
+    let pid = second.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = Instant::now();
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if stopped.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("a trace waiting on a stopped worker hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waited = stopped.elapsed();
+    let o = child.wait_with_output().unwrap();
+    assert_clean_error(
+        &o,
+        &format!(
+            "the RPC worker at {} stopped answering: no progress for 3 s",
+            second.endpoint
+        ),
+        None,
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    // 3 s of silence plus the watchdog's 250 ms tick; 20 s only guards against a hang.
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+    assert!(!w.join("run").exists());
+    // The stopped worker goes (SIGKILL ends a stopped process) and a new one takes its port.
+    let port: u16 = second.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    second.child.kill().unwrap();
+    let _ = second.child.wait();
+    let again = Server::start_on(port);
+    let o = ok(w, &[&a[..], &["--resume"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
+    drop((first, again));
+    ok(w, &["trace", "-m", m, "-f", "p.txt", "-o", "local"]);
+    assert_same_data(&w.join("run"), &w.join("local"));
+}
+
 /// Interventions over RPC: the write-back is then a copy into the worker's buffer. An ablation
 /// and a patch with every layer remote give the same bits as locally (SmolLM2 traces are
 /// bit-identical local and remote), and differ from the unmodified run.
