@@ -121,8 +121,16 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
     let key = file_name(target)?;
     let parent = parent_dir(target);
     // A swap a killed process left half done is undone first, so the check sees the real state.
-    for msg in recover_stale(&parent, &key, false) {
-        eprintln!("note: {msg}");
+    {
+        let _guard = dir_guard(&parent)?;
+        for msg in recover_stale(&parent, &key, false) {
+            eprintln!("note: {msg}");
+        }
+        // What the check saw is what the commit may replace: a target that appears after it
+        // (another command's output) is left alone, however long this command computes.
+        let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+        checked.retain(|(p, _)| p != &parent.join(&key));
+        checked.push((parent.join(&key), fs::symlink_metadata(target).is_ok()));
     }
     if !parent.is_dir() {
         return Err(OutputError::BadTarget {
@@ -385,7 +393,11 @@ impl Staging {
     pub fn new(target: &Path) -> Result<Staging, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
+        // Check, recovery and taking this staging's lock are one step under the folder's guard:
+        // two commands writing the same target cannot both pass the check.
+        let guard = dir_guard(&parent)?;
         refuse_if_busy(&parent, &key, target)?;
+        pause_point("busy-checked");
         for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
         }
@@ -403,6 +415,8 @@ impl Staging {
             let _ = fs::remove_file(&lock_path);
             return Err(io_err(&parent)(e));
         }
+        drop(guard);
+        let target_existed = existed_when_checked(target, &parent, &key);
         Ok(Staging {
             parent,
             key,
@@ -411,7 +425,7 @@ impl Staging {
             lock_path,
             _lock: lock,
             done: false,
-            target_existed: fs::symlink_metadata(target).is_ok(),
+            target_existed,
         })
     }
 
@@ -440,6 +454,7 @@ impl Staging {
     ) -> Result<Option<Staging>, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
+        let _guard = dir_guard(&parent)?;
         refuse_if_busy(&parent, &key, target)?;
         let prefix = format!("{PREFIX}{key}.");
         let me = std::process::id();
@@ -491,6 +506,7 @@ impl Staging {
         for msg in recover_stale(&parent, &key, true) {
             eprintln!("note: {msg}");
         }
+        let target_existed = existed_when_checked(target, &parent, &key);
         Ok(Some(Staging {
             parent,
             key,
@@ -499,7 +515,7 @@ impl Staging {
             lock_path,
             _lock: lock,
             done: false,
-            target_existed: fs::symlink_metadata(target).is_ok(),
+            target_existed,
         }))
     }
 
@@ -537,6 +553,8 @@ impl Staging {
         if crate::llama::backend::interrupted() {
             return Err(OutputError::Interrupted);
         }
+        // No recovery and no other commit in this folder runs while this swap does.
+        let _guard = dir_guard(&self.parent)?;
         let main = self.parent.join(&self.key);
         if !self.target_existed && fs::symlink_metadata(&main).is_ok() {
             return Err(OutputError::BadTarget {
@@ -657,6 +675,73 @@ impl Drop for Staging {
 pub fn failpoint(name: &str) {
     if std::env::var("GGUF_TRACE_FAILPOINT").is_ok_and(|v| v == name) {
         std::process::abort();
+    }
+}
+
+/// The targets [`check_target`] checked in this process, and whether each existed then.
+static CHECKED: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether `target` existed when it was checked (or now, if it was not checked).
+fn existed_when_checked(target: &Path, parent: &Path, key: &str) -> bool {
+    let p = parent.join(key);
+    let checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    match checked.iter().find(|(q, _)| *q == p) {
+        Some(&(_, existed)) => existed,
+        None => fs::symlink_metadata(target).is_ok(),
+    }
+}
+
+/// Test hook: with `GGUF_TRACE_PAUSE=NAME:FILE`, stop at the point `NAME` until `FILE` exists
+/// (`FILE.reached` says the process got there; at most 60 s). Used by the tests of interleavings.
+pub fn pause_point(name: &str) {
+    let Ok(v) = std::env::var("GGUF_TRACE_PAUSE") else {
+        return;
+    };
+    let Some((n, file)) = v.split_once(':') else {
+        return;
+    };
+    if n != name {
+        return;
+    }
+    let _ = fs::write(format!("{file}.reached"), b"");
+    let start = std::time::Instant::now();
+    while !Path::new(file).exists() && start.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How long a writer waits for another to release a folder's guard (it is held for milliseconds:
+/// a check, a recovery or a swap of renames).
+const GUARD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The guard of a folder's outputs: an exclusive lock on the folder itself (flock; nothing is
+/// left behind), held by every writer across the steps that must not interleave — the busy check
+/// with taking a staging's own lock, the recovery of what dead processes left, and a commit's
+/// swap. Not nested: each of those takes it once. None where the folder cannot be opened (the
+/// caller's own checks then name the problem).
+fn dir_guard(parent: &Path) -> Result<Option<fs::File>, OutputError> {
+    let Ok(f) = fs::File::open(parent) else {
+        return Ok(None);
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match f.try_lock_exclusive() {
+            Ok(true) => return Ok(Some(f)),
+            // A file system without locks: as before the guard existed.
+            Err(_) => return Ok(None),
+            Ok(false) if start.elapsed() < GUARD_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Ok(false) => {
+                return Err(OutputError::BadTarget {
+                    path: parent.display().to_string(),
+                    why: format!(
+                        "another gguf-trace has held this folder's lock for {} s (is it stopped?)",
+                        GUARD_WAIT.as_secs()
+                    ),
+                })
+            }
+        }
     }
 }
 

@@ -167,7 +167,10 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
     check_target(&args.output, Kind::ControlVector, args.force)?;
     let run = Run::open(&args.run)?;
     run.require_finite()?;
-    let (c, control) = analyse(&run, &a, &b)?;
+    let identity = run.identity();
+    let (c, control) = analyse(&run, &a, &b).map_err(|e| identity.explain(e))?;
+    // Readers take no lock: states read from a run replaced meanwhile may mix two runs.
+    identity.check()?;
     let points = &run.manifest.capture.points;
     // direction.<il> shifts l_out-il, i.e. point il + 1: export every stored point p ≥ 2.
     let dirs: Vec<(usize, Vec<f32>)> = points

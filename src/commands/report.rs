@@ -71,13 +71,26 @@ pub fn write_report(
             Ok(r)
         })
         .collect::<Result<_>>()?;
+    // Readers take no lock: a run replaced meanwhile (a --force retrace) is detected and named.
+    let identities: Vec<_> = opened.iter().map(Run::identity).collect();
+    let replaced = |e: anyhow::Error| {
+        identities
+            .iter()
+            .find_map(|id| id.check().err())
+            .map_or(e, anyhow::Error::from)
+    };
+    crate::output::pause_point("report-read");
     let sp = bar(0, "prompts");
     let mut views: Vec<RunView> = Vec::with_capacity(opened.len());
     for (i, r) in opened.into_iter().enumerate() {
         check_interrupt()?;
         let d = r.dir.display().to_string();
         let what = format!("run {}/{}", i + 1, runs.len());
-        views.push(RunView::new(r, &sp, &what).with_context(|| format!("{d}: analysing"))?);
+        views.push(
+            RunView::new(r, &sp, &what)
+                .with_context(|| format!("{d}: analysing"))
+                .map_err(replaced)?,
+        );
     }
     sp.finish_and_clear();
     let sp = spinner("drawing");
@@ -97,7 +110,10 @@ pub fn write_report(
             )
         }
     };
-    let (sections, ladder) = report::build(&views, reference, &phrases)?;
+    let (sections, ladder) = report::build(&views, reference, &phrases).map_err(replaced)?;
+    for id in &identities {
+        id.check()?;
+    }
     check_interrupt()?;
     let csv_names: Vec<String> = csv_out::kinds(ladder.is_some())
         .into_iter()

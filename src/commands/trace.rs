@@ -386,6 +386,10 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         lens.as_mut(),
         patch.as_ref(),
     )?;
+    if let Some(p) = &patch {
+        // Rows read from a source replaced meanwhile may mix two runs.
+        p.run.identity().check().context("--patch-from")?;
+    }
     let trace_s = t_trace.elapsed().as_secs_f64();
     let sha = hasher
         .join()
@@ -1160,14 +1164,17 @@ impl PatchPlan {
                         run.dir.display()
                     )
                 })?;
+                // A read that fails because the source was replaced meanwhile says so.
+                let why =
+                    |e: crate::run::RunError| run.identity().check().err().unwrap_or(e).to_string();
                 if open.as_ref().is_none_or(|(k, _)| *k != index) {
-                    open = Some((index, run.prompt_states(index).map_err(|e| e.to_string())?));
+                    open = Some((index, run.prompt_states(index).map_err(why)?));
                 }
                 let k = run.manifest.capture.points.iter().position(|&q| q == point);
                 let states = &open.as_ref().expect("opened above").1;
                 let row = states
                     .point_positions(k.expect("checked by open_patch"), &[j])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(why)?;
                 Ok(row.into_raw_vec_and_offset().0)
             }),
         })

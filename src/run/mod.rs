@@ -140,6 +140,8 @@ pub enum RunError {
         "{0} is an incomplete run (interrupted or failed trace: run.json lacks \"complete\": true)"
     )]
     Incomplete(String),
+    #[error("{0} was replaced while it was being read (a gguf-trace run with --force wrote a new run there); run this command again")]
+    Replaced(String),
     #[error("{path}: invalid run.json: {source}")]
     BadManifest {
         path: String,
@@ -1244,15 +1246,61 @@ fn finite<D: ndarray::Dimension>(
 pub struct Run {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    identity: RunIdentity,
+}
+
+/// Which directory and manifest a reader opened. Readers take no lock (a report of a big run
+/// would hold back every writer); a `--force` retrace swaps a new directory in at the same path
+/// meanwhile, so a reader checks this after reading, and where a read fails, before it blames the
+/// data: reads that may mix two runs end with an error that says so.
+#[derive(Debug, Clone)]
+pub struct RunIdentity {
+    dir: PathBuf,
+    /// (device, inode) of the directory and of its run.json when opened.
+    ids: Option<[(u64, u64); 2]>,
+}
+
+impl RunIdentity {
+    fn of(dir: &Path) -> Option<[(u64, u64); 2]> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        Some([id(dir)?, id(&dir.join(RUN_JSON))?])
+    }
+
+    /// An error when the run at this path is no longer the one that was opened.
+    pub fn check(&self) -> Result<(), RunError> {
+        if Self::of(&self.dir) == self.ids {
+            Ok(())
+        } else {
+            Err(RunError::Replaced(self.dir.display().to_string()))
+        }
+    }
+
+    /// `e`, or the replacement that explains it.
+    pub fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        match self.check() {
+            Ok(()) => e,
+            Err(r) => r.into(),
+        }
+    }
 }
 
 impl Run {
+    /// Which run this is, to check after reading that it was not replaced meanwhile.
+    pub fn identity(&self) -> RunIdentity {
+        self.identity.clone()
+    }
+
     /// Open a run directory; refuses a directory that is not a run or an incomplete run.
     pub fn open(dir: &Path) -> Result<Run, RunError> {
         let d = dir.display().to_string();
         if !dir.is_dir() {
             return Err(RunError::NotARun(d));
         }
+        let identity = RunIdentity {
+            dir: dir.to_path_buf(),
+            ids: RunIdentity::of(dir),
+        };
         let p = dir.join(RUN_JSON);
         let text =
             crate::paths::read_text(&p, crate::paths::MAX_JSON).map_err(|e| match e.kind() {
@@ -1292,8 +1340,13 @@ impl Run {
         let run = Run {
             dir: dir.to_path_buf(),
             manifest,
+            identity,
         };
-        run.validate()?;
+        run.validate().map_err(|e| match run.identity.check() {
+            Ok(()) => e,
+            Err(r) => r,
+        })?;
+        run.identity.check()?;
         Ok(run)
     }
 

@@ -9,7 +9,7 @@
 //! (llama.cpp's own reason), and signals (SIGINT, SIGTERM, SIGKILL at any moment).
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -794,6 +794,96 @@ fn an_output_that_appears_meanwhile_is_left_alone() {
         .collect();
     left.sort();
     assert_eq!(left, ["many.txt", "run"]);
+}
+
+/// Wait (at most 120 s) until a process paused with `GGUF_TRACE_PAUSE=NAME:FILE` got there.
+fn wait_paused(file: &Path, child: &mut std::process::Child) {
+    let reached = PathBuf::from(format!("{}.reached", file.display()));
+    let start = Instant::now();
+    while !reached.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before the pause"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Interleavings of readers and writers (issue 21, class 6), each made certain by pausing a
+/// process at the step in question: a report reading a run that a `--force` retrace replaces
+/// mid-read says so (it read a read error or, worse, a mix of two runs before); two reports
+/// writing one page cannot both pass the check that no other gguf-trace writes it (the check and
+/// taking the lock were two steps); and the page the first writes is not replaced by the second.
+#[test]
+fn readers_and_writers_interleaved_are_told_apart() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let m = smol_path();
+    let trace = |prompts: &[&str], extra: &[&str]| {
+        let mut a = vec!["trace", "-m", s(&m), "-o", "run"];
+        for p in prompts {
+            a.extend(["-p", p]);
+        }
+        a.extend_from_slice(extra);
+        ok(w, &a);
+    };
+    trace(&["The capital of France is", "Water boils at"], &[]);
+    let go = w.join("go");
+    let mut reader = bin()
+        .args(["report", "run", "-o", "r.html"])
+        .env("GGUF_TRACE_PAUSE", format!("report-read:{}", go.display()))
+        .current_dir(w)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_paused(&go, &mut reader);
+    trace(
+        &["Something else entirely, and longer", "Another one"],
+        &["--force"],
+    );
+    std::fs::write(&go, "").unwrap();
+    let o = reader.wait_with_output().unwrap();
+    assert_clean_error(&o, "run was replaced while it was being read", None);
+    assert!(!w.join("r.html").exists());
+
+    let go = w.join("go2");
+    let mut first = bin()
+        .args(["report", "run", "-o", "r.html"])
+        .env("GGUF_TRACE_PAUSE", format!("busy-checked:{}", go.display()))
+        .current_dir(w)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_paused(&go, &mut first);
+    let second = bin()
+        .args(["report", "run", "-o", "r.html"])
+        .current_dir(w)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The second waits at the folder's guard while the first holds it between check and lock.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&go, "").unwrap();
+    let o1 = first.wait_with_output().unwrap();
+    assert!(
+        o1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o1.stderr)
+    );
+    let page = std::fs::read(w.join("r.html")).unwrap();
+    let o2 = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o2.stderr).into_owned();
+    assert!(
+        err.contains("is being written by another gguf-trace")
+            || err.contains("it appeared while this command ran"),
+        "{err}"
+    );
+    assert_clean_error(&o2, "r.html", None);
+    assert_eq!(std::fs::read(w.join("r.html")).unwrap(), page);
 }
 
 #[test]
