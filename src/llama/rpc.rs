@@ -22,6 +22,8 @@ pub enum RpcError {
     Endpoint(String),
     #[error("cannot reach the RPC server at {endpoint}: {why} (start one with `gguf-trace rpc-server` or llama.cpp's rpc-server)")]
     Unreachable { endpoint: String, why: String },
+    #[error("--rpc {0}: longer than {MAX_NAMED_ENDPOINT} characters (ggml cuts tensor names built from it) and it resolves to an IPv6 address, which ggml-rpc cannot take instead; give the worker's IPv4 address")]
+    TooLong(String),
     #[error("the RPC server at {0} offers no device")]
     NoDevice(String),
     #[error("{endpoint} is not a llama.cpp RPC server of this version: {why}")]
@@ -107,7 +109,7 @@ fn proc_address(name: &std::ffi::CStr) -> Result<*mut std::ffi::c_void, RpcError
 /// Check "HOST:PORT", that something listens there and that it answers ggml-rpc's handshake:
 /// ggml-rpc aborts the process when it cannot connect, and waits forever for an answer that does
 /// not come, so both must be caught here with a clear error.
-pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
+pub fn check_endpoint(endpoint: &str) -> Result<std::net::SocketAddr, RpcError> {
     let (host, port) = endpoint
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
@@ -130,7 +132,27 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
     handshake(s).map_err(|why| RpcError::NotRpc {
         endpoint: endpoint.into(),
         why,
-    })
+    })?;
+    Ok(addr)
+}
+
+/// The longest endpoint whose name survives in ggml's tensor names: the scheduler names the copy
+/// of a tensor sent to a worker "RPC<d>[HOST:PORT]#<tensor>#<copy>" in GGML_MAX_NAME (64) bytes,
+/// NUL included, and the graph check follows copies of `l_out-<block>` by that name. With one
+/// device digit, a block number up to 999 and one copy digit: 63 − 7 − 9 − 2 = 45.
+pub const MAX_NAMED_ENDPOINT: usize = 45;
+
+/// The name ggml-rpc is given for `endpoint` (which resolved to `addr`): the endpoint itself, or
+/// where it is too long for ggml's tensor names (a long host name) its IPv4 address and port,
+/// which reach the same worker. (ggml-rpc resolves IPv4 names only.)
+fn registered_name(endpoint: &str, addr: std::net::SocketAddr) -> Result<String, RpcError> {
+    if endpoint.len() <= MAX_NAMED_ENDPOINT {
+        return Ok(endpoint.to_string());
+    }
+    match addr {
+        std::net::SocketAddr::V4(v4) => Ok(v4.to_string()),
+        std::net::SocketAddr::V6(_) => Err(RpcError::TooLong(endpoint.to_string())),
+    }
 }
 
 /// Register RPC servers: their devices join the devices every later model load uses (layers go
@@ -144,11 +166,12 @@ pub fn add_servers(endpoints: &[String]) -> Result<(), RpcError> {
     // `ggml_backend_reg_t (*)(const char *)` (ggml-rpc.h).
     let add: AddServerFn = unsafe { std::mem::transmute::<*mut std::ffi::c_void, AddServerFn>(f) };
     for e in endpoints {
-        check_endpoint(e)?;
+        let addr = check_endpoint(e)?;
         if registered.contains(e) {
             continue;
         }
-        let c = CString::new(e.as_str()).map_err(|_| RpcError::Endpoint(e.clone()))?;
+        let c =
+            CString::new(registered_name(e, addr)?).map_err(|_| RpcError::Endpoint(e.clone()))?;
         // SAFETY: c is NUL-terminated and lives across the call (ggml copies it).
         let reg = unsafe { add(c.as_ptr()) };
         if reg.is_null() {
@@ -386,6 +409,12 @@ mod tests {
             .and_then(|r| r.strip_suffix(']'))
             .unwrap();
         assert_eq!(tcp_peer(inode), Some(peer));
+        let long = "a-worker-with-a-rather-long-name.rack-17.cluster.example.internal:50052";
+        let v4: std::net::SocketAddr = "10.1.2.3:50052".parse().unwrap();
+        assert_eq!(registered_name(long, v4).unwrap(), "10.1.2.3:50052");
+        assert_eq!(registered_name("w1:50052", v4).unwrap(), "w1:50052");
+        let v6: std::net::SocketAddr = "[fe80::1]:50052".parse().unwrap();
+        assert!(registered_name(long, v6).is_err());
         assert_eq!(
             parse_proc_addr("0100007F:1F90"),
             Some("127.0.0.1:8080".parse().unwrap())

@@ -173,6 +173,40 @@ fn batch_invariance_alone_vs_among_eight_others() {
     }
 }
 
+/// Rows arrive in the order they are written, also where llama.cpp may split batches its own way
+/// (issue 21, class 8): Gemma-3 interleaves sliding-window and global attention layers, whose KV
+/// cache (llama.cpp's iSWA cache) can split a batch into equal-length micro-batches of every
+/// sequence rather than token runs in order. Five prompts of different lengths, decoded together
+/// in 8-token micro-batches and 16-token batches, each equal their trace alone, position by
+/// position, within the layout tolerance.
+#[test]
+fn rows_keep_their_order_in_sliding_window_batches() {
+    let model = require!(gemma());
+    let texts = [
+        "Once upon a time, in a kingdom by the sea, there lived",
+        "def fibonacci(n):",
+        "The mitochondria is the powerhouse of the cell, and the ribosome",
+        "Hi",
+        "In 1492 Columbus sailed the ocean blue, and in 1776",
+    ];
+    let together = trace(model, &texts, |c| {
+        c.n_seq = 5;
+        c.n_batch = 16;
+        c.n_ubatch = 8;
+    });
+    for (i, text) in texts.iter().enumerate() {
+        let alone = trace(model, &[*text], |_| {});
+        assert_eq!(together[i].index, i);
+        assert_eq!(together[i].states.shape(), alone[0].states.shape());
+        let d = max_rel_diff(alone[0].states.view(), together[i].states.view());
+        eprintln!("prompt {i}: together vs alone max rel diff {d:e}");
+        assert!(
+            d <= layout_tol(model),
+            "prompt {i} among others (8-token micro-batches) differs from alone by {d}"
+        );
+    }
+}
+
 #[test]
 fn positions_last_equals_the_last_column_of_all() {
     let model = require!(smol());

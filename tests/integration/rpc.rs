@@ -370,6 +370,61 @@ fn rpc_a_worker_that_stops_answering_is_named_and_the_trace_resumes() {
     assert_same_data(&w.join("run"), &w.join("local"));
 }
 
+/// A worker named by a long host name (issue 21, class 8): ggml names the copy of a tensor sent to
+/// a worker "RPC0[HOST:PORT]#tensor#0" in 64 bytes, so an endpoint over ~46 characters cut the
+/// names the graph check follows and a good graph was refused. The name resolves (through an
+/// /etc/hosts of a private mount namespace, `unshare -rm`) to the loopback worker; the trace
+/// passes the check and equals a local one bit for bit.
+#[cfg(target_os = "linux")]
+#[test]
+fn rpc_a_long_worker_name_traces() {
+    let m = model_path(SMOL).unwrap();
+    let m = s(&m);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let server = Server::start();
+    let port = server.endpoint.rsplit(':').next().unwrap();
+    let host = "a-worker-with-a-rather-long-name.rack-17.cluster.example.internal";
+    std::fs::write(
+        w.join("hosts"),
+        format!("127.0.0.1 localhost\n127.0.0.1 {host}\n"),
+    )
+    .unwrap();
+    let script = r#"mount --bind hosts /etc/hosts || exit 99; exec "$@""#;
+    let o = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", script, "sh"])
+        .arg(env!("CARGO_BIN_EXE_gguf-trace"))
+        .args([
+            "trace",
+            "-m",
+            m,
+            "-p",
+            "The capital of France is",
+            "-o",
+            "long",
+        ])
+        .args(["--rpc", &format!("{host}:{port}")])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(99), "cannot bind-mount /etc/hosts");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(server);
+    ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            m,
+            "-p",
+            "The capital of France is",
+            "-o",
+            "local",
+        ],
+    );
+    assert_same_data(&w.join("long"), &w.join("local"));
+}
+
 /// Interventions over RPC: the write-back is then a copy into the worker's buffer. An ablation
 /// and a patch with every layer remote give the same bits as locally (SmolLM2 traces are
 /// bit-identical local and remote), and differ from the unmodified run.
