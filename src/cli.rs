@@ -72,7 +72,7 @@ pub struct RpcServerArgs {
 }
 
 /// Where the layers run: llama.cpp RPC servers (part of the capture settings).
-#[derive(Debug, Clone, Default, PartialEq, Args, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Args, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct RpcArgs {
     /// Run layers on llama.cpp RPC servers, "HOST:PORT[,HOST:PORT...]" (`gguf-trace rpc-server`
@@ -88,8 +88,22 @@ pub struct RpcArgs {
     /// --resume. Not part of the settings record: it changes no number.
     #[arg(long, value_name = "SECONDS", default_value_t = crate::llama::rpc::DEFAULT_TIMEOUT_S,
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    #[serde(skip)]
+    #[serde(skip, default = "default_rpc_timeout")]
     pub rpc_timeout: u64,
+}
+
+fn default_rpc_timeout() -> u64 {
+    crate::llama::rpc::DEFAULT_TIMEOUT_S
+}
+
+impl Default for RpcArgs {
+    fn default() -> Self {
+        RpcArgs {
+            rpc: None,
+            tensor_split: None,
+            rpc_timeout: default_rpc_timeout(),
+        }
+    }
 }
 
 impl RpcArgs {
