@@ -36,6 +36,11 @@ pub struct ModelFacts {
     /// How far a trace of this model can be trusted.
     #[serde(default)]
     pub trust: Trust,
+    /// What llama.cpp assumes about this model beyond its file (constants fixed to one
+    /// checkpoint's values, a position encoding the file does not record), which no check of the
+    /// graph can see: one line each (see `arch::assumptions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assumptions: Vec<String>,
 }
 
 /// How far a trace of a model can be trusted.
@@ -97,6 +102,12 @@ impl ModelFacts {
             has_chat_template: gguf.get_str("tokenizer.chat_template").is_some(),
             point0_tensor: arch::point0_tensor(&architecture).to_string(),
             untraceable: arch::untraceable_reason(model),
+            assumptions: arch::assumptions(
+                &architecture,
+                &|k| gguf.get_f64(k),
+                model.n_layer(),
+                model.n_embd(),
+            ),
             trust: if arch::untraceable_reason(model).is_some() {
                 Trust::Untraceable
             } else if arch::VERIFIED.contains(&architecture.as_str()) {

@@ -133,3 +133,88 @@ pub fn untraceable_reason(model: &Model) -> Option<String> {
         None
     }
 }
+
+/// What llama.cpp assumes about a model beyond its file: constants it fixes to one checkpoint's
+/// values, and position encodings the file does not record. The architecture matrix proves a
+/// graph with models that fit these assumptions; a model that does not is computed otherwise than
+/// its own framework computes it, and no check of the graph can see that. Returns one line per
+/// assumption this file leaves open or contradicts (`get` reads a number from the file's
+/// metadata); nothing where llama.cpp reads the value from the file.
+pub fn assumptions(
+    arch: &str,
+    get: &dyn Fn(&str) -> Option<f64>,
+    n_layer: usize,
+    n_embd: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    // MiniCPM's scales (llama.cpp: models/minicpm.cpp and minicpm3.cpp): the embedding scale 12,
+    // the residual scale 1.4/√n_layer and the head scale 256/n_embd of MiniCPM-2B and
+    // MiniCPM3-4B. minicpm reads them from the file when present; minicpm3 always uses them.
+    let scales = || {
+        [
+            ("embedding_scale", 12.0),
+            ("residual_scale", 1.4 / (n_layer.max(1) as f64).sqrt()),
+            ("logit_scale", 256.0 / n_embd.max(1) as f64),
+        ]
+    };
+    match arch {
+        "minicpm" => {
+            for (key, used) in scales() {
+                if get(&format!("minicpm.{key}")).is_none() {
+                    out.push(format!(
+                        "the file does not record minicpm.{key}: llama.cpp assumes {used:.6} (MiniCPM-2B's value)"
+                    ));
+                }
+            }
+        }
+        "minicpm3" => {
+            for (key, used) in scales() {
+                let line = match get(&format!("minicpm3.{key}")) {
+                    Some(v) if (v - used).abs() > 1e-4 * used.abs() => format!(
+                        "the file records minicpm3.{key} = {v}, but llama.cpp computes with {used:.6} (fixed to MiniCPM3-4B's value): the states are not this model's"
+                    ),
+                    Some(_) => continue,
+                    None => format!(
+                        "llama.cpp fixes minicpm3's {key} to {used:.6} (MiniCPM3-4B's value); the file does not record the model's own"
+                    ),
+                };
+                out.push(line);
+            }
+        }
+        "falcon" => out.push(
+            "llama.cpp computes falcon with rotary position embeddings; Falcon models configured with ALiBi instead (alibi = true in their config, e.g. falcon-rw-1b) are computed otherwise by their framework, and the GGUF does not record which (the matrix verified the rotary variant)".into(),
+        ),
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod assumption_tests {
+    use super::assumptions;
+
+    #[test]
+    fn assumptions_are_named_where_the_file_leaves_them_open_or_contradicts_them() {
+        let none = |_: &str| None;
+        assert!(assumptions("llama", &none, 30, 576).is_empty());
+        assert_eq!(assumptions("falcon", &none, 2, 64).len(), 1);
+        // minicpm reads its scales from the file when present: nothing is assumed then.
+        assert_eq!(assumptions("minicpm", &none, 40, 2304).len(), 3);
+        let all = |_: &str| Some(1.0);
+        assert!(assumptions("minicpm", &all, 40, 2304).is_empty());
+        // minicpm3 always computes with its fixed values: a file that agrees is fine, one that
+        // differs is named as not this model's states.
+        let agrees = |k: &str| match k {
+            "minicpm3.embedding_scale" => Some(12.0),
+            "minicpm3.residual_scale" => Some(1.4 / 62f64.sqrt()),
+            "minicpm3.logit_scale" => Some(256.0 / 2560.0),
+            _ => None,
+        };
+        assert!(assumptions("minicpm3", &agrees, 62, 2560).is_empty());
+        let differs = |k: &str| (k == "minicpm3.embedding_scale").then_some(10.0);
+        let lines = assumptions("minicpm3", &differs, 62, 2560);
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("records minicpm3.embedding_scale = 10"));
+        assert!(lines[0].contains("not this model's"));
+    }
+}

@@ -84,6 +84,10 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     }
     if facts.untraceable.is_none() {
         writeln!(out, "trust         {}", facts.trust.describe())?;
+        // The check proves the graph's structure; these it cannot see.
+        for a in &facts.assumptions {
+            writeln!(out, "assumes       {a}")?;
+        }
     }
     Ok(())
 }

@@ -504,6 +504,12 @@ fn load(opts: &TraceOptions) -> Result<Loaded> {
     }
     let gguf = Gguf::open(&opts.model)?;
     let facts = ModelFacts::gather(&opts.model, &model, &gguf);
+    if !opts.quiet {
+        // What the graph check cannot see (also in run.json, model.assumptions).
+        for a in &facts.assumptions {
+            eprintln!("note: {a}");
+        }
+    }
     let points = parse_points(&opts.capture.points, model.n_layer()).map_err(anyhow::Error::msg)?;
     let heads = match &opts.capture.heads {
         None => None,

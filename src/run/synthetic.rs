@@ -137,6 +137,7 @@ pub fn write_with(
             point0_tensor: String::new(),
             untraceable: None,
             trust: Default::default(),
+            assumptions: Vec::new(),
         },
         capture: CaptureSettings {
             cache_type: Default::default(),

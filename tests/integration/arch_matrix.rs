@@ -950,6 +950,23 @@ fn architecture_matrix() {
     let o = run_bin(&["inspect", s(&phimoe), "--json", "--no-check"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["trust"], "unchecked");
+    // "Verified" is a claim about the graph: what llama.cpp assumes beyond the file is named
+    // (falcon: rotary position embeddings, which ALiBi-configured Falcons do not use), and
+    // nothing is named where llama.cpp assumes nothing (llama).
+    let o = run_bin(&["inspect", s(&dir.join("falcon/model.gguf"))]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && text.contains("trust         verified")
+            && text.contains(
+                "assumes       llama.cpp computes falcon with rotary position embeddings"
+            ),
+        "{text}"
+    );
+    let o = run_bin(&["inspect", s(&dir.join("llama/model.gguf")), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trust"], "verified");
+    assert!(v.get("assumptions").is_none(), "{v}");
 }
 
 fn arch_verified(arch: &str) -> bool {
