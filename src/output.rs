@@ -550,6 +550,7 @@ impl Staging {
     /// of the same key that this output no longer has). Every name must already have passed
     /// [`check_target`].
     pub fn commit(mut self, names: &[String], stale: &[String]) -> Result<(), OutputError> {
+        pause_point("commit");
         if crate::llama::backend::interrupted() {
             return Err(OutputError::Interrupted);
         }
@@ -692,7 +693,8 @@ fn existed_when_checked(target: &Path, parent: &Path, key: &str) -> bool {
 }
 
 /// Test hook: with `GGUF_TRACE_PAUSE=NAME:FILE`, stop at the point `NAME` until `FILE` exists
-/// (`FILE.reached` says the process got there; at most 60 s). Used by the tests of interleavings.
+/// or the process is interrupted (`FILE.reached` says the process got there; at most 60 s). Used
+/// by the tests of interleavings and signals, to act at one step for certain.
 pub fn pause_point(name: &str) {
     let Ok(v) = std::env::var("GGUF_TRACE_PAUSE") else {
         return;
@@ -705,7 +707,10 @@ pub fn pause_point(name: &str) {
     }
     let _ = fs::write(format!("{file}.reached"), b"");
     let start = std::time::Instant::now();
-    while !Path::new(file).exists() && start.elapsed() < std::time::Duration::from_secs(60) {
+    while !Path::new(file).exists()
+        && !crate::llama::backend::interrupted()
+        && start.elapsed() < std::time::Duration::from_secs(60)
+    {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

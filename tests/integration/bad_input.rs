@@ -1715,29 +1715,42 @@ fn signals_during_report_and_quantize() {
     gguf_trace::run::synthetic::write(&big, 3000, 30, 576, &["a", "b"], 3).unwrap();
     ok(w, &["report", "big", "-o", "r.html"]);
     let before = snapshot(w);
-    for signal in ["INT", "TERM"] {
-        let (code, seen) = interrupt(
-            w,
-            &["report", "big", "-o", "r.html", "--force"],
-            "",
-            Duration::from_millis(1000),
-            signal,
-        );
-        assert_eq!(code, Some(130), "report SIG{signal}: {seen:?}");
-        assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
-        assert_unchanged(w, &before, &format!("report SIG{signal}"));
+    // Each signal lands at a step made certain by a pause point (a fixed delay raced the
+    // command: on a fast machine it could end first, on a slow one the signal came before the
+    // step the case is about): while the runs are read, and with everything staged just before
+    // the commit.
+    for point in ["report-read", "commit"] {
+        for signal in ["INT", "TERM"] {
+            let (code, seen) = interrupt_at(
+                w,
+                &["report", "big", "-o", "r.html", "--force"],
+                point,
+                signal,
+            );
+            assert_eq!(code, Some(130), "report SIG{signal} at {point}: {seen:?}");
+            assert!(seen.iter().any(|l| l.contains("interrupted")), "{seen:?}");
+            assert_unchanged(w, &before, &format!("report SIG{signal} at {point}"));
+        }
     }
-    let (code, _) = interrupt(
+    // SIGKILL with the page staged: the staging stays, and the next report removes it and says so.
+    let (code, _) = interrupt_at(
         w,
         &["report", "big", "-o", "r.html", "--force"],
-        "",
-        Duration::from_millis(1000),
+        "commit",
         "KILL",
     );
     assert_eq!(code, None);
+    let staged = std::fs::read_dir(w)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            n.to_string_lossy().ends_with(".partial")
+        })
+        .count();
+    assert_eq!(staged, 1, "the killed report left its staging");
     let o = ok(w, &["report", "big", "-o", "r.html", "--force"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    // The kill may land before the staging directory exists; when it left something, it was cleaned.
+    assert!(err.contains("note:"), "{err}");
     let names: Vec<String> = std::fs::read_dir(w)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1751,12 +1764,22 @@ fn signals_during_report_and_quantize() {
     std::fs::create_dir(w.join("ladder")).unwrap();
     let m = smol_path();
     let before = snapshot(w);
+    // The signal lands while llama.cpp writes the file: once its staged copy has bytes.
+    let writing = || {
+        std::fs::read_dir(w.join("ladder"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            .filter_map(|e| std::fs::read_dir(e.path()).ok())
+            .flatten()
+            .flatten()
+            .any(|f| f.metadata().is_ok_and(|m| m.len() > 0))
+    };
     for signal in ["INT", "TERM"] {
-        let (code, seen) = interrupt(
+        let (code, seen) = interrupt_when(
             w,
             &["quantize", s(&m), "--type", "f32", "-o", "ladder"],
-            "",
-            Duration::from_millis(300),
+            writing,
             signal,
         );
         assert_eq!(code, Some(130), "quantize SIG{signal}: {seen:?}");

@@ -262,7 +262,11 @@ struct Watched {
 
 impl Watched {
     fn spawn(work: &Path, args: &[&str]) -> Watched {
-        let mut child = bin()
+        Self::spawn_with(work, args, bin())
+    }
+
+    fn spawn_with(work: &Path, args: &[&str], mut cmd: std::process::Command) -> Watched {
+        let mut child = cmd
             .args(args)
             .current_dir(work)
             .stderr(Stdio::piped())
@@ -331,6 +335,34 @@ pub fn interrupt(
     }
     std::thread::sleep(delay);
     w.assert_running(args);
+    w.signal(signal)
+}
+
+/// Spawn the binary in `work` paused at the test hook `point` (`GGUF_TRACE_PAUSE`, see
+/// `output::pause_point`), send `signal` once it is there, and return (exit code, stderr lines):
+/// the signal lands at that step on any machine, fast or loaded (a fixed delay could land before
+/// it or after the command ended).
+pub fn interrupt_at(
+    work: &Path,
+    args: &[&str],
+    point: &str,
+    signal: &str,
+) -> (Option<i32>, Vec<String>) {
+    let flags = tempfile::tempdir().unwrap();
+    let never = flags.path().join("never");
+    let mut cmd = bin();
+    cmd.env("GGUF_TRACE_PAUSE", format!("{point}:{}", never.display()));
+    let mut w = Watched::spawn_with(work, args, cmd);
+    let reached = flags.path().join("never.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        w.assert_running(args);
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{args:?}: never reached {point}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     w.signal(signal)
 }
 
