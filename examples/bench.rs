@@ -88,8 +88,16 @@ fn bench_report() {
         gguf_trace::run::synthetic::write(&run, n, 30, 576, &["a", "b"], 1).unwrap();
         let out = dir.path().join(format!("report{n}.html"));
         let t = Instant::now();
-        gguf_trace::commands::report::write_report(&[run.as_path()], &out, None, None, false, None)
-            .unwrap();
+        gguf_trace::commands::report::write_report(
+            &[run.as_path()],
+            &out,
+            None,
+            None,
+            false,
+            None,
+            None,
+        )
+        .unwrap();
         let secs = t.elapsed().as_secs_f64();
         let size = std::fs::metadata(&out).unwrap().len();
         println!("report_time_{n}_prompts: {secs:.2} s");

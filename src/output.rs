@@ -88,6 +88,17 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
     }
 }
 
+/// `dir` itself, or the nearest folder above it that exists ("." at the end of a relative path).
+fn nearest_existing(dir: &Path) -> PathBuf {
+    let mut p = dir.to_path_buf();
+    while fs::symlink_metadata(&p).is_err() {
+        if !p.pop() || p.as_os_str().is_empty() {
+            return PathBuf::from(".");
+        }
+    }
+    p
+}
+
 /// The directory a target lives in ("." for a bare name).
 pub fn parent_dir(p: &Path) -> PathBuf {
     match p.parent() {
@@ -132,23 +143,26 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
         checked.retain(|(p, _)| p != &parent.join(&key));
         checked.push((parent.join(&key), fs::symlink_metadata(target).is_ok()));
     }
-    if !parent.is_dir() {
+    // Folders of the output that do not exist yet are made when it is written (as `mkdir -p`), so
+    // what must exist now is the nearest folder above them, writable.
+    let existing = nearest_existing(&parent);
+    if !existing.is_dir() {
         return Err(OutputError::BadTarget {
             path: target.display().to_string(),
-            why: format!("{} is not an existing directory", parent.display()),
+            why: format!("{} is a file, not a folder", existing.display()),
         });
     }
     // Refused before any work, not after it: a read-only mount or a folder this user may not write
     // (the probe is removed when dropped).
     if let Err(e) = tempfile::Builder::new()
         .prefix(".gguf-trace~probe.")
-        .tempfile_in(&parent)
+        .tempfile_in(&existing)
     {
         return Err(OutputError::BadTarget {
             path: target.display().to_string(),
             why: format!(
                 "{} is not writable ({})",
-                parent.display(),
+                existing.display(),
                 std::io::Error::from(e.kind())
             ),
         });
@@ -393,6 +407,9 @@ impl Staging {
     pub fn new(target: &Path) -> Result<Staging, OutputError> {
         let parent = parent_dir(target);
         let key = file_name(target)?;
+        // The output's folders that do not exist yet (checked by check_target: made in a writable
+        // folder).
+        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         // Check, recovery and taking this staging's lock are one step under the folder's guard:
         // two commands writing the same target cannot both pass the check.
         let guard = dir_guard(&parent)?;

@@ -163,6 +163,13 @@ fn compare_into(
         reference.map(|r| dirs[r].as_path()),
         true,
         None,
+        // Pages and tables name the runs where they land, not the staging they are read from.
+        Some(
+            &names
+                .iter()
+                .map(|n| args.output.join(n))
+                .collect::<Vec<_>>(),
+        ),
     )?;
     crate::run::write_json_atomic(
         &work.join(COMPARE_JSON),

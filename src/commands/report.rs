@@ -1,7 +1,7 @@
 //! `gguf-trace report RUN_DIR... -o report.html`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -21,6 +21,7 @@ pub fn write_report(
     reference: Option<&Path>,
     force: bool,
     refusal_phrases: Option<&Path>,
+    shown_as: Option<&[PathBuf]>,
 ) -> Result<usize> {
     let phrases = crate::analysis::effects::parse_phrases(&match refusal_phrases {
         Some(p) => crate::paths::read_text(p, 16 << 20)
@@ -86,11 +87,13 @@ pub fn write_report(
         check_interrupt()?;
         let d = r.dir.display().to_string();
         let what = format!("run {}/{}", i + 1, runs.len());
-        views.push(
-            RunView::new(r, &sp, &what)
-                .with_context(|| format!("{d}: analysing"))
-                .map_err(replaced)?,
-        );
+        let mut view = RunView::new(r, &sp, &what)
+            .with_context(|| format!("{d}: analysing"))
+            .map_err(replaced)?;
+        if let Some(p) = shown_as.and_then(|s| s.get(i)) {
+            view.shown_dir = p.display().to_string();
+        }
+        views.push(view);
     }
     sp.finish_and_clear();
     let sp = spinner("drawing");
@@ -175,8 +178,13 @@ pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
         args.reference.as_deref(),
         args.force,
         args.refusal_phrases.as_deref(),
+        None,
     )?;
-    eprintln!("report with {n} figures from {} run(s)", runs.len());
+    eprintln!(
+        "wrote {} — {n} figures from {} run(s), with its CSV tables beside it; open it in a browser (it works offline)",
+        args.output.display(),
+        runs.len()
+    );
     writeln!(out, "{}", args.output.display())?;
     Ok(())
 }

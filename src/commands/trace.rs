@@ -1014,6 +1014,11 @@ fn write_run(
         manifest.timings.trace_s,
         manifest.timings.tokens_per_s
     );
+    let shown = opts.shown();
+    eprintln!(
+        "wrote {shown}/ — next: gguf-trace report {shown} -o {}.html",
+        shown.trim_end_matches('/')
+    );
     Ok(dir)
 }
 

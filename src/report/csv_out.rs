@@ -62,7 +62,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
                 let rec = &v.run.manifest.prompts[i];
                 for (k, &p) in v.points.iter().enumerate() {
                     let mut r = vec![
-                        v.run.dir.display().to_string(),
+                        v.shown_dir.clone(),
                         v.run.manifest.model.file_name.clone(),
                         i.to_string(),
                         rec.id.clone(),
@@ -101,7 +101,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
             for g in &v.groups {
                 for (k, &p) in v.points.iter().enumerate() {
                     w.write_record([
-                        v.run.dir.display().to_string(),
+                        v.shown_dir.clone(),
                         v.run.manifest.model.file_name.clone(),
                         g.label.clone(),
                         g.members.len().to_string(),
@@ -132,7 +132,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
                 let depth = v.depth();
                 for (k, &p) in v.points.iter().enumerate() {
                     w.write_record([
-                        v.run.dir.display().to_string(),
+                        v.shown_dir.clone(),
                         v.run.manifest.model.file_name.clone(),
                         d.a.clone(),
                         d.b.clone(),
@@ -165,7 +165,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
                 let depth = v.depth();
                 for (k, d) in lv.drift.iter().enumerate() {
                     w.write_record([
-                        v.run.dir.display().to_string(),
+                        v.shown_dir.clone(),
                         v.run.manifest.model.file_type.clone(),
                         v.run.manifest.model.tensor_mix(),
                         (lv.run == l.reference).to_string(),
@@ -194,7 +194,7 @@ pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Resul
                 let v = &views[lv.run];
                 for (i, rec) in v.run.manifest.prompts.iter().enumerate() {
                     w.write_record([
-                        v.run.dir.display().to_string(),
+                        v.shown_dir.clone(),
                         v.run.manifest.model.file_type.clone(),
                         i.to_string(),
                         rec.id.clone(),

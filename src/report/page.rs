@@ -55,7 +55,7 @@ pub fn render(input: &PageInput) -> Result<String, minijinja::Error> {
         .map(|v| {
             let m = &v.run.manifest;
             context! {
-                dir => v.run.dir.display().to_string(),
+                dir => v.shown_dir,
                 model => m.model.file_name,
                 arch => m.model.architecture,
                 file_type => m.model.file_type,

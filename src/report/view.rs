@@ -115,6 +115,9 @@ impl LensSummary {
 
 pub struct RunView {
     pub run: Run,
+    /// The run's directory as pages and tables name it: where the user will find it (a compare's
+    /// runs are read from its staging directory and shown where they land).
+    pub shown_dir: String,
     /// Short display name: "SmolLM2-135M-Instruct.Q4_1.gguf · funnel".
     pub name: String,
     /// `last.npy`, read a prompt at a time.
@@ -392,6 +395,7 @@ impl RunView {
             format!("{file} · {dir_name}")
         };
         Ok(RunView {
+            shown_dir: run.dir.display().to_string(),
             points: run.manifest.capture.points.clone(),
             n_layer: run.manifest.model.n_layer,
             name,

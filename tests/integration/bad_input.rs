@@ -1136,13 +1136,13 @@ fn outputs_are_never_lost() {
     );
     fails(
         w,
-        &["trace", "-m", m, "-p", "x", "-o", "no/such/dir"],
-        "not an existing directory",
+        &["trace", "-m", m, "-p", "x", "-o", "notes.txt/run"],
+        "notes.txt is a file, not a folder",
     );
     fails(
         w,
-        &["trace", "-m", m, "-p", "x", "-o", "notes.txt/run"],
-        "not an existing directory",
+        &["trace", "-m", m, "-p", "x", "-o", "notes.txt/deeper/run"],
+        "notes.txt is a file, not a folder",
     );
     fails(
         w,
@@ -1182,8 +1182,8 @@ fn outputs_are_never_lost() {
     fails(w, &["report", "run", "-o", "run"], "is a directory");
     fails(
         w,
-        &["report", "run", "-o", "nowhere/r.html"],
-        "not an existing directory",
+        &["report", "run", "-o", "notes.txt/r.html"],
+        "notes.txt is a file, not a folder",
     );
     std::fs::write(w.join("r.metrics.csv"), "my,own,table\n").unwrap();
     fails(

@@ -228,3 +228,46 @@ fn llama_cpp_sys_version_matches_cargo_lock() {
         format!("version = \"{}\"", gguf_trace::llama::LLAMA_CPP_SYS_VERSION)
     );
 }
+
+/// The README's first commands in an empty folder (issue 23, class 2): `-o runs/paris` and
+/// `-o reports/paris.html` make their folders, each command says what it wrote (a trace also the
+/// report command that comes next), and a command that fails before writing makes no folder.
+#[test]
+fn outputs_make_their_folders_and_say_what_comes_next() {
+    let m = model_path(SMOL).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let o = ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-p",
+            "The capital of France is",
+            "-o",
+            "runs/paris",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("wrote runs/paris/ — next: gguf-trace report runs/paris -o runs/paris.html"),
+        "{err}"
+    );
+    Run::open(&w.join("runs/paris")).unwrap();
+    let o = ok(
+        w,
+        &["report", "runs/paris", "-o", "reports/deep/paris.html"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wrote reports/deep/paris.html"), "{err}");
+    assert!(w.join("reports/deep/paris.html").is_file());
+    // Failing before anything is written: no folder is made.
+    let o = bin()
+        .args(["trace", "-m", "missing.gguf", "-p", "x", "-o", "other/run"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "missing.gguf", None);
+    assert!(!w.join("other").exists());
+}

@@ -80,6 +80,17 @@ fn ladder_drift_and_kl_order_by_precision() {
         s(&out),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The page and its tables name the runs where they are, never the staging they were read from.
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        if e.path().is_file() {
+            let text = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned();
+            assert!(
+                !text.contains(".gguf-trace-"),
+                "{} names a staging path",
+                e.path().display()
+            );
+        }
+    }
     let drift = csv_rows(&out.join("report.drift.csv"));
     let last_err = |ft: &str| -> f64 {
         let r = drift
