@@ -577,10 +577,16 @@ fn causal_tracing_finds_the_subject_then_the_last_position() {
             row[j]
         );
     }
-    // Late points: the last position.
+    // Late points: the last position, by a margin — an argmax alone would also pick it from a row
+    // of equal values (Iterator::max_by keeps the last maximum), as a patch that wrote nothing
+    // gives. Measured: P(Paris) 0.427–0.719 at points 26–30, every other position ≤ 0.0043.
     for (pt, row) in p.iter().enumerate().skip(26) {
-        assert_eq!(argmax(row), last, "point {pt}");
-        assert!(row[1..=3].iter().all(|&v| v < 0.05), "point {pt}: {row:?}");
+        assert!(
+            row[last] > 0.3,
+            "point {pt}: the last state restores only {}",
+            row[last]
+        );
+        assert!(row[..last].iter().all(|&v| v < 0.05), "point {pt}: {row:?}");
     }
     // The hand-over happens once, between points 21 and 26 (measured: at 24).
     let handover = (0..31).find(|&pt| argmax(&p[pt]) == last).unwrap();
