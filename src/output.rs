@@ -475,35 +475,7 @@ impl Staging {
         refuse_if_busy(&parent, &key, target)?;
         let prefix = format!("{PREFIX}{key}.");
         let me = std::process::id();
-        let mut found: Option<(std::time::SystemTime, String)> = None;
-        for e in fs::read_dir(&parent).map_err(io_err(&parent))?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix(".partial"))
-            else {
-                continue;
-            };
-            if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me.to_string() {
-                continue;
-            }
-            let base = format!("{prefix}{pid}");
-            // Ours (a lock file exists) and its owner dead (the lock is free).
-            let dead = lock_is_free(&parent.join(format!("{base}.lock"))) == Some(true);
-            let dir = e.path();
-            let swapping =
-                parent.join(format!("{base}.old")).exists() || dir.join(".committed").exists();
-            if dead && !swapping && dir.join(&key).is_dir() {
-                let t = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                if found.as_ref().is_none_or(|(best, _)| t > *best) {
-                    found = Some((t, pid.to_string()));
-                }
-            }
-        }
-        let Some((_, pid)) = found else {
+        let Some(pid) = resumable_pid(&parent, &key) else {
             return Ok(None);
         };
         let old_base = parent.join(format!("{prefix}{pid}"));
@@ -821,6 +793,55 @@ fn busy(parent: &Path, key: &str) -> Option<String> {
     None
 }
 
+/// The pid of the newest staging of `key` in `parent` that `--resume` could take over: its writer
+/// is dead (its lock is free), it had not begun its swap, and it holds the output.
+fn resumable_pid(parent: &Path, key: &str) -> Option<String> {
+    let prefix = format!("{PREFIX}{key}.");
+    let me = std::process::id();
+    let mut found: Option<(std::time::SystemTime, String)> = None;
+    for e in fs::read_dir(parent).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".partial"))
+        else {
+            continue;
+        };
+        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me.to_string() {
+            continue;
+        }
+        let base = format!("{prefix}{pid}");
+        // Ours (a lock file exists) and its owner dead (the lock is free).
+        let dead = lock_is_free(&parent.join(format!("{base}.lock"))) == Some(true);
+        let dir = e.path();
+        let swapping =
+            parent.join(format!("{base}.old")).exists() || dir.join(".committed").exists();
+        if dead && !swapping && dir.join(key).is_dir() {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            if found.as_ref().is_none_or(|(best, _)| t > *best) {
+                found = Some((t, pid.to_string()));
+            }
+        }
+    }
+    found.map(|(_, pid)| pid)
+}
+
+/// An interrupted output of `target` that `--resume` could continue: its staged copy (None when
+/// there is none).
+pub fn resumable(target: &Path) -> Option<PathBuf> {
+    let parent = parent_dir(target);
+    let key = file_name(target).ok()?;
+    let pid = resumable_pid(&parent, &key)?;
+    Some(
+        parent
+            .join(format!("{PREFIX}{key}.{pid}.partial"))
+            .join(&key),
+    )
+}
+
 /// Whether the lock file `path` is free (its writer is gone): None when there is no such file.
 fn lock_is_free(path: &Path) -> Option<bool> {
     let f = fs::File::options().write(true).open(path).ok()?;
@@ -950,7 +971,10 @@ mod tests {
         fs::write(&html, "<html>mine</html>").unwrap();
         assert!(check_target(&html, Kind::Report, true).is_err());
         assert!(check_target(&d.path().join("absent"), Kind::Report, false).is_ok());
-        assert!(check_target(&d.path().join("no/such/x"), Kind::Report, false).is_err());
+        // Missing folders are made when the output is written; a file in the way is refused.
+        assert!(check_target(&d.path().join("no/such/x"), Kind::Report, false).is_ok());
+        assert!(!d.path().join("no").exists());
+        assert!(check_target(&html.join("x"), Kind::Report, false).is_err());
     }
 
     #[test]

@@ -82,11 +82,27 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             Ok(())
         } else {
             Err(crate::output::OutputError::Refused(format!(
-                "the interrupted compare of {} was made with other model files, other options or other prompts; run without --resume to start over (it is discarded then)",
+                "the interrupted compare of {} was made with other model files, other options or other prompts; run with --force instead of --resume to discard it and start over",
                 args.output.display()
             )))
         }
     };
+    if !args.resume && !args.force {
+        if let Some(staged) = crate::output::resumable(&args.output) {
+            let done = std::fs::read_dir(&staged)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.path().join(crate::run::RUN_JSON).is_file())
+                        .count()
+                })
+                .unwrap_or(0);
+            bail!(
+                "{} has an interrupted compare with {done} of {} run(s) finished on disk: run the same command with --resume to continue it, or with --force to discard it and start over",
+                args.output.display(),
+                args.models.len()
+            );
+        }
+    }
     let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume, &accept)?;
     if args.resume && !adopted {
         eprintln!(

@@ -463,6 +463,10 @@ fn check(opts: &TraceOptions) -> Result<Vec<Prompt>> {
     opts.validate()?;
     let prompts = prompts::collect(&opts.input.prompts, &opts.input.files)?;
     // (--resume of a run that is already complete is answered once its plan is known.)
+    // An interrupted trace of this output is named first (never discarded without --force).
+    if !opts.resume && !opts.force {
+        run::refuse_interrupted(&opts.output)?;
+    }
     if !(opts.resume && crate::run::Run::open(&opts.output).is_ok()) {
         run::check_output(&opts.output, opts.force)?;
     }

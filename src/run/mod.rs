@@ -607,6 +607,9 @@ impl RunWriter {
         resume: bool,
         valid: &dyn Fn(&JournalEntry) -> bool,
     ) -> Result<(RunWriter, Vec<JournalEntry>), RunError> {
+        if !resume && !force {
+            refuse_interrupted(out)?;
+        }
         check_output(out, force)?;
         let accept = |dir: &Path| -> Result<(), OutputError> {
             let found = crate::paths::read_text(&dir.join(RESUME_PLAN), crate::paths::MAX_JSON)
@@ -615,7 +618,7 @@ impl RunWriter {
                 Ok(())
             } else {
                 Err(OutputError::Refused(format!(
-                    "the interrupted trace of {} was made with another model file, other options or other prompts; run without --resume to start over (it is discarded then)",
+                    "the interrupted trace of {} was made with another model file, other options or other prompts; run with --force instead of --resume to discard it and start over",
                     out.display()
                 )))
             }
@@ -1143,6 +1146,21 @@ impl RunWriter {
 /// directory written by gguf-trace (see [`crate::output::check_target`]).
 pub fn check_output(out: &Path, force: bool) -> Result<(), RunError> {
     Ok(crate::output::check_target(out, Kind::Run, force)?)
+}
+
+/// Refuse to start `out` afresh over an interrupted trace of it (without `--resume` or `--force`):
+/// its finished prompts are never discarded silently; the error says how many and which flag
+/// keeps or drops them.
+pub fn refuse_interrupted(out: &Path) -> Result<(), RunError> {
+    let Some(staged) = crate::output::resumable(out) else {
+        return Ok(());
+    };
+    let n = read_journal(&staged.join(JOURNAL)).len();
+    Err(OutputError::Refused(format!(
+        "{} has an interrupted trace with {n} prompt(s) on disk: run the same command with --resume to continue it, or with --force to discard it and start over",
+        out.display()
+    ))
+    .into())
 }
 
 /// Write JSON to a temporary file beside `path`, then rename it over `path`.

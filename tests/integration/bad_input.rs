@@ -1686,6 +1686,21 @@ fn signals_during_a_trace() {
         .collect();
     assert!(!left.is_empty(), "SIGKILL left nothing to clean up?");
     assert!(gguf_trace::run::Run::open(&w.join("run")).is_ok());
+    // Started again without --resume or --force, the interrupted trace is named, not discarded
+    // (issue 23, class 2): how many prompts are on disk, and which flag keeps or drops them.
+    let before = snapshot(w);
+    let o = bin()
+        .args(["trace", "-m", s(&m), "-p", "again", "-o", "run"])
+        .current_dir(w)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "run has an interrupted trace with", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("prompt(s) on disk") && err.contains("--resume") && err.contains("--force"),
+        "{err}"
+    );
+    assert_unchanged(w, &before, "trace over an interrupted trace");
     let o = ok(
         w,
         &["trace", "-m", s(&m), "-p", "again", "-o", "run", "--force"],
