@@ -544,7 +544,7 @@ impl Staging {
             return Err(OutputError::Interrupted);
         }
         // No recovery and no other commit in this folder runs while this swap does.
-        let _guard = dir_guard(&self.parent)?;
+        let guard = dir_guard(&self.parent)?;
         let main = self.parent.join(&self.key);
         if !self.target_existed && fs::symlink_metadata(&main).is_ok() {
             return Err(OutputError::BadTarget {
@@ -642,6 +642,9 @@ impl Staging {
         }
         write_synced(&self.dir.join(".committed"), b"")?;
         sync_dir(&self.parent);
+        // Committed: the rest is deleting (the earlier output may be gigabytes), which a recovery
+        // finishes if it must; other writers of this folder need not wait for it.
+        drop(guard);
         self.done = true;
         let _ = fs::remove_dir_all(&old);
         let _ = fs::remove_dir_all(&self.dir);
@@ -681,24 +684,26 @@ fn existed_when_checked(target: &Path, parent: &Path, key: &str) -> bool {
     }
 }
 
-/// Test hook: with `GGUF_TRACE_PAUSE=NAME:FILE`, stop at the point `NAME` until `FILE` exists
-/// or the process is interrupted (`FILE.reached` says the process got there; at most 60 s). Used
-/// by the tests of interleavings and signals, to act at one step for certain.
+/// Test hook: with `GGUF_TRACE_PAUSE=NAME:FILE[;NAME:FILE...]`, stop at the point `NAME` until
+/// its `FILE` exists or the process is interrupted (`FILE.reached` says the process got there; at
+/// most 10 minutes). Used by the tests of interleavings and signals, to act at one step for certain.
 pub fn pause_point(name: &str) {
     let Ok(v) = std::env::var("GGUF_TRACE_PAUSE") else {
         return;
     };
-    let Some((n, file)) = v.split_once(':') else {
+    let Some(file) = v
+        .split(';')
+        .filter_map(|e| e.split_once(':'))
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| f.to_string())
+    else {
         return;
     };
-    if n != name {
-        return;
-    }
     let _ = fs::write(format!("{file}.reached"), b"");
     let start = std::time::Instant::now();
-    while !Path::new(file).exists()
+    while !Path::new(&file).exists()
         && !crate::llama::backend::interrupted()
-        && start.elapsed() < std::time::Duration::from_secs(60)
+        && start.elapsed() < std::time::Duration::from_secs(600)
     {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -834,6 +839,8 @@ fn resumable_pid(parent: &Path, key: &str) -> Option<String> {
 pub fn resumable(target: &Path) -> Option<PathBuf> {
     let parent = parent_dir(target);
     let key = file_name(target).ok()?;
+    // Its probe of the lock files is one of the steps writers serialize.
+    let _guard = dir_guard(&parent).ok()?;
     let pid = resumable_pid(&parent, &key)?;
     Some(
         parent

@@ -33,6 +33,23 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     plan.resume = args.resume;
     plan.validate()?;
     let prompts = prompts::collect(&args.input.prompts, &args.input.files)?;
+    // An interrupted compare of this output is named first (never discarded without --force).
+    if !args.resume && !args.force {
+        if let Some(staged) = crate::output::resumable(&args.output) {
+            let done = std::fs::read_dir(&staged)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.path().join(crate::run::RUN_JSON).is_file())
+                        .count()
+                })
+                .unwrap_or(0);
+            bail!(
+                "{} has an interrupted compare with {done} of {} run(s) finished on disk: run the same command with --resume to continue it, or with --force to discard it and start over",
+                args.output.display(),
+                args.models.len()
+            );
+        }
+    }
     check_target(&args.output, Kind::Compare, args.force)?;
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let reference = match &args.reference {
@@ -87,22 +104,6 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             )))
         }
     };
-    if !args.resume && !args.force {
-        if let Some(staged) = crate::output::resumable(&args.output) {
-            let done = std::fs::read_dir(&staged)
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| e.path().join(crate::run::RUN_JSON).is_file())
-                        .count()
-                })
-                .unwrap_or(0);
-            bail!(
-                "{} has an interrupted compare with {done} of {} run(s) finished on disk: run the same command with --resume to continue it, or with --force to discard it and start over",
-                args.output.display(),
-                args.models.len()
-            );
-        }
-    }
     let (staging, adopted) = Staging::new_or_adopt(&args.output, args.resume, &accept)?;
     if args.resume && !adopted {
         eprintln!(
@@ -120,7 +121,10 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             std::fs::remove_file(work.join(crate::run::RESUME_PLAN))
                 .with_context(|| format!("cannot finish {}", work.display()))?;
             staging.commit(&[name], &[])?;
-            eprintln!("report with {n} figures from {} runs", args.models.len());
+            eprintln!(
+                "wrote {} — one run per model and report.html ({n} figures); open the report in a browser",
+                args.output.display()
+            );
             writeln!(out, "{}", args.output.join(REPORT).display())?;
             Ok(())
         }

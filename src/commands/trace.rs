@@ -1018,11 +1018,12 @@ fn write_run(
         manifest.timings.trace_s,
         manifest.timings.tokens_per_s
     );
-    let shown = opts.shown();
-    eprintln!(
-        "wrote {shown}/ — next: gguf-trace report {shown} -o {}.html",
-        shown.trim_end_matches('/')
-    );
+    if opts.shown_as.is_none() {
+        // (A compare's runs are not in place yet; compare says what it wrote.)
+        let shown = opts.shown();
+        let shown = shown.trim_end_matches('/');
+        eprintln!("wrote {shown}/ — next: gguf-trace report {shown} -o {shown}.html");
+    }
     Ok(dir)
 }
 

@@ -1295,8 +1295,8 @@ impl CaptureState {
 }
 
 unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
-    super::rpc::progress();
     let result = catch_unwind(AssertUnwindSafe(|| {
+        super::rpc::progress();
         let raw = t;
         // SAFETY: user_data is the CaptureState leaked by Context::new and freed only after
         // llama_free; llama.cpp calls the callback from the thread inside llama_decode (which holds

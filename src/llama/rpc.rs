@@ -114,12 +114,13 @@ pub fn check_endpoint(endpoint: &str) -> Result<std::net::SocketAddr, RpcError> 
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
         .ok_or_else(|| RpcError::Endpoint(endpoint.to_string()))?;
+    // IPv4 first: ggml-rpc itself resolves host names to IPv4 only.
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port.parse::<u16>().unwrap_or(0)))
         .map_err(|e| RpcError::Unreachable {
             endpoint: endpoint.into(),
             why: e.to_string(),
         })?
-        .next()
+        .min_by_key(std::net::SocketAddr::is_ipv6)
         .ok_or_else(|| RpcError::Unreachable {
             endpoint: endpoint.into(),
             why: "no address".into(),
@@ -249,14 +250,14 @@ pub struct Armed(());
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        ARMED.fetch_sub(1, Ordering::Relaxed);
+        ARMED.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Arm the watchdog around a call into llama.cpp that may talk to an RPC worker.
 pub fn arm() -> Armed {
-    LAST_PROGRESS_MS.store(now_ms(), Ordering::Relaxed);
-    ARMED.fetch_add(1, Ordering::Relaxed);
+    LAST_PROGRESS_MS.store(now_ms(), Ordering::Release);
+    ARMED.fetch_add(1, Ordering::AcqRel);
     Armed(())
 }
 
@@ -265,7 +266,16 @@ pub fn watch(endpoints: &[String], timeout_s: u64) {
     if endpoints.is_empty() || WATCHING.swap(true, Ordering::SeqCst) {
         return;
     }
-    let endpoints = endpoints.to_vec();
+    // Resolved now, not when a worker is silent (the network may be what failed).
+    let endpoints: Vec<(String, Vec<std::net::SocketAddr>)> = endpoints
+        .iter()
+        .map(|e| {
+            let addrs = std::net::ToSocketAddrs::to_socket_addrs(e.as_str())
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            (e.clone(), addrs)
+        })
+        .collect();
     // 0: settings built in code (not from the command line) take the default.
     let timeout_s = if timeout_s == 0 {
         DEFAULT_TIMEOUT_S
@@ -276,14 +286,19 @@ pub fn watch(endpoints: &[String], timeout_s: u64) {
     LAST_PROGRESS_MS.store(now_ms(), Ordering::Relaxed);
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        let idle = now_ms().saturating_sub(LAST_PROGRESS_MS.load(Ordering::Relaxed));
-        if ARMED.load(Ordering::Relaxed) == 0 || idle < timeout_ms {
+        // Armed first: an arm() between the two reads marks progress too, so it cannot look idle.
+        if ARMED.load(Ordering::Acquire) == 0 {
             continue;
         }
+        let idle = now_ms().saturating_sub(LAST_PROGRESS_MS.load(Ordering::Acquire));
+        if idle < timeout_ms {
+            continue;
+        }
+        let names: Vec<&str> = endpoints.iter().map(|(e, _)| e.as_str()).collect();
         let who = match stalled_on(&endpoints) {
             Some(e) => format!("the RPC worker at {e}"),
-            None if endpoints.len() == 1 => format!("the RPC worker at {}", endpoints[0]),
-            None => format!("one of the RPC workers ({})", endpoints.join(", ")),
+            None if names.len() == 1 => format!("the RPC worker at {}", names[0]),
+            None => format!("one of the RPC workers ({})", names.join(", ")),
         };
         backend::stop_process(&format!(
             "{who} stopped answering: no progress for {timeout_s} s (--rpc-timeout)"
@@ -293,11 +308,10 @@ pub fn watch(endpoints: &[String], timeout_s: u64) {
 
 /// The endpoint llama.cpp is blocked on, where the system says (Linux: the socket a thread of this
 /// process waits in, and its peer); None elsewhere or when no thread waits on a worker.
-fn stalled_on(endpoints: &[String]) -> Option<String> {
+fn stalled_on(endpoints: &[(String, Vec<std::net::SocketAddr>)]) -> Option<String> {
     let peer = blocked_peer()?;
-    for e in endpoints {
-        let addrs = std::net::ToSocketAddrs::to_socket_addrs(e.as_str()).ok()?;
-        if addrs.into_iter().any(|a| a == peer) {
+    for (e, addrs) in endpoints {
+        if addrs.contains(&peer) {
             return Some(e.clone());
         }
     }

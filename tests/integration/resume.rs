@@ -297,6 +297,14 @@ fn compare_resumes() {
         assert_clean_error(&o, "interrupted compare of cmp was made with other", None);
         assert_unchanged(w, &before, &format!("{other:?}"));
     }
+    // The same compare without --resume or --force names it and keeps it (never discards it).
+    let o = bin().args(a).current_dir(w).output().unwrap();
+    assert_clean_error(
+        &o,
+        "cmp has an interrupted compare with 1 of 2 run(s) finished",
+        None,
+    );
+    assert_unchanged(w, &before, "compare over an interrupted compare");
     let o = ok(w, &[&a[..], &["--resume"]].concat());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
