@@ -776,46 +776,41 @@ fn refuse_if_busy(parent: &Path, key: &str, target: &Path) -> Result<(), OutputE
     }
 }
 
-/// A live gguf-trace (other than this one) writing `key` in `parent`: its pid.
-fn busy(parent: &Path, key: &str) -> Option<String> {
+/// The files another gguf-trace process made for `key` in `parent` with this `suffix`
+/// (`.gguf-trace-<key>.<pid><suffix>`): (pid, entry) for every pid but this process's.
+fn others(parent: &Path, key: &str, suffix: &str) -> Vec<(String, fs::DirEntry)> {
     let prefix = format!("{PREFIX}{key}.");
     let me = std::process::id().to_string();
-    for e in fs::read_dir(parent).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".lock"))
-        else {
-            continue;
-        };
-        if pid == me || !pid.chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        if lock_is_free(&e.path()) == Some(false) {
-            return Some(pid.to_string());
-        }
-    }
-    None
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(suffix)?
+                .to_string();
+            (pid != me && pid.chars().all(|c| c.is_ascii_digit())).then_some((pid, e))
+        })
+        .collect()
+}
+
+/// A live gguf-trace (other than this one) writing `key` in `parent`: its pid.
+fn busy(parent: &Path, key: &str) -> Option<String> {
+    others(parent, key, ".lock")
+        .into_iter()
+        .find(|(_, e)| lock_is_free(&e.path()) == Some(false))
+        .map(|(pid, _)| pid)
 }
 
 /// The pid of the newest staging of `key` in `parent` that `--resume` could take over: its writer
 /// is dead (its lock is free), it had not begun its swap, and it holds the output.
 fn resumable_pid(parent: &Path, key: &str) -> Option<String> {
-    let prefix = format!("{PREFIX}{key}.");
-    let me = std::process::id();
     let mut found: Option<(std::time::SystemTime, String)> = None;
-    for e in fs::read_dir(parent).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".partial"))
-        else {
-            continue;
-        };
-        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me.to_string() {
-            continue;
-        }
-        let base = format!("{prefix}{pid}");
+    for (pid, e) in others(parent, key, ".partial") {
+        let base = format!("{PREFIX}{key}.{pid}");
         // Ours (a lock file exists) and its owner dead (the lock is free).
         let dead = lock_is_free(&parent.join(format!("{base}.lock"))) == Some(true);
         let dir = e.path();
@@ -827,7 +822,7 @@ fn resumable_pid(parent: &Path, key: &str) -> Option<String> {
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
             if found.as_ref().is_none_or(|(best, _)| t > *best) {
-                found = Some((t, pid.to_string()));
+                found = Some((t, pid));
             }
         }
     }

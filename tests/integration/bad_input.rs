@@ -830,14 +830,19 @@ fn readers_and_writers_interleaved_are_told_apart() {
     };
     trace(&["The capital of France is", "Water boils at"], &[]);
     let go = w.join("go");
-    let mut reader = bin()
-        .args(["report", "run", "-o", "r.html"])
-        .env("GGUF_TRACE_PAUSE", format!("report-read:{}", go.display()))
-        .current_dir(w)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let report = |pause: Option<String>| {
+        let mut cmd = bin();
+        if let Some(p) = pause {
+            cmd.env("GGUF_TRACE_PAUSE", p);
+        }
+        cmd.args(["report", "run", "-o", "r.html"])
+            .current_dir(w)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut reader = report(Some(format!("report-read:{}", go.display())));
     wait_paused(&go, &mut reader);
     trace(
         &["Something else entirely, and longer", "Another one"],
@@ -853,25 +858,13 @@ fn readers_and_writers_interleaved_are_told_apart() {
     // second starts meanwhile: it must wait for the guard and then find the first busy, not pass
     // the check in the gap (without the guard it did, and both wrote the page).
     let (go1, go2) = (w.join("go1"), w.join("go2"));
-    let mut first = bin()
-        .args(["report", "run", "-o", "r.html"])
-        .env(
-            "GGUF_TRACE_PAUSE",
-            format!("busy-checked:{};commit:{}", go1.display(), go2.display()),
-        )
-        .current_dir(w)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut first = report(Some(format!(
+        "busy-checked:{};commit:{}",
+        go1.display(),
+        go2.display()
+    )));
     wait_paused(&go1, &mut first);
-    let second = bin()
-        .args(["report", "run", "-o", "r.html"])
-        .current_dir(w)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let second = report(None);
     std::thread::sleep(Duration::from_millis(1000));
     std::fs::write(&go1, "").unwrap();
     // The first now holds its lock until go2; the second ends on its own.

@@ -352,18 +352,13 @@ pub fn interrupt_at(
     let never = flags.path().join("never");
     let mut cmd = bin();
     cmd.env("GGUF_TRACE_PAUSE", format!("{point}:{}", never.display()));
-    let mut w = Watched::spawn_with(work, args, cmd);
     let reached = flags.path().join("never.reached");
-    let start = std::time::Instant::now();
-    while !reached.exists() {
-        w.assert_running(args);
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "{args:?}: never reached {point}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    w.signal(signal)
+    signal_when(
+        Watched::spawn_with(work, args, cmd),
+        args,
+        || reached.exists(),
+        signal,
+    )
 }
 
 /// Spawn the binary in `work`, wait until `ready()` holds (polled; at most 5 minutes), send
@@ -374,7 +369,17 @@ pub fn interrupt_when(
     ready: impl Fn() -> bool,
     signal: &str,
 ) -> (Option<i32>, Vec<String>) {
-    let mut w = Watched::spawn(work, args);
+    signal_when(Watched::spawn(work, args), args, ready, signal)
+}
+
+/// Wait until `ready()` holds (polled; at most 5 minutes, the command still running), then send
+/// `signal`.
+fn signal_when(
+    mut w: Watched,
+    args: &[&str],
+    ready: impl Fn() -> bool,
+    signal: &str,
+) -> (Option<i32>, Vec<String>) {
     let start = std::time::Instant::now();
     while !ready() {
         w.assert_running(args);
@@ -382,7 +387,7 @@ pub fn interrupt_when(
             start.elapsed() < Duration::from_secs(300),
             "{args:?}: never ready"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     w.signal(signal)
 }

@@ -53,6 +53,14 @@ impl Drop for Server {
     }
 }
 
+/// `p.txt`: 400 prompts, long enough that a trace over RPC checkpoints before it ends.
+fn long_prompt_file(w: &Path) {
+    let body: String = (0..400)
+        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
+        .collect();
+    std::fs::write(w.join("p.txt"), body).unwrap();
+}
+
 fn run_json(d: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap()
 }
@@ -163,10 +171,7 @@ fn rpc_reads_little_and_survives_a_dead_worker() {
         "--positions last must read one row per point and prompt"
     );
 
-    let body: String = (0..400)
-        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
-        .collect();
-    std::fs::write(w.join("p.txt"), body).unwrap();
+    long_prompt_file(w);
     let mut server = server;
     let endpoint = server.endpoint.clone();
     let a = [
@@ -303,10 +308,7 @@ fn rpc_a_worker_that_stops_answering_is_named_and_the_trace_resumes() {
     let m = s(&m);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let body: String = (0..400)
-        .map(|i| format!("Prompt number {i} asks about something long and winding, again.\n"))
-        .collect();
-    std::fs::write(w.join("p.txt"), body).unwrap();
+    long_prompt_file(w);
     let first = Server::start();
     let mut second = Server::start();
     let both = format!("{},{}", first.endpoint, second.endpoint);
