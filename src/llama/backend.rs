@@ -325,13 +325,19 @@ mod tests {
     /// exit restored the old count under B.
     #[test]
     fn single_threaded_blas_holds_while_any_caller_is_inside() {
-        {
+        // Another test of this binary (the PCA tests) may be inside; wait until none is, then set
+        // a count other than 1 under the lock, so a too-early restore is visible. (Setting it only
+        // when none was inside, without waiting, let a test that was inside restore its own count
+        // afterwards: the final check then failed on a count this test never set.)
+        loop {
             let d = blas_depth();
             if d.inside == 0 {
-                // SAFETY: as in `with_single_threaded_blas`; a count other than 1, so a too-early
-                // restore is visible.
+                // SAFETY: as in `with_single_threaded_blas`.
                 unsafe { openblas_set_num_threads(3) };
+                break;
             }
+            drop(d);
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let a_in = std::sync::Barrier::new(2);
         let a_out = std::sync::Barrier::new(2);
