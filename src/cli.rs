@@ -41,7 +41,8 @@ pub enum Command {
     Trace(TraceArgs),
     /// Turn run directories into one standalone interactive HTML report (plus CSVs of its numbers).
     Report(ReportArgs),
-    /// Write quantized copies of a model (one file per type) and show each file's real tensor mix.
+    /// Write quantized copies of a model (one file per type; an F32/F16 source quantizes exactly, a
+    /// quantized one is requantized) and show each file's real tensor mix.
     Quantize(QuantizeArgs),
     /// Export the contrast direction between two labels of a run as a llama.cpp control vector,
     /// and print how well the labels separate (leave-one-out).
@@ -56,6 +57,69 @@ pub enum Command {
     /// Serve this machine's CPU to tracing clients over llama.cpp's RPC protocol (as llama.cpp's
     /// rpc-server does; the two interoperate). Unauthenticated: keep it on a trusted network.
     RpcServer(RpcServerArgs),
+    /// Print shell completions or the man page, generated from these very definitions, e.g.
+    /// `gguf-trace generate complete-bash > ~/.local/share/bash-completion/completions/gguf-trace`
+    /// or `gguf-trace generate man > ~/.local/share/man/man1/gguf-trace.1`.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    pub kind: GenerateKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GenerateKind {
+    /// Completions for bash.
+    CompleteBash,
+    /// Completions for zsh.
+    CompleteZsh,
+    /// Completions for fish.
+    CompleteFish,
+    /// Completions for PowerShell.
+    CompletePowershell,
+    /// The man page (roff).
+    Man,
+}
+
+/// The model file, taken the same way by every command that reads one model: as the first
+/// argument (`gguf-trace trace model.gguf …`) or with -m (`gguf-trace trace -m model.gguf …`).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArg {
+    /// The GGUF model file (or give it with -m).
+    #[arg(
+        value_name = "MODEL.gguf",
+        required_unless_present = "model_opt",
+        conflicts_with = "model_opt"
+    )]
+    model_pos: Option<PathBuf>,
+    /// The GGUF model file (or give it as the first argument).
+    #[arg(
+        short = 'm',
+        long = "model",
+        id = "model_opt",
+        value_name = "MODEL.gguf"
+    )]
+    model_opt: Option<PathBuf>,
+}
+
+impl ModelArg {
+    pub fn new(path: PathBuf) -> Self {
+        ModelArg {
+            model_pos: None,
+            model_opt: Some(path),
+        }
+    }
+
+    /// The model's path (clap requires exactly one of the two forms; parsed args always have it).
+    pub fn path(&self) -> &std::path::Path {
+        self.model_pos
+            .as_deref()
+            .or(self.model_opt.as_deref())
+            .unwrap_or(std::path::Path::new(""))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -63,8 +127,8 @@ pub struct RpcServerArgs {
     /// Address to listen on (loopback by default; anything else is reachable by others).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Port to listen on.
-    #[arg(short, long, default_value_t = 50052)]
+    /// Port to listen on. (No short form: -p is a prompt in every command.)
+    #[arg(long, default_value_t = 50052)]
     pub port: u16,
     /// CPU threads for the served backend (default: all available).
     #[arg(short, long, value_name = "N")]
@@ -172,9 +236,8 @@ pub struct ReportArgs {
 
 #[derive(Debug, Args)]
 pub struct PatchArgs {
-    /// The GGUF model file.
-    #[arg(short, long, value_name = "MODEL.gguf")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     /// The clean prompt: its next token (greedy) is "the answer".
     #[arg(long, value_name = "TEXT")]
     pub clean: String,
@@ -237,10 +300,12 @@ pub struct DirectionArgs {
 
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
-    /// The source GGUF model (F32/F16 for exact quantization; a quantized source is requantized).
-    pub source: PathBuf,
-    /// Comma-separated target types, e.g. f32,q8_0,q6_k,q4_k_m,q3_k_m,q2_k.
-    #[arg(short, long = "type", value_name = "TYPES")]
+    /// The source model (F32/F16 for exact quantization; a quantized source is requantized).
+    #[command(flatten)]
+    pub source: ModelArg,
+    /// Comma-separated target types, e.g. f32,q8_0,q6_k,q4_k_m,q3_k_m,q2_k. (No short form: -t is
+    /// the thread count in every command.)
+    #[arg(long = "type", value_name = "TYPES")]
     pub types: String,
     /// Output directory (created if missing); files are named after the source and the type.
     #[arg(short, long, value_name = "DIR")]
@@ -306,8 +371,8 @@ pub struct PromptArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The GGUF model file.
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -323,11 +388,29 @@ pub struct InspectArgs {
     pub check: bool,
 }
 
+/// When to print something that is meant for a person (`auto`: when the stream is a terminal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum When {
+    Auto,
+    Always,
+    Never,
+}
+
+impl When {
+    /// Whether to print, given whether the stream is a terminal.
+    pub fn print(self, terminal: bool) -> bool {
+        match self {
+            When::Auto => terminal,
+            When::Always => true,
+            When::Never => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct TraceArgs {
-    /// The GGUF model file.
-    #[arg(short, long, value_name = "MODEL.gguf")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
 
     #[command(flatten)]
     pub input: PromptArgs,
@@ -339,6 +422,13 @@ pub struct TraceArgs {
     /// Overwrite an existing output directory.
     #[arg(long)]
     pub force: bool,
+
+    /// Print what the model answered — each prompt's top next tokens with their probabilities,
+    /// and any generated text — on stdout, before the run's path: "auto" when stdout is a
+    /// terminal (a script reading the path gets only the path), "always", or "never". run.json
+    /// records them either way (`.prompts[].top`)
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = When::Auto)]
+    pub answers: When,
 
     #[command(flatten)]
     pub capture: crate::settings::CaptureArgs,
@@ -532,5 +622,65 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// One grammar: a short letter means one long option in every subcommand, and no subcommand
+    /// has a letter twice. (clap checks duplicates only in debug builds; CI tests release.)
+    #[test]
+    fn a_short_letter_means_one_thing_everywhere() {
+        use clap::CommandFactory;
+        let mut meaning: std::collections::BTreeMap<char, (String, String)> = Default::default();
+        let cli = Cli::command();
+        let mut cmds = vec![cli.clone()];
+        cmds.extend(cli.get_subcommands().cloned());
+        for c in &cmds {
+            let mut seen = std::collections::BTreeSet::new();
+            for a in c.get_arguments() {
+                let Some(short) = a.get_short() else { continue };
+                assert!(seen.insert(short), "{}: -{short} twice", c.get_name());
+                let long = a.get_long().unwrap_or_default().to_string();
+                let (cmd, was) = meaning
+                    .entry(short)
+                    .or_insert((c.get_name().to_string(), long.clone()));
+                assert_eq!(
+                    *was,
+                    long,
+                    "-{short} is --{was} in {cmd} but --{long} in {}",
+                    c.get_name()
+                );
+            }
+        }
+    }
+
+    /// The model is taken as the first argument or with -m, in every one-model command.
+    #[test]
+    fn the_model_is_positional_or_dash_m() {
+        use clap::Parser;
+        for cmd in [
+            vec!["trace", "-p", "x", "-o", "r"],
+            vec!["patch", "--clean", "a", "--corrupt", "b", "-o", "p.html"],
+            vec!["inspect"],
+            vec!["quantize", "--type", "q8_0", "-o", "d"],
+        ] {
+            let mut pos = vec!["gguf-trace", cmd[0], "m.gguf"];
+            pos.extend(&cmd[1..]);
+            let mut opt = vec!["gguf-trace", cmd[0], "-m", "m.gguf"];
+            opt.extend(&cmd[1..]);
+            let path = |argv: &[&str]| match Cli::try_parse_from(argv).unwrap().command {
+                Command::Trace(a) => a.model.path().to_path_buf(),
+                Command::Patch(a) => a.model.path().to_path_buf(),
+                Command::Inspect(a) => a.model.path().to_path_buf(),
+                Command::Quantize(a) => a.source.path().to_path_buf(),
+                _ => unreachable!(),
+            };
+            assert_eq!(path(&pos), std::path::Path::new("m.gguf"), "{pos:?}");
+            assert_eq!(path(&opt), std::path::Path::new("m.gguf"), "{opt:?}");
+            let mut both = opt.clone();
+            both.insert(2, "n.gguf");
+            assert!(Cli::try_parse_from(&both).is_err(), "{both:?}");
+            let mut none = vec!["gguf-trace", cmd[0]];
+            none.extend(&cmd[1..]);
+            assert!(Cli::try_parse_from(&none).is_err(), "{none:?}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod analysis;
+pub mod answer;
 pub mod capture;
 pub mod chat;
 pub mod cli;

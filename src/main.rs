@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Command::Direction(a) => commands::direction::run(a, &mut out),
         Command::Patch(a) => commands::patch::run(a, &mut out),
         Command::RpcServer(a) => commands::rpc_server::run(a, &mut out),
+        Command::Generate(a) => commands::generate::run(a, &mut out),
     };
     let _ = out.flush();
     match result {
@@ -100,7 +101,18 @@ fn usage_error(e: clap::Error) -> ! {
         .collect::<Vec<_>>()
         .join(" ");
     let line = line.strip_prefix("error: ").unwrap_or(&line);
-    eprintln!("error: {line} (see gguf-trace --help)");
+    // Point at the subcommand's own help when one was named.
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let sub = std::env::args_os()
+        .skip(1)
+        .filter_map(|a| a.into_string().ok())
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| cmd.find_subcommand(a).is_some());
+    match sub {
+        Some(sub) => eprintln!("error: {line} (see gguf-trace {sub} --help)"),
+        None => eprintln!("error: {line} (see gguf-trace --help)"),
+    }
     std::process::exit(2);
 }
 

@@ -15,9 +15,9 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     // Weights are memory-mapped, not read: loading is quick even for large files (the graph
     // check decodes one token, which reads them all). (vocab_only loads leave the per-layer
     // hyper-parameters unset and llama.cpp aborts on n_head.)
-    let model = load_model(&args.model, LoadOptions::default())?;
-    let gguf = Gguf::open(&args.model)?;
-    let mut facts = ModelFacts::gather(&args.model, &model, &gguf);
+    let model = load_model(args.model.path(), LoadOptions::default())?;
+    let gguf = Gguf::open(args.model.path())?;
+    let mut facts = ModelFacts::gather(args.model.path(), &model, &gguf);
     // The verdict is the trace's own: the same structural check of llama.cpp's graph, verified
     // architectures included (a file can hold a variant whose graph differs, e.g. gemma3n).
     let checked = facts.untraceable.is_none() && !args.no_check;

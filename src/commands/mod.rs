@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod direction;
+pub mod generate;
 pub mod inspect;
 pub mod patch;
 pub mod quantize;
@@ -201,9 +202,16 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-/// A bar on stderr; hidden when stderr is not a terminal.
+/// A bar on stderr. When stderr is not a terminal (a log file, CI), a plain line of the same
+/// text every [`PLAIN_EVERY`] instead of nothing.
 pub fn bar(len: u64, unit: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(PlainLines::default()),
+            1,
+        ));
+    }
     let tmpl = format!("{{msg}} [{{bar:32}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
     pb.set_style(
         ProgressStyle::with_template(&tmpl)
@@ -211,6 +219,73 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
             .progress_chars("=> "),
     );
     pb
+}
+
+/// How often a progress bar prints a plain line when stderr is not a terminal.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// A "terminal" for indicatif that prints the bar's line at most every [`PLAIN_EVERY`] and
+/// ignores cursor movement: progress in a log, without a line per redraw.
+#[derive(Debug)]
+struct PlainLines {
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for PlainLines {
+    fn default() -> Self {
+        PlainLines {
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl indicatif::TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        let s = s.trim_end();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.is_empty() && last.elapsed() >= PLAIN_EVERY {
+            *last = std::time::Instant::now();
+            eprintln!("{s}");
+        }
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write_line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A rate with the precision its size needs: "1234", "56.7", "0.42".
+pub fn rate(x: f64) -> String {
+    if !x.is_finite() {
+        "–".into()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
 }
 
 /// A write into `dir` failed: when the disk there is full, say so. llama.cpp's GGUF writers report

@@ -31,6 +31,9 @@ pub struct Sweep {
     /// P(answer) at the last position: clean, corrupted.
     pub p_clean: f64,
     pub p_corrupt: f64,
+    /// What each prompt answers: its top next tokens.
+    pub clean_top: Vec<crate::answer::TopToken>,
+    pub corrupt_top: Vec<crate::answer::TopToken>,
     pub points: Vec<usize>,
     /// `[points, positions]`: P(answer) with that one state patched from the clean run.
     pub p: Array2<f64>,
@@ -81,6 +84,10 @@ pub fn sweep(
     let clean_trace = trace_one(&mut tracer, clean)?;
     let answer = crate::capture::engine::argmax(&clean_trace.logits) as Token;
     let p_clean = softmax_at(&clean_trace.logits, answer);
+    let top = |logits: &[f32]| {
+        crate::answer::top_k(logits, crate::answer::TOP_K, |id| model.token_piece(id))
+    };
+    let clean_top = top(&clean_trace.logits);
     let states: Arc<Array3<f32>> = Arc::new(clean_trace.states);
     drop(tracer);
 
@@ -89,7 +96,9 @@ pub fn sweep(
     cfg.points = vec![n_layer];
     cfg.positions = Positions::Last;
     let mut tracer = Tracer::new(model, cfg)?;
-    let p_corrupt = softmax_at(&trace_one(&mut tracer, corrupt)?.logits, answer);
+    let corrupt_logits = trace_one(&mut tracer, corrupt)?.logits;
+    let p_corrupt = softmax_at(&corrupt_logits, answer);
+    let corrupt_top = top(&corrupt_logits);
     let t = clean.len();
     let mut p = Array2::<f64>::zeros((points.len(), t));
     for (k, &point) in points.iter().enumerate() {
@@ -116,6 +125,8 @@ pub fn sweep(
         answer,
         p_clean,
         p_corrupt,
+        clean_top,
+        corrupt_top,
         points: points.to_vec(),
         p,
     })
@@ -143,9 +154,9 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
     check_target(&args.output, Kind::Report, args.force)?;
     check_target(&csv, Kind::Report, args.force)?;
     let threads = resolve_threads(args.threads)?;
-    let model = load_model(&args.model, LoadOptions::default())?;
+    let model = load_model(args.model.path(), LoadOptions::default())?;
     if let Some(why) = crate::capture::arch::untraceable_reason(&model) {
-        bail!("{}: cannot be traced: {why}", args.model.display());
+        bail!("{}: cannot be traced: {why}", args.model.path().display());
     }
     let points = parse_points(&args.points, model.n_layer()).map_err(anyhow::Error::msg)?;
     let clean = crate::chat::tokenize_prompt(&model, &args.clean)?;
@@ -218,21 +229,26 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             .x_axis(
                 Axis::new()
                     .title(Title::with_text("position: clean/corrupted token"))
-                    .tick_angle(-45.0),
+                    .tick_angle(-90.0)
+                    .auto_margin(true),
             )
             .y_axis(Axis::new().title(Title::with_text("point patched"))),
     );
     let sections = [Section {
         title: "Causal tracing".into(),
         note: format!(
-            "Clean: “{}” → answer “{}” with P = {:.3}. Corrupted: “{}” → P(“{}”) = {:.3}. Model: {}.",
+            "<table class=\"answers\"><tr><th>prompt</th><th>answer: the most likely next tokens</th></tr>\
+             <tr><td><b>clean</b><br>{}</td><td>{}</td></tr>\
+             <tr><td><b>corrupted</b><br>{}</td><td>{}</td></tr></table>\
+             <p>The clean answer <code>{}</code> has P = {:.3} after the clean prompt and {:.3} after the corrupted one; the figure shows how much of it one state from the clean run brings back. Model: {}.</p>",
             esc(&args.clean),
-            esc(&answer),
-            s.p_clean,
+            crate::report::answers::top_html(&s.clean_top, 3),
             esc(&args.corrupt),
-            esc(&answer),
+            crate::report::answers::top_html(&s.corrupt_top, 3),
+            esc(&crate::answer::visible(&answer)),
+            s.p_clean,
             s.p_corrupt,
-            esc(&args.model.display().to_string())
+            esc(&args.model.path().display().to_string())
         ),
         figures: vec![Figure {
             title: "P(clean answer) with one state patched from the clean run".into(),
@@ -265,6 +281,11 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             .map(|((k, j), &v)| (v, s.points[k], j))
             .collect();
     cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!(
+        "clean → {}\ncorrupted → {}",
+        crate::answer::top_line(&s.clean_top, 3),
+        crate::answer::top_line(&s.corrupt_top, 3)
+    );
     eprintln!(
         "answer {:?}: P = {:.3} clean, {:.3} corrupted; strongest patches: {}",
         answer,

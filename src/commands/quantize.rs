@@ -27,8 +27,9 @@ fn progress(line: &str) -> Option<(u64, u64)> {
 pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
     let threads = super::resolve_threads(args.threads)?;
     let types = parse_types(&args.types).map_err(anyhow::Error::msg)?;
-    super::check_model_gguf(&args.source)?;
-    let src = Gguf::open(&args.source)?;
+    let source = args.source.path().to_path_buf();
+    super::check_model_gguf(&source)?;
+    let src = Gguf::open(&source)?;
     let src_hist = src.type_histogram();
     let quantized_src = src_hist.keys().any(|t| !FLOAT_TYPES.contains(&t.as_str()));
     let src_label = src
@@ -41,8 +42,7 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
             args.output.display()
         );
     }
-    let stem = args
-        .source
+    let stem = source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
@@ -55,7 +55,7 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
         if args.output.is_dir() {
             check_target(&dst, Kind::Gguf, args.force)?;
         }
-        if same_file(&dst, &args.source) {
+        if same_file(&dst, &source) {
             bail!(
                 "{}: is the source model; choose another -o directory",
                 dst.display()
@@ -66,7 +66,7 @@ pub fn run(args: &QuantizeArgs, out: &mut dyn Write) -> Result<()> {
     if quantized_src {
         eprintln!(
             "note: {} is already quantized ({src_label}; {}): every output is a requantization. F32 is the exact reference of a quantized source (F16 rounds most values).",
-            args.source.display(),
+            source.display(),
             tensor_mix(&src_hist)
         );
     }
@@ -105,7 +105,7 @@ fn write_all(
         })));
         // llama_model_quantize cannot be cancelled: run it on a worker and stop waiting on Ctrl-C
         // (the staging directory is removed on the way out; the worker ends with the process).
-        let (src_path, tmp_path) = (args.source.clone(), tmp.clone());
+        let (src_path, tmp_path) = (args.source.path().to_path_buf(), tmp.clone());
         let worker = std::thread::spawn(move || {
             quantize::quantize(&src_path, &tmp_path, ftype, threads, quantized_src)
         });

@@ -207,7 +207,11 @@ impl TraceOptions {
                 points: a.patch_points.clone().unwrap_or_default(),
                 positions: a.patch_positions.clone(),
             }),
-            ..TraceOptions::new(a.model.clone(), a.input.clone(), a.output.clone())
+            ..TraceOptions::new(
+                a.model.path().to_path_buf(),
+                a.input.clone(),
+                a.output.clone(),
+            )
         };
         o.validate()?;
         Ok(o)
@@ -243,8 +247,14 @@ impl TraceOptions {
 
 pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
     let opts = TraceOptions::from_args(args)?;
+    let answers = args
+        .answers
+        .print(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if args.control_scale.len() <= 1 {
         let dir = trace(&opts)?;
+        if answers {
+            print_answers(&dir, out)?;
+        }
         writeln!(out, "{}", display_path(&dir))?;
         return Ok(());
     }
@@ -278,18 +288,52 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<()> {
             crate::output::check_target(o, crate::output::Kind::Run, opts.force)?;
         }
     }
-    for (&scale, out_dir) in args.control_scale.iter().zip(&outputs) {
+    let n = outputs.len();
+    for (k, (&scale, out_dir)) in args.control_scale.iter().zip(&outputs).enumerate() {
+        eprintln!(
+            "--control-scale {scale} ({} of {n}) → {}",
+            k + 1,
+            display_path(out_dir)
+        );
         let mut o = opts.clone();
         if let Some(s) = o.steering.as_mut() {
             s.scale = scale;
         }
         o.output = out_dir.clone();
         let dir = trace(&o)?;
+        if answers {
+            writeln!(out, "scale {scale}:")?;
+            print_answers(&dir, out)?;
+        }
         writeln!(out, "{}", display_path(&dir))?;
     }
     Ok(())
 }
 
+/// Print what the model answered in the run at `dir` (read back from its run.json: what the
+/// terminal shows is what the run records).
+fn print_answers(dir: &Path, out: &mut dyn Write) -> Result<()> {
+    let run = crate::run::Run::open(dir)?;
+    let answers: Vec<crate::answer::Answer> = run
+        .manifest
+        .prompts
+        .iter()
+        .map(|p| crate::answer::Answer {
+            id: &p.id,
+            label: p.label.as_deref(),
+            text: &p.text,
+            top: &p.top,
+            generated: &p.generated_text,
+        })
+        .collect();
+    let width = console::Term::stdout()
+        .size_checked()
+        .map(|(_, w)| w as usize)
+        .unwrap_or(100);
+    let run_json = dir.join("run.json");
+    crate::answer::print(out, &answers, width, &display_path(&run_json))?;
+    Ok(())
+}
 /// Run a trace plan in the steps a reader can name: check what needs no model, load, prepare the
 /// prompts, lay out the batches (and check the disk), trace (checkpointing for `--resume`), write.
 /// Returns the run directory.
@@ -771,7 +815,11 @@ fn trace_prompts(
     } else {
         bar(total_tokens as u64, "tokens")
     };
-    pb.set_message("tracing");
+    pb.set_message(match &opts.shown_as {
+        // A compare's run: say which model.
+        Some(_) => format!("tracing {}", opts.shown()),
+        None => "tracing".to_string(),
+    });
     let mut decoded = 0usize;
     // Prompts written since the last checkpoint; a checkpoint (at most one a second) makes them
     // durable and journals them, so an interrupted trace resumes after them.
@@ -810,6 +858,9 @@ fn trace_prompts(
                 text: p.prompt.text.clone(),
                 rendered: p.rendered.clone(),
                 generated_text: model.detokenize(t.generated(), false),
+                top: crate::answer::top_k(&t.logits, crate::answer::TOP_K, |id| {
+                    model.token_piece(id)
+                }),
                 nonfinite: t.nonfinite.map(|(k, j)| run::NonFinite {
                     point: points[k],
                     position: t.positions[j],
@@ -1012,11 +1063,11 @@ fn write_run(
         return Ok(dir);
     }
     eprintln!(
-        "traced {} prompt(s), {} tokens in {:.1} s ({:.0} tokens/s)",
+        "traced {} prompt(s), {} tokens in {:.1} s ({} tokens/s)",
         manifest.prompts.len(),
         manifest.timings.tokens_decoded,
         manifest.timings.trace_s,
-        manifest.timings.tokens_per_s
+        super::rate(manifest.timings.tokens_per_s)
     );
     if opts.shown_as.is_none() {
         // (A compare's runs are not in place yet; compare says what it wrote.)

@@ -1,4 +1,6 @@
 //! The report's numbers as CSV beside it, one table shape per file:
+//! - `<stem>.answers.csv`: per run and prompt — the top next tokens (id, text, probability) and
+//!   the generated text;
 //! - `<stem>.metrics.csv`: per run, prompt and point — the per-trajectory metrics and PCA coordinates;
 //! - `<stem>.groups.csv`: per run, label and point — A, centered A, funnel width;
 //! - `<stem>.delta.csv`: per run and point — ΔA between the first two labels;
@@ -29,7 +31,7 @@ pub fn path(report: &Path, kind: &str) -> PathBuf {
 
 /// Kinds of CSV written for a report (drift and kl only for a quantization ladder).
 pub fn kinds(ladder: bool) -> Vec<&'static str> {
-    let mut k = vec!["metrics", "groups", "delta"];
+    let mut k = vec!["answers", "metrics", "groups", "delta"];
     if ladder {
         k.extend(["drift", "kl"]);
     }
@@ -44,8 +46,17 @@ fn num(x: f64) -> String {
     }
 }
 
-/// Write the three CSVs (each to a temporary file, then renamed into place).
+/// Write the CSVs (into the report's staging directory).
 pub fn write(report: &Path, views: &[RunView], ladder: Option<&Ladder>) -> Result<()> {
+    write_csv(&path(report, "answers"), |w| {
+        w.write_record(super::answers::csv_header())?;
+        for v in views {
+            for row in super::answers::csv_rows(v) {
+                w.write_record(&row)?;
+            }
+        }
+        Ok(())
+    })?;
     let (mp, gp, dp) = (
         path(report, "metrics"),
         path(report, "groups"),

@@ -263,6 +263,8 @@ fn section(
 
     // Effects: refusal score and KL per label, one group of bars per run.
     let generated = fx.iter().flatten().any(|e| e.refusal.is_some());
+    // Category labels wrapped onto lines: a long description on one line ran past the figure.
+    let categories: Vec<String> = names.iter().map(|n| wrap(&html_escape(n), 22)).collect();
     for (what, get, unit) in [
         (
             "Refusal score",
@@ -287,7 +289,7 @@ fn section(
         for (l, label) in labels.iter().enumerate() {
             let ys: Vec<f64> = fx.iter().map(|f| get(&f[l])).collect();
             plot.add_trace(
-                Bar::new(names.clone(), ys)
+                Bar::new(categories.clone(), ys)
                     .name(html_escape(label))
                     .marker(plotly::common::Marker::new().color(color(l))),
             );
@@ -296,6 +298,7 @@ fn section(
             Layout::new()
                 .height(420)
                 .bar_mode(plotly::layout::BarMode::Group)
+                .x_axis(Axis::new().auto_margin(true))
                 .y_axis(Axis::new().title(Title::with_text(unit))),
         );
         figures.push(Figure {
@@ -572,4 +575,20 @@ fn selection_figure(sel: &crate::commands::select::Selection) -> Figure {
         ),
         plot,
     }
+}
+
+/// `s` broken into lines of about `width` characters at spaces, joined by `<br>` (plotly's line
+/// break in labels).
+fn wrap(s: &str, width: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for word in s.split(' ') {
+        match lines.last_mut() {
+            Some(l) if l.chars().count() + 1 + word.chars().count() <= width => {
+                l.push(' ');
+                l.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines.join("<br>")
 }

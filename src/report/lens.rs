@@ -50,13 +50,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             .map(|p| {
                 p.top_ids
                     .iter()
-                    .map(|id| {
-                        pieces
-                            .get(id)
-                            .cloned()
-                            .unwrap_or_default()
-                            .replace('\n', "⏎")
-                    })
+                    .map(|id| crate::answer::visible(&pieces.get(id).cloned().unwrap_or_default()))
                     .collect()
             })
             .collect();
@@ -77,8 +71,8 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         let label = format!(
             "{}: {} → {} (decides at {})",
             rec.id,
-            rec.text.chars().take(40).collect::<String>(),
-            final_piece.trim(),
+            crate::answer::cut_front(&crate::answer::one_line(&rec.text), 40),
+            crate::answer::visible(&final_piece),
             tr.decision_point
         );
         let vis: Vec<bool> = (0..shown.len()).map(|j| j == n).collect();

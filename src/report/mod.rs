@@ -3,6 +3,7 @@
 //! `build` turns run views into sections of figures; `page` lays them out with a minijinja
 //! template; `csv` writes the numbers beside the report.
 
+pub mod answers;
 pub mod contrast;
 pub mod csv_out;
 pub mod generation;
@@ -60,6 +61,8 @@ pub fn build(
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
+    // What the model answered comes first: for interventions, the before → after of each.
+    sections.extend(answers::section(views));
     sections.extend(interventions::sections(views, refusal_phrases)?);
     if let Some(s) = styles::section(views)? {
         sections.push(s);

@@ -12,10 +12,20 @@ Permission is hereby granted, free of charge, to any person obtaining a copy of 
 to deal in the Software without restriction, including without limitation the rights to use, copy, modify, merge, publish, distribute, \
 sublicense, and/or sell copies of the Software, subject to the condition that the above copyright notice and this permission notice \
 shall be included in all copies or substantial portions of the Software. THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND.\n\
-MathJax (tex-svg, https://www.mathjax.org) — Apache License 2.0, Copyright (c) 2009-2023 The MathJax Consortium. \
-Licensed under the Apache License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0); distributed on an \"AS IS\" basis, \
-without warranties or conditions of any kind.\n\
-Both are embedded through the plotly Rust crate (MIT License).";
+Embedded through the plotly Rust crate (MIT License).";
+
+/// plotly.js as one inline `<script>` element. The plotly crate's offline sources are plotly.js
+/// followed by MathJax (2.1 MB), which only typesets LaTeX in titles — no figure here has any — so
+/// only the first element is embedded. (plotly.min.js never holds the text `</script>`, or it
+/// could not be inlined at all.)
+pub fn plotly_script() -> String {
+    let all = plotly::Plot::offline_js_sources();
+    const END: &str = "</script>";
+    match all.find(END) {
+        Some(i) => all[..i + END.len()].to_string(),
+        None => all,
+    }
+}
 
 pub struct PageInput<'a> {
     pub title: &'a str,
@@ -73,7 +83,7 @@ pub fn render(input: &PageInput) -> Result<String, minijinja::Error> {
         version => env!("CARGO_PKG_VERSION"),
         created => chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         n_figures => n_figures(input.sections),
-        plotly_js => minijinja::Value::from_safe_string(plotly::Plot::offline_js_sources()),
+        plotly_js => minijinja::Value::from_safe_string(plotly_script()),
         runs => runs,
         sections => sections,
         csv_files => input.csv_files,

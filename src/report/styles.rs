@@ -305,7 +305,8 @@ fn cka_pair(
         let mut p = Plot::new();
         let z: Vec<Vec<f64>> = mat.outer_iter().map(|r| r.to_vec()).collect();
         p.add_trace(HeatMap::new(b.points.clone(), a.points.clone(), z).color_scale(ColorScale::Palette(ColorScalePalette::Viridis)).zmin(-0.2).zmax(1.0));
-        p.set_layout(Layout::new().height(520).title(Title::with_text(title.clone())).x_axis(Axis::new().title(Title::with_text(format!("{} point", b.name)))).y_axis(Axis::new().title(Title::with_text(format!("{} point", a.name)))));
+        // (The figure's heading names it; a title inside the plot was cut at the figure's edge.)
+        p.set_layout(Layout::new().height(520).x_axis(Axis::new().title(Title::with_text(format!("{} point", b.name)))).y_axis(Axis::new().title(Title::with_text(format!("{} point", a.name)))));
         figures.push(Figure { title, caption: cap, plot: p });
     }
     let sampled = if n < total {

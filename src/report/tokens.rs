@@ -32,7 +32,12 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
     let labels: Vec<String> = rec
         .positions
         .iter()
-        .map(|&p| format!("{p}: {}", html_escape(&rec.pieces[p].replace('\n', "⏎"))))
+        .map(|&p| {
+            format!(
+                "{p}: {}",
+                html_escape(&crate::answer::visible(&rec.pieces[p]))
+            )
+        })
         .collect();
     let ys: Vec<String> = v.points[..n_pts - 1]
         .iter()
@@ -50,14 +55,26 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
             .x_axis(
                 Axis::new()
                     .title(Title::with_text("position: token"))
-                    .tick_angle(-45.0),
+                    // Vertical: a slanted first label ran past the figure's left edge.
+                    .tick_angle(-90.0)
+                    .auto_margin(true),
             )
             .y_axis(Axis::new().title(Title::with_text("step out of point"))),
     );
-    let text: String = rec.text.chars().take(120).collect();
+    let text = crate::answer::cut(&crate::answer::one_line(&rec.text), 120);
+    let answer = if rec.top.is_empty() {
+        String::new()
+    } else {
+        format!(" → {}", super::answers::top_html(&rec.top, 3))
+    };
     Ok(Some(Section {
         title: format!("{prefix}Per token"),
-        note: format!("Prompt {} ({}): “{}”", rec.index, html_escape(&rec.id), html_escape(&text)),
+        note: format!(
+            "Prompt {} ({}): “{}”{answer}",
+            rec.index,
+            html_escape(&rec.id),
+            html_escape(&text)
+        ),
         figures: vec![Figure {
             title: "Relative step size per token and block".into(),
             caption: "Each cell is ‖h(p+1) − h(p)‖ / ‖h(p)‖ for one token position (column) and one block (row): how much that block rewrites that token's state. Bright rows are blocks that work hard on every token; bright cells at single tokens show where a block attends to something specific.".into(),

@@ -412,6 +412,11 @@ pub struct PromptRecord {
     /// Token positions stored in the states file, in order.
     pub positions: Vec<usize>,
     pub generated_text: String,
+    /// The most likely next tokens at the last prompt position (id, text, probability), most
+    /// likely first: what the model answers. Empty in runs traced before it was recorded, and
+    /// where the logits were not finite.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<crate::answer::TopToken>,
     /// Relative path of the states file (None with --format csv).
     pub states_file: Option<String>,
     /// Relative path of each tap's file (schema 2, taps inside blocks only).

@@ -100,6 +100,7 @@ pub fn write_with(
             n_prompt_tokens: 1,
             positions: vec![0],
             generated_text: String::new(),
+            top: Vec::new(),
             states_file,
             tap_files,
         });

@@ -25,6 +25,14 @@ for p in m["prompts"]:
 rows = list(csv.DictReader(open(f"{d}/tokens.csv")))
 assert len(rows) == sum(len(p["tokens"]) for p in m["prompts"])
 out["argmax"] = [int(i) for i in logits.argmax(axis=1)]
+# run.json's answers: the top 5 of logits.npy, with softmax probabilities (float64 here).
+out["top_err"] = 0.0
+for p in m["prompts"]:
+    row = logits[p["index"]].astype(np.float64)
+    prob = np.exp(row - row.max()); prob /= prob.sum()
+    want = [int(i) for i in np.argsort(-row, kind="stable")[:5]]
+    assert [t["id"] for t in p["top"]] == want, (p["top"], want)
+    out["top_err"] = max(out["top_err"], max(abs(t["p"] - prob[t["id"]]) for t in p["top"]))
 mrows = list(csv.DictReader(open(f"{d}/metrics.csv")))
 assert len(mrows) == N * P, len(mrows)
 pts = m["capture"]["points"]
@@ -98,6 +106,13 @@ fn run_directory_is_what_the_readme_says() {
         py["last_match"], true,
         "last.npy is the last prompt position of the states files"
     );
+    // The recorded probabilities are the softmax of the stored logits: both sides sum in f64 in
+    // another order, so they agree to rounding (measured ≤ 1e-16; 1e-12 leaves room).
+    let top_err = py["top_err"].as_f64().unwrap();
+    assert!(
+        top_err <= 1e-12,
+        "run.json's top probabilities are off by {top_err:e}"
+    );
     let logits = run.logits().unwrap();
     for (i, rec) in m.prompts.iter().enumerate() {
         let st = run.states(i).unwrap();
@@ -110,8 +125,13 @@ fn run_directory_is_what_the_readme_says() {
         assert_eq!(st.shape()[1], rec.positions.len());
         let am = argmax_ref(logits.row(i).as_slice().unwrap());
         assert_eq!(py["argmax"][i].as_u64().unwrap() as usize, am);
-        // The first generated token is the argmax of the stored logits.
+        // The first generated token is the argmax of the stored logits, and the first of the
+        // recorded answers, by id and text.
         assert_eq!(rec.tokens[rec.n_prompt_tokens] as usize, am);
+        assert_eq!(rec.top.len(), 5);
+        assert_eq!(rec.top[0].id as usize, am);
+        assert_eq!(rec.top[0].piece, rec.pieces[rec.n_prompt_tokens]);
+        assert!(rec.top.windows(2).all(|w| w[0].p >= w[1].p));
     }
 }
 
@@ -270,4 +290,131 @@ fn outputs_make_their_folders_and_say_what_comes_next() {
         .unwrap();
     assert_clean_error(&o, "missing.gguf", None);
     assert!(!w.join("other").exists());
+}
+
+/// The answer, everywhere: printed after a trace when asked (a block per prompt for a few, a table
+/// for many), recorded in run.json, first on the report's page and in its answers CSV.
+#[test]
+fn the_answer_is_printed_recorded_and_on_the_page() {
+    let m = require!(model_path(SMOL));
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(
+        w.join("p.jsonl"),
+        "{\"text\": \"The capital of France is\", \"label\": \"fact\", \"id\": \"paris\"}\n{\"text\": \"Water boils at\", \"id\": \"water\"}\n",
+    )
+    .unwrap();
+    let o = ok(
+        w,
+        &[
+            "trace",
+            "-m",
+            s(&m),
+            "-f",
+            "p.jsonl",
+            "--generate",
+            "4",
+            "-o",
+            "r",
+            "--answers",
+            "always",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.last(), Some(&"r"), "the path comes last: {out}");
+    let run = Run::open(&w.join("r")).unwrap();
+    let recs = &run.manifest.prompts;
+    // Two prompts: a block of three lines each (prompt, answer, generated text), then the path.
+    assert_eq!(lines.len(), 2 * 3 + 1, "{out}");
+    assert_eq!(lines[0], "[paris · fact] The capital of France is", "{out}");
+    for (k, rec) in recs.iter().enumerate() {
+        let want = gguf_trace::answer::top_line(&rec.top, 5);
+        assert!(
+            lines[3 * k + 1].starts_with(&format!("  → {}", cut_chars(&want, 20))),
+            "{out}"
+        );
+        let gen = gguf_trace::answer::one_line(&rec.generated_text);
+        assert!(lines[3 * k + 2].contains(&cut_chars(&gen, 10)), "{out}");
+    }
+    // Invisible characters are shown: SmolLM2 answers these prompts with a token that starts
+    // with a space (" Paris", " 100"): ␠, never a bare leading space.
+    assert!(recs[0].top[0].piece.starts_with(' '), "{:?}", recs[0].top);
+    assert!(lines[1].starts_with("  → ␠"), "{out}");
+
+    // Piped without --answers: the path only (scripts read it).
+    let o = ok(w, &["trace", "-m", s(&m), "-f", "p.jsonl", "-o", "q"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "q\n");
+
+    // The page leads with the answers; the CSV holds them.
+    ok(w, &["report", "r", "-o", "r.html"]);
+    let html = std::fs::read_to_string(w.join("r.html")).unwrap();
+    let body = html.split("<main>").nth(1).unwrap();
+    let answers = body.find("<h2>Answers</h2>").expect("an Answers section");
+    let first_figure = body.find("<figure>").unwrap();
+    assert!(answers < first_figure, "the answers come before any figure");
+    for rec in recs {
+        let cell = gguf_trace::report::answers::top_html(&rec.top, 3);
+        assert!(body.contains(&cell), "the page lacks {cell}");
+    }
+    let mut rdr = csv::Reader::from_path(w.join("r.answers.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), recs.len());
+    let col = |name: &str| h.iter().position(|x| x == name).unwrap();
+    for (r, rec) in rows.iter().zip(recs) {
+        assert_eq!(r[col("id")], rec.id);
+        assert_eq!(r[col("top1")], rec.top[0].piece);
+        assert_eq!(r[col("top1_id")], rec.top[0].id.to_string());
+        assert_eq!(r[col("p1")].parse::<f64>().unwrap(), rec.top[0].p);
+        assert_eq!(r[col("generated")], rec.generated_text);
+    }
+}
+
+fn cut_chars(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// One grammar: usage errors name the subcommand's own help, and the completions and man page
+/// come from the same clap definitions (they know every option, e.g. trace's --answers).
+#[test]
+fn usage_errors_completions_and_the_man_page() {
+    let work = tempfile::tempdir().unwrap();
+    let o = bin()
+        .args(["trace", "-p", "x", "-o", "r"])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "(see gguf-trace trace --help)", None);
+    assert_eq!(o.status.code(), Some(2));
+    // -t is the thread count everywhere, quantize included (its types are --type only).
+    let o = bin()
+        .args(["quantize", "m.gguf", "-t", "q8_0", "-o", "d"])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "--threads", None);
+    for (kind, needle) in [
+        ("complete-bash", "--answers"),
+        ("complete-zsh", "--answers"),
+        ("complete-fish", "answers"),
+        ("man", ".TH gguf-trace 1"),
+    ] {
+        let o = ok(work.path(), &["generate", kind]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(needle), "{kind}: no {needle:?}");
+    }
+    // bash accepts the completion script and registers it.
+    let o = ok(work.path(), &["generate", "complete-bash"]);
+    std::fs::write(work.path().join("c.bash"), &o.stdout).unwrap();
+    let b = std::process::Command::new("bash")
+        .args(["-c", "source c.bash && complete -p gguf-trace"])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        b.status.success() && String::from_utf8_lossy(&b.stdout).contains("gguf-trace"),
+        "{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
 }

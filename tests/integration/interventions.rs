@@ -162,6 +162,53 @@ fn ablation_removes_the_direction_and_changes_only_what_follows() {
     ] {
         assert!(html.contains(needle), "report lacks {needle:?}");
     }
+    // It leads with what changed in the answers: one table, the unmodified run first, a cell
+    // marked wherever the most likely token moved, and per condition how many moved — counted
+    // here from run.json.
+    let body = html.split("<main>").nth(1).unwrap();
+    let answers = body.find("<h2>Answers</h2>").expect("an Answers section");
+    assert!(answers < body.find("<h2>Interventions</h2>").unwrap());
+    assert!(answers < body.find("<figure>").unwrap());
+    assert_eq!(body.matches("<table class=\"answers\">").count(), 1);
+    let tops = |run: &Path| -> Vec<String> {
+        gguf_trace::run::Run::open(run)
+            .unwrap()
+            .manifest
+            .prompts
+            .iter()
+            .map(|p| p.top[0].piece.clone())
+            .collect()
+    };
+    let base_top = tops(&plain);
+    let mut marked = 0;
+    for (run, name) in [(&single, "single"), (&all, "all")] {
+        let moved = tops(run)
+            .iter()
+            .zip(&base_top)
+            .filter(|(a, b)| a != b)
+            .count();
+        marked += moved;
+        let line = format!(
+            "the most likely token differs from SmolLM2-135M-Instruct.Q4_1.gguf · plain in {moved} of {} prompts",
+            base_top.len()
+        );
+        assert!(
+            body.contains(&line),
+            "no line {line:?} for {name}: {:?}",
+            body.split("differs from")
+                .skip(1)
+                .map(|t| &t[..60.min(t.len())])
+                .collect::<Vec<_>>()
+        );
+    }
+    // Ablation moves answers (measured: 20 of 52 with the peak point's direction, 42 of 52 with
+    // every point's own).
+    assert!(marked > 0, "no ablation moved an answer");
+    assert_eq!(body.matches("<td class=\"changed\">").count(), marked);
+    crate::report::assert_page_reads_well(
+        &page,
+        &crate::report::shot_path(dir.path(), "interventions"),
+    );
 
     // Calibrated steering, a list of scales in one command: one run per value; scale 0 is the
     // identity, the default point is the direction's peak, and the report draws the dose-response.
@@ -545,6 +592,16 @@ fn causal_tracing_finds_the_subject_then_the_last_position() {
     assert!(err.contains("answer \" Paris\""), "{err}");
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(html.contains("<meta name=\"generator\" content=\"gguf-trace"));
+    // Both prompts' answers, in the terminal and first on the page (no empty Runs table).
+    assert!(err.contains("clean → ␠Paris "), "{err}");
+    assert!(err.contains("corrupted → "), "{err}");
+    let body = html.split("<main>").nth(1).unwrap();
+    assert!(
+        body.contains("<td><code>␠Paris</code> "),
+        "the page lacks the clean answer"
+    );
+    assert!(!body.contains("<h2>Runs</h2>") && !html.contains("0 run(s)"));
+    crate::report::assert_page_reads_well(&page, &crate::report::shot_path(dir.path(), "patch"));
     let mut rdr = csv::Reader::from_path(dir.path().join("patch.csv")).unwrap();
     let mut p = vec![vec![0f64; 10]; 31];
     for r in rdr.records() {

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::common::*;
-use crate::report::render_in_chromium;
 use crate::require;
 
 /// A ladder built once per process: F32 from the Q4_1 source (its exact reference), then Q8_0,
@@ -144,12 +143,10 @@ fn ladder_drift_and_kl_order_by_precision() {
         html.contains("Q4_0: 180, F32: 61, Q3_K: 30"),
         "the report shows the real tensor mix"
     );
-    let shot = dir.path().join("cmp.png");
-    if let Some((declared, rendered, errors)) = render_in_chromium(&out.join("report.html"), &shot)
-    {
-        assert_eq!(rendered, declared);
-        assert!(errors.is_empty(), "{errors:?}");
-    }
+    crate::report::assert_page_reads_well(
+        &out.join("report.html"),
+        &crate::report::shot_path(dir.path(), "ladder"),
+    );
 }
 
 #[test]
