@@ -1,5 +1,5 @@
 //! What the model answered: the top next tokens at the last prompt position (recorded per prompt in
-//! run.json as `top`), made readable — invisible characters shown (⏎, ␠, ⇥), probabilities with a
+//! run.json as `top`), made readable — invisible characters shown (⏎, ␣, ⇥), probabilities with a
 //! precision that fits their size — for the terminal after a trace and for the report's pages.
 
 use std::io::Write;
@@ -45,7 +45,8 @@ pub fn top_k(logits: &[f32], k: usize, piece: impl Fn(i32) -> String) -> Vec<Top
         .collect()
 }
 
-/// A token's text with what would be invisible made visible: ␠ for a space, ⏎ for a newline, ⇥
+/// A token's text with what would be invisible made visible: ␣ for a space (the open box, which
+/// common fonts have; ␠ drew as an empty box in DejaVu), ⏎ for a newline, ⇥
 /// for a tab, ␍ for a carriage return, other control characters as `\u{..}`, and ∅ for a token
 /// with no text.
 pub fn visible(piece: &str) -> String {
@@ -55,7 +56,7 @@ pub fn visible(piece: &str) -> String {
     piece
         .chars()
         .map(|c| match c {
-            ' ' => "␠".to_string(),
+            ' ' => "␣".to_string(),
             '\n' => "⏎".to_string(),
             '\t' => "⇥".to_string(),
             '\r' => "␍".to_string(),
@@ -118,7 +119,7 @@ pub fn percent(p: f64) -> String {
     }
 }
 
-/// "␠Paris 62% · ␠the 4.1% · …": the first `k` of `top`.
+/// "␣Paris 62% · ␣the 4.1% · …": the first `k` of `top`.
 pub fn top_line(top: &[TopToken], k: usize) -> String {
     top.iter()
         .take(k)
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn invisible_characters_are_shown() {
-        assert_eq!(visible(" Paris"), "␠Paris");
+        assert_eq!(visible(" Paris"), "␣Paris");
         assert_eq!(visible("\n\n"), "⏎⏎");
         assert_eq!(visible(""), "∅");
         assert_eq!(visible("\u{7}x"), "\\u{7}x");
@@ -292,14 +293,14 @@ mod tests {
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 1 + MAX_PRINTED + 1, "{s}");
         assert!(lines.iter().all(|l| l.chars().count() <= 80), "{s}");
-        assert!(lines[1].contains("␠Paris 60%"), "{s}");
+        assert!(lines[1].contains("␣Paris 60%"), "{s}");
         assert!(lines.last().unwrap().contains("10 more"), "{s}");
         let mut out = Vec::new();
         print(&mut out, &answers[..2], 80, "r/run.json").unwrap();
         let s = String::from_utf8(out).unwrap();
         assert_eq!(s.lines().count(), 6, "{s}");
         assert!(
-            s.contains("→ ␠Paris 60% · ⏎ 10%") && s.contains("generated: “Paris.⏎It is”"),
+            s.contains("→ ␣Paris 60% · ⏎ 10%") && s.contains("generated: “Paris.⏎It is”"),
             "{s}"
         );
     }

@@ -12,6 +12,8 @@ use crate::run::PromptRecord;
 
 /// Most prompts shown in a table; every prompt is in `<stem>.answers.csv`.
 pub const MAX_ROWS: usize = 60;
+/// Tables of more prompts than this start folded (a click opens them).
+const FOLDED_FROM: usize = 12;
 
 /// Whether two runs hold the same prompts (by id and text), so their answers line up row by row.
 fn same_prompts(a: &RunView, b: &RunView) -> bool {
@@ -27,7 +29,7 @@ fn top1(r: &PromptRecord) -> Option<&TopToken> {
     r.top.first()
 }
 
-/// The first `k` top tokens as HTML: "<code>␠Paris</code> 72% · …".
+/// The first `k` top tokens as HTML: "<code>␣Paris</code> 72% · …".
 pub fn top_html(top: &[TopToken], k: usize) -> String {
     top.iter()
         .take(k)
@@ -97,16 +99,16 @@ fn column_name(v: &RunView) -> String {
     }
 }
 
-/// The section, or None when no run has a prompt.
-pub fn section(views: &[RunView]) -> Option<Section> {
+/// The section, or None when no run has a prompt. `first`: the run every other is compared with
+/// (a ladder's reference); by default the first unmodified run.
+pub fn section(views: &[RunView], first: Option<usize>) -> Option<Section> {
     if views.iter().all(|v| v.run.manifest.prompts.is_empty()) {
         return None;
     }
-    // Unmodified runs first: the column every other is compared with.
-    let mut order: Vec<usize> = (0..views.len())
-        .filter(|&i| !intervened(&views[i]))
-        .collect();
-    order.extend((0..views.len()).filter(|&i| intervened(&views[i])));
+    // The reference, then unmodified runs, then intervened ones.
+    let mut order: Vec<usize> = first.into_iter().collect();
+    order.extend((0..views.len()).filter(|&i| !intervened(&views[i]) && Some(i) != first));
+    order.extend((0..views.len()).filter(|&i| intervened(&views[i]) && Some(i) != first));
     let together = order
         .iter()
         .all(|&i| same_prompts(&views[order[0]], &views[i]));
@@ -116,7 +118,7 @@ pub fn section(views: &[RunView]) -> Option<Section> {
         order.into_iter().map(|i| vec![i]).collect()
     };
     let mut note = String::from(
-        "The most likely next tokens at the last prompt position with their probabilities (␠ a space, ⏎ a newline), and the start of any generated text.",
+        "The most likely next tokens at the last prompt position with their probabilities (␣ a space, ⏎ a newline), and the start of any generated text.",
     );
     if groups[0].len() > 1 {
         note.push_str(" One column per run; a highlighted cell answers differently from the first column (another most likely token or other generated text).");
@@ -159,6 +161,8 @@ pub fn section(views: &[RunView]) -> Option<Section> {
                 "<p>The first {MAX_ROWS} of {n} prompts; every prompt is in the answers CSV beside this page.</p>"
             ));
         }
+        // What changed, per run, above the table; the table folds away beyond a screenful.
+        let mut summary = String::new();
         if cols.len() > 1 {
             let lines: Vec<String> = cols[1..]
                 .iter()
@@ -191,12 +195,16 @@ pub fn section(views: &[RunView]) -> Option<Section> {
                     )
                 })
                 .collect();
-            t.push_str(&format!("<p>{}</p>", lines.join("<br>")));
+            summary = format!("<p>{}</p>", lines.join("<br>"));
         }
         if cols.len() == 1 && groups.len() > 1 {
             note.push_str(&format!("<h3>{}</h3>", html_escape(&first.name)));
         }
-        note.push_str(&t);
+        note.push_str(&summary);
+        let open = if n <= FOLDED_FROM { " open" } else { "" };
+        note.push_str(&format!(
+            "<details{open}><summary>Prompt by prompt ({n} prompts)</summary>{t}</details>"
+        ));
     }
     Some(Section {
         title: "Answers".into(),

@@ -61,8 +61,6 @@ pub fn build(
 ) -> anyhow::Result<(Vec<Section>, Option<quant::Ladder>)> {
     let mut sections = Vec::new();
     let mut ladder = None;
-    // What the model answered comes first: for interventions, the before → after of each.
-    sections.extend(answers::section(views));
     sections.extend(interventions::sections(views, refusal_phrases)?);
     if let Some(s) = styles::section(views)? {
         sections.push(s);
@@ -140,6 +138,11 @@ pub fn build(
     }
     if ladder.is_some() {
         sections.push(layers::compare_section(views));
+    }
+    // What the model answered comes first: for interventions, the before → after of each; for a
+    // quantization ladder, each level against its reference.
+    if let Some(s) = answers::section(views, ladder.as_ref().map(|l| l.reference)) {
+        sections.insert(0, s);
     }
     Ok((sections, ladder))
 }

@@ -338,9 +338,9 @@ fn the_answer_is_printed_recorded_and_on_the_page() {
         assert!(lines[3 * k + 2].contains(&cut_chars(&gen, 10)), "{out}");
     }
     // Invisible characters are shown: SmolLM2 answers these prompts with a token that starts
-    // with a space (" Paris", " 100"): ␠, never a bare leading space.
+    // with a space (" Paris", " 100"): ␣, never a bare leading space.
     assert!(recs[0].top[0].piece.starts_with(' '), "{:?}", recs[0].top);
-    assert!(lines[1].starts_with("  → ␠"), "{out}");
+    assert!(lines[1].starts_with("  → ␣"), "{out}");
 
     // Piped without --answers: the path only (scripts read it).
     let o = ok(w, &["trace", "-m", s(&m), "-f", "p.jsonl", "-o", "q"]);

@@ -593,11 +593,11 @@ fn causal_tracing_finds_the_subject_then_the_last_position() {
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(html.contains("<meta name=\"generator\" content=\"gguf-trace"));
     // Both prompts' answers, in the terminal and first on the page (no empty Runs table).
-    assert!(err.contains("clean → ␠Paris "), "{err}");
+    assert!(err.contains("clean → ␣Paris "), "{err}");
     assert!(err.contains("corrupted → "), "{err}");
     let body = html.split("<main>").nth(1).unwrap();
     assert!(
-        body.contains("<td><code>␠Paris</code> "),
+        body.contains("<td><code>␣Paris</code> "),
         "the page lacks the clean answer"
     );
     assert!(!body.contains("<h2>Runs</h2>") && !html.contains("0 run(s)"));

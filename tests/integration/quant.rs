@@ -138,6 +138,19 @@ fn ladder_drift_and_kl_order_by_precision() {
     );
     assert_eq!(k0, 0.0, "KL of the reference against itself is exactly 0");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    // The Answers section compares every level with the reference: as many moved answers as the
+    // drift table's top-1 disagreements (counted on token text there, on ids here).
+    for (ft, file) in [("Q8_0", "Q8_0"), ("Q2_K - Medium", "Q2_K")] {
+        let moved = kl
+            .iter()
+            .filter(|r| &r[1] == ft && &r[5] == "false")
+            .count();
+        let line = format!(
+            "SmolLM2-135M-Instruct.{file}.gguf</b>: the most likely token differs from SmolLM2-135M-Instruct.F32.gguf in {moved} of {} prompts",
+            kl.iter().filter(|r| &r[1] == ft).count()
+        );
+        assert!(html.contains(&line), "no {line:?}");
+    }
     assert!(html.contains("Quantization drift"));
     assert!(
         html.contains("Q4_0: 180, F32: 61, Q3_K: 30"),

@@ -151,7 +151,7 @@ pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
     let profile2 = tempfile::tempdir().unwrap();
     let o = chrome(&bin, profile2.path())
         .arg(format!("--screenshot={}", shot.display()))
-        .arg("--window-size=1300,2600")
+        .arg("--window-size=1300,1800")
         .arg(&url)
         .output()
         .unwrap();
