@@ -80,25 +80,46 @@ pub fn one_line(text: &str) -> String {
         .collect()
 }
 
-/// The first `n` characters of `s`, with "…" when cut.
-pub fn cut(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        return s.to_string();
-    }
-    let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-    t.push('…');
-    t
+/// Text with its control characters (newlines included) made visible, spaces kept.
+pub fn visible_text(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\n' => "⏎".to_string(),
+            '\t' => "⇥".to_string(),
+            c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
-/// The last `n` characters of `s`, with "…" in front when cut (a prompt's end is what the model
-/// answers).
+/// Display width in terminal columns (wide characters count two).
+pub fn measure(s: &str) -> usize {
+    console::measure_text_width(s)
+}
+
+/// The start of `s` in at most `n` columns, with "…" when cut.
+pub fn cut(s: &str, n: usize) -> String {
+    console::truncate_str(s, n, "…").into_owned()
+}
+
+/// The end of `s` in at most `n` columns, with "…" in front when cut (a prompt's end is what the
+/// model answers).
 pub fn cut_front(s: &str, n: usize) -> String {
-    let len = s.chars().count();
-    if len <= n {
+    if measure(s) <= n {
         return s.to_string();
     }
+    let mut kept: Vec<char> = Vec::new();
+    let mut w = 1; // the "…"
+    for c in s.chars().rev() {
+        let cw = measure(c.encode_utf8(&mut [0; 4]));
+        if w + cw > n {
+            break;
+        }
+        w += cw;
+        kept.push(c);
+    }
     let mut t = String::from("…");
-    t.extend(s.chars().skip(len - n.saturating_sub(1)));
+    t.extend(kept.into_iter().rev());
     t
 }
 
@@ -153,12 +174,15 @@ pub fn print(
     let width = width.max(60);
     if answers.len() <= MAX_BLOCKS {
         for a in answers {
+            // Ids and labels come from the user's files: control characters are made visible.
             let name = match a.label {
-                Some(l) => format!("[{} · {l}]", a.id),
-                None => format!("[{}]", a.id),
+                Some(l) => format!("[{} · {}]", visible_text(a.id), visible_text(l)),
+                None => format!("[{}]", visible_text(a.id)),
             };
-            let head = format!("{name} {}", one_line(a.text));
-            writeln!(out, "{}", cut_front(&head, width))?;
+            let name = cut(&name, width / 2);
+            // The prompt's end is cut, never the name that tells the blocks apart.
+            let room = width.saturating_sub(measure(&name) + 1);
+            writeln!(out, "{name} {}", cut_front(&one_line(a.text), room))?;
             if a.top.is_empty() {
                 writeln!(
                     out,
@@ -182,7 +206,7 @@ pub fn print(
     let id_w = answers
         .iter()
         .take(MAX_PRINTED)
-        .map(|a| a.id.chars().count())
+        .map(|a| measure(&visible_text(a.id)))
         .max()
         .unwrap_or(2)
         .clamp(2, 16);
@@ -198,17 +222,14 @@ pub fn print(
     }
     writeln!(out, "{}", header.trim_end())?;
     for a in answers.iter().take(MAX_PRINTED) {
-        let id = cut(a.id, id_w);
+        let id = cut(&visible_text(a.id), id_w);
         let prompt = cut_front(&one_line(a.text), prompt_w);
         let top = if a.top.is_empty() {
             "(not finite)".to_string()
         } else {
             cut(&top_line(a.top, 3), top_w)
         };
-        let pad = |s: &str, w: usize| {
-            let n = s.chars().count();
-            format!("{s}{}", " ".repeat(w.saturating_sub(n)))
-        };
+        let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(measure(s))));
         let mut line = format!(
             "{}  {}  {}",
             pad(&id, id_w),
@@ -254,6 +275,11 @@ mod tests {
         assert_eq!(visible("\n\n"), "⏎⏎");
         assert_eq!(visible(""), "∅");
         assert_eq!(visible("\u{7}x"), "\\u{7}x");
+        assert_eq!(visible_text("a b\n\u{1b}[31m"), "a b⏎\\u{1b}[31m");
+        // Columns, not characters: a wide character counts two.
+        assert_eq!(measure("東京"), 4);
+        assert_eq!(cut("東京都庁", 5), "東京…");
+        assert_eq!(cut_front("東京都庁", 5), "…都庁");
         assert_eq!(one_line("a\nb\tc\r"), "a⏎b⇥c");
         assert_eq!(cut("abcdef", 4), "abc…");
         assert_eq!(cut_front("abcdef", 4), "…def");
@@ -292,7 +318,7 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 1 + MAX_PRINTED + 1, "{s}");
-        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{s}");
+        assert!(lines.iter().all(|l| measure(l) <= 80), "{s}");
         assert!(lines[1].contains("␣Paris 60%"), "{s}");
         assert!(lines.last().unwrap().contains("10 more"), "{s}");
         let mut out = Vec::new();
@@ -303,5 +329,20 @@ mod tests {
             s.contains("→ ␣Paris 60% · ⏎ 10%") && s.contains("generated: “Paris.⏎It is”"),
             "{s}"
         );
+        // A long prompt is cut at its start, never the name; a newline in an id is shown.
+        let long = "word ".repeat(40);
+        let one = [Answer {
+            id: "a\nb",
+            label: Some("x"),
+            text: &long,
+            top: &top,
+            generated: "",
+        }];
+        let mut out = Vec::new();
+        print(&mut out, &one, 60, "r/run.json").unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let first = s.lines().next().unwrap();
+        assert!(first.starts_with("[a⏎b · x] …"), "{s}");
+        assert!(measure(first) <= 60, "{s}");
     }
 }

@@ -106,13 +106,6 @@ pub struct ModelArg {
 }
 
 impl ModelArg {
-    pub fn new(path: PathBuf) -> Self {
-        ModelArg {
-            model_pos: None,
-            model_opt: Some(path),
-        }
-    }
-
     /// The model's path (clap requires exactly one of the two forms; parsed args always have it).
     pub fn path(&self) -> &std::path::Path {
         self.model_pos
@@ -300,7 +293,6 @@ pub struct DirectionArgs {
 
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
-    /// The source model (F32/F16 for exact quantization; a quantized source is requantized).
     #[command(flatten)]
     pub source: ModelArg,
     /// Comma-separated target types, e.g. f32,q8_0,q6_k,q4_k_m,q3_k_m,q2_k. (No short form: -t is

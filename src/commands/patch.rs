@@ -212,7 +212,7 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             } else {
                 format!("{a}/{b}")
             };
-            format!("{j}: {}", esc(&tok.replace('\n', "⏎")))
+            format!("{j}: {}", esc(&crate::answer::visible(&tok)))
         })
         .collect();
     let ys: Vec<String> = s.points.iter().map(|p| p.to_string()).collect();

@@ -67,11 +67,17 @@ fn cell(r: &PromptRecord) -> String {
 /// Whether `r`'s answer differs from `base`'s: another most likely token (by its text, so runs
 /// of differently tokenized models compare), or other generated text.
 fn differs(base: &PromptRecord, r: &PromptRecord) -> bool {
-    let top = match (top1(base), top1(r)) {
+    top_moved(base, r) || base.generated_text != r.generated_text
+}
+
+/// Whether the most likely token differs: another token, or a distribution on one side only (the
+/// logits went non-finite). Two runs that both recorded none do not count.
+fn top_moved(base: &PromptRecord, r: &PromptRecord) -> bool {
+    match (top1(base), top1(r)) {
         (Some(a), Some(b)) => a.piece != b.piece,
-        _ => false,
-    };
-    top || base.generated_text != r.generated_text
+        (None, None) => false,
+        _ => true,
+    }
 }
 
 fn prompt_cell(r: &PromptRecord) -> String {
@@ -129,6 +135,7 @@ pub fn section(views: &[RunView], first: Option<usize>) -> Option<Section> {
             .prompts
             .iter()
             .all(|p| p.top.is_empty() && p.nonfinite.is_none())
+            && !v.run.manifest.prompts.is_empty()
     });
     if no_top {
         note.push_str(" Runs traced by an earlier gguf-trace recorded no top tokens (“not recorded”): trace them again to see them.");
@@ -172,10 +179,7 @@ pub fn section(views: &[RunView], first: Option<usize>) -> Option<Section> {
                     let top = prompts
                         .iter()
                         .zip(ps)
-                        .filter(|(a, b)| match (top1(a), top1(b)) {
-                            (Some(x), Some(y)) => x.piece != y.piece,
-                            _ => false,
-                        })
+                        .filter(|(a, b)| top_moved(a, b))
                         .count();
                     let gen = prompts
                         .iter()
@@ -238,7 +242,7 @@ pub fn csv_rows(v: &RunView) -> Vec<Vec<String>> {
                 v.shown_dir.clone(),
                 i.to_string(),
                 r.id.clone(),
-                v.labels[i].clone(),
+                r.label.clone().unwrap_or_default(),
                 r.text.clone(),
             ];
             for k in 0..crate::answer::TOP_K {

@@ -50,7 +50,11 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
             .map(|p| {
                 p.top_ids
                     .iter()
-                    .map(|id| crate::answer::visible(&pieces.get(id).cloned().unwrap_or_default()))
+                    .map(|id| {
+                        html_escape(&crate::answer::visible(
+                            &pieces.get(id).cloned().unwrap_or_default(),
+                        ))
+                    })
                     .collect()
             })
             .collect();
@@ -70,9 +74,12 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         let final_piece = pieces.get(&tr.final_token).cloned().unwrap_or_default();
         let label = format!(
             "{}: {} → {} (decides at {})",
-            rec.id,
-            crate::answer::cut_front(&crate::answer::one_line(&rec.text), 40),
-            crate::answer::visible(&final_piece),
+            html_escape(&rec.id),
+            html_escape(&crate::answer::cut_front(
+                &crate::answer::one_line(&rec.text),
+                40
+            )),
+            html_escape(&crate::answer::visible(&final_piece)),
             tr.decision_point
         );
         let vis: Vec<bool> = (0..shown.len()).map(|j| j == n).collect();

@@ -139,7 +139,7 @@ fn ladder_drift_and_kl_order_by_precision() {
     assert_eq!(k0, 0.0, "KL of the reference against itself is exactly 0");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     // The Answers section compares every level with the reference: as many moved answers as the
-    // drift table's top-1 disagreements (counted on token text there, on ids here).
+    // drift table's top-1 disagreements (counted on token ids there, on token text here).
     for (ft, file) in [("Q8_0", "Q8_0"), ("Q2_K - Medium", "Q2_K")] {
         let moved = kl
             .iter()
