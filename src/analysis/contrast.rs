@@ -17,6 +17,10 @@ pub struct Separation {
     pub d: f64,
     /// Share of prompts on their own group's side of the midpoint (nearest-mean accuracy).
     pub accuracy: f64,
+    /// Every prompt's leave-one-out projection is the same number: the states do not differ
+    /// along any direction the groups define (e.g. every prompt ends in one template token at
+    /// point 0), so there is nothing to separate and `d` is 0 by definition, not by measurement.
+    pub identical: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -111,9 +115,16 @@ fn separation_of(pa: &[f64], pb: &[f64]) -> Separation {
     } else {
         0.0
     };
+    let (lo, hi) = pa
+        .iter()
+        .chain(pb)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
     Separation {
         d,
         accuracy: correct / (na + nb),
+        identical: lo == hi,
     }
 }
 
@@ -260,11 +271,17 @@ pub fn contrast(states: ArrayView3<f32>, a: &[usize], b: &[usize]) -> Contrast {
 }
 
 /// Sharpness of the rise of `d` from the first point to `peak`. Negative leave-one-out d (no
-/// separation; it happens with clusters of identical states) counts as 0.
+/// separation; it happens with clusters of identical states) counts as 0. The rise is that of
+/// the running maximum of d, which climbs monotonically from d(0) to d(peak): a window's share
+/// of it is therefore between 0 and 100% even when d dips and recovers on the way (the raw
+/// differences gave shares such as 1222% when the total rise was small).
 pub fn sharpness(d: &[f64], peak: usize) -> Sharpness {
     let d: Vec<f64> = d
         .iter()
-        .map(|&x| if x.is_finite() { x.max(0.0) } else { 0.0 })
+        .scan(0.0f64, |best, &x| {
+            *best = best.max(if x.is_finite() { x.max(0.0) } else { 0.0 });
+            Some(*best)
+        })
         .collect();
     let rise = d[peak] - d[0];
     let (mut best, mut start) = (0.0f64, 0usize);
@@ -285,6 +302,82 @@ pub fn sharpness(d: &[f64], peak: usize) -> Sharpness {
         window: WINDOW,
         hard: best >= HARD_SHARE,
     }
+}
+
+/// Groups smaller than this (in either label) give a d whose 95% interval is wider than the
+/// effects usually read from it: the report and `direction` mark the figures as small-n.
+pub const SMALL_GROUP: usize = 10;
+
+/// Approximate 95% interval of Cohen's d for groups of `na` and `nb` (normal approximation of
+/// Hedges & Olkin 1985: var(d) ≈ (na + nb) / (na·nb) + d² / (2 (na + nb))). For the leave-one-out
+/// d it is a guide to its spread, not an exact interval.
+pub fn d_interval(d: f64, na: usize, nb: usize) -> (f64, f64) {
+    let (na, nb) = (na as f64, nb as f64);
+    let se = ((na + nb) / (na * nb) + d * d / (2.0 * (na + nb))).sqrt();
+    (d - 1.96 * se, d + 1.96 * se)
+}
+
+/// What the data support, in one paragraph of plain text shared by the report and `direction`:
+/// the peak with its interval and the shuffled control, the switch, and when the groups are too
+/// small or the rise is within what shuffled labels reach, that the reading is not supported.
+pub fn reading(c: &Contrast, control: &Contrast, na: usize, nb: usize, points: &[usize]) -> String {
+    let (s, cs, sh) = (
+        c.separation[c.peak],
+        control.separation[control.peak],
+        c.sharpness,
+    );
+    let (lo, hi) = d_interval(s.d, na, nb);
+    let mut out = format!(
+        "n = {na} vs {nb}. Peak at point {}: leave-one-out d = {:.2} (approximate 95% interval {:.2} to {:.2}), accuracy = {:.1}%; shuffled-label control at its own peak (point {}): d = {:.2}, accuracy = {:.1}%",
+        points[c.peak],
+        s.d,
+        lo,
+        hi,
+        100.0 * s.accuracy,
+        points[control.peak],
+        cs.d,
+        100.0 * cs.accuracy,
+    );
+    if cs.identical {
+        out.push_str(&format!(
+            " (at point {} every prompt's state is the same: shuffled labels separate nothing anywhere, and that point is their peak only because every other point is below 0)",
+            points[control.peak]
+        ));
+    }
+    out.push('.');
+    let resolved = lo > cs.d;
+    if !resolved {
+        out.push_str(&format!(
+            " Not supported: the peak's interval reaches down to what shuffled labels give ({:.2}), so neither the separation nor the peak's location is established{}.",
+            cs.d,
+            if na.min(nb) < SMALL_GROUP {
+                format!(" — too few prompts (fewer than {SMALL_GROUP} per label)")
+            } else {
+                String::new()
+            }
+        ));
+    } else if na.min(nb) < SMALL_GROUP {
+        out.push_str(&format!(
+            " Small groups (fewer than {SMALL_GROUP} per label): the separation is real, but the peak's location and the switch's shape are rough."
+        ));
+    }
+    if sh.rise <= cs.d {
+        out.push_str(&format!(
+            " Switch: not resolved — the rise in d ({:.2}) is within what shuffled labels reach ({:.2}).",
+            sh.rise, cs.d
+        ));
+    } else {
+        out.push_str(&format!(
+            " Switch: {} — {:.0}% of the rise in d ({:.2}) happens within {} steps from point {} (hard when ≥ {:.0}%).",
+            if sh.hard { "hard" } else { "soft" },
+            100.0 * sh.max_window_share,
+            sh.rise,
+            sh.window,
+            points[sh.window_start],
+            100.0 * HARD_SHARE
+        ));
+    }
+    out
 }
 
 /// `items` shuffled with a fixed seed (Fisher–Yates on an LCG).
@@ -380,10 +473,53 @@ mod tests {
             !sh.hard && (sh.max_window_share - 3.0 / 8.0).abs() < 1e-12,
             "{sh:?}"
         );
+        // d dips below its start on the way to a peak barely above it: the raw differences gave
+        // (0.55 − 0) / (0.55 − 0.5) = 1100%; the running maximum keeps every share within 100%.
+        let dip = [0.5, 0.0, -0.2, 0.55];
+        let sh = sharpness(&dip, 3);
+        assert!((sh.max_window_share - 1.0).abs() < 1e-12, "{sh:?}");
         let (x, y) = shuffled_groups(&[0, 1, 2, 3], &[4, 5, 6], 1);
         assert_eq!((x.len(), y.len()), (4, 3));
         let mut all: Vec<usize> = x.iter().chain(&y).copied().collect();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn small_groups_of_noise_are_not_supported_and_identical_states_say_so() {
+        // 3 + 3 prompts of pure noise: whatever d the peak reaches, its interval is wide and
+        // reaches the shuffled control: the reading says the data do not support a finding.
+        let mut s = 11u64;
+        let x = Array3::from_shape_fn((6, 5, 64), |_| lcg(&mut s));
+        let (a, b) = ([0, 1, 2], [3, 4, 5]);
+        let c = contrast(x.view(), &a, &b);
+        let (sa, sb) = shuffled_groups(&a, &b, 0x5eed);
+        let control = contrast(x.view(), &sa, &sb);
+        let points = [0, 1, 2, 3, 4];
+        let text = reading(&c, &control, 3, 3, &points);
+        assert!(text.starts_with("n = 3 vs 3."), "{text}");
+        assert!(text.contains("Not supported"), "{text}");
+        assert!(text.contains("too few prompts"), "{text}");
+        let (lo, hi) = d_interval(c.separation[c.peak].d, 3, 3);
+        assert!(
+            hi - lo > 3.0,
+            "the interval at n = 3 vs 3 spans more than 3: {lo}..{hi}"
+        );
+        // Every prompt's state identical at every point: d is 0 by definition and says so.
+        let same = Array3::from_shape_fn((6, 5, 64), |(_, k, j)| (k * 64 + j) as f32);
+        let c = contrast(same.view(), &a, &b);
+        let control = contrast(same.view(), &sa, &sb);
+        assert!(c.separation.iter().all(|s| s.identical && s.d == 0.0));
+        let text = reading(&c, &control, 3, 3, &points);
+        assert!(text.contains("every prompt's state is the same"), "{text}");
+        assert!(text.contains("Switch: not resolved"), "{text}");
+    }
+
+    #[test]
+    fn d_interval_matches_the_normal_approximation() {
+        // n = 20 vs 20, d = 1: se = sqrt(40/400 + 1/80) = sqrt(0.1125) = 0.33541.
+        let (lo, hi) = d_interval(1.0, 20, 20);
+        assert!((lo - (1.0 - 1.96 * 0.1125f64.sqrt())).abs() < 1e-12);
+        assert!((hi - (1.0 + 1.96 * 0.1125f64.sqrt())).abs() < 1e-12);
     }
 }

@@ -218,17 +218,10 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
     sync_file(&staged)?;
     staging.commit(&[name], &[])?;
     let pk = c.peak;
-    let s = c.separation[pk];
-    let cs = control.separation[control.peak];
-    let sh = c.sharpness;
+    let (ga, gb) = groups(&run, &a, &b)?;
     eprintln!(
-        "{a} vs {b}: peak at point {} — leave-one-out d = {:.2}, accuracy = {:.1}% (shuffled labels: d = {:.2}, accuracy = {:.1}% at their own peak, point {})",
-        points[pk],
-        s.d,
-        100.0 * s.accuracy,
-        cs.d,
-        100.0 * cs.accuracy,
-        points[control.peak]
+        "{a} vs {b}: {}",
+        crate::analysis::contrast::reading(&c, &control, ga.len(), gb.len(), points)
     );
     if let Some(sel) = &selection {
         match sel.chosen {
@@ -266,14 +259,6 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
             n_layer.saturating_sub(1)
         ),
     }
-    eprintln!(
-        "switch: {} — {:.0}% of the rise in d ({:.2}) happens within {} steps from point {}",
-        if sh.hard { "hard" } else { "soft" },
-        100.0 * sh.max_window_share,
-        sh.rise,
-        sh.window,
-        points[sh.window_start]
-    );
     eprintln!(
         "wrote {} direction tensors (direction.{}..direction.{}), scale = raw difference of means",
         dirs.len(),

@@ -235,6 +235,7 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             .y_axis(Axis::new().title(Title::with_text("point patched"))),
     );
     let sections = [Section {
+        tabs: Vec::new(),
         title: "Causal tracing".into(),
         note: format!(
             "<table class=\"answers\"><tr><th>prompt</th><th>answer: the most likely next tokens</th></tr>\

@@ -211,6 +211,7 @@ pub fn section(views: &[RunView], first: Option<usize>) -> Option<Section> {
         ));
     }
     Some(Section {
+        tabs: Vec::new(),
         title: "Answers".into(),
         note,
         figures: vec![],

@@ -10,11 +10,34 @@ use super::trajectories::html_escape;
 use super::view::{thin, RunView};
 use super::{color, Figure, Section, MAX_DRAWN};
 
-pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+pub fn section(v: &RunView) -> Option<Section> {
     let cp = v.contrast.as_ref()?;
     let (a, b, c, control) = (&cp.a, &cp.b, &cp.contrast, &cp.control);
     let x = v.points.clone();
     let mut sep = Plot::new();
+    let (na, nb) = (v.groups[0].members.len(), v.groups[1].members.len());
+    let (lo, hi): (Vec<f64>, Vec<f64>) = c
+        .separation
+        .iter()
+        .map(|s| crate::analysis::contrast::d_interval(s.d, na, nb))
+        .unzip();
+    sep.add_trace(
+        Scatter::new(x.clone(), lo)
+            .mode(Mode::Lines)
+            .line(Line::new().color(color(0)).width(0.0))
+            .show_legend(false)
+            .hover_info(plotly::common::HoverInfo::Skip)
+            .name("d, 95% interval (low)"),
+    );
+    sep.add_trace(
+        Scatter::new(x.clone(), hi)
+            .mode(Mode::Lines)
+            .line(Line::new().color(color(0)).width(0.0))
+            .fill(plotly::common::Fill::ToNextY)
+            .fill_color("rgba(31,119,180,0.15)")
+            .hover_info(plotly::common::HoverInfo::Skip)
+            .name(format!("d, approximate 95% interval (n = {na} vs {nb})")),
+    );
     sep.add_trace(
         Scatter::new(x.clone(), c.separation.iter().map(|s| s.d).collect())
             .mode(Mode::LinesMarkers)
@@ -71,7 +94,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         geiger.add_trace(
             Scatter::new(x.clone(), c.projections.row(i).to_vec())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(1.2))
+                .line(super::line(g).width(1.2))
                 .opacity(0.6)
                 .legend_group(&v.labels[i])
                 .show_legend(!shown[g])
@@ -88,37 +111,22 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
                 "projection on the {a} − {b} direction"
             )))),
     );
-    let (s, cs, sh) = (
-        c.separation[c.peak],
-        control.separation[control.peak],
-        c.sharpness,
-    );
     let (ae, be) = (html_escape(a), html_escape(b));
+    let (na, nb) = (v.groups[0].members.len(), v.groups[1].members.len());
     let note = format!(
-        "<b>{ae}</b> ({}) vs <b>{be}</b> ({}). Peak at point {}: leave-one-out d = {:.2}, accuracy = {:.1}%; shuffled-label control at its own peak (point {}): d = {:.2}, accuracy = {:.1}%. \
-         The switch is <b>{}</b>: {:.0}% of the rise in d ({:.2}) happens within {} steps from point {} (hard when ≥ {:.0}%).",
-        v.groups[0].members.len(),
-        v.groups[1].members.len(),
-        v.points[c.peak],
-        s.d,
-        100.0 * s.accuracy,
-        v.points[control.peak],
-        cs.d,
-        100.0 * cs.accuracy,
-        if sh.hard { "hard" } else { "soft" },
-        100.0 * sh.max_window_share,
-        sh.rise,
-        sh.window,
-        v.points[sh.window_start],
-        100.0 * crate::analysis::contrast::HARD_SHARE,
+        "<b>{ae}</b> vs <b>{be}</b>. {}",
+        html_escape(&crate::analysis::contrast::reading(
+            c, control, na, nb, &v.points
+        ))
     );
     Some(Section {
-        title: format!("{prefix}Contrast: {a} vs {b}"),
+        tabs: Vec::new(),
+        title: format!("Contrast: {a} vs {b}"),
         note,
         figures: vec![
             Figure {
                 title: "Separation per point (leave-one-out)".into(),
-                caption: format!("At each point the direction is the difference of the two groups' means; each prompt is projected on the direction fitted without it. Cohen's d and nearest-mean accuracy of those projections say how separable '{a}' and '{b}' are at that depth; the dotted lines are the same with shuffled labels (near 0 and 50% when the separation is real). The peak is where the contrast is strongest — the point to read a refusal direction from."),
+                caption: format!("At each point the direction is the difference of the two groups' means; each prompt is projected on the direction fitted without it. Cohen's d and nearest-mean accuracy of those projections say how separable '{a}' and '{b}' are at that depth; the shaded band is d's approximate 95% interval for these group sizes; the dotted lines are the same with shuffled labels (near 0 and 50% when the separation is real). A peak whose band reaches down to the shuffled line is not established. The peak is where the contrast is strongest — the point to read a refusal direction from."),
                 plot: sep,
             },
             Figure {

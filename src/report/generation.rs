@@ -1,18 +1,18 @@
 //! Generation runs (`--generate`): the last-point trajectory over generated tokens and its turns.
 
-use plotly::common::{Line, Marker, Mode, Title};
+use plotly::common::{Marker, Mode, Title};
 use plotly::layout::Axis;
 use plotly::{Layout, Plot, Scatter};
 
 use super::trajectories::html_escape;
 use super::view::RunView;
-use super::{color, Figure, Section};
+use super::{Figure, Section};
 use crate::analysis::metrics;
 
 /// Prompts drawn in the generation figures.
 const MAX_GEN: usize = 8;
 
-pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
+pub fn section(v: &RunView) -> anyhow::Result<Option<Section>> {
     let m = &v.run.manifest;
     if m.capture.generate == 0 {
         return Ok(None);
@@ -43,7 +43,7 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
                 proj.column(1.min(proj.ncols() - 1)).to_vec(),
             )
             .mode(Mode::LinesMarkers)
-            .line(Line::new().color(color(n)).width(2.0))
+            .line(super::line(n).width(2.0))
             .marker(Marker::new().size(6))
             .hover_text_array(hover)
             .name(rec.id.as_str()),
@@ -52,7 +52,7 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
         turn.add_trace(
             Scatter::new(steps, t.turn_deg)
                 .mode(Mode::LinesMarkers)
-                .line(Line::new().color(color(n)).width(2.0))
+                .line(super::line(n).width(2.0))
                 .name(rec.id.as_str()),
         );
         texts.push(format!(
@@ -69,7 +69,9 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
         Layout::new()
             .height(480)
             .x_axis(Axis::new().title(Title::with_text("PC1")))
-            .y_axis(Axis::new().title(Title::with_text("PC2"))),
+            .y_axis(super::equal_scale(
+                Axis::new().title(Title::with_text("PC2")),
+            )),
     );
     turn.set_layout(
         Layout::new()
@@ -78,7 +80,8 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
             .y_axis(Axis::new().title(Title::with_text("turning angle (degrees)"))),
     );
     Ok(Some(Section {
-        title: format!("{prefix}Generation"),
+        tabs: Vec::new(),
+        title: "Generation".into(),
         note: texts.join("<br>"),
         figures: vec![
             Figure {

@@ -7,7 +7,7 @@ use plotly::{Layout, Plot, Scatter};
 use super::view::RunView;
 use super::{color, Figure, Section};
 
-pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+pub fn section(v: &RunView) -> Option<Section> {
     if v.groups.iter().all(|g| g.members.len() < 2) {
         return None;
     }
@@ -17,13 +17,13 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         a.add_trace(
             Scatter::new(x.clone(), grp.alignment.clone())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(2.0).dash(DashType::Dot))
+                .line(super::line(g).width(2.0).dash(DashType::Dot))
                 .name(format!("{} A (raw)", grp.label)),
         );
         a.add_trace(
             Scatter::new(x.clone(), grp.alignment_centered.clone())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(3.0))
+                .line(super::line(g).width(3.0))
                 .name(format!("{} A (centered)", grp.label)),
         );
     }
@@ -38,7 +38,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         w.add_trace(
             Scatter::new(x.clone(), grp.funnel_width.clone())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(3.0))
+                .line(super::line(g).width(3.0))
                 .name(format!("{} (n = {})", grp.label, grp.members.len())),
         );
     }
@@ -91,7 +91,8 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         });
     }
     Some(Section {
-        title: format!("{prefix}Groups and the confidence funnel"),
+        tabs: Vec::new(),
+        title: "Groups and the confidence funnel".into(),
         note: format!(
             "Groups are the prompts' labels: {}.",
             v.groups

@@ -340,7 +340,7 @@ fn section(
                         .zip(&proj)
                         .filter_map(|(&p, y)| y.map(|y| (p, y)))
                         .unzip();
-                    let line = Line::new().color(color(l));
+                    let line = super::line(l);
                     plot.add_trace(
                         Scatter::new(xs, ys)
                             .mode(Mode::Lines)
@@ -406,7 +406,7 @@ fn section(
                     )
                     .mode(Mode::LinesMarkers)
                     .name(format!("{} refusal score", html_escape(label)))
-                    .line(Line::new().color(color(l))),
+                    .line(super::line(l)),
                 );
                 plot.add_trace(
                     Scatter::new(
@@ -417,14 +417,14 @@ fn section(
                     )
                     .mode(Mode::LinesMarkers)
                     .name(format!("{} broken text", html_escape(label)))
-                    .line(Line::new().color(color(l)).dash(DashType::DashDot)),
+                    .line(super::line(l).dash(DashType::DashDot)),
                 );
             }
             plot.add_trace(
                 Scatter::new(xs, pts.iter().map(|p| fx[p.1][l].kl).collect())
                     .mode(Mode::LinesMarkers)
                     .name(format!("{} KL (nats)", html_escape(label)))
-                    .line(Line::new().color(color(l)).dash(DashType::Dot)),
+                    .line(super::line(l).dash(DashType::Dot)),
             );
         }
         plot.set_layout(
@@ -471,6 +471,7 @@ fn section(
         note.push_str(&cells.join("; "));
     }
     Ok(Section {
+        tabs: Vec::new(),
         title: "Interventions".into(),
         note,
         figures,

@@ -33,19 +33,18 @@ fn mean_curve(vals: &[&[f64]]) -> Vec<f64> {
         .collect()
 }
 
-/// The y axis of a metric's figure. The relative step is drawn on a log axis: the step out of
-/// point 0 (the raw embedding) is often an order of magnitude larger than every later one and
-/// would flatten them all on a linear axis.
-fn metric_axis(metric: &str, label: &str) -> Axis {
-    let axis = Axis::new().title(Title::with_text(label));
+/// The y axis of a metric's figure. The relative step is drawn on a log axis labelled with its
+/// decades: the step out of point 0 (the raw embedding) is often an order of magnitude larger
+/// than every later one and would flatten them all on a linear axis.
+fn metric_axis<'a>(metric: &str, label: &str, curves: impl Iterator<Item = &'a [f64]>) -> Axis {
     if metric == "rel_step" {
-        axis.type_(plotly::layout::AxisType::Log)
+        super::log_axis(label, curves.flatten().copied())
     } else {
-        axis
+        Axis::new().title(Title::with_text(label))
     }
 }
 
-pub fn section(v: &RunView, prefix: &str) -> Section {
+pub fn section(v: &RunView) -> Section {
     let drawn = thin(v.n_prompts(), MAX_DRAWN);
     let x: Vec<usize> = v.points.clone();
     let figures = METRICS
@@ -61,7 +60,7 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
                 plot.add_trace(
                     Scatter::new(x.clone(), v.metrics[i].get(metric).to_vec())
                         .mode(Mode::Lines)
-                        .line(Line::new().color(color(g)).width(0.8))
+                        .line(super::line(g).width(0.8))
                         .opacity(0.35)
                         .legend_group(&v.labels[i])
                         .show_legend(false)
@@ -77,7 +76,7 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
                 plot.add_trace(
                     Scatter::new(x.clone(), mean_curve(&curves))
                         .mode(Mode::Lines)
-                        .line(Line::new().color(color(g)).width(4.0))
+                        .line(super::line(g).width(4.0))
                         .legend_group(&grp.label)
                         .name(format!("{} (mean of {})", grp.label, grp.members.len())),
                 );
@@ -86,7 +85,11 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
                 Layout::new()
                     .height(420)
                     .x_axis(Axis::new().title(Title::with_text("point")))
-                    .y_axis(metric_axis(metric, axis)),
+                    .y_axis(metric_axis(
+                        metric,
+                        axis,
+                        drawn.iter().map(|&i| v.metrics[i].get(metric)),
+                    )),
             );
             Figure {
                 title: axis.to_string(),
@@ -98,7 +101,8 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         })
         .collect();
     Section {
-        title: format!("{prefix}Per-point geometry"),
+        tabs: Vec::new(),
+        title: "Per-point geometry".into(),
         note: "All metrics in the full hidden dimension, at the last prompt position.".into(),
         figures,
     }
@@ -112,14 +116,17 @@ pub fn compare_section(views: &[RunView]) -> Section {
         .filter(|(m, _, _)| *m != "norm")
         .map(|&(metric, axis, read)| {
             let mut plot = Plot::new();
+            let mut means = Vec::new();
             for (r, v) in views.iter().enumerate() {
                 let curves: Vec<&[f64]> = v.metrics.iter().map(|m| m.get(metric)).collect();
+                let mean = mean_curve(&curves);
                 plot.add_trace(
-                    Scatter::new(v.depth(), mean_curve(&curves))
+                    Scatter::new(v.depth(), mean.clone())
                         .mode(Mode::LinesMarkers)
-                        .line(Line::new().color(color(r)).width(3.0))
+                        .line(Line::new().color(color(r)).dash(super::dash(r)).width(3.0))
                         .name(&v.name),
                 );
+                means.push(mean);
             }
             plot.set_layout(
                 Layout::new()
@@ -129,7 +136,11 @@ pub fn compare_section(views: &[RunView]) -> Section {
                             .title(Title::with_text("depth (point / n_layer)"))
                             .range(vec![0.0, 1.0]),
                     )
-                    .y_axis(metric_axis(metric, axis)),
+                    .y_axis(metric_axis(
+                        metric,
+                        axis,
+                        means.iter().map(|m| m.as_slice()),
+                    )),
             );
             Figure {
                 title: format!("{axis} across models"),
@@ -147,7 +158,7 @@ pub fn compare_section(views: &[RunView]) -> Section {
                 plot.add_trace(
                     Scatter::new(v.depth(), d.delta_centered.clone())
                         .mode(Mode::LinesMarkers)
-                        .line(Line::new().color(color(r)).width(3.0))
+                        .line(Line::new().color(color(r)).dash(super::dash(r)).width(3.0))
                         .name(format!("{} ({} − {})", v.name, d.a, d.b)),
                 );
             }
@@ -169,6 +180,7 @@ pub fn compare_section(views: &[RunView]) -> Section {
         });
     }
     Section {
+        tabs: Vec::new(),
         title: "Models compared".into(),
         note: format!("{} runs overlaid on normalized depth.", views.len()),
         figures,

@@ -8,18 +8,19 @@ use plotly::{HeatMap, Histogram, Layout, Plot, Scatter};
 
 use super::trajectories::html_escape;
 use super::view::{LensSummary, RunView};
-use super::{color, Figure, Section};
+use super::{Figure, Section};
 
 /// The lens summary of a run, if it was traced with a valid lens.
 pub fn valid_lens(v: &RunView) -> Option<&LensSummary> {
     v.lens.as_ref()
 }
 
-pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
+pub fn section(v: &RunView) -> Option<Section> {
     let info = v.run.manifest.lens.as_ref()?;
     if !info.valid {
         return Some(Section {
-            title: format!("{prefix}Logit lens"),
+            tabs: Vec::new(),
+            title: "Logit lens".into(),
             note: format!(
                 "Not shown: the lens does not reproduce this model's own logits (max |difference| {:.3e} > {:.0e}), so its numbers would be wrong for this architecture.",
                 info.self_check_max_abs_diff, info.tolerance
@@ -120,7 +121,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         ent.add_trace(
             Scatter::new(x.clone(), tr.points.iter().map(|p| p.entropy).collect())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(0.8))
+                .line(super::line(g).width(0.8))
                 .opacity(0.35)
                 .show_legend(false)
                 .name(format!("{i}")),
@@ -128,7 +129,7 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
         pf.add_trace(
             Scatter::new(x.clone(), tr.points.iter().map(|p| p.p_final).collect())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(g)).width(0.8))
+                .line(super::line(g).width(0.8))
                 .opacity(0.35)
                 .show_legend(false)
                 .name(format!("{i}")),
@@ -176,7 +177,8 @@ pub fn section(v: &RunView, prefix: &str) -> Option<Section> {
     figures.push(Figure { title: "Probability of the final prediction per point".into(), caption: "The lens probability of the token the model finally predicts: where it rises is where the answer forms.".into(), plot: pf });
     figures.push(Figure { title: "Decision points".into(), caption: format!("For each prompt, the first point from which the final prediction stays top-1 (a model that only decides at the end has decision point {n_layer}). Mean {mean_dec:.1} = {:.0}% of the depth.", 100.0 * mean_dec / n_layer as f64), plot: hist });
     Some(Section {
-        title: format!("{prefix}Logit lens"),
+        tabs: Vec::new(),
+        title: "Logit lens".into(),
         note: format!(
             "Lens = the model's own final norm ({}, eps {}) and unembedding (<code>{}</code>{}) applied to every point, computed with ggml on the quantized matrix. Self-check: at the last point it reproduces the model's logits to max |difference| {:.2e} (tolerance {:.0e}).",
             info.norm,

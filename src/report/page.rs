@@ -36,7 +36,10 @@ pub struct PageInput<'a> {
 
 /// Number of figures a page declares (and the browser test counts).
 pub fn n_figures(sections: &[Section]) -> usize {
-    sections.iter().map(|s| s.figures.len()).sum()
+    sections
+        .iter()
+        .map(|s| s.figures.len() + s.tabs.iter().map(|t| t.figures.len()).sum::<usize>())
+        .sum()
 }
 
 pub fn render(input: &PageInput) -> Result<String, minijinja::Error> {
@@ -48,15 +51,22 @@ pub fn render(input: &PageInput) -> Result<String, minijinja::Error> {
         .sections
         .iter()
         .map(|s| {
-            let figures: Vec<_> = s
-                .figures
+            let mut figs = |figures: &[super::Figure]| -> Vec<_> {
+                figures
+                    .iter()
+                    .map(|f| {
+                        fig_no += 1;
+                        context! { title => f.title, caption => f.caption, html => f.plot.to_inline_html(Some(&format!("fig{fig_no}"))) }
+                    })
+                    .collect()
+            };
+            let figures = figs(&s.figures);
+            let tabs: Vec<_> = s
+                .tabs
                 .iter()
-                .map(|f| {
-                    fig_no += 1;
-                    context! { title => f.title, caption => f.caption, html => f.plot.to_inline_html(Some(&format!("fig{fig_no}"))) }
-                })
+                .map(|t| context! { run => t.run, note => t.note, figures => figs(&t.figures) })
                 .collect();
-            context! { title => s.title, note => s.note, figures => figures }
+            context! { title => s.title, note => s.note, figures => figures, tabs => tabs }
         })
         .collect();
     let runs: Vec<_> = input

@@ -208,19 +208,19 @@ pub fn section(views: &[RunView], l: &Ladder) -> anyhow::Result<Section> {
         err.add_trace(
             Scatter::new(x.clone(), lv.drift.iter().map(|d| d.mean_rel_err).collect())
                 .mode(Mode::LinesMarkers)
-                .line(Line::new().color(color(n)).width(3.0))
+                .line(super::line(n).width(3.0))
                 .name(&lv.label),
         );
         cos.add_trace(
             Scatter::new(x.clone(), lv.drift.iter().map(|d| d.mean_cos).collect())
                 .mode(Mode::LinesMarkers)
-                .line(Line::new().color(color(n)).width(3.0))
+                .line(super::line(n).width(3.0))
                 .name(format!("{} mean", lv.label)),
         );
         cos.add_trace(
             Scatter::new(x.clone(), lv.drift.iter().map(|d| d.min_cos).collect())
                 .mode(Mode::Lines)
-                .line(Line::new().color(color(n)).width(1.5).dash(DashType::Dot))
+                .line(super::line(n).width(1.5).dash(DashType::Dot))
                 .name(format!("{} min", lv.label)),
         );
     }
@@ -313,7 +313,9 @@ pub fn section(views: &[RunView], l: &Ladder) -> anyhow::Result<Section> {
         Layout::new()
             .height(560)
             .x_axis(Axis::new().title(Title::with_text("reference PC1")))
-            .y_axis(Axis::new().title(Title::with_text("reference PC2"))),
+            .y_axis(super::equal_scale(
+                Axis::new().title(Title::with_text("reference PC2")),
+            )),
     );
 
     let positions = if l
@@ -328,6 +330,7 @@ pub fn section(views: &[RunView], l: &Ladder) -> anyhow::Result<Section> {
         "the last prompt position"
     };
     Ok(Section {
+        tabs: Vec::new(),
         title: "Quantization drift".into(),
         note: format!(
             "Reference: <b>{}</b> (the highest precision unless --reference says otherwise). Compared on identical tokens, over {positions} of {} prompts (generated tokens differ between levels and are left out).{}",

@@ -103,7 +103,9 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> anyhow::Result
         Layout::new()
             .height(540)
             .x_axis(Axis::new().title(Title::with_text("unsteered PC1")))
-            .y_axis(Axis::new().title(Title::with_text("unsteered PC2"))),
+            .y_axis(super::equal_scale(
+                Axis::new().title(Title::with_text("unsteered PC2")),
+            )),
     );
     let texts: Vec<String> = (0..n)
         .filter(|&p| {
@@ -120,6 +122,7 @@ pub fn steering_section(views: &[RunView], s: usize, u: usize) -> anyhow::Result
         })
         .collect();
     Ok(Section {
+        tabs: Vec::new(),
         title: format!("Steering: {} vs unsteered", describe(vs)),
         note: format!("Control vector(s): {}. {}", html_escape(&vs.run.manifest.capture.control_vectors.join(", ")), texts.join("<br>")),
         figures: vec![Figure {
@@ -213,7 +216,9 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> anyhow::Result<S
         Layout::new()
             .height(480)
             .x_axis(Axis::new().title(Title::with_text("PC1")))
-            .y_axis(Axis::new().title(Title::with_text("PC2"))),
+            .y_axis(super::equal_scale(
+                Axis::new().title(Title::with_text("PC2")),
+            )),
     );
     turn.set_layout(
         Layout::new()
@@ -237,6 +242,7 @@ pub fn system_section(views: &[RunView], i: usize, j: usize) -> anyhow::Result<S
         figures.push(Figure { title: format!("Each step on the {a} − {b} direction"), caption: format!("The projection of every generated token's last-point state on the contrast direction (from the '{a}' vs '{b}' run of this model in the report): how far each continuation leans towards '{a}'."), plot: proj_plot });
     }
     Ok(Section {
+        tabs: Vec::new(),
         title: format!(
             "System prompts side by side: {} vs {}",
             describe(va),

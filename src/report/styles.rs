@@ -255,6 +255,7 @@ pub fn section(views: &[RunView]) -> anyhow::Result<Option<Section>> {
         }
     }
     Ok(Some(Section {
+        tabs: Vec::new(),
         title: "Thinking styles".into(),
         note,
         figures,

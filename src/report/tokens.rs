@@ -9,7 +9,7 @@ use super::view::RunView;
 use super::{Figure, Section};
 use crate::analysis::metrics;
 
-pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
+pub fn section(v: &RunView) -> anyhow::Result<Option<Section>> {
     let prompts = &v.run.manifest.prompts;
     // The first prompt with several stored positions and an NPY states file.
     let Some(i) = prompts
@@ -44,11 +44,16 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
         .map(|p| format!("{p}→{}", p + 1))
         .collect();
     let mut plot = Plot::new();
-    plot.add_trace(
-        HeatMap::new(labels, ys, z)
-            .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
-            .name("relative step"),
-    );
+    // The step out of point 0 (the raw embedding) is often ten times any later one: on a linear
+    // scale over the data's range it would leave every other cell dark.
+    let range = super::robust_range(z.iter().flatten());
+    let mut hm = HeatMap::new(labels, ys, z)
+        .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+        .name("relative step");
+    if let Some(r) = range {
+        hm = hm.zmin(r.lo).zmax(r.hi);
+    }
+    plot.add_trace(hm);
     plot.set_layout(
         Layout::new()
             .height(560)
@@ -68,7 +73,8 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
         format!(" → {}", super::answers::top_html(&rec.top, 3))
     };
     Ok(Some(Section {
-        title: format!("{prefix}Per token"),
+        tabs: Vec::new(),
+        title: "Per token".into(),
         note: format!(
             "Prompt {} ({}): “{}”{answer}",
             rec.index,
@@ -77,7 +83,7 @@ pub fn section(v: &RunView, prefix: &str) -> anyhow::Result<Option<Section>> {
         ),
         figures: vec![Figure {
             title: "Relative step size per token and block".into(),
-            caption: "Each cell is ‖h(p+1) − h(p)‖ / ‖h(p)‖ for one token position (column) and one block (row): how much that block rewrites that token's state. Bright rows are blocks that work hard on every token; bright cells at single tokens show where a block attends to something specific.".into(),
+            caption: format!("Each cell is ‖h(p+1) − h(p)‖ / ‖h(p)‖ for one token position (column) and one block (row): how much that block rewrites that token's state. Bright rows are blocks that work hard on every token; bright cells at single tokens show where a block attends to something specific. {}", range.map(|r| r.sentence()).unwrap_or_default()),
             plot,
         }],
     }))

@@ -1,12 +1,12 @@
 //! Trajectories through layer space: 3-D and 2-D PCA paths, and a layer slider.
 
-use plotly::common::{Line, Marker, Mode, Title};
+use plotly::common::{Marker, Mode, Title};
 use plotly::layout::{Axis, LayoutScene, Slider, SliderMethod, SliderStep};
 use plotly::{Layout, Plot, Scatter, Scatter3D};
 use serde_json::json;
 
 use super::view::{thin, RunView};
-use super::{color, Figure, Section, MAX_DRAWN};
+use super::{color, equal_scale, Figure, Section, MAX_DRAWN};
 
 /// Drawn prompts above which the 2-D figures switch to WebGL.
 const GL_FROM: usize = 100;
@@ -50,7 +50,7 @@ fn var_label(v: &RunView, c: usize) -> String {
     )
 }
 
-pub fn section(v: &RunView, prefix: &str) -> Section {
+pub fn section(v: &RunView) -> Section {
     let drawn = thin(v.n_prompts(), MAX_DRAWN);
     // WebGL only where SVG would struggle: browsers keep ~16 WebGL contexts per page and drop the
     // oldest beyond that, so small runs draw in SVG and only the 3-D figure always uses WebGL.
@@ -77,7 +77,7 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         .name(&v.labels[i])
         .legend_group(&v.labels[i])
         .show_legend(!shown[g])
-        .line(Line::new().color(color(g)).width(2.0))
+        .line(super::line(g).width(2.0))
         .marker(Marker::new().color(color(g)).size_array(sizes))
         .hover_text_array((0..n_pts).map(|k| hover(v, i, k)).collect::<Vec<_>>())
         .hover_info(plotly::common::HoverInfo::Text);
@@ -92,7 +92,9 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
                 LayoutScene::new()
                     .x_axis(Axis::new().title(Title::with_text(var_label(v, 0))))
                     .y_axis(Axis::new().title(Title::with_text(var_label(v, 1))))
-                    .z_axis(Axis::new().title(Title::with_text(var_label(v, 2)))),
+                    .z_axis(Axis::new().title(Title::with_text(var_label(v, 2))))
+                    // Equal scales on the three axes: a cube would stretch PC3 to PC1's size.
+                    .aspect_mode(plotly::layout::AspectMode::Data),
             )
             .legend(plotly::layout::Legend::new().title(Title::with_text("label"))),
     );
@@ -114,7 +116,7 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         .name(&v.labels[i])
         .legend_group(&v.labels[i])
         .show_legend(!shown[g])
-        .line(Line::new().color(color(g)).width(1.5))
+        .line(super::line(g).width(1.5))
         .marker(Marker::new().color(color(g)).size_array(sizes))
         .hover_text_array((0..n_pts).map(|k| hover(v, i, k)).collect::<Vec<_>>())
         .hover_info(plotly::common::HoverInfo::Text)
@@ -126,7 +128,9 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         Layout::new()
             .height(520)
             .x_axis(Axis::new().title(Title::with_text(var_label(v, 0))))
-            .y_axis(Axis::new().title(Title::with_text(var_label(v, 1)))),
+            .y_axis(equal_scale(
+                Axis::new().title(Title::with_text(var_label(v, 1))),
+            )),
     );
 
     // Layer slider: one trace per point holding every drawn prompt there; the slider shows one.
@@ -182,20 +186,26 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         .collect();
     slider_plot.set_layout(
         Layout::new()
-            .height(560)
+            .height(640)
             .x_axis(
                 Axis::new()
                     .title(Title::with_text(var_label(v, 0)))
                     .range(pad(&xs)),
             )
-            .y_axis(
+            .y_axis(equal_scale(
                 Axis::new()
                     .title(Title::with_text(var_label(v, 1)))
                     .range(pad(&ys)),
-            )
-            .sliders(vec![Slider::new().active(0).steps(steps).current_value(
-                plotly::layout::SliderCurrentValue::new().prefix("point "),
-            )]),
+            ))
+            // The slider sits below the x axis's labels and title, never over them.
+            .margin(plotly::layout::Margin::new().bottom(220))
+            .sliders(vec![Slider::new()
+                .active(0)
+                .steps(steps)
+                .pad(plotly::common::Pad::new(75, 0, 0))
+                .current_value(
+                    plotly::layout::SliderCurrentValue::new().prefix("point "),
+                )]),
     );
 
     let note = thinned_note(v, &drawn);
@@ -213,7 +223,8 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
         100.0 * v.pca.explained_ratio.iter().take(3).sum::<f64>()
     );
     Section {
-        title: format!("{prefix}Trajectories"),
+        tabs: Vec::new(),
+        title: "Trajectories".into(),
         note: format!("{} prompts, {} points each (point 0 = input of block 0, point {} = output of the last block).{note}", v.n_prompts(), n_pts, v.n_layer),
         figures: vec![
             Figure {
@@ -223,12 +234,12 @@ pub fn section(v: &RunView, prefix: &str) -> Section {
             },
             Figure {
                 title: "Trajectories (2-D, PC1 × PC2)".into(),
-                caption: format!("{expl}The same paths flattened onto the first two components. Distances here are only the projected part of the real ones; the metrics sections are computed in the full hidden dimension."),
+                caption: format!("{expl}The same paths flattened onto the first two components, drawn with equal scales on both axes so that the picture keeps its true proportions. Distances here are only the projected part of the real ones; the metrics sections are computed in the full hidden dimension."),
                 plot: plot2,
             },
             Figure {
                 title: "Layer by layer".into(),
-                caption: "Move the slider to see where every prompt sits at one point. Watch groups spread apart or collapse into one basin (the funnel) as depth grows. Axis ranges stay fixed so motion is real motion.".into(),
+                caption: "Move the slider to see where every prompt sits at one point. Watch groups spread apart or collapse into one basin (the funnel) as depth grows. Axis ranges stay fixed and the two axes share one scale, so motion is real motion.".into(),
                 plot: slider_plot,
             },
         ],

@@ -152,6 +152,37 @@ fn ladder_drift_and_kl_order_by_precision() {
         assert!(html.contains(&line), "no {line:?}");
     }
     assert!(html.contains("Quantization drift"));
+    // Each per-run view once, with a tab per level (five levels), not five repeated sections.
+    let nav = html
+        .split("<nav>")
+        .nth(1)
+        .unwrap()
+        .split("</nav>")
+        .next()
+        .unwrap();
+    for view in ["Trajectories", "Per-point geometry", "Per token"] {
+        assert_eq!(
+            nav.matches(&format!(">{view}</a>")).count(),
+            1,
+            "{view} once in {nav}"
+        );
+    }
+    let levels = kl
+        .iter()
+        .map(|r| r[1].to_string())
+        .collect::<std::collections::HashSet<_>>();
+    let traj = html
+        .split(">Trajectories</h2>")
+        .nth(1)
+        .unwrap()
+        .split("<section")
+        .next()
+        .unwrap();
+    assert_eq!(
+        traj.matches("role=\"tab\"").count(),
+        levels.len(),
+        "one tab per level"
+    );
     assert!(
         html.contains("Q4_0: 180, F32: 61, Q3_K: 30"),
         "the report shows the real tensor mix"
@@ -356,4 +387,11 @@ fn same_model_runs_are_overlaid_without_a_drift_note() {
         html.contains(r#""type":"log""#),
         "relative step on a log axis"
     );
+    // The log axis is labelled with its decades: ticks at powers of ten, written 10^k.
+    assert!(
+        html.contains(r#""tickmode":"array""#)
+            && html.contains(r#""ticktext":["10\u003csup\u003e"#)
+    );
+    // The 2-D projections keep their proportions.
+    assert!(html.contains(r#""scaleanchor":"x","scaleratio":1.0"#));
 }

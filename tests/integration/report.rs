@@ -69,6 +69,8 @@ pub(crate) struct PageCheck {
     pub clipped: Vec<String>,
     /// How many visible labels the check measured.
     pub labels: usize,
+    /// Legends and sliders whose box meets a plot area (sliders: also the x axis's labels).
+    pub covered: Vec<String>,
 }
 
 /// A page a reader trusts at a glance: every declared figure drawn, none empty, no label clipped,
@@ -99,6 +101,12 @@ pub(crate) fn assert_page_reads_well(report: &Path, shot: &Path) {
         "{}: clipped labels {:?}",
         report.display(),
         c.clipped
+    );
+    assert!(
+        c.covered.is_empty(),
+        "{}: legends or sliders over the data {:?}",
+        report.display(),
+        c.covered
     );
     // The check measured something: at least a few labels per figure.
     assert!(
@@ -146,6 +154,7 @@ pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
     let empty: Vec<String> = serde_json::from_str(&attr("data-empty")).unwrap();
     let clipped: Vec<String> = serde_json::from_str(&attr("data-clipped")).unwrap();
     let labels: usize = attr("data-labels").parse().unwrap();
+    let covered: Vec<String> = serde_json::from_str(&attr("data-covered")).unwrap();
     let plots_in_dom = dom.matches("js-plotly-plot").count();
     assert!(plots_in_dom >= rendered);
     let profile2 = tempfile::tempdir().unwrap();
@@ -163,6 +172,7 @@ pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
         empty,
         clipped,
         labels,
+        covered,
     })
 }
 
@@ -267,6 +277,31 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
         assert!(dir.path().join(csv).exists(), "{csv}");
     }
     assert!(declared >= 20, "{declared}");
+    // The contrast states its n and an interval, whatever it concludes.
+    assert!(
+        html.contains("vs <b>unrelated</b>. n = 12 vs 12. Peak at point")
+            && html.contains("approximate 95% interval"),
+        "the contrast's reading"
+    );
+    // Two runs: each per-run view is one section with a tab per run that has it.
+    let nav = html
+        .split("<nav>")
+        .nth(1)
+        .unwrap()
+        .split("</nav>")
+        .next()
+        .unwrap();
+    assert_eq!(nav.matches(">Trajectories</a>").count(), 1, "{nav}");
+    assert!(!nav.contains("funnel — "), "no per-run copies: {nav}");
+    assert_eq!(
+        html.matches("class=\"pane\"").count(),
+        html.matches("role=\"tab\"").count()
+    );
+    // The per-token heat map states its colour scale.
+    assert!(
+        html.contains("Colour scale"),
+        "per-token colour scale stated"
+    );
     assert_page_reads_well(&report, &shot_path(dir.path(), "report"));
 }
 

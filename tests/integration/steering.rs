@@ -68,6 +68,23 @@ fn refusal_separates_far_above_a_shuffled_control() {
         "the shuffled control separates too: {msg}"
     );
     assert!(s.d - cs.d > 1.0, "{msg}");
+    // With 24+ pairs the reading states n and an interval and supports the finding.
+    let (ga, gb) = direction::groups(&r, "harmful", "harmless").unwrap();
+    let text = gguf_trace::analysis::contrast::reading(
+        &c,
+        &control,
+        ga.len(),
+        gb.len(),
+        &r.manifest.capture.points,
+    );
+    assert!(
+        text.starts_with(&format!("n = {} vs {}.", ga.len(), gb.len())),
+        "{text}"
+    );
+    assert!(
+        text.contains("95% interval") && !text.contains("Not supported"),
+        "{text}"
+    );
 }
 
 #[test]
