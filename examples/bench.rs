@@ -131,6 +131,8 @@ fn bench_compare(source: &std::path::Path) {
     let out = dir.path().join("cmp");
     let args = CompareArgs {
         models,
+        models_pos: vec![],
+        answers: gguf_trace::cli::When::Never,
         input: PromptArgs {
             prompts: vec![],
             files: vec![pf],

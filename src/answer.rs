@@ -97,8 +97,12 @@ pub fn measure(s: &str) -> usize {
     console::measure_text_width(s)
 }
 
-/// The start of `s` in at most `n` columns, with "…" when cut.
+/// The start of `s` in at most `n` columns, with "…" when cut. (console's `truncate_str` alone
+/// also cuts a text that fits exactly: "p0" in two columns became "p…".)
 pub fn cut(s: &str, n: usize) -> String {
+    if measure(s) <= n {
+        return s.to_string();
+    }
     console::truncate_str(s, n, "…").into_owned()
 }
 
@@ -252,9 +256,125 @@ pub fn print(
     Ok(())
 }
 
+/// Several models' answers to the same prompts (a `compare`), as one table: a row per prompt
+/// (the first [`MAX_PRINTED`]), a column per model with its most likely next token and its
+/// probability; a `*` marks a model whose top token differs from the first model's (by its text:
+/// models of different families number their vocabularies differently).
+pub fn print_compare(
+    out: &mut dyn Write,
+    models: &[String],
+    answers: &[Vec<Answer>],
+    width: usize,
+    more: &str,
+) -> std::io::Result<()> {
+    let width = width.max(60);
+    let n = answers.iter().map(|a| a.len()).min().unwrap_or(0);
+    let id_w = answers
+        .first()
+        .into_iter()
+        .flatten()
+        .take(MAX_PRINTED)
+        .map(|a| measure(&visible_text(a.id)))
+        .max()
+        .unwrap_or(2)
+        .clamp(2, 16);
+    let col = (width.saturating_sub(id_w) / models.len().max(1)).clamp(10, 40) - 2;
+    let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(measure(s))));
+    let mut header = pad("id", id_w);
+    for m in models {
+        header.push_str("  ");
+        // The end of a model's name tells quantizations of one model apart.
+        header.push_str(&pad(&cut_front(&visible_text(m), col), col));
+    }
+    writeln!(out, "{}", header.trim_end())?;
+    for k in 0..n.min(MAX_PRINTED) {
+        let mut line = pad(&cut(&visible_text(answers[0][k].id), id_w), id_w);
+        let first = answers[0][k].top.first().map(|t| t.piece.as_str());
+        for a in answers {
+            let cell = match a[k].top.first() {
+                None => "(not finite)".to_string(),
+                Some(t) => format!(
+                    "{}{} {}",
+                    if Some(t.piece.as_str()) != first {
+                        "*"
+                    } else {
+                        ""
+                    },
+                    visible(&t.piece),
+                    percent(t.p)
+                ),
+            };
+            line.push_str("  ");
+            line.push_str(&pad(&cut(&cell, col), col));
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    if n > MAX_PRINTED {
+        writeln!(out, "… and {} more prompt(s): {more}", n - MAX_PRINTED)?;
+    }
+    if answers.iter().skip(1).any(|a| {
+        a.iter()
+            .zip(&answers[0])
+            .any(|(x, y)| x.top.first().map(|t| &t.piece) != y.top.first().map(|t| &t.piece))
+    }) {
+        writeln!(
+            out,
+            "* the most likely next token differs from the first model's"
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_that_fits_exactly_is_not_cut() {
+        assert_eq!(cut("p0", 2), "p0");
+        assert_eq!(cut("p10", 2), "p…");
+        assert_eq!(cut("日本", 4), "日本");
+        assert_eq!(cut_front("p0", 2), "p0");
+    }
+
+    #[test]
+    fn a_compare_prints_one_row_per_prompt_and_marks_moved_answers() {
+        let tok = |id: i32, piece: &str, p: f64| TopToken {
+            id,
+            piece: piece.into(),
+            p,
+        };
+        let (paris, rome) = (vec![tok(7, " Paris", 0.78)], vec![tok(9, " Rome", 0.5)]);
+        fn a(top: &[TopToken]) -> Answer<'_> {
+            Answer {
+                id: "p0",
+                label: None,
+                text: "The capital of France is",
+                top,
+                generated: "",
+            }
+        }
+        let mut buf = Vec::new();
+        print_compare(
+            &mut buf,
+            &["model.F32.gguf".into(), "model.Q2_K.gguf".into()],
+            &[vec![a(&paris)], vec![a(&rome)]],
+            80,
+            "see report.answers.csv",
+        )
+        .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("model.F32.gguf") && lines[0].contains("model.Q2_K.gguf"));
+        assert!(
+            lines[1].starts_with("p0") && lines[1].contains("␣Paris 78%"),
+            "{text}"
+        );
+        assert!(lines[1].contains("*␣Rome 50%"), "{text}");
+        assert!(lines[2].starts_with("* the most likely"));
+        assert!(lines.iter().all(|l| measure(l) <= 80), "{text}");
+    }
 
     #[test]
     fn top_tokens_are_the_softmax_of_the_logits_in_order() {

@@ -310,10 +310,13 @@ pub struct QuantizeArgs {
     pub threads: Option<i32>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
-    /// Models to compare (repeat -m; at least two).
-    #[arg(short, long = "model", value_name = "MODEL.gguf", required = true)]
+    /// Models to compare, at least two, in the order given (or repeat -m instead).
+    #[arg(value_name = "MODEL.gguf", conflicts_with = "models")]
+    pub models_pos: Vec<PathBuf>,
+    /// Models to compare (repeatable; or give them as arguments).
+    #[arg(short, long = "model", id = "models", value_name = "MODEL.gguf")]
     pub models: Vec<PathBuf>,
     #[command(flatten)]
     pub input: PromptArgs,
@@ -336,6 +339,11 @@ pub struct CompareArgs {
     /// interrupted one resumes from its last prompt on disk.
     #[arg(long)]
     pub resume: bool,
+    /// Print what each model answered — a row per prompt, a column per model with its most likely
+    /// next token — on stdout before the report's path: "auto" when stdout is a terminal,
+    /// "always", or "never". Every run's run.json and the report record them either way
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = When::Auto)]
+    pub answers: When,
     #[command(flatten)]
     pub capture: crate::settings::CaptureArgs,
 }

@@ -22,8 +22,17 @@ struct CompareManifest<'a> {
 }
 
 pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
+    // The models come as arguments or as repeated -m (clap refuses a mix): one list from here on.
+    let mut args = args.clone();
+    if args.models.is_empty() {
+        args.models = std::mem::take(&mut args.models_pos);
+    }
+    let args = &args;
     if args.models.len() < 2 {
-        bail!("compare needs at least two models (repeat -m)");
+        bail!(
+            "compare needs at least two models, got {} (e.g. gguf-trace compare a.gguf b.gguf -f prompts.txt -o cmp)",
+            args.models.len()
+        );
     }
     // One plan for every model; validated (with the prompts and the output) before any load.
     let mut plan = TraceOptions::new(args.models[0].clone(), args.input.clone(), PathBuf::new());
@@ -125,6 +134,12 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
                 "wrote {} — one run per model and report.html ({n} figures); open the report in a browser",
                 args.output.display()
             );
+            if args
+                .answers
+                .print(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            {
+                print_answers(args, out)?;
+            }
             writeln!(out, "{}", args.output.join(REPORT).display())?;
             Ok(())
         }
@@ -206,6 +221,53 @@ fn compare_into(
         },
     )?;
     Ok(n)
+}
+
+/// Every model's answers, read back from the committed runs (what was written is what is shown).
+fn print_answers(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
+    let manifest: serde_json::Value = serde_json::from_str(&crate::paths::read_text(
+        &args.output.join(COMPARE_JSON),
+        crate::paths::MAX_JSON,
+    )?)?;
+    let names: Vec<String> = manifest["runs"]
+        .as_array()
+        .context("compare.json lists no runs")?
+        .iter()
+        .filter_map(|r| r.as_str().map(String::from))
+        .collect();
+    let runs = names
+        .iter()
+        .map(|n| Ok(crate::run::Run::open(&args.output.join(n))?))
+        .collect::<Result<Vec<_>>>()?;
+    let answers: Vec<Vec<crate::answer::Answer>> = runs
+        .iter()
+        .map(|r| {
+            r.manifest
+                .prompts
+                .iter()
+                .map(|p| crate::answer::Answer {
+                    id: &p.id,
+                    label: p.label.as_deref(),
+                    text: &p.text,
+                    top: &p.top,
+                    generated: &p.generated_text,
+                })
+                .collect()
+        })
+        .collect();
+    let width = console::Term::stdout()
+        .size_checked()
+        .map(|(_, w)| w as usize)
+        .unwrap_or(100);
+    let csv = args.output.join("report.answers.csv");
+    crate::answer::print_compare(
+        out,
+        &names,
+        &answers,
+        width,
+        &format!("see {}", csv.display()),
+    )?;
+    Ok(())
 }
 
 /// File name of the report inside a compare directory.

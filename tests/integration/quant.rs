@@ -225,11 +225,10 @@ fn different_models_get_a_side_by_side_report_with_a_note() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cmp");
+    // The models given positionally, like every one-model command's; answers asked for.
     let o = run_bin(&[
         "compare",
-        "-m",
         s(&smol),
-        "-m",
         s(&gemma),
         "-p",
         "The capital of France is",
@@ -237,8 +236,48 @@ fn different_models_get_a_side_by_side_report_with_a_note() {
         "Water boils at",
         "-o",
         s(&out),
+        "--answers",
+        "always",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // stdout: a header naming both runs, a row per prompt with each model's top token as
+    // run.json records it, then the report's path (last line, as scripts read it).
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("id") && lines[0].contains("SmolLM2") && lines[0].contains("gemma"),
+        "{stdout}"
+    );
+    for (k, line) in lines[1..3].iter().enumerate() {
+        assert!(line.starts_with(&format!("p{k}")), "{stdout}");
+        for run in ["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"] {
+            let r = gguf_trace::run::Run::open(&out.join(run)).unwrap();
+            let top = &r.manifest.prompts[k].top[0];
+            let cell = format!(
+                "{} {}",
+                gguf_trace::answer::visible(&top.piece),
+                gguf_trace::answer::percent(top.p)
+            );
+            assert!(line.contains(&cell), "{cell} in {stdout}");
+        }
+    }
+    assert_eq!(
+        *lines.last().unwrap(),
+        out.join("report.html").display().to_string()
+    );
+    // Both forms at once is refused: one way to give the models per command line.
+    let o = run_bin(&[
+        "compare",
+        s(&smol),
+        "-m",
+        s(&gemma),
+        "-p",
+        "x",
+        "-o",
+        s(&dir.path().join("no")),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(
         html.contains("No quantization-drift section"),
