@@ -257,9 +257,9 @@ pub fn print(
 }
 
 /// Several models' answers to the same prompts (a `compare`), as one table: a row per prompt
-/// (the first [`MAX_PRINTED`]), a column per model with its most likely next token and its
-/// probability; a `*` marks a model whose top token differs from the first model's (by its text:
-/// models of different families number their vocabularies differently).
+/// (the first [`MAX_PRINTED`]) with the end of its text, a column per model with its most likely
+/// next token and its probability; `≠` marks a model whose top token differs from the first
+/// model's (by its text: models of different families number their vocabularies differently).
 pub fn print_compare(
     out: &mut dyn Write,
     models: &[String],
@@ -278,30 +278,39 @@ pub fn print_compare(
         .max()
         .unwrap_or(2)
         .clamp(2, 16);
-    let col = (width.saturating_sub(id_w) / models.len().max(1)).clamp(10, 40) - 2;
+    let prompt_w = (width / 4).clamp(12, 28);
+    let col = (width.saturating_sub(id_w + prompt_w + 2) / models.len().max(1)).clamp(12, 40) - 2;
     let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(measure(s))));
-    let mut header = pad("id", id_w);
+    let mut header = format!("{}  {}", pad("id", id_w), pad("prompt (its end)", prompt_w));
     for m in models {
         header.push_str("  ");
         // The end of a model's name tells quantizations of one model apart.
         header.push_str(&pad(&cut_front(&visible_text(m), col), col));
     }
     writeln!(out, "{}", header.trim_end())?;
+    let top1 = |a: &Answer| a.top.first().map(|t| t.piece.clone());
     for k in 0..n.min(MAX_PRINTED) {
-        let mut line = pad(&cut(&visible_text(answers[0][k].id), id_w), id_w);
-        let first = answers[0][k].top.first().map(|t| t.piece.as_str());
+        let mut line = format!(
+            "{}  {}",
+            pad(&cut(&visible_text(answers[0][k].id), id_w), id_w),
+            pad(
+                &cut_front(&one_line(answers[0][k].text), prompt_w),
+                prompt_w
+            )
+        );
+        let first = top1(&answers[0][k]);
         for a in answers {
             let cell = match a[k].top.first() {
                 None => "(not finite)".to_string(),
                 Some(t) => format!(
-                    "{}{} {}",
-                    if Some(t.piece.as_str()) != first {
-                        "*"
+                    "{} {}{}",
+                    visible(&t.piece),
+                    percent(t.p),
+                    if Some(&t.piece) != first.as_ref() {
+                        " ≠"
                     } else {
                         ""
-                    },
-                    visible(&t.piece),
-                    percent(t.p)
+                    }
                 ),
             };
             line.push_str("  ");
@@ -312,14 +321,23 @@ pub fn print_compare(
     if n > MAX_PRINTED {
         writeln!(out, "… and {} more prompt(s): {more}", n - MAX_PRINTED)?;
     }
-    if answers.iter().skip(1).any(|a| {
+    let moved = |a: &Vec<Answer>| {
         a.iter()
             .zip(&answers[0])
-            .any(|(x, y)| x.top.first().map(|t| &t.piece) != y.top.first().map(|t| &t.piece))
-    }) {
+            .filter(|(x, y)| top1(x) != top1(y))
+            .count()
+    };
+    if answers.iter().skip(1).any(|a| moved(a) > 0) {
         writeln!(
             out,
-            "* the most likely next token differs from the first model's"
+            "≠ the most likely next token differs from the first model's ({})",
+            models
+                .iter()
+                .zip(answers)
+                .skip(1)
+                .map(|(m, a)| format!("{}: {} of {n}", visible_text(m), moved(a)))
+                .collect::<Vec<_>>()
+                .join(", ")
         )?;
     }
     Ok(())
@@ -359,7 +377,7 @@ mod tests {
             &mut buf,
             &["model.F32.gguf".into(), "model.Q2_K.gguf".into()],
             &[vec![a(&paris)], vec![a(&rome)]],
-            80,
+            100,
             "see report.answers.csv",
         )
         .unwrap();
@@ -368,12 +386,20 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].contains("model.F32.gguf") && lines[0].contains("model.Q2_K.gguf"));
         assert!(
-            lines[1].starts_with("p0") && lines[1].contains("␣Paris 78%"),
+            lines[1].starts_with("p0  The capital of France is"),
             "{text}"
         );
-        assert!(lines[1].contains("*␣Rome 50%"), "{text}");
-        assert!(lines[2].starts_with("* the most likely"));
-        assert!(lines.iter().all(|l| measure(l) <= 80), "{text}");
+        assert!(
+            lines[1].contains("␣Paris 78%") && !lines[1].contains("78% ≠"),
+            "{text}"
+        );
+        assert!(lines[1].contains("␣Rome 50% ≠"), "{text}");
+        assert!(
+            lines[2].starts_with("≠ the most likely")
+                && lines[2].ends_with("(model.Q2_K.gguf: 1 of 1)"),
+            "{text}"
+        );
+        assert!(lines.iter().all(|l| measure(l) <= 100), "{text}");
     }
 
     #[test]

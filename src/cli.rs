@@ -259,7 +259,7 @@ pub struct DirectionArgs {
     #[arg(long, value_name = "A,B")]
     pub labels: String,
     /// The control-vector GGUF to write.
-    #[arg(short, long, value_name = "dir.gguf")]
+    #[arg(short, long, value_name = "FILE.gguf")]
     pub output: PathBuf,
     /// Overwrite an existing control vector (never any other file).
     #[arg(long)]
@@ -313,7 +313,7 @@ pub struct QuantizeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
     /// Models to compare, at least two, in the order given (or repeat -m instead).
-    #[arg(value_name = "MODEL.gguf", conflicts_with = "models")]
+    #[arg(value_name = "MODEL.gguf")]
     pub models_pos: Vec<PathBuf>,
     /// Models to compare (repeatable; or give them as arguments).
     #[arg(short, long = "model", id = "models", value_name = "MODEL.gguf")]

@@ -179,9 +179,8 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
             ),
         });
     }
-    if !force {
-        return Err(OutputError::Exists(target.display().to_string()));
-    }
+    // What --force could not replace is said first: suggesting --force for a folder of the
+    // user's own would only lead to a second refusal.
     if !is_ours(target, kind) {
         return Err(OutputError::NotOurs {
             path: target.display().to_string(),
@@ -194,6 +193,9 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
             path: target.display().to_string(),
             names: foreign.join(", "),
         });
+    }
+    if !force {
+        return Err(OutputError::Exists(target.display().to_string()));
     }
     Ok(())
 }
@@ -953,14 +955,13 @@ mod tests {
         let mine = d.path().join("thesis");
         fs::create_dir(&mine).unwrap();
         fs::write(mine.join("thesis.tex"), "x").unwrap();
-        assert!(matches!(
-            check_target(&mine, Kind::Run, false),
-            Err(OutputError::Exists(_))
-        ));
-        assert!(matches!(
-            check_target(&mine, Kind::Run, true),
-            Err(OutputError::NotOurs { .. })
-        ));
+        // Not ours: said at once, with or without --force (never "pass --force" first).
+        for force in [false, true] {
+            assert!(matches!(
+                check_target(&mine, Kind::Run, force),
+                Err(OutputError::NotOurs { .. })
+            ));
+        }
         fs::write(mine.join("run.json"), r#"{"tool": "gguf-trace"}"#).unwrap();
         // A run directory that also holds the user's file is not replaced either.
         assert!(matches!(

@@ -22,7 +22,12 @@ struct CompareManifest<'a> {
 }
 
 pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
-    // The models come as arguments or as repeated -m (clap refuses a mix): one list from here on.
+    // The models come as arguments or as repeated -m: one list from here on.
+    if !args.models.is_empty() && !args.models_pos.is_empty() {
+        bail!(
+            "give the models either as arguments (compare a.gguf b.gguf …) or each with -m (compare -m a.gguf -m b.gguf …), not both: the order they are compared in would be ambiguous"
+        );
+    }
     let mut args = args.clone();
     if args.models.is_empty() {
         args.models = std::mem::take(&mut args.models_pos);
@@ -74,6 +79,17 @@ pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
     };
     for m in &args.models {
         super::check_model_gguf(m)?;
+    }
+    // The same file twice would trace it twice and compare it with itself.
+    for (i, m) in args.models.iter().enumerate() {
+        if let Some(j) = args.models[..i].iter().position(|x| canon(x) == canon(m)) {
+            bail!(
+                "{} is given twice (models {} and {}); give each model once",
+                m.display(),
+                j + 1,
+                i + 1
+            );
+        }
     }
     // Everything is written in a staging directory and swapped in at the end: a failed or
     // interrupted compare leaves the previous output (if any) as it was.

@@ -240,9 +240,8 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
                 );
             }
             None => eprintln!(
-                "note: no candidate kept {b}'s KL within {} nats and {a}'s broken text within {:.0}%; the file records the best-separating point a block reads instead",
-                sel.max_kl,
-                100.0 * sel.max_broken
+                "note: no point chosen: {}; the file records the best-separating point a block reads instead",
+                sel.why_none.as_deref().unwrap_or("no candidate met the bounds")
             ),
         }
     }
@@ -260,10 +259,13 @@ pub fn run(args: &DirectionArgs, out: &mut dyn Write) -> Result<()> {
         ),
     }
     eprintln!(
-        "wrote {} direction tensors (direction.{}..direction.{}), scale = raw difference of means",
+        "wrote {}: {} direction tensors (direction.{}..direction.{}), scale = raw difference of means — next: gguf-trace trace MODEL.gguf --ablate {} -p TEXT -o runs/ablated (or --control-vector {} --control-scale S)",
+        args.output.display(),
         dirs.len(),
         dirs[0].0,
-        dirs.last().unwrap().0
+        dirs.last().unwrap().0,
+        super::shell_word(&args.output),
+        super::shell_word(&args.output)
     );
     writeln!(out, "{}", args.output.display())?;
     Ok(())

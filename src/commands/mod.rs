@@ -202,6 +202,13 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
+/// A path as one word a shell reads back unchanged (quoted when it holds spaces or anything a
+/// shell would expand), for the "next:" lines commands end with.
+pub fn shell_word(p: &std::path::Path) -> String {
+    let s = p.display().to_string();
+    shlex::try_quote(&s).map(|q| q.into_owned()).unwrap_or(s)
+}
+
 /// A bar on stderr. When stderr is not a terminal (a log file, CI), a plain line of the same
 /// text every [`PLAIN_EVERY`] instead of nothing.
 pub fn bar(len: u64, unit: &str) -> ProgressBar {
@@ -212,10 +219,18 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
             1,
         ));
     }
-    let tmpl = format!("{{msg}} [{{bar:32}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
+    // The rate with the precision its size needs (indicatif's {per_sec} prints "1.5486/s").
+    let tmpl =
+        format!("{{msg}} [{{bar:32}}] {{pos}}/{{len}} {unit} ({{rate}} {unit}/s, eta {{eta}})");
     pb.set_style(
         ProgressStyle::with_template(&tmpl)
             .expect("valid template")
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate(s.per_sec()));
+                },
+            )
             .progress_chars("=> "),
     );
     pb

@@ -221,6 +221,7 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
     plot.add_trace(
         HeatMap::new(labels, ys, z)
             .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+            .color_bar(plotly::common::ColorBar::new().title(Title::with_text("P(clean answer)")))
             .name("P(answer)"),
     );
     plot.set_layout(
@@ -253,7 +254,7 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
         ),
         figures: vec![Figure {
             title: "P(clean answer) with one state patched from the clean run".into(),
-            caption: "Each cell runs the corrupted prompt with one state — the residual stream at that point (row) and token position (column) — replaced by the clean prompt's, and shows the probability of the clean answer at the last position. Bright cells carry the information that decides the answer: typically the subject's last token in early-to-middle points, and the last position in late points. The last point only acts at the last position (it feeds nothing but the logits).".into(),
+            caption: "Each cell runs the corrupted prompt with one state — the residual stream at that point (row) and token position (column) — replaced by the clean prompt's, and shows the probability of the clean answer at the last position. Bright cells carry the information that decides the answer: typically the subject's last token in early-to-middle points, and the last position in late points. The last point only acts at the last position (it feeds nothing but the logits). A cell can exceed the clean prompt's own P: one clean state inside the corrupted context can push the answer further than the whole clean prompt does.".into(),
             plot,
         }],
     }];
@@ -298,6 +299,11 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             .map(|(v, p, j)| format!("point {p} at {j} ({:?}) {v:.3}", pieces[*j]))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    eprintln!(
+        "wrote {} and {} — open the page in a browser (it works offline)",
+        args.output.display(),
+        csv.display()
     );
     writeln!(out, "{}", args.output.display())?;
     Ok(())

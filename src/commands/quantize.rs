@@ -90,6 +90,11 @@ fn write_all(
     quantized_src: bool,
     src_label: &str,
 ) -> Result<()> {
+    // What will be written, for the last line: the ladder through `compare` comes next.
+    let files: Vec<String> = planned
+        .iter()
+        .map(|(dst, ..)| super::shell_word(dst))
+        .collect();
     for (dst, file, name, ftype) in planned {
         let staging = Staging::new(&dst)?;
         let tmp = staging.path(&file);
@@ -141,6 +146,13 @@ fn write_all(
         );
         writeln!(out, "{}", dst.display())?;
     }
+    eprintln!(
+        "wrote {} file(s) in {} — next: gguf-trace compare {} {} -f PROMPTS.txt -o runs/ladder",
+        files.len(),
+        args.output.display(),
+        super::shell_word(args.source.path()),
+        files.join(" ")
+    );
     Ok(())
 }
 

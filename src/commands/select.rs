@@ -62,13 +62,33 @@ pub struct Selection {
     pub candidates: Vec<Candidate>,
     /// The chosen point; None when no candidate met the bounds.
     pub chosen: Option<usize>,
+    /// Why no point was chosen (absent in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_none: Option<String>,
 }
+
+/// Fewest held-out prompts of label A the model must refuse without ablation for a selection: a
+/// refusal score moved by one or two prompts cannot tell the candidates apart.
+pub const MIN_REFUSED: usize = 3;
 
 impl Selection {
     /// The rule, applied to the scores: the lowest refusal score on A among candidates within
-    /// the KL and broken-text bounds; ties go to the lower KL on B.
+    /// the KL and broken-text bounds (ties go to the lower KL on B), and only if it is lower than
+    /// the baseline's and the baseline refuses at least [`MIN_REFUSED`] prompts. Otherwise
+    /// nothing is chosen and `why_none` says why.
     pub fn choose(&mut self) {
-        self.chosen = self
+        self.chosen = None;
+        self.why_none = None;
+        let (a, b) = (&self.labels.0, &self.labels.1);
+        let refused = (self.baseline.refusal_a * self.n_a as f64).round() as usize;
+        if refused < MIN_REFUSED {
+            self.why_none = Some(format!(
+                "without ablation the model refuses only {refused} of the {} held-out {a} prompts: too few to choose a direction by its effect (at least {MIN_REFUSED}; use more or harder prompts)",
+                self.n_a
+            ));
+            return;
+        }
+        let best = self
             .candidates
             .iter()
             .filter(|c| c.score.kl_b <= self.max_kl && c.score.broken_a <= self.max_broken)
@@ -77,8 +97,25 @@ impl Selection {
                     .refusal_a
                     .total_cmp(&y.score.refusal_a)
                     .then(x.score.kl_b.total_cmp(&y.score.kl_b))
-            })
-            .map(|c| c.point);
+            });
+        match best {
+            None => {
+                self.why_none = Some(format!(
+                    "no candidate kept {b}'s KL within {} nats and {a}'s broken text within {:.0}%",
+                    self.max_kl,
+                    100.0 * self.max_broken
+                ))
+            }
+            Some(c) if c.score.refusal_a >= self.baseline.refusal_a => {
+                self.why_none = Some(format!(
+                    "no candidate within the bounds lowers {a}'s refusal score (baseline {:.0}%; the best, point {}, gives {:.0}%)",
+                    100.0 * self.baseline.refusal_a,
+                    c.point,
+                    100.0 * c.score.refusal_a
+                ))
+            }
+            Some(c) => self.chosen = Some(c.point),
+        }
     }
 }
 
@@ -166,7 +203,20 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
         o.labels.1,
         o.generate
     );
-    let base_dir = trace::trace(&options(tmp.path().join("baseline"), None))?;
+    // The traces here are scratch work in a temporary folder: an interrupted one cannot be
+    // resumed, whatever the trace's own error says.
+    let run_trace = |t: &TraceOptions, what: &str| -> Result<std::path::PathBuf> {
+        trace::trace(t).map_err(|e| {
+            if crate::llama::backend::interrupted() {
+                anyhow::anyhow!(
+                    "interrupted while scoring {what}; nothing was written (run the command again to start the selection over)"
+                )
+            } else {
+                e
+            }
+        })
+    };
+    let base_dir = run_trace(&options(tmp.path().join("baseline"), None), "the baseline")?;
     let base = Run::open(&base_dir)?;
     if base.manifest.model.n_embd != run.manifest.model.n_embd
         || base.manifest.provenance.model_sha256 != run.manifest.provenance.model_sha256
@@ -209,7 +259,10 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
     );
     let mut candidates = Vec::new();
     for (k, &p) in o.candidates.iter().enumerate() {
-        let dir = trace::trace(&options(tmp.path().join(format!("p{p}")), Some(p)))?;
+        let dir = run_trace(
+            &options(tmp.path().join(format!("p{p}")), Some(p)),
+            &format!("point {p}"),
+        )?;
         let s = score(&Run::open(&dir)?)?;
         eprintln!(
             "[{}/{}] point {p}: {} refusal {:.0}% (broken {:.0}%), {} KL {:.3}, {} refusal {:.0}%",
@@ -237,6 +290,7 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
         baseline,
         candidates,
         chosen: None,
+        why_none: None,
     };
     sel.choose();
     Ok(sel)
@@ -281,12 +335,38 @@ mod tests {
                 cand(20, 0.0, 0.0, 0.4),
             ],
             chosen: None,
+            why_none: None,
         };
         s.choose();
         assert_eq!(s.chosen, Some(16));
         s.max_kl = 0.01;
         s.choose();
         assert_eq!(s.chosen, None, "no candidate within the KL bound");
+        assert!(s
+            .why_none
+            .as_deref()
+            .unwrap()
+            .starts_with("no candidate kept"));
+        // A candidate that does not lower refusal is not chosen, even the best within bounds.
+        s.max_kl = 0.1;
+        s.baseline.refusal_a = 0.1;
+        s.choose();
+        assert_eq!(s.chosen, None);
+        // 0.1 of 10 prompts is one refusal: too few to choose from.
+        assert!(
+            s.why_none
+                .as_deref()
+                .unwrap()
+                .contains("refuses only 1 of the 10"),
+            "{s:?}"
+        );
+        s.n_a = 40;
+        s.choose();
+        assert_eq!(s.chosen, None);
+        assert!(
+            s.why_none.as_deref().unwrap().contains("no candidate within the bounds lowers harmful's refusal score (baseline 10%; the best, point 16, gives 10%)"),
+            "{s:?}"
+        );
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Selection>(&json).unwrap(), s);
     }

@@ -1073,7 +1073,9 @@ fn write_run(
         // (A compare's runs are not in place yet; compare says what it wrote.)
         let shown = opts.shown();
         let shown = shown.trim_end_matches('/');
-        eprintln!("wrote {shown}/ — next: gguf-trace report {shown} -o {shown}.html");
+        let word = super::shell_word(Path::new(shown));
+        let html = super::shell_word(Path::new(&format!("{shown}.html")));
+        eprintln!("wrote {shown}/ — next: gguf-trace report {word} -o {html}");
     }
     Ok(dir)
 }

@@ -69,7 +69,7 @@ pub fn section(v: &RunView) -> Option<Section> {
     );
     sep.set_layout(
         Layout::new()
-            .height(460)
+            .height(540)
             .x_axis(Axis::new().title(Title::with_text("point")))
             .y_axis(Axis::new().title(Title::with_text("Cohen's d")))
             .y_axis2(
@@ -78,7 +78,16 @@ pub fn section(v: &RunView) -> Option<Section> {
                     .overlaying("y")
                     .side(plotly::common::AxisSide::Right)
                     .range(vec![0.0, 1.0]),
-            ),
+            )
+            // Below the plot: at its default place the legend sat on the right-hand axis.
+            .legend(
+                plotly::layout::Legend::new()
+                    .orientation(plotly::common::Orientation::Horizontal)
+                    .x(0.0)
+                    .y(-0.3)
+                    .y_anchor(plotly::common::Anchor::Top),
+            )
+            .margin(plotly::layout::Margin::new().bottom(150)),
     );
     let mut geiger = Plot::new();
     let drawn = thin(v.n_prompts(), MAX_DRAWN);
@@ -126,7 +135,7 @@ pub fn section(v: &RunView) -> Option<Section> {
         figures: vec![
             Figure {
                 title: "Separation per point (leave-one-out)".into(),
-                caption: format!("At each point the direction is the difference of the two groups' means; each prompt is projected on the direction fitted without it. Cohen's d and nearest-mean accuracy of those projections say how separable '{a}' and '{b}' are at that depth; the shaded band is d's approximate 95% interval for these group sizes; the dotted lines are the same with shuffled labels (near 0 and 50% when the separation is real). A peak whose band reaches down to the shuffled line is not established. The peak is where the contrast is strongest — the point to read a refusal direction from."),
+                caption: format!("At each point the direction is the difference of the two groups' means; each prompt is projected on the direction fitted without it. Cohen's d and nearest-mean accuracy of those projections say how separable '{a}' and '{b}' are at that depth; the shaded band is d's approximate 95% interval for these group sizes; the dotted lines are the same with shuffled labels (near 0 and 50% when the separation is real). A peak whose band reaches down to the shuffled line is not established. The peak is where the contrast is strongest — the point to read a direction from (for refusal, see the README on choosing the intervention point by its effect)."),
                 plot: sep,
             },
             Figure {

@@ -55,11 +55,13 @@ pub fn section(v: &RunView) -> anyhow::Result<Option<Section>> {
                 .line(super::line(n).width(2.0))
                 .name(rec.id.as_str()),
         );
+        // The prompt, then what the model wrote after it: marked apart, or a continuation that
+        // starts without a space reads as part of the prompt.
         texts.push(format!(
-            "<b>{}</b>: {}<i>{}</i>",
+            "<b>{}</b>: “{}” → <i>“{}”</i>",
             html_escape(&rec.id),
-            html_escape(&rec.text),
-            html_escape(&rec.generated_text)
+            html_escape(&crate::answer::one_line(&rec.text)),
+            html_escape(&crate::answer::visible_text(&rec.generated_text))
         ));
     }
     if texts.is_empty() {

@@ -560,7 +560,10 @@ fn selection_figure(sel: &crate::commands::select::Selection) -> Figure {
     );
     let chosen = match sel.chosen {
         Some(p) => format!("Chosen: point {p}."),
-        None => "No candidate met both bounds, so the file records the best-separating point a block reads.".into(),
+        None => format!(
+            "No point was chosen ({}), so the file records the best-separating point a block reads.",
+            html_escape(sel.why_none.as_deref().unwrap_or("no candidate met both bounds"))
+        ),
     };
     Figure {
         title: "How the intervention point was chosen".into(),

@@ -111,6 +111,15 @@ pub fn section(v: &RunView) -> Section {
 /// Several runs: each model's mean curves on normalized depth (point / n_layer), so a 30-block
 /// and an 18-block model compare directly.
 pub fn compare_section(views: &[RunView]) -> Section {
+    // Runs of one model file (other prompts, settings) are runs, not models.
+    let same_model = views.iter().all(|v| {
+        v.run.manifest.provenance.model_sha256 == views[0].run.manifest.provenance.model_sha256
+    });
+    let (what, each) = if same_model {
+        ("runs", "run")
+    } else {
+        ("models", "model")
+    };
     let mut figures: Vec<Figure> = METRICS
         .iter()
         .filter(|(m, _, _)| *m != "norm")
@@ -143,7 +152,7 @@ pub fn compare_section(views: &[RunView]) -> Section {
                     )),
             );
             Figure {
-                title: format!("{axis} across models"),
+                title: format!("{axis} across {what}"),
                 caption: format!(
                     "{read} One line per run: the mean over its prompts, on normalized depth."
                 ),
@@ -174,14 +183,18 @@ pub fn compare_section(views: &[RunView]) -> Section {
                 .y_axis(Axis::new().title(Title::with_text("ΔA centered"))),
         );
         figures.push(Figure {
-            title: "Funnel across models (ΔA, centered)".into(),
-            caption: "Centered alignment of the first label minus the second, per model, on normalized depth: where it rises, the first group converges more than the second.".into(),
+            title: format!("Funnel across {what} (ΔA, centered)"),
+            caption: format!("Centered alignment of the first label minus the second, per {each}, on normalized depth: where it rises, the first group converges more than the second."),
             plot,
         });
     }
     Section {
         tabs: Vec::new(),
-        title: "Models compared".into(),
+        title: if same_model {
+            "Runs compared".into()
+        } else {
+            "Models compared".into()
+        },
         note: format!("{} runs overlaid on normalized depth.", views.len()),
         figures,
     }

@@ -160,7 +160,6 @@ pub fn section(v: &RunView) -> Option<Section> {
             .y_axis(Axis::new().title(Title::with_text("probability of the final prediction"))),
     );
     let decisions = &lens.decisions;
-    let mean_dec = decisions.iter().sum::<usize>() as f64 / decisions.len().max(1) as f64;
     let mut hist = Plot::new();
     hist.add_trace(Histogram::new(decisions.clone()).name("prompts"));
     hist.set_layout(
@@ -175,7 +174,7 @@ pub fn section(v: &RunView) -> Option<Section> {
     );
     figures.push(Figure { title: "Entropy per point".into(), caption: "How uncertain the lens distribution is at each depth (thin: prompts, bold: mean). A model that keeps options open stays high until late; one that commits early drops early.".into(), plot: ent });
     figures.push(Figure { title: "Probability of the final prediction per point".into(), caption: "The lens probability of the token the model finally predicts: where it rises is where the answer forms.".into(), plot: pf });
-    figures.push(Figure { title: "Decision points".into(), caption: format!("For each prompt, the first point from which the final prediction stays top-1 (a model that only decides at the end has decision point {n_layer}). Mean {mean_dec:.1} = {:.0}% of the depth.", 100.0 * mean_dec / n_layer as f64), plot: hist });
+    figures.push(Figure { title: "Decision points".into(), caption: format!("For each prompt, the first point from which the final prediction stays top-1 (a model that only decides at the end has decision point {n_layer}). {}", decision_summary(decisions, n_layer)), plot: hist });
     Some(Section {
         tabs: Vec::new(),
         title: "Logit lens".into(),
@@ -200,5 +199,47 @@ pub struct RawTrace(pub serde_json::Value);
 impl plotly::Trace for RawTrace {
     fn to_json(&self) -> String {
         self.0.to_string()
+    }
+}
+
+/// The mean decision point with its n and 95% bootstrap interval: a mean over a handful of prompts
+/// is stated with how far it can be trusted, and below 10 prompts it says it is only indicative.
+fn decision_summary(decisions: &[usize], n_layer: usize) -> String {
+    let x: Vec<f64> = decisions.iter().map(|&d| d as f64).collect();
+    let Some(ci) = crate::analysis::bootstrap::mean_interval(&x, 0x1e45) else {
+        return "No prompt has a decision point.".into();
+    };
+    let pct = |v: f64| 100.0 * v / n_layer.max(1) as f64;
+    let mut s = format!(
+        "Mean {:.1} = {:.0}% of the depth (n = {}, 95% bootstrap interval {:.0}–{:.0}%).",
+        ci.mean,
+        pct(ci.mean),
+        ci.n,
+        pct(ci.lo),
+        pct(ci.hi)
+    );
+    if ci.n < 10 {
+        s.push_str(" Fewer than 10 prompts: indicative only.");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_decision_summary_states_n_and_marks_small_groups() {
+        let s = super::decision_summary(&[10, 20, 30], 30);
+        assert!(
+            s.starts_with("Mean 20.0 = 67% of the depth (n = 3, 95% bootstrap interval"),
+            "{s}"
+        );
+        assert!(s.contains("indicative only"), "{s}");
+        let many: Vec<usize> = (0..40).map(|i| 20 + i % 5).collect();
+        let s = super::decision_summary(&many, 30);
+        assert!(s.contains("n = 40") && !s.contains("indicative"), "{s}");
+        assert_eq!(
+            super::decision_summary(&[], 30),
+            "No prompt has a decision point."
+        );
     }
 }

@@ -356,7 +356,17 @@ pub fn section(views: &[RunView], l: &Ladder) -> anyhow::Result<Section> {
             },
             Figure {
                 title: "Trajectories of every level in the reference basis".into(),
-                caption: "The same prompts (one colour each) through every level (one dash style each; the reference is the thick line), projected on the reference run's principal components.".into(),
+                caption: format!(
+                    "The same prompts (one colour each) through every level (one dash style each; the reference is the thick line), projected on the reference run's principal components.{}",
+                    if rv.n_prompts() > MAX_OVERLAY {
+                        format!(
+                            " Only the first {MAX_OVERLAY} of the {} prompts are drawn (more would be unreadable); the drift table and the CSVs cover all of them.",
+                            rv.n_prompts()
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
                 plot: overlay,
             },
         ],

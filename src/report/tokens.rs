@@ -49,6 +49,7 @@ pub fn section(v: &RunView) -> anyhow::Result<Option<Section>> {
     let range = super::robust_range(z.iter().flatten());
     let mut hm = HeatMap::new(labels, ys, z)
         .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+        .color_bar(plotly::common::ColorBar::new().title(Title::with_text("relative step")))
         .name("relative step");
     if let Some(r) = range {
         hm = hm.zmin(r.lo).zmax(r.hi);

@@ -94,7 +94,14 @@ pub fn section(v: &RunView) -> Section {
                     .y_axis(Axis::new().title(Title::with_text(var_label(v, 1))))
                     .z_axis(Axis::new().title(Title::with_text(var_label(v, 2))))
                     // Equal scales on the three axes: a cube would stretch PC3 to PC1's size.
-                    .aspect_mode(plotly::layout::AspectMode::Data),
+                    .aspect_mode(plotly::layout::AspectMode::Data)
+                    // Farther out and a little lower than plotly's default view, which cut the
+                    // lowest tick labels and the cube's near corner off at the bottom.
+                    .camera(
+                        plotly::layout::Camera::new()
+                            .eye((1.55, 1.55, 1.1).into())
+                            .center((0.0, 0.0, -0.12).into()),
+                    ),
             )
             .legend(plotly::layout::Legend::new().title(Title::with_text("label"))),
     );

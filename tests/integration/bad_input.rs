@@ -738,9 +738,12 @@ fn an_abort_inside_llama_cpp_leaves_nothing_behind() {
     let w = work.path();
     let m = smol_path();
     let m = s(&m);
+    // compare refuses one model given twice: a second model.
+    let g = model_path(GEMMA).unwrap();
+    let g = s(&g);
     let cases: [&[&str]; 3] = [
         &["trace", "-m", m, "-p", "hi", "-o", "run"],
-        &["compare", "-m", m, "-m", m, "-p", "hi", "-o", "cmp"],
+        &["compare", "-m", m, "-m", g, "-p", "hi", "-o", "cmp"],
         &[
             "patch",
             "-m",
@@ -1113,7 +1116,13 @@ fn outputs_are_never_lost() {
         &["trace", "-m", m, "-p", "x", "-o", "annotated", "--force"],
         "holds files gguf-trace did not write (notes.txt)",
     );
-    fails(w, &["trace", "-m", m, "-p", "x", "-o", "thesis"], "--force");
+    // Without --force the refusal is already the one --force would give: never "pass --force"
+    // for a folder --force cannot replace.
+    fails(
+        w,
+        &["trace", "-m", m, "-p", "x", "-o", "thesis"],
+        "not a gguf-trace run directory",
+    );
     fails(
         w,
         &["trace", "-m", m, "-p", "x", "-o", "thesis", "--force"],
@@ -1162,7 +1171,7 @@ fn outputs_are_never_lost() {
     fails(
         w,
         &["report", "run", "-o", "run/run.json"],
-        "already exists",
+        "not a gguf-trace report",
     );
     fails(
         w,
@@ -1184,7 +1193,7 @@ fn outputs_are_never_lost() {
     fails(
         w,
         &["report", "run", "-o", "r.html"],
-        "r.metrics.csv already exists",
+        "r.metrics.csv exists and is not",
     );
     fails(
         w,
@@ -1204,7 +1213,7 @@ fn outputs_are_never_lost() {
             "-o",
             "model.gguf",
         ],
-        "already exists",
+        "not a control-vector GGUF",
     );
     fails(
         w,
@@ -1239,7 +1248,7 @@ fn outputs_are_never_lost() {
     fails(
         w,
         &["quantize", "model.gguf", "--type", "q8_0", "-o", "ladder"],
-        "already exists",
+        "not a GGUF file",
     );
     fails(
         w,
@@ -1360,8 +1369,13 @@ fn outputs_are_never_lost() {
 fn a_failed_compare_keeps_the_previous_output() {
     let m = smol_path();
     let m = s(&m);
+    let g = model_path(GEMMA).unwrap();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
+    // A second model that is not the same file (compare refuses one file given twice).
+    let m2 = w.join("second.gguf");
+    std::fs::copy(m, &m2).unwrap();
+    let m2 = s(&m2);
     ok(
         w,
         &[
@@ -1369,7 +1383,7 @@ fn a_failed_compare_keeps_the_previous_output() {
             "-m",
             m,
             "-m",
-            m,
+            s(&g),
             "-p",
             "Hello there",
             "-o",
@@ -1452,7 +1466,7 @@ fn a_failed_compare_keeps_the_previous_output() {
             "-m",
             m,
             "-m",
-            m,
+            m2,
             "-p",
             "Hello there",
             "-o",
@@ -1462,7 +1476,7 @@ fn a_failed_compare_keeps_the_previous_output() {
     ok(
         w,
         &[
-            "compare", "-m", m, "-m", m, "-p", "Hi", "-o", "cmp", "--force",
+            "compare", "-m", m, "-m", m2, "-p", "Hi", "-o", "cmp", "--force",
         ],
     );
 }

@@ -17,10 +17,14 @@ use gguf_trace::llama::context::{Batch, Context, ContextParams};
 use gguf_trace::llama::gguf::Gguf;
 use ndarray::s;
 
-/// Largest relative L2 change of a state vector allowed by a change of batch layout.
+/// Largest relative L2 change of a state vector allowed by a change of batch layout. Gemma-3's
+/// is llama.cpp's own rounding, and it depends on how llama.cpp was compiled: 3.4% measured in
+/// the release build (bound 5%), 6.8% (ubatch 7 vs 512) in `scripts/test-asserts`' build with C
+/// assertions on, at the same -O3 (bound 8% there; the script sets GGUF_TRACE_ASSERTS_BUILD).
 fn layout_tol(model: &gguf_trace::llama::model::Model) -> f32 {
     match model.meta("general.architecture").as_deref() {
         Some("llama") => 1e-5,
+        _ if std::env::var_os("GGUF_TRACE_ASSERTS_BUILD").is_some() => 8e-2,
         _ => 5e-2,
     }
 }

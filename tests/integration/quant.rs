@@ -265,7 +265,7 @@ fn different_models_get_a_side_by_side_report_with_a_note() {
         *lines.last().unwrap(),
         out.join("report.html").display().to_string()
     );
-    // Both forms at once is refused: one way to give the models per command line.
+    // Both forms at once is refused with the fix: one way to give the models per command line.
     let o = run_bin(&[
         "compare",
         s(&smol),
@@ -277,7 +277,24 @@ fn different_models_get_a_side_by_side_report_with_a_note() {
         s(&dir.path().join("no")),
     ]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give the models either as arguments"));
+    // The same model twice is refused: it would be compared with itself.
+    let o = run_bin(&[
+        "compare",
+        s(&smol),
+        s(&smol),
+        "-p",
+        "x",
+        "-o",
+        s(&dir.path().join("no")),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is given twice (models 1 and 2)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dir.path().join("no").exists());
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(
         html.contains("No quantization-drift section"),
@@ -416,7 +433,8 @@ fn same_model_runs_are_overlaid_without_a_drift_note() {
     }
     ok(dir.path(), &["report", "a", "b", "-o", "r.html"]);
     let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
-    assert!(html.contains("Models compared"));
+    // Two runs of one model file are runs, not models.
+    assert!(html.contains("Runs compared") && !html.contains("Models compared"));
     assert!(
         !html.contains("No quantization-drift section"),
         "no error-like note"

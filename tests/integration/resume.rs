@@ -259,16 +259,21 @@ fn resume_repairs_a_damaged_interrupted_trace() {
 #[test]
 fn compare_resumes() {
     let m = model_path(SMOL).unwrap();
-    let m = s(&m);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
+    // The same model under a second path (compare refuses one file given twice); same stem, so
+    // its run is numbered "-1".
+    let m2 = w.join("copy").join(m.file_name().unwrap());
+    std::fs::create_dir(w.join("copy")).unwrap();
+    std::fs::copy(&m, &m2).unwrap();
+    let (m, m2) = (s(&m), s(&m2));
     prompts(w, "p.txt", N);
     let a = [
         "compare",
         "-m",
         m,
         "-m",
-        m,
+        m2,
         "-f",
         "p.txt",
         "--generate",

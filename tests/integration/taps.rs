@@ -267,6 +267,10 @@ fn taps_through_the_cli_run_format_2_and_every_reader() {
     ok(w, &["report", "run", "-o", "report.html"]);
     // compare takes the same settings record: its runs hold the taps.
     let smol = model_path(SMOL).unwrap();
+    // The same model under a second path (compare refuses one file given twice).
+    let copy = w.join("copy").join(smol.file_name().unwrap());
+    std::fs::create_dir(w.join("copy")).unwrap();
+    std::fs::copy(&smol, &copy).unwrap();
     ok(
         w,
         &[
@@ -274,7 +278,7 @@ fn taps_through_the_cli_run_format_2_and_every_reader() {
             "-m",
             s(&smol),
             "-m",
-            s(&smol),
+            s(&copy),
             "-p",
             "Paris is the capital of",
             "--taps",
