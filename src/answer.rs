@@ -162,6 +162,38 @@ pub struct Answer<'a> {
     pub generated: &'a str,
 }
 
+impl<'a> Answer<'a> {
+    /// A prompt's answer as its run.json records it.
+    pub fn of(p: &'a crate::run::PromptRecord) -> Self {
+        Answer {
+            id: &p.id,
+            label: p.label.as_deref(),
+            text: &p.text,
+            top: &p.top,
+            generated: &p.generated_text,
+        }
+    }
+}
+
+/// Columns of the terminal on stdout (100 when it is not one).
+pub fn terminal_width() -> usize {
+    console::Term::stdout()
+        .size_checked()
+        .map(|(_, w)| w as usize)
+        .unwrap_or(100)
+}
+
+/// Width of the id column: the widest of the first [`MAX_PRINTED`] ids, within 2..=16.
+fn id_width(answers: &[Answer]) -> usize {
+    answers
+        .iter()
+        .take(MAX_PRINTED)
+        .map(|a| measure(&visible_text(a.id)))
+        .max()
+        .unwrap_or(2)
+        .clamp(2, 16)
+}
+
 /// At most this many prompts are printed in full; beyond it the first ones and a count.
 pub const MAX_PRINTED: usize = 40;
 /// Up to this many prompts, each gets a block of lines; beyond it, one line each.
@@ -207,13 +239,7 @@ pub fn print(
         return Ok(());
     }
     let any_generated = answers.iter().any(|a| !a.generated.is_empty());
-    let id_w = answers
-        .iter()
-        .take(MAX_PRINTED)
-        .map(|a| measure(&visible_text(a.id)))
-        .max()
-        .unwrap_or(2)
-        .clamp(2, 16);
+    let id_w = id_width(answers);
     let prompt_w = (width / 4).clamp(16, 36);
     let rest = width - id_w - prompt_w - 6;
     let top_w = if any_generated { rest * 3 / 5 } else { rest };
@@ -269,15 +295,7 @@ pub fn print_compare(
 ) -> std::io::Result<()> {
     let width = width.max(60);
     let n = answers.iter().map(|a| a.len()).min().unwrap_or(0);
-    let id_w = answers
-        .first()
-        .into_iter()
-        .flatten()
-        .take(MAX_PRINTED)
-        .map(|a| measure(&visible_text(a.id)))
-        .max()
-        .unwrap_or(2)
-        .clamp(2, 16);
+    let id_w = answers.first().map(|a| id_width(a)).unwrap_or(2);
     let prompt_w = (width / 4).clamp(12, 28);
     let col = (width.saturating_sub(id_w + prompt_w + 2) / models.len().max(1)).clamp(12, 40) - 2;
     let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(measure(s))));

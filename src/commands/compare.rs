@@ -261,26 +261,16 @@ fn print_answers(args: &CompareArgs, out: &mut dyn Write) -> Result<()> {
             r.manifest
                 .prompts
                 .iter()
-                .map(|p| crate::answer::Answer {
-                    id: &p.id,
-                    label: p.label.as_deref(),
-                    text: &p.text,
-                    top: &p.top,
-                    generated: &p.generated_text,
-                })
+                .map(crate::answer::Answer::of)
                 .collect()
         })
         .collect();
-    let width = console::Term::stdout()
-        .size_checked()
-        .map(|(_, w)| w as usize)
-        .unwrap_or(100);
     let csv = args.output.join("report.answers.csv");
     crate::answer::print_compare(
         out,
         &names,
         &answers,
-        width,
+        crate::answer::terminal_width(),
         &format!("see {}", csv.display()),
     )?;
     Ok(())

@@ -318,20 +318,15 @@ fn print_answers(dir: &Path, out: &mut dyn Write) -> Result<()> {
         .manifest
         .prompts
         .iter()
-        .map(|p| crate::answer::Answer {
-            id: &p.id,
-            label: p.label.as_deref(),
-            text: &p.text,
-            top: &p.top,
-            generated: &p.generated_text,
-        })
+        .map(crate::answer::Answer::of)
         .collect();
-    let width = console::Term::stdout()
-        .size_checked()
-        .map(|(_, w)| w as usize)
-        .unwrap_or(100);
     let run_json = dir.join("run.json");
-    crate::answer::print(out, &answers, width, &display_path(&run_json))?;
+    crate::answer::print(
+        out,
+        &answers,
+        crate::answer::terminal_width(),
+        &display_path(&run_json),
+    )?;
     Ok(())
 }
 /// Run a trace plan in the steps a reader can name: check what needs no model, load, prepare the

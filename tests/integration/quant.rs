@@ -152,14 +152,8 @@ fn ladder_drift_and_kl_order_by_precision() {
         assert!(html.contains(&line), "no {line:?}");
     }
     assert!(html.contains("Quantization drift"));
-    // Each per-run view once, with a tab per level (five levels), not five repeated sections.
-    let nav = html
-        .split("<nav>")
-        .nth(1)
-        .unwrap()
-        .split("</nav>")
-        .next()
-        .unwrap();
+    // Each per-run view once, with a tab per level, not one repeated section per level.
+    let nav = crate::report::nav(&html);
     for view in ["Trajectories", "Per-point geometry", "Per token"] {
         assert_eq!(
             nav.matches(&format!(">{view}</a>")).count(),

@@ -284,13 +284,7 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
         "the contrast's reading"
     );
     // Two runs: each per-run view is one section with a tab per run that has it.
-    let nav = html
-        .split("<nav>")
-        .nth(1)
-        .unwrap()
-        .split("</nav>")
-        .next()
-        .unwrap();
+    let nav = nav(&html);
     assert_eq!(nav.matches(">Trajectories</a>").count(), 1, "{nav}");
     assert!(!nav.contains("funnel — "), "no per-run copies: {nav}");
     assert_eq!(
@@ -303,6 +297,16 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
         "per-token colour scale stated"
     );
     assert_page_reads_well(&report, &shot_path(dir.path(), "report"));
+}
+
+/// A page's table of contents (its `<nav>`): one link per section.
+pub(crate) fn nav(html: &str) -> &str {
+    html.split("<nav>")
+        .nth(1)
+        .expect("the page has a <nav>")
+        .split("</nav>")
+        .next()
+        .unwrap()
 }
 
 /// Where a page test saves its screenshot: beside the page, or into `$GGUF_TRACE_SHOTS/NAME.png`
