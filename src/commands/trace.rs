@@ -1029,7 +1029,7 @@ fn write_run(
             allow_nonfinite: opts.capture.allow_nonfinite,
             rpc: opts.capture.rpc().0.clone(),
             tensor_split: opts.capture.rpc().1.clone(),
-            cpu_repack: !opts.capture.no_repack,
+            cpu_repack: !opts.capture.no_repack && crate::llama::backend::cpu_repack_usable(),
             cache_type: opts.capture.cache_type,
             ablation: opts.ablation.as_ref().map(|a| run::AblationSettings {
                 // Absolute, so a report run from elsewhere finds the direction.

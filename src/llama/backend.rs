@@ -235,6 +235,30 @@ pub fn system_info() -> String {
         .to_string()
 }
 
+/// Whether this llama.cpp was compiled with its AMX path (`AMX_INT8 = 1` in the system info).
+/// That path crashes inside `ggml_backend_amx_mul_mat` on `llama_decode` (llama.cpp issue
+/// #20824); the project's build leaves it out (`.cargo/config.toml`), and a build that has it
+/// anyway (other compiler flags) loads models without the CPU's extra buffer types, AMX's among
+/// them ([`cpu_repack_usable`]).
+pub fn amx_compiled() -> bool {
+    system_info().contains("AMX_INT8 = 1")
+}
+
+/// Whether the CPU backend may repack weights into its extra buffer types (`use_extra_bufts`):
+/// false where they include the AMX one ([`amx_compiled`]). Says so once on stderr when false.
+pub fn cpu_repack_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let amx = amx_compiled();
+        if amx {
+            eprintln!(
+                "note: this llama.cpp was built with its AMX path, which crashes on this CPU: weights are not repacked (as with --no-repack). Build gguf-trace from its repository (its .cargo/config.toml leaves AMX out) for the repacked kernels"
+            );
+        }
+        !amx
+    })
+}
+
 /// The compute devices llama.cpp can use (name: description), CPU included.
 pub fn devices() -> Vec<String> {
     // SAFETY: device enumeration is valid after backend init; indices are in range; the returned
@@ -314,6 +338,17 @@ pub fn with_single_threaded_blas<T>(f: impl FnOnce() -> T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The build leaves llama.cpp's AMX path out (it crashes on AMX CPUs; see `amx_compiled`).
+    /// On a CPU with AMX, `-march=native` would compile it in: this fails if the flags in
+    /// .cargo/config.toml stop reaching llama.cpp's build. (On CPUs without AMX it cannot fail.)
+    #[test]
+    fn llama_cpp_is_built_without_its_amx_path() {
+        init();
+        let info = system_info();
+        assert!(!amx_compiled(), "llama.cpp was built with AMX: {info}");
+        assert!(cpu_repack_usable());
+    }
 
     fn threads() -> std::os::raw::c_int {
         // SAFETY: a plain getter of OpenBLAS's global thread count.

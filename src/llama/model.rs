@@ -90,7 +90,7 @@ impl Model {
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.n_gpu_layers;
         params.vocab_only = opts.vocab_only;
-        params.use_extra_bufts = opts.cpu_repack;
+        params.use_extra_bufts = opts.cpu_repack && backend::cpu_repack_usable();
         if !opts.use_mmap {
             params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         }
