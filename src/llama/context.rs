@@ -116,6 +116,17 @@ struct CaptureState {
     wanted_out: Vec<bool>,
     /// Index of the slot of the last block's output (point n_layer), if kept.
     last_slot: Option<usize>,
+    /// Whether the last block's output holds one row per output (llama.cpp selects the output
+    /// rows inside the last block, as most architectures' graphs do) rather than one per batch
+    /// token (gpt-oss and cohere2moe select them after it). Structural: read off the first
+    /// graph's check (the node `l_out-{n_layer-1}` computed from the selection or not); true
+    /// until then.
+    last_out_rows: bool,
+    /// Per batch token of the current decode: its number among the decode's outputs.
+    out_index: Vec<Option<usize>>,
+    /// Where the last block's output holds every token's row: the batch tokens its tensor has
+    /// delivered so far in this decode, to the copy (0) and to the edit (1).
+    last_tokens: [usize; 2],
     /// Bytes copied from backend tensors since the context was created.
     bytes_read: u64,
     error: Option<String>,
@@ -267,6 +278,13 @@ impl CaptureState {
         let n = self.n_embd;
         let row_bytes = n * 4;
         let first = self.rows_edited[point];
+        // The last block's output with every token's row: edits are numbered by output (as
+        // where llama.cpp selected the output rows); rows of other tokens reach no output.
+        let by_token = (point + 1 == self.slot_of_point.len() && !self.last_out_rows).then(|| {
+            let t0 = self.last_tokens[1];
+            self.last_tokens[1] += ne1;
+            t0
+        });
         // Packed rows move in one transfer each way (a device copy on a GPU or RPC backend);
         // strided rows one by one.
         let step = if nb1 == row_bytes { ne1 } else { 1 };
@@ -286,7 +304,14 @@ impl CaptureState {
             }
             let mut changed = false;
             for (k, row) in buf[..n * rows].chunks_exact_mut(n).enumerate() {
-                changed |= edit.apply(first + r + k, row);
+                let i = match by_token {
+                    Some(t0) => match self.out_index.get(t0 + r + k).copied().flatten() {
+                        Some(o) => o,
+                        None => continue,
+                    },
+                    None => first + r + k,
+                };
+                changed |= edit.apply(i, row);
             }
             if changed {
                 // SAFETY: raw is the callback's own mutable tensor pointer, live until the callback
@@ -304,7 +329,17 @@ impl CaptureState {
             r += rows;
         }
         self.edits[point] = Some(edit);
-        self.rows_edited[point] += ne1;
+        self.rows_edited[point] += match by_token {
+            Some(t0) => self.outputs_among(t0, ne1),
+            None => ne1,
+        };
+    }
+
+    /// How many of the batch tokens `t0..t0 + n` of the current decode are outputs.
+    fn outputs_among(&self, t0: usize, n: usize) -> usize {
+        (t0..t0 + n)
+            .filter(|&i| self.out_index.get(i).copied().flatten().is_some())
+            .count()
     }
 
     /// Copy a computed tensor's rows.
@@ -320,8 +355,9 @@ impl CaptureState {
                 return;
             }
         }
+        let last = Some(slot) == self.last_slot;
         let (ne0, out_rows, kind) = match slot.checked_sub(self.n_point_slots) {
-            None => (self.n_embd, Some(slot) == self.last_slot, (false, false)),
+            None => (self.n_embd, last, (false, false)),
             Some(k) => {
                 let l = &self.locators[k];
                 (l.width, l.out_rows, (l.flat, l.int))
@@ -332,14 +368,34 @@ impl CaptureState {
         };
         // Only the rows the caller stores are read from the backend (on a GPU or an RPC server
         // each read is a transfer): maximal runs of wanted rows, one get per run.
+        // The last block's output with every token's row (`last_out_rows` false): only output
+        // rows are counted and copied, numbered as outputs, as where llama.cpp selected them.
+        let by_token = (last && !self.last_out_rows).then(|| {
+            let t0 = self.last_tokens[0];
+            self.last_tokens[0] += ne1;
+            t0
+        });
         let first = self.seen[slot];
-        self.seen[slot] += ne1;
+        self.seen[slot] += match by_token {
+            Some(t0) => self.outputs_among(t0, ne1),
+            None => ne1,
+        };
         let wanted = if out_rows {
             &self.wanted_out
         } else {
             &self.wanted
         };
-        let want = |r: usize| wanted.is_empty() || wanted.get(first + r).copied().unwrap_or(false);
+        let out_index = &self.out_index;
+        let want = |r: usize| {
+            let i = match by_token {
+                Some(t0) => match out_index.get(t0 + r).copied().flatten() {
+                    Some(o) => o,
+                    None => return false,
+                },
+                None => first + r,
+            };
+            wanted.is_empty() || wanted.get(i).copied().unwrap_or(false)
+        };
         let row_bytes = ne0 * 4;
         let rows = &mut self.rows[slot];
         let mut r = 0;
@@ -1238,6 +1294,7 @@ impl CaptureState {
             Ok(Some(block)) => {
                 self.blocks_checked = self.blocks_checked.max(block + 1);
                 if block + 1 == check.n_layer {
+                    self.last_out_rows = check.nodes.last().is_none_or(|n| n.out_rows);
                     let found = std::mem::take(&mut check.found);
                     self.check = None;
                     self.locators.clear();
@@ -1494,6 +1551,9 @@ impl<'m> Context<'m> {
                 wanted: Vec::new(),
                 wanted_out: Vec::new(),
                 last_slot,
+                last_out_rows: true,
+                out_index: Vec::new(),
+                last_tokens: [0; 2],
                 bytes_read: 0,
                 error: None,
                 check: Some(GraphCheck::new(spec)),
@@ -1636,6 +1696,7 @@ impl<'m> Context<'m> {
             st.rows.iter_mut().for_each(Vec::clear);
             st.seen.iter_mut().for_each(|n| *n = 0);
             st.rows_edited.iter_mut().for_each(|n| *n = 0);
+            st.last_tokens = [0; 2];
             st.error = None;
             st.cur_block = 0;
             st.counts.iter_mut().for_each(|c| *c = 0);
@@ -1658,6 +1719,16 @@ impl<'m> Context<'m> {
                 got: n_out,
                 max: self.n_outputs_max,
             });
+        }
+        if let Some(st) = self.state_mut() {
+            st.out_index.clear();
+            let mut k = 0;
+            st.out_index.extend(outputs.iter().map(|&o| {
+                o.then(|| {
+                    k += 1;
+                    k - 1
+                })
+            }));
         }
         let rc = {
             let _watch = super::rpc::arm();
