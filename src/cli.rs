@@ -451,6 +451,24 @@ pub struct TraceArgs {
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub lens_k: usize,
 
+    /// Direct logit attribution: split each prompt's logit of the answer (the model's top-1 next
+    /// token, or --target) into what the embedding and every block's attention and MLP wrote into
+    /// the residual stream, checked against the model's own logit (run.json
+    /// prompts[].attribution; a section of the report). Captures the attn_out and mlp_out taps
+    #[arg(long)]
+    pub attribution: bool,
+
+    /// With --attribution: the token whose logit is split (one token of the model, with its
+    /// leading space where words have one, e.g. " Paris"); a .jsonl prompt's "target" field
+    /// overrides it. Default: each prompt's own top-1 next token
+    #[arg(long, value_name = "TOKEN", requires = "attribution")]
+    pub target: Option<String>,
+
+    /// With --attribution: split the target − foil logit difference instead (e.g. --target " Paris"
+    /// --foil " London"); a .jsonl prompt's "foil" field overrides it
+    #[arg(long, value_name = "TOKEN", requires = "attribution")]
+    pub foil: Option<String>,
+
     /// Steer with a llama.cpp control-vector GGUF (repeatable; files are summed), e.g. one written
     /// by `gguf-trace direction`.
     #[arg(long = "control-vector", value_name = "FILE")]

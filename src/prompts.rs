@@ -1,4 +1,5 @@
-//! Prompt sources: `-p TEXT` and prompt files (`.txt` one per line, `.jsonl` with text/label/id).
+//! Prompt sources: `-p TEXT` and prompt files (`.txt` one per line, `.jsonl` with text/label/id and
+//! the target/foil tokens of `--attribution`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +11,10 @@ pub struct Prompt {
     pub text: String,
     /// Where it came from, for messages: "-p #2", "prompts/x.txt:7".
     pub source: String,
+    /// The token whose logit `--attribution` decomposes (a .jsonl `target` field).
+    pub target: Option<String>,
+    /// The token whose logit is subtracted from the target's (a .jsonl `foil` field).
+    pub foil: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +81,8 @@ pub fn collect(texts: &[String], files: &[impl AsRef<Path>]) -> Result<Vec<Promp
             label: None,
             text: t.clone(),
             source,
+            target: None,
+            foil: None,
         });
     }
     for f in files {
@@ -126,6 +133,8 @@ pub fn load_file(path: &Path) -> Result<Vec<Prompt>, PromptError> {
                     label: Some(stem.clone()),
                     text: t.to_string(),
                     source: format!("{name}:{}", i + 1),
+                    target: None,
+                    foil: None,
                 });
             }
         }
@@ -159,6 +168,8 @@ pub fn load_file(path: &Path) -> Result<Vec<Prompt>, PromptError> {
                     id: field("id")?.unwrap_or_else(|| format!("{stem}:{}", i + 1)),
                     label: field("label")?.or_else(|| Some(stem.clone())),
                     text: text.to_string(),
+                    target: field("target")?,
+                    foil: field("foil")?,
                     source: src,
                 });
             }

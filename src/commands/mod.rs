@@ -1,5 +1,6 @@
 //! The commands behind the CLI: option validation, progress output, and calls into the library.
 
+pub mod attribute;
 pub mod compare;
 pub mod direction;
 pub mod generate;

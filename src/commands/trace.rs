@@ -117,6 +117,8 @@ pub struct TraceOptions {
     pub force: bool,
     pub use_mmap: bool,
     pub lens: Option<LensOptions>,
+    /// `--attribution`: direct logit attribution of each prompt's answer.
+    pub attribution: Option<super::attribute::AttributionOptions>,
     pub steering: Option<Steering>,
     /// Continue an interrupted trace of the same output (see [`RunWriter::open`]).
     pub resume: bool,
@@ -146,6 +148,7 @@ impl TraceOptions {
             force: false,
             use_mmap: true,
             lens: None,
+            attribution: None,
             steering: None,
             resume: false,
             shown_as: None,
@@ -182,6 +185,14 @@ impl TraceOptions {
             bail!("--patch-from needs --patch-points (which points to patch)");
         }
         let mut capture = a.capture.clone();
+        if a.attribution {
+            // The attribution reads what attention and the MLP add to the residual stream.
+            for t in super::attribute::TAPS {
+                if !capture.taps.contains(&t) {
+                    capture.taps.push(t);
+                }
+            }
+        }
         capture.validate()?;
         let o = TraceOptions {
             capture,
@@ -190,6 +201,10 @@ impl TraceOptions {
             lens: a.lens.then_some(LensOptions {
                 all: a.lens_all,
                 k: a.lens_k,
+            }),
+            attribution: a.attribution.then(|| super::attribute::AttributionOptions {
+                target: a.target.clone(),
+                foil: a.foil.clone(),
             }),
             steering: (!a.control_vectors.is_empty()).then(|| Steering {
                 files: a.control_vectors.clone(),
@@ -224,6 +239,21 @@ impl TraceOptions {
         if let Some(l) = &self.lens {
             if l.k == 0 {
                 bail!("--lens-k 0: the lens needs at least one top token per point");
+            }
+        }
+        if self.attribution.is_some() {
+            let taps = self.capture.block_taps();
+            if let Some(t) = super::attribute::TAPS.iter().find(|t| !taps.contains(t)) {
+                bail!("--attribution reads the {t} tap: add it to --taps");
+            }
+            for (on, flag) in [
+                (self.steering.is_some(), "--control-vector"),
+                (self.ablation.is_some(), "--ablate"),
+                (self.patching.is_some(), "--patch-from"),
+            ] {
+                if on {
+                    bail!("--attribution splits the residual stream the blocks wrote, and {flag} edits it between blocks: trace the attribution without {flag}");
+                }
             }
         }
         if let Some(st) = &self.steering {
@@ -327,6 +357,9 @@ fn print_answers(dir: &Path, out: &mut dyn Write) -> Result<()> {
         crate::answer::terminal_width(),
         &display_path(&run_json),
     )?;
+    if let Some(line) = super::attribute::summary(&run.manifest) {
+        writeln!(out, "{line}")?;
+    }
     Ok(())
 }
 /// Run a trace plan in the steps a reader can name: check what needs no model, load, prepare the
@@ -373,6 +406,21 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     }
     let patch = open_patch(opts.patching.as_ref(), &loaded, &token_lists, &ablated)?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
+    let mut attribution = match &opts.attribution {
+        None => None,
+        Some(_) if loaded.points.len() != model.n_layer() + 1 => {
+            bail!("--attribution reads every block's output and the last point: drop --points")
+        }
+        Some(a) => Some(super::attribute::AttributionState::open(
+            a,
+            &opts.model,
+            &loaded.gguf,
+            model,
+            &taps,
+            &prepared.iter().map(|p| &p.prompt).collect::<Vec<_>>(),
+            cfg.threads,
+        )?),
+    };
     let plan = plan_fingerprint(opts, &cfg, &prepared)?;
     if opts.resume {
         if let Ok(done) = crate::run::Run::open(&opts.output) {
@@ -423,6 +471,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         &prepared,
         &token_lists,
         lens.as_mut(),
+        attribution.as_mut(),
         patch.as_ref(),
     )?;
     if let Some(p) = &patch {
@@ -450,6 +499,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
         writer,
         records,
         lens,
+        attribution.as_ref(),
         Applied {
             control_points,
             ablated,
@@ -776,6 +826,7 @@ fn trace_prompts(
     prepared: &[Prepared],
     token_lists: &[Vec<i32>],
     mut lens: Option<&mut LensState>,
+    mut attribution: Option<&mut super::attribute::AttributionState>,
     patch: Option<&PatchPlan>,
 ) -> Result<(RunWriter, Vec<PromptRecord>, usize)> {
     let (model, points) = (&loaded.model, &loaded.points);
@@ -845,7 +896,12 @@ fn trace_prompts(
             if let Some(l) = lens.as_mut() {
                 lens_entry = l.add(&t, points, model)?;
             }
+            let attributed = match attribution.as_mut() {
+                Some(a) => Some(a.add(&t, &p.prompt, model)?),
+                None => None,
+            };
             let record = PromptRecord {
+                attribution: attributed,
                 index: t.index,
                 id: p.prompt.id.clone(),
                 label: p.prompt.label.clone(),
@@ -920,6 +976,7 @@ fn write_run(
     writer: RunWriter,
     records: Vec<PromptRecord>,
     lens: Option<LensState>,
+    attribution: Option<&super::attribute::AttributionState>,
     applied: Applied,
     sha: String,
     timings: Timings,
@@ -982,7 +1039,26 @@ fn write_run(
             })
         }
     };
+    let attribution = attribution.map(|a| {
+        let info = a.info(
+            &records
+                .iter()
+                .filter_map(|r| r.attribution.as_ref())
+                .collect::<Vec<_>>(),
+        );
+        if !info.valid {
+            eprintln!(
+                "warning: the attribution's shares do not add up to this model's own logits (largest residual {:.1e} of the shares' spread, tolerance {:.0e}; components rebuild the residual to {:.1e}, tolerance {:.0e}); marked invalid and not drawn",
+                info.max_relative_residual,
+                info.residual_tolerance,
+                info.max_unexplained,
+                info.unexplained_tolerance
+            );
+        }
+        info
+    });
     let manifest = Manifest {
+        attribution,
         schema_version: run::SCHEMA_VERSION,
         complete: false,
         tool: env!("CARGO_PKG_NAME").into(),
@@ -1110,6 +1186,7 @@ fn plan_fingerprint(
         "chat": opts.input.chat,
         "system": opts.input.system,
         "lens": opts.lens.as_ref().map(|l| (l.all, l.k)),
+        "attribution": opts.attribution.as_ref().map(|a| (&a.target, &a.foil)),
         "steering": opts.steering.as_ref().map(|s| (
             s.files.iter().map(|f| crate::model_hash::stamp(f).ok()).collect::<Vec<_>>(),
             s.scale,
@@ -1117,6 +1194,7 @@ fn plan_fingerprint(
         )),
         "prompts": prepared.iter().map(|p| (
             &p.prompt.id, &p.prompt.label, &p.prompt.text, &p.rendered, &p.tokens,
+            &p.prompt.target, &p.prompt.foil,
         )).collect::<Vec<_>>(),
     });
     Ok(crate::model_hash::hex_sha256(value.to_string().as_bytes()))

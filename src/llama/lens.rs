@@ -88,6 +88,115 @@ unsafe fn read_into(
     f.read_exact(buf).map_err(io)
 }
 
+/// Rows `ids` of the 2-D tensor `w` (`width` values per row, any ggml type) as float32,
+/// `[ids.len(), width]` row-major: ggml's own `get_rows`, which dequantizes.
+///
+/// # Safety
+/// `w` is a live 2-D tensor with `width` elements per row whose data is in host memory, and every
+/// id is a row of it.
+unsafe fn rows_f32(
+    w: *mut sys::ggml_tensor,
+    width: usize,
+    ids: &[i32],
+    threads: i32,
+) -> Result<Vec<f32>, LensError> {
+    let n = ids.len();
+    // SAFETY: pure size queries.
+    let mem = n * width * 4
+        + n * 4
+        + unsafe { sys::ggml_graph_overhead() + 8 * sys::ggml_tensor_overhead() }
+        + (1 << 20);
+    // SAFETY: a scratch context for this call, freed before returning.
+    let ctx = unsafe {
+        sys::ggml_init(sys::ggml_init_params {
+            mem_size: mem,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: false,
+        })
+    };
+    let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
+    // SAFETY: `idx` is an I32 tensor of n elements created in ctx and filled from `ids` (rows of
+    // w, per the caller); w is live with host data (the caller); get_rows yields an F32
+    // [width, n] tensor in ctx, copied out before ctx is freed.
+    let result = unsafe {
+        let c = ctx.as_ptr();
+        let idx = sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, n as i64);
+        std::ptr::copy_nonoverlapping(ids.as_ptr(), sys::ggml_get_data(idx).cast::<i32>(), n);
+        let rows = sys::ggml_get_rows(c, w, idx);
+        let gf = sys::ggml_new_graph(c);
+        sys::ggml_build_forward_expand(gf, rows);
+        let status = sys::ggml_graph_compute_with_ctx(c, gf, threads);
+        if status != sys::GGML_STATUS_SUCCESS {
+            Err(LensError::Compute(status))
+        } else {
+            let mut v = vec![0f32; n * width];
+            std::ptr::copy_nonoverlapping(
+                sys::ggml_get_data(rows).cast::<f32>(),
+                v.as_mut_ptr(),
+                v.len(),
+            );
+            Ok(v)
+        }
+    };
+    // SAFETY: ctx is freed once; nothing created in it is used afterwards.
+    unsafe { sys::ggml_free(ctx.as_ptr()) };
+    result
+}
+
+/// The whole 2-D tensor `t` of the GGUF at `path` as float32 (`[ne1, ne0]` row-major: row k holds
+/// the `ne0` values of index k), dequantized by ggml's `get_rows` from the file's own bytes.
+pub fn dequantized(path: &Path, t: &TensorInfo, threads: i32) -> Result<Vec<f32>, LensError> {
+    let p = path.display().to_string();
+    let (ne0, ne1) = match t.shape.as_slice() {
+        [a, b] if *a > 0 && *b > 0 && t.ty_id < sys::GGML_TYPE_COUNT => (*a, *b),
+        _ => {
+            return Err(LensError::Shape(
+                p,
+                t.name.clone(),
+                format!("{} {:?}", t.ty, t.shape),
+            ))
+        }
+    };
+    // SAFETY: pure size query.
+    let mem = t.size + 2 * unsafe { sys::ggml_tensor_overhead() } + 1024;
+    // SAFETY: allocates a context owning `mem` bytes; null on failure (checked).
+    let ctx = unsafe {
+        sys::ggml_init(sys::ggml_init_params {
+            mem_size: mem,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: false,
+        })
+    };
+    let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
+    // SAFETY: the context has room for the tensor (sized from the file's size, checked against
+    // ggml's below); its data is read from the file before get_rows reads it; ids 0..ne1 are its
+    // rows.
+    let result = unsafe {
+        let g = sys::ggml_new_tensor_2d(ctx.as_ptr(), t.ty_id, ne0 as i64, ne1 as i64);
+        if g.is_null() {
+            Err(LensError::Alloc(t.size))
+        } else if sys::ggml_nbytes(g) != t.size {
+            Err(LensError::Io {
+                path: p,
+                name: t.name.clone(),
+                source: std::io::Error::other(format!(
+                    "size {} in the file, {} expected",
+                    t.size,
+                    sys::ggml_nbytes(g)
+                )),
+            })
+        } else {
+            read_into(path, t, sys::ggml_get_data(g), t.size).and_then(|()| {
+                let ids: Vec<i32> = (0..ne1 as i32).collect();
+                rows_f32(g, ne0, &ids, threads)
+            })
+        }
+    };
+    // SAFETY: freed once; nothing of ctx is used afterwards.
+    unsafe { sys::ggml_free(ctx.as_ptr()) };
+    result
+}
+
 impl LensHead {
     /// Load the final norm and the unembedding of the model at `path`.
     pub fn load(path: &Path, gguf: &Gguf, threads: i32) -> Result<LensHead, LensError> {
@@ -242,6 +351,51 @@ impl LensHead {
     /// Number of logits per state.
     pub fn n_vocab(&self) -> usize {
         self.n_vocab
+    }
+
+    /// The float32 values of one of this head's F32 vectors (`None` when the file has none).
+    fn vector(&self, t: Option<*mut sys::ggml_tensor>) -> Option<Vec<f32>> {
+        t.map(|t| {
+            // SAFETY: t is a live F32 tensor of self.ctx (its type was checked at load); its data
+            // holds ggml_nelements(t) contiguous floats.
+            unsafe {
+                let n = sys::ggml_nelements(t) as usize;
+                std::slice::from_raw_parts(sys::ggml_get_data(t).cast::<f32>(), n).to_vec()
+            }
+        })
+    }
+
+    /// What the attribution needs of the readout: the final norm's kind, epsilon, gain and bias,
+    /// the logit scale and soft-capping.
+    pub fn readout(&self) -> crate::analysis::attribution::Readout {
+        crate::analysis::attribution::Readout {
+            layer_norm: self.norm == Norm::Layer,
+            eps: self.eps,
+            gain: self.vector(self.w_norm),
+            bias: self.vector(self.b_norm),
+            logit_scale: self.logit_scale,
+            softcap: self.softcap,
+        }
+    }
+
+    /// The output bias of each token in `ids` (0 without `output.bias`).
+    pub fn output_bias(&self, ids: &[i32]) -> Vec<f32> {
+        match self.vector(self.b_out) {
+            Some(b) => ids.iter().map(|&i| b[i as usize]).collect(),
+            None => vec![0.0; ids.len()],
+        }
+    }
+
+    /// The unembedding rows of `ids` (`[ids.len(), n_embd]`, row-major), dequantized by ggml's
+    /// own `get_rows` from the file's tensor (no hand-written dequantization).
+    ///
+    /// # Panics
+    /// When an id is outside the vocabulary.
+    pub fn unembedding_rows(&self, ids: &[i32]) -> Result<Vec<f32>, LensError> {
+        assert!(ids.iter().all(|&i| i >= 0 && (i as usize) < self.n_vocab));
+        // SAFETY: w_out is this head's [n_embd, n_vocab] matrix, alive in self.ctx; the ids are
+        // in range (checked above).
+        unsafe { rows_f32(self.w_out, self.n_embd, ids, self.threads) }
     }
 
     /// Logits `[n_rows, n_vocab]` (row-major) of `n_rows` states `x` (`[n_rows, n_embd]`).

@@ -4,6 +4,7 @@
 //! template; `csv` writes the numbers beside the report.
 
 pub mod answers;
+pub mod attribution;
 pub mod contrast;
 pub mod csv_out;
 pub mod generation;
@@ -282,6 +283,7 @@ pub fn build(
         own.extend(groups::section(v));
         own.extend(contrast::section(v));
         own.extend(lens::section(v));
+        own.extend(attribution::section(v));
         own.extend(tokens::section(v)?);
         own.extend(generation::section(v)?);
         per_run.extend(own.into_iter().map(|s| (v.name.clone(), s)));

@@ -246,6 +246,9 @@ pub struct Manifest {
     /// Logit-lens settings and self-check (None without --lens).
     #[serde(default)]
     pub lens: Option<LensInfo>,
+    /// Direct logit attribution: its convention and self-check (None without --attribution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionInfo>,
     /// Fingerprint of the model file, the options and the prompts (what `--resume` matches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
@@ -266,6 +269,36 @@ pub struct LensInfo {
     pub tolerance: f64,
     /// False when the lens does not reproduce the model's own logits: its numbers must not be used.
     pub valid: bool,
+}
+
+/// How the direct logit attribution was computed, and whether its shares add up to the model's
+/// own logits (`prompts[].attribution` holds each prompt's shares).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttributionInfo {
+    pub convention: String,
+    pub output_tensor: String,
+    pub norm: String,
+    pub softcap: f32,
+    pub logit_scale: f32,
+    /// Largest |model logit − sum of shares| over prompts, relative to the sum of |shares|.
+    pub max_relative_residual: f64,
+    /// Largest |x − sum of components| / |x| over prompts.
+    pub max_unexplained: f64,
+    pub residual_tolerance: f64,
+    pub unexplained_tolerance: f64,
+    /// False when some prompt's shares do not add up within the tolerances: not to be used.
+    pub valid: bool,
+    /// Whether per-head shares were computed (`--taps z`).
+    #[serde(default)]
+    pub heads: bool,
+    /// Largest gap between a block's attention share and the sum of its heads' shares (and its
+    /// output bias's), relative to the prompt's Σ|share|.
+    #[serde(default)]
+    pub max_heads_gap: f64,
+    /// Whether the head shares add up to their blocks' (within the residual tolerance): false
+    /// where a block's attention output is not `W_O z + b` (a post-attention norm, Gemma 2/3).
+    #[serde(default)]
+    pub heads_valid: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -426,6 +459,10 @@ pub struct PromptRecord {
     /// point) was NaN or infinite — only in runs traced with `--allow-nonfinite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonfinite: Option<NonFinite>,
+    /// With `--attribution`: the target's logit split into the embedding's and each block's
+    /// attention and MLP shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<crate::analysis::attribution::PromptAttribution>,
 }
 
 /// Where a prompt first went non-finite.

@@ -96,6 +96,7 @@ pub fn write_with(
             rendered: format!("synthetic prompt {i}"),
             tokens: vec![1],
             nonfinite: None,
+            attribution: None,
             pieces: vec!["x".into()],
             n_prompt_tokens: 1,
             positions: vec![0],
@@ -176,6 +177,7 @@ pub fn write_with(
         timings: Timings::default(),
         plan: None,
         lens: None,
+        attribution: None,
     };
     w.finish(&manifest)?;
     Ok(())

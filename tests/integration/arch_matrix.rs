@@ -61,6 +61,11 @@ const ROUTER_ARCHS: &[&str] = &[
 /// Largest relative L2 error of mlp_out against W·neurons + b (float32 sums in llama.cpp against
 /// float64 here). Measured worst: 1.4e-7 (gpt_bigcode).
 const DOWN_TOLERANCE: f64 = 1e-6;
+
+/// Largest residual of the direct logit attribution on the matrix's F32 models, relative to the
+/// shares' spread Σ|share| (see the attribution check in `architecture_matrix`). Measured worst:
+/// 1.9e-7 over the 44 architectures whose attention and MLP outputs are captured.
+const DLA_TOLERANCE: f64 = 1e-6;
 /// Architectures whose MLP term is exactly its down projection: every traced one but those with a
 /// post-feed-forward norm (gemma2, gemma3, olmo2, olmo3, exaone4) or a residual scale (granite),
 /// and those whose neurons are refused (mixture of experts).
@@ -832,6 +837,106 @@ fn architecture_matrix() {
         }
     }
     assert!(tap_failures.is_empty(), "{}", tap_failures.join("\n"));
+
+    // Direct logit attribution (`trace --attribution`) on every architecture whose attention and
+    // MLP outputs were captured: the embedding's and every block's shares must add up to the
+    // model's own logit of its top-1 token. These models are F32, so llama.cpp does not round the
+    // normed state before the output matrix: the identity holds to float32 rounding
+    // (DLA_TOLERANCE, measured), far inside the tool's own bound for quantized files.
+    let mut dla_failures = Vec::new();
+    let mut dla_table = Vec::new();
+    let mut worst_last = 0f64;
+    for (key, (refused, traced)) in &tap_rows {
+        if traced.is_err() || refused.contains_key("attn_out") || refused.contains_key("mlp_out") {
+            continue;
+        }
+        let expect = MATRIX.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
+        let verified_arch = matches!(expect, Some(Verified | VerifiedGelu));
+        let out = work.path().join(format!("{key}-dla"));
+        let o = bin()
+            .args([
+                "trace",
+                "-m",
+                s(&dir.join(key).join("model.gguf")),
+                "-p",
+                PROMPT,
+            ])
+            .args([
+                "-o",
+                s(&out),
+                "--force",
+                "--positions",
+                "last",
+                "--attribution",
+            ])
+            .args(["--threads", "2", "--cache-type", "f32"])
+            .output()
+            .expect("binary runs");
+        let cell = if o.status.success() {
+            let run: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+            let info = &run["attribution"];
+            let rel = info["max_relative_residual"].as_f64().unwrap_or(f64::NAN);
+            let unexplained = info["max_unexplained"].as_f64().unwrap_or(f64::NAN);
+            let holds = info["valid"] == true && rel <= DLA_TOLERANCE;
+            // `--positions last` asks llama.cpp for one output row: some graphs select it inside
+            // the last block, others after it (gpt-oss, cohere2moe). Either way the states are
+            // those of `--positions all` at the last position (same cache type).
+            let last: ArrayD<f32> = read_npy(out.join("last.npy")).unwrap();
+            let all: ArrayD<f32> =
+                read_npy(work.path().join(format!("{key}-f32")).join("last.npy")).unwrap();
+            // Worst relative L2 difference of a state vector: the two runs' last block computes
+            // other row counts, so float sums may associate differently (measured worst 3.3e-7).
+            let width = *all.shape().last().unwrap();
+            let diff = last
+                .as_slice()
+                .unwrap()
+                .chunks(width)
+                .zip(all.as_slice().unwrap().chunks(width))
+                .map(|(a, b)| {
+                    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+                    (d / n.max(1e-30)).sqrt()
+                })
+                .fold(0f64, f64::max);
+            worst_last = worst_last.max(diff);
+            if last.shape() != all.shape() || diff > 1e-5 {
+                dla_failures.push(format!(
+                    "{key}: --positions last gives other states than --positions all ({:?} vs {:?}, worst relative difference {diff:.1e})",
+                    last.shape(),
+                    all.shape()
+                ));
+            }
+            if verified_arch && !holds {
+                dla_failures.push(format!(
+                    "{key}: the attribution does not add up (residual {rel:.1e} of Σ|share|, unexplained {unexplained:.1e}; tolerance {DLA_TOLERANCE:.0e})"
+                ));
+            }
+            format!(
+                "{} ({rel:.1e}, {unexplained:.1e})",
+                if holds { "holds" } else { "FAILS" }
+            )
+        } else {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let line = err
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or(err.trim());
+            if verified_arch {
+                dla_failures.push(format!("{key}: trace --attribution failed: {line}"));
+            }
+            format!("refused: {line}")
+        };
+        dla_table.push(format!("| {key} | {cell} |"));
+    }
+    eprintln!("| architecture | attribution (residual / Σ|share|, unexplained) |\n|---|---|");
+    for row in &dla_table {
+        eprintln!("{row}");
+    }
+    eprintln!(
+        "--positions last vs --positions all, worst relative L2 of a state: {worst_last:.1e}"
+    );
+    assert!(dla_failures.is_empty(), "{}", dla_failures.join("\n"));
 
     // The table (the closing note's and the README's figures come from here).
     eprintln!("| architecture | GGUF arch | converter | loads | point 0 (f32 / f16 cache) | points 1..L-1 | point L | logits | lens | verdict |");
