@@ -454,7 +454,8 @@ pub struct TraceArgs {
     /// Direct logit attribution: split each prompt's logit of the answer (the model's top-1 next
     /// token, or --target) into what the embedding and every block's attention and MLP wrote into
     /// the residual stream, checked against the model's own logit (run.json
-    /// prompts[].attribution; a section of the report). Captures the attn_out and mlp_out taps
+    /// prompts[].attribution; a section of the report). Captures the attn_out and mlp_out taps;
+    /// with --taps z as well, each block's attention share is split by head
     #[arg(long)]
     pub attribution: bool,
 
