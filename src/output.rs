@@ -230,14 +230,28 @@ fn foreign_entries(dir: &Path, kind: Kind) -> Vec<String> {
                 STATES_CSV,
                 LENS_JSON,
             ];
+            // A folder of per-prompt NPY files (`00000.npy`, ...): anything else in it is foreign.
+            let npy_folder = |rel: &str, out: &mut Vec<String>| {
+                for (f, sub_dir) in names(&dir.join(rel)) {
+                    let npy = f
+                        .strip_suffix(".npy")
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+                    if sub_dir || !npy {
+                        out.push(format!("{rel}/{f}"));
+                    }
+                }
+            };
             for (n, is_dir) in names(dir) {
                 if n == STATES_DIR && is_dir {
-                    for (f, sub_dir) in names(&dir.join(STATES_DIR)) {
-                        let npy = f.strip_suffix(".npy").is_some_and(|i| {
-                            !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())
-                        });
-                        if sub_dir || !npy {
-                            out.push(format!("{STATES_DIR}/{f}"));
+                    npy_folder(STATES_DIR, &mut out);
+                } else if n == crate::run::TAPS_DIR && is_dir {
+                    // taps/<tap>/NNNNN.npy, one folder per tap gguf-trace writes.
+                    for (t, t_dir) in names(&dir.join(&n)) {
+                        let rel = format!("{n}/{t}");
+                        if t_dir && crate::capture::taps::ALL.iter().any(|tap| tap.name() == t) {
+                            npy_folder(&rel, &mut out);
+                        } else {
+                            out.push(rel);
                         }
                     }
                 } else if is_dir || !files.contains(&n.as_str()) {

@@ -653,3 +653,35 @@ fn heads_keep_the_chosen_heads_of_z_and_pattern() {
         assert_clean_error(&o, needle, Some(&w.join("bad")));
     }
 }
+
+/// A run with taps is gguf-trace's own: `--force` replaces it (the taps/<tap>/NNNNN.npy folders
+/// were once taken for a user's files), while a file of someone else's inside taps/ still stops it.
+#[test]
+fn force_replaces_a_run_with_taps_but_not_a_users_file_in_it() {
+    let Some(model) = model_path(SMOL) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let args = [
+        "trace",
+        "-m",
+        s(&model),
+        "-p",
+        "Hello there",
+        "--taps",
+        "z,attn_out",
+        "-o",
+        s(&out),
+        "--force",
+    ];
+    for _ in 0..2 {
+        let o = run_bin(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::fs::write(out.join("taps/z/notes.txt"), "mine").unwrap();
+    let o = run_bin(&args);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("taps/z/notes.txt"));
+    assert!(out.join("taps/z/notes.txt").exists());
+}
