@@ -266,30 +266,32 @@ impl AttributionState {
             (Some(a), Some(Some(b))) => a - b,
             _ => f64::NAN,
         };
-        let (mut heads, mut head_bias) = (Vec::new(), Vec::new());
+        let (mut heads, mut head_bias, mut projection_error) = (Vec::new(), Vec::new(), 0f64);
         if let Some(h) = &self.heads {
             let z = &t.taps[h.slot];
-            for b in 0..h.w_o.len() {
+            for (b, ((w_o, bias), out)) in h.w_o.iter().zip(&h.bias).zip(&attn).enumerate() {
                 let zb: Vec<f32> = z
                     .index_axis(Axis(0), b)
                     .index_axis(Axis(0), j)
                     .iter()
                     .copied()
                     .collect();
-                let (shares, bias) = attribution::head_shares(
-                    &sh.readout,
-                    &h.w_o[b],
-                    &zb,
-                    h.n_head,
-                    h.bias[b].as_deref(),
-                );
+                let (shares, bias_share) =
+                    attribution::head_shares(&sh.readout, w_o, &zb, h.n_head, bias.as_deref());
                 heads.push(shares);
-                head_bias.push(bias);
+                head_bias.push(bias_share);
+                projection_error = projection_error.max(attribution::projection_error(
+                    w_o,
+                    &zb,
+                    bias.as_deref(),
+                    out,
+                ));
             }
         }
         let mut a = PromptAttribution {
             heads,
             head_bias,
+            projection_error,
             index: t.index,
             position: t.positions[j],
             target,
@@ -334,10 +336,12 @@ impl AttributionState {
             valid: prompts.iter().all(|a| attribution::holds(a)),
             heads: self.heads.is_some(),
             max_heads_gap: max(&attribution::heads_gap),
+            max_projection_error: max(&|a| a.projection_error),
             heads_valid: self.heads.is_some()
-                && prompts
-                    .iter()
-                    .all(|a| attribution::heads_gap(a) <= attribution::RESIDUAL_TOLERANCE),
+                && prompts.iter().all(|a| {
+                    attribution::heads_gap(a) <= attribution::RESIDUAL_TOLERANCE
+                        && a.projection_error <= attribution::PROJECTION_TOLERANCE
+                }),
         }
     }
 }
@@ -382,8 +386,8 @@ pub fn summary(m: &crate::run::Manifest) -> Option<String> {
         String::new()
     } else if !info.heads_valid {
         format!(
-            "\n  heads: not shown — they do not add up to their blocks' attention (gap {:.1e}; a norm after attention is not linear)",
-            info.max_heads_gap
+            "\n  heads: not shown — attention here is not the output projection of the heads alone (off by {:.1e}: a norm or a scale follows it)",
+            info.max_projection_error
         )
     } else {
         let mut h: Vec<(String, f64)> = Vec::new();

@@ -406,8 +406,9 @@ fn top_heads(
     let mut plot = Plot::new();
     if !info.heads_valid {
         return Some(Err(format!(
-            "Heads are not shown: their shares do not add up to their blocks' attention share (largest gap {:.1e} of Σ|share|, tolerance {:.0e}). This model's attention output is not the output projection of the heads alone (a norm after attention, as in Gemma 2/3, is not linear), so no share of a single head exists.",
-            info.max_heads_gap, info.residual_tolerance
+            "Heads are not shown: this model's attention output is not the output projection of its heads alone (recomputed W_O z + b is {:.1e} from the captured output, relative; tolerance {:.0e}) — a norm or a scale follows the projection, as in Gemma 2/3, OLMo 2/3 or Granite — so no share of a single head exists.",
+            info.max_projection_error,
+            crate::analysis::attribution::PROJECTION_TOLERANCE
         )));
     }
     let n_block = all[0].heads.len();
@@ -460,9 +461,10 @@ fn top_heads(
     Some(Ok(Figure {
         title: format!("The heads that write {of}"),
         caption: format!(
-            "How to read: each block's attention share split by head (the head's slice of z times its columns of the output projection, dequantized by ggml from the file, read through the same frozen norm); the {} heads with the largest mean |share|, with 95% bootstrap intervals over prompts. The heads of each block add up to its attention share to {:.1e} of Σ|share| (llama.cpp rounds z to 8 bits before a quantized output projection).{few}",
+            "How to read: each block's attention share split by head (the head's slice of z times its columns of the output projection, dequantized by ggml from the file, read through the same frozen norm); the {} heads with the largest mean |share|, with 95% bootstrap intervals over prompts. The heads of each block add up to its attention share to {:.1e} of Σ|share|, and the output projection of the captured heads is the captured attention output to {:.1e} (llama.cpp rounds z to 8 bits before a quantized output projection).{few}",
             ranked.len(),
-            info.max_heads_gap
+            info.max_heads_gap,
+            info.max_projection_error
         ),
         plot,
     }))

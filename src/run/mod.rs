@@ -295,6 +295,10 @@ pub struct AttributionInfo {
     /// output bias's), relative to the prompt's Σ|share|.
     #[serde(default)]
     pub max_heads_gap: f64,
+    /// Largest relative distance between a block's captured attention output and the output
+    /// projection of its captured heads (`W_O z + b`): heads are drawn only where it is small.
+    #[serde(default)]
+    pub max_projection_error: f64,
     /// Whether the head shares add up to their blocks' (within the residual tolerance): false
     /// where a block's attention output is not `W_O z + b` (a post-attention norm, Gemma 2/3).
     #[serde(default)]

@@ -846,6 +846,9 @@ fn architecture_matrix() {
     let mut dla_failures = Vec::new();
     let mut dla_table = Vec::new();
     let mut worst_last = 0f64;
+    let mut worst_heads = 0f64;
+    let mut worst_proj = 0f64;
+    let mut not_linear: Vec<String> = Vec::new();
     for (key, (refused, traced)) in &tap_rows {
         if traced.is_err() || refused.contains_key("attn_out") || refused.contains_key("mlp_out") {
             continue;
@@ -853,6 +856,12 @@ fn architecture_matrix() {
         let expect = MATRIX.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
         let verified_arch = matches!(expect, Some(Verified | VerifiedGelu));
         let out = work.path().join(format!("{key}-dla"));
+        // With z where it is captured: per-head shares too.
+        let z: &[&str] = if refused.contains_key("z") {
+            &[]
+        } else {
+            &["--taps", "z"]
+        };
         let o = bin()
             .args([
                 "trace",
@@ -870,6 +879,7 @@ fn architecture_matrix() {
                 "--attribution",
             ])
             .args(["--threads", "2", "--cache-type", "f32"])
+            .args(z)
             .output()
             .expect("binary runs");
         let cell = if o.status.success() {
@@ -912,8 +922,27 @@ fn architecture_matrix() {
                     "{key}: the attribution does not add up (residual {rel:.1e} of Σ|share|, unexplained {unexplained:.1e}; tolerance {DLA_TOLERANCE:.0e})"
                 ));
             }
+            // Heads: where attention writes W_O z + b they add up to float32 rounding; where
+            // something follows the projection (a post-attention norm) the run says they do not.
+            let heads = if info["heads"] == true {
+                let gap = info["max_heads_gap"].as_f64().unwrap_or(f64::NAN);
+                let proj = info["max_projection_error"].as_f64().unwrap_or(f64::NAN);
+                if info["heads_valid"] == true {
+                    if gap > DLA_TOLERANCE {
+                        dla_failures.push(format!("{key}: heads valid with gap {gap:.1e}"));
+                    }
+                    worst_heads = worst_heads.max(gap);
+                    worst_proj = worst_proj.max(proj);
+                    format!("heads add up ({gap:.1e}, projection {proj:.1e})")
+                } else {
+                    not_linear.push(format!("{key} {proj:.2}"));
+                    format!("heads refused ({gap:.1e}, projection {proj:.1e})")
+                }
+            } else {
+                "no z".into()
+            };
             format!(
-                "{} ({rel:.1e}, {unexplained:.1e})",
+                "{} ({rel:.1e}, {unexplained:.1e}); {heads}",
                 if holds { "holds" } else { "FAILS" }
             )
         } else {
@@ -936,6 +965,7 @@ fn architecture_matrix() {
     eprintln!(
         "--positions last vs --positions all, worst relative L2 of a state: {worst_last:.1e}"
     );
+    eprintln!("heads: where they add up, worst gap {worst_heads:.1e} and projection error {worst_proj:.1e}; refused (attention is not W_O z + b, projection error): {not_linear:?}");
     assert!(dla_failures.is_empty(), "{}", dla_failures.join("\n"));
 
     // The table (the closing note's and the README's figures come from here).
@@ -1076,4 +1106,86 @@ fn architecture_matrix() {
 
 fn arch_verified(arch: &str) -> bool {
     gguf_trace::capture::arch::VERIFIED.contains(&arch)
+}
+
+/// The report's Experts section on the matrix's mixtral (8 experts, 2 per token): what it draws
+/// is the router's own choices — per block the shares sum to 1 and each cell is the count of the
+/// run's `router_experts` files (read back from Chromium) — overall and by label.
+#[test]
+fn expert_usage_is_the_routers_choices() {
+    let py = hf_python("the architecture matrix (with torch and llama.cpp's converter)");
+    let dir = matrix_dir(&py);
+    let model = dir.join("mixtral/model.gguf");
+    let work = tempfile::tempdir().unwrap();
+    let prompts = work.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"a\", \"label\": \"x\", \"text\": \"The quick brown fox jumps over the lazy dog\"}\n\
+         {\"id\": \"b\", \"label\": \"x\", \"text\": \"Hello there my friend\"}\n\
+         {\"id\": \"c\", \"label\": \"y\", \"text\": \"One two three four five six\"}\n",
+    )
+    .unwrap();
+    let out = work.path().join("r");
+    let o = run_bin(&[
+        "trace",
+        "-m",
+        s(&model),
+        "-f",
+        s(&prompts),
+        "--taps",
+        "router",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = gguf_trace::run::Run::open(&out).unwrap();
+    let n_layer = run.manifest.model.n_layer;
+    let n_expert = run
+        .manifest
+        .capture
+        .taps
+        .iter()
+        .find(|t| t.tap == gguf_trace::capture::taps::Tap::RouterLogits)
+        .unwrap()
+        .width;
+    // Counts from the files, per block and expert.
+    let mut counts = vec![vec![0usize; n_expert]; n_layer];
+    for i in 0..run.manifest.prompts.len() {
+        let ids: ArrayD<i32> =
+            read_npy(out.join(format!("taps/router_experts/{i:05}.npy"))).unwrap();
+        for (n, &e) in ids.iter().enumerate() {
+            let b = n / (ids.len() / n_layer);
+            counts[b][e as usize] += 1;
+        }
+    }
+    let page = work.path().join("page.html");
+    let o = run_bin(&["report", s(&out), "-o", s(&page)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("Expert usage: y"), "no per-label figure");
+    // The cell of block 0's most chosen expert, as the page's hover text states it.
+    let (e0, c0) = counts[0]
+        .iter()
+        .enumerate()
+        .max_by_key(|x| *x.1)
+        .map(|(e, &c)| (e, c))
+        .unwrap();
+    let total0: usize = counts[0].iter().sum();
+    assert!(
+        html.contains(&format!("{c0} of {total0} choices")),
+        "block 0, expert {e0}: {c0} of {total0} not on the page"
+    );
+    let shot = crate::report::shot_path(work.path(), "experts");
+    crate::report::assert_page_reads_well(&page, &shot);
+    let c = crate::report::check_page(&page, &shot).unwrap();
+    let usage: Vec<_> = c
+        .heatmaps
+        .iter()
+        .filter(|h| h.1.starts_with("Expert usage"))
+        .collect();
+    assert_eq!(usage.len(), 3, "{:?}", c.heatmaps);
+    let all = usage.iter().find(|h| h.1 == "Expert usage").unwrap();
+    // Every block's shares sum to 1; a cell is drawn for every expert the block could choose.
+    assert!((all.2 - n_layer as f64).abs() < 1e-9, "{all:?}");
+    assert_eq!(all.3, n_layer * n_expert);
 }

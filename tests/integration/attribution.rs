@@ -5,7 +5,9 @@ use std::path::Path;
 
 use crate::common::*;
 use crate::real_size::QWEN05;
-use gguf_trace::analysis::attribution::{RESIDUAL_TOLERANCE, UNEXPLAINED_TOLERANCE};
+use gguf_trace::analysis::attribution::{
+    PROJECTION_TOLERANCE, RESIDUAL_TOLERANCE, UNEXPLAINED_TOLERANCE,
+};
 use gguf_trace::run::Run;
 
 fn root() -> &'static Path {
@@ -249,10 +251,19 @@ fn head_shares_add_up_where_attention_is_the_output_projection() {
         );
         assert!(info.valid && info.heads, "{info:?}");
         assert_eq!(info.heads_valid, linear, "{info:?}");
+        eprintln!("{name}: projection error {:.2e}", info.max_projection_error);
         if linear {
             assert!(info.max_heads_gap <= RESIDUAL_TOLERANCE / 5.0, "{info:?}");
+            assert!(
+                info.max_projection_error <= PROJECTION_TOLERANCE / 4.0,
+                "{info:?}"
+            );
         } else {
             assert!(info.max_heads_gap > 2.0 * RESIDUAL_TOLERANCE, "{info:?}");
+            assert!(
+                info.max_projection_error > 2.0 * PROJECTION_TOLERANCE,
+                "{info:?}"
+            );
         }
         let n_layer = run.manifest.model.n_layer;
         for rec in &run.manifest.prompts {
