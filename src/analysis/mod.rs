@@ -1,6 +1,7 @@
 //! Pure analysis over ndarray: PCA and per-point metrics. No I/O; unit-tested on hand-made arrays.
 //! Depth indices are points 0..=n_layer (see the README, "Points").
 
+pub mod attention;
 pub mod attribution;
 pub mod bootstrap;
 pub mod cka;

@@ -4,9 +4,11 @@
 //! template; `csv` writes the numbers beside the report.
 
 pub mod answers;
+pub mod attention;
 pub mod attribution;
 pub mod contrast;
 pub mod csv_out;
+pub mod experts;
 pub mod generation;
 pub mod groups;
 pub mod interventions;
@@ -284,6 +286,8 @@ pub fn build(
         own.extend(contrast::section(v));
         own.extend(lens::section(v));
         own.extend(attribution::section(v));
+        own.extend(attention::section(v)?);
+        own.extend(experts::section(v)?);
         own.extend(tokens::section(v)?);
         own.extend(generation::section(v)?);
         per_run.extend(own.into_iter().map(|s| (v.name.clone(), s)));

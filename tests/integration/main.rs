@@ -6,6 +6,7 @@
 mod common;
 
 mod arch_matrix;
+mod attention;
 mod attribution;
 mod bad_input;
 mod capture;

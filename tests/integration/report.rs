@@ -71,6 +71,8 @@ pub(crate) struct PageCheck {
     pub labels: usize,
     /// Legends and sliders whose box meets a plot area (sliders: also the x axis's labels).
     pub covered: Vec<String>,
+    /// Every heat map as drawn: figure id, trace name, sum and count of its finite cells.
+    pub heatmaps: Vec<(String, String, f64, usize)>,
 }
 
 /// A page a reader trusts at a glance: every declared figure drawn, none empty, no label clipped,
@@ -155,6 +157,18 @@ pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
     let clipped: Vec<String> = serde_json::from_str(&attr("data-clipped")).unwrap();
     let labels: usize = attr("data-labels").parse().unwrap();
     let covered: Vec<String> = serde_json::from_str(&attr("data-covered")).unwrap();
+    let heatmaps: Vec<serde_json::Value> = serde_json::from_str(&attr("data-heatmaps")).unwrap();
+    let heatmaps = heatmaps
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_str().unwrap_or("").to_string(),
+                h["name"].as_str().unwrap_or("").to_string(),
+                h["sum"].as_f64().unwrap_or(f64::NAN),
+                h["count"].as_u64().unwrap_or(0) as usize,
+            )
+        })
+        .collect();
     let plots_in_dom = dom.matches("js-plotly-plot").count();
     assert!(plots_in_dom >= rendered);
     let profile2 = tempfile::tempdir().unwrap();
@@ -173,6 +187,7 @@ pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
         clipped,
         labels,
         covered,
+        heatmaps,
     })
 }
 
