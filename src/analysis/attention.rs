@@ -8,15 +8,17 @@ use ndarray::{ArrayView4, Axis};
 /// One prompt's means per (block, head), each over the query positions where it is defined.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadStats {
-    /// `[block][head]` mean entropy of a query's attention, in nats.
+    /// `[block][head]` mean entropy of a query's attention, in nats, over queries after the
+    /// first (whose one key leaves no choice).
     pub entropy: Vec<Vec<f64>>,
     /// `[block][head]` mean attention to the first token, over queries after it.
     pub first: Vec<Vec<f64>>,
-    /// `[block][head]` mean attention to the previous token, over queries after the first.
+    /// `[block][head]` mean attention to the previous token, over queries from the third on (at
+    /// the second, the previous token is the first).
     pub previous: Vec<Vec<f64>>,
     /// `[block][head]` mean attention to the token after the query token's previous occurrence,
-    /// over queries whose token occurred before (not directly before); `None` where no query has
-    /// such an occurrence.
+    /// over queries whose token occurred before with that next token neither the query nor its
+    /// previous token; `None` where no query has such an occurrence.
     pub induction: Option<Vec<Vec<f64>>>,
 }
 
@@ -30,7 +32,8 @@ pub fn head_stats(pattern: ArrayView4<f32>, positions: &[usize], tokens: &[i32])
         .map(|&q| {
             let t = tokens.get(q)?;
             let j = (0..q).rev().find(|&j| tokens[j] == *t)?;
-            (j + 1 < q).then_some(j + 1)
+            // Not the query itself, nor the previous token (a previous-token head would score).
+            (j + 2 < q).then_some(j + 1)
         })
         .collect();
     let any_induction = induction_key.iter().any(Option::is_some);
@@ -47,14 +50,18 @@ pub fn head_stats(pattern: ArrayView4<f32>, positions: &[usize], tokens: &[i32])
             for (qi, &q) in positions.iter().enumerate() {
                 let row =
                     pattern.slice(ndarray::s![b, h, qi, ..=q.min(pattern.len_of(Axis(3)) - 1)]);
-                ent -= row
-                    .iter()
-                    .filter(|&&p| p > 0.0)
-                    .map(|&p| p as f64 * (p as f64).ln())
-                    .sum::<f64>();
-                n_all += 1;
+                // The first query has one key: its entropy is 0 and it attends to itself.
                 if q >= 1 {
+                    ent -= row
+                        .iter()
+                        .filter(|&&p| p > 0.0)
+                        .map(|&p| p as f64 * (p as f64).ln())
+                        .sum::<f64>();
+                    n_all += 1;
                     first += row[0] as f64;
+                }
+                // At query 1 the previous token is the first: counted only from query 2 on.
+                if q >= 2 {
                     prev += row[q - 1] as f64;
                     n_after += 1;
                 }
@@ -65,7 +72,7 @@ pub fn head_stats(pattern: ArrayView4<f32>, positions: &[usize], tokens: &[i32])
             }
             let mean = |s: f64, n: usize| if n == 0 { f64::NAN } else { s / n as f64 };
             out.entropy[b][h] = mean(ent, n_all);
-            out.first[b][h] = mean(first, n_after);
+            out.first[b][h] = mean(first, n_all);
             out.previous[b][h] = mean(prev, n_after);
             if let Some(i) = out.induction.as_mut() {
                 i[b][h] = mean(ind, n_ind);
@@ -105,7 +112,7 @@ mod tests {
                 .rev()
                 .find(|&j| tokens[j] == tokens[q])
                 .map(|j| j + 1)
-                .filter(|&k| k < q)
+                .filter(|&k| k + 1 < q)
                 .unwrap_or(q);
             p[[0, 3, q, k]] = 1.0;
         }
@@ -118,8 +125,25 @@ mod tests {
         assert!(ind[0][0] < 0.01 && ind[0][1] < 0.01);
         // Entropy: 0 for the one-hot heads, the mean of ln(q+1) for the uniform one.
         assert!(s.entropy[0][0].abs() < 1e-9);
-        let want = (1..=n).map(|k| (k as f64).ln()).sum::<f64>() / n as f64;
+        let want = (2..=n).map(|k| (k as f64).ln()).sum::<f64>() / (n - 1) as f64;
         assert!((s.entropy[0][2] - want).abs() < 1e-6);
+    }
+
+    /// Period-2 text ("a b a b"): the token after the previous occurrence is the previous token,
+    /// so a previous-token head must not score as an induction head.
+    #[test]
+    fn a_previous_token_head_is_not_an_induction_head() {
+        let tokens = [1, 2, 1, 2, 1, 2, 3, 4, 3, 4, 5, 6, 7, 5, 6, 7];
+        let n = tokens.len();
+        let mut p = Array4::<f32>::zeros((1, 1, n, n));
+        for q in 0..n {
+            p[[0, 0, q, q.saturating_sub(1)]] = 1.0;
+        }
+        let positions: Vec<usize> = (0..n).collect();
+        let s = head_stats(p.view(), &positions, &tokens);
+        assert!((s.previous[0][0] - 1.0).abs() < 1e-9);
+        let ind = s.induction.unwrap();
+        assert!(ind[0][0] < 0.01, "{ind:?}");
     }
 
     #[test]

@@ -249,7 +249,7 @@ pub fn projection_error(w_o: &[f32], z: &[f32], bias: Option<&[f32]>, attn_out: 
 /// Coder-0.5B), ≤ 9.2e-8 on the matrix's F32 files; where a norm or a scale follows the
 /// projection it is 0.66–1.0 on the matrix (AFMoE, EXAONE 4, Gemma 2/3, Granite's residual
 /// scale, OLMo 2/3) and 1.99 on Gemma-3-270M.
-pub const PROJECTION_TOLERANCE: f64 = 0.2;
+pub const PROJECTION_TOLERANCE: f64 = 0.1;
 
 /// Largest |residual| accepted against the model's own logit, relative to the spread of the
 /// shares (`Σ |share|`). The shares are float64 dot products with the dequantized output rows;

@@ -44,6 +44,10 @@ pub struct AttributionState {
     heads: Option<Heads>,
 }
 
+/// Most memory the dequantized output projections may take (per-head shares are skipped, with a
+/// note, beyond it: a 7B model's take 0.5 GiB, a 70B's 21 GiB).
+const MAX_HEADS_BYTES: u64 = 4 << 30;
+
 /// Per-head shares: the `z` tap's slot and every block's output projection, dequantized.
 struct Heads {
     slot: usize,
@@ -68,6 +72,15 @@ fn open_heads(
     };
     let width = taps[slot].width;
     let n_head = model.n_head();
+    // Every block's projection is held as float32 while the trace runs.
+    let bytes = model.n_layer() as u64 * width as u64 * model.n_embd() as u64 * 4;
+    if bytes > MAX_HEADS_BYTES {
+        return Ok(Err(format!(
+            "the output projections would take {:.1} GiB as float32 (more than {} GiB)",
+            bytes as f64 / (1u64 << 30) as f64,
+            MAX_HEADS_BYTES >> 30
+        )));
+    }
     let tensors = gguf.tensors();
     let mut w_o = Vec::new();
     let mut bias = Vec::new();
@@ -175,6 +188,17 @@ impl AttributionState {
                     one_token(model, t, &format!("{}: {what}", p.source))?;
                 }
             }
+            // A named target equal to its foil (the prompt's own fields, else the command's).
+            let target = p.target.as_ref().or(opts.target.as_ref());
+            let foil = p.foil.as_ref().or(opts.foil.as_ref());
+            if let (Some(t), Some(f)) = (target, foil) {
+                if one_token(model, t, "target")? == one_token(model, f, "foil")? {
+                    bail!(
+                        "prompt {}: the foil is the target ({t:?}): the difference would be 0",
+                        p.id
+                    );
+                }
+            }
         }
         let heads = match open_heads(model_path, gguf, model, taps, threads)? {
             Ok(h) => Some(h),
@@ -209,7 +233,7 @@ impl AttributionState {
         t: &PromptTrace,
         prompt: &Prompt,
         model: &Model,
-    ) -> Result<PromptAttribution> {
+    ) -> Result<Option<PromptAttribution>> {
         let j = t.last_prompt_slot();
         let pick = |cli: &Option<String>, own: &Option<String>, what: &str| {
             own.as_ref()
@@ -223,11 +247,14 @@ impl AttributionState {
         };
         let foil = pick(&self.opts.foil, &prompt.foil, "foil")?;
         if foil == Some(target) {
-            bail!(
-                "prompt {}: the foil is the target ({:?}): the difference would be 0",
+            // Only a default target (the model's own answer) can meet its foil here: named
+            // targets equal to their foils are refused before tracing.
+            eprintln!(
+                "note: prompt {}: its answer {:?} is the foil, so there is no difference to attribute: left out of the attribution",
                 prompt.id,
                 model.token_piece(target)
             );
+            return Ok(None);
         }
         let mut w = self.row(target)?.to_vec();
         let bias = self.head.output_bias(&[target, foil.unwrap_or(target)]);
@@ -308,7 +335,7 @@ impl AttributionState {
             unexplained: sh.unexplained,
         };
         a.residual = a.logit - a.total();
-        Ok(a)
+        Ok(Some(a))
     }
 
     /// What run.json records of the attribution, from every prompt's.
@@ -360,8 +387,8 @@ pub fn summary(m: &crate::run::Manifest) -> Option<String> {
     }
     if !info.valid {
         return Some(format!(
-            "attribution: the shares do not add up to the model's own logits (largest residual {:.1e} of Σ|share|, tolerance {:.0e}): not shown",
-            info.max_relative_residual, info.residual_tolerance
+            "attribution: the shares do not add up to the model's own logits (largest residual {:.1e} of Σ|share|, tolerance {:.0e}; the captured components rebuild the last residual to {:.1e}, tolerance {:.0e}): not shown",
+            info.max_relative_residual, info.residual_tolerance, info.max_unexplained, info.unexplained_tolerance
         ));
     }
     let n = all.len() as f64;

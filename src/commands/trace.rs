@@ -897,7 +897,7 @@ fn trace_prompts(
                 lens_entry = l.add(&t, points, model)?;
             }
             let attributed = match attribution.as_mut() {
-                Some(a) => Some(a.add(&t, &p.prompt, model)?),
+                Some(a) => a.add(&t, &p.prompt, model)?,
                 None => None,
             };
             let record = PromptRecord {

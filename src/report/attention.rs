@@ -58,6 +58,17 @@ pub fn section(v: &RunView) -> anyhow::Result<Option<Section>> {
             .tap(Tap::Pattern, i)?
             .into_dimensionality::<Ix4>()
             .map_err(|e| anyhow::anyhow!("{}: pattern of prompt {}: {e}", v.name, p.id))?;
+        let shape = pattern.shape();
+        if shape[0] != blocks.len() || shape[1] != n_head || head_ids.len() != n_head {
+            anyhow::bail!(
+                "{}: the pattern of prompt {} is {:?}, run.json says {} block(s) of {n_head} head(s) ({} head number(s))",
+                v.name,
+                p.id,
+                shape,
+                blocks.len(),
+                head_ids.len()
+            );
+        }
         let stats: HeadStats = attention::head_stats(pattern.view(), &p.positions, &p.tokens);
         for bi in 0..blocks.len() {
             for hi in 0..n_head {

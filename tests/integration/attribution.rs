@@ -183,6 +183,29 @@ fn attribution_refuses_what_it_cannot_decompose() {
         "--attribution",
     ]);
     assert_clean_error(&o, "target", Some(&out));
+    // A foil that is a prompt's own answer (the default target): that prompt is left out with a
+    // note, the others are attributed — the trace does not stop halfway.
+    let out2 = dir.path().join("r2");
+    let o = run_bin(&[
+        "trace",
+        "-m",
+        s(&model),
+        "-o",
+        s(&out2),
+        "-p",
+        "The capital of France is",
+        "-p",
+        "The capital of Germany is",
+        "--attribution",
+        "--foil",
+        " Paris",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is the foil"));
+    let run = Run::open(&out2).unwrap();
+    assert!(run.manifest.prompts[0].attribution.is_none());
+    assert!(run.manifest.prompts[1].attribution.is_some());
+    assert!(run.manifest.attribution.as_ref().unwrap().valid);
 }
 
 /// The report of an attributed run draws the attribution section, with n stated, and the page
@@ -255,7 +278,7 @@ fn head_shares_add_up_where_attention_is_the_output_projection() {
         if linear {
             assert!(info.max_heads_gap <= RESIDUAL_TOLERANCE / 5.0, "{info:?}");
             assert!(
-                info.max_projection_error <= PROJECTION_TOLERANCE / 4.0,
+                info.max_projection_error <= PROJECTION_TOLERANCE / 2.0,
                 "{info:?}"
             );
         } else {
