@@ -42,7 +42,6 @@ pub struct Direction {
 /// The attribution of one prompt's logit (difference) at one position.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PromptAttribution {
-    pub index: usize,
     /// Token position attributed (the last prompt position).
     pub position: usize,
     pub target: i32,
@@ -81,7 +80,7 @@ pub struct PromptAttribution {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub head_bias: Vec<f64>,
     /// With heads: the largest relative L2 distance, over blocks, between the captured
-    /// `attn_out` and `W_O z + b` recomputed from the captured z (see [`projection_error`]).
+    /// `attn_out` and `W_O z + b` recomputed from the captured z (see [`BlockHeads::projection_error`]).
     #[serde(default)]
     pub projection_error: f64,
 }
@@ -91,6 +90,11 @@ impl PromptAttribution {
     pub fn total(&self) -> f64 {
         self.embed + self.attn.iter().sum::<f64>() + self.mlp.iter().sum::<f64>() + self.constant
     }
+}
+
+/// `Σ v_i c_i` in float64.
+fn dot(v: &[f64], c: &[f32]) -> f64 {
+    v.iter().zip(c).map(|(&a, &b)| a * b as f64).sum()
 }
 
 /// The shares of one prompt: `x` is the real last residual, `embed` point 0, `attn[b]` and
@@ -104,14 +108,11 @@ pub fn decompose(
     mlp: &[&[f32]],
 ) -> Shares {
     let n = x.len() as f64;
-    let mean = |v: &[f32]| {
-        if r.layer_norm {
-            v.iter().map(|&a| a as f64).sum::<f64>() / n
-        } else {
-            0.0
-        }
+    let mu = if r.layer_norm {
+        x.iter().map(|&a| a as f64).sum::<f64>() / n
+    } else {
+        0.0
     };
-    let mu = mean(x);
     let var = x.iter().map(|&a| (a as f64 - mu).powi(2)).sum::<f64>() / n;
     let s = 1.0 / (var + r.eps as f64).sqrt();
     let scale = r.logit_scale as f64;
@@ -128,13 +129,7 @@ pub fn decompose(
         0.0
     };
     let readout: Vec<f64> = u.iter().map(|&a| a - u_mean).collect();
-    let share = |c: &[f32]| {
-        let m = mean(c);
-        u.iter()
-            .zip(c)
-            .map(|(&ui, &ci)| ui * (ci as f64 - m))
-            .sum::<f64>()
-    };
+    let share = |c: &[f32]| dot(&readout, c);
     let constant = scale
         * (r.bias.as_ref().map_or(0.0, |b| {
             b.iter()
@@ -163,36 +158,57 @@ pub fn decompose(
     }
 }
 
-/// Each head's share of one block's attention output `W_O z + b`: with `v` the readout vector
-/// ([`Shares::readout`]), head h's share is `Σ_{j ∈ h} z_j (W_Oᵀ v)_j` and the bias's `v · b`.
-/// `w_o` is the output projection as float32 rows, `[n_embd][n_in]` (row k: the weights into
-/// output k), `z` the block's `n_in` = n_head × head_dim values at the position attributed.
-pub fn head_shares(
+/// One block's attention output split by head (see [`block_heads`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockHeads {
+    /// Each head's share of the logit.
+    pub shares: Vec<f64>,
+    /// The output bias's share (0 without one).
+    pub bias: f64,
+    /// `|W_O z + b − attn_out| / |attn_out|`: whether the block's attention output is the output
+    /// projection of its heads and nothing more (a norm or a scale after the projection makes it
+    /// something else, and then no head has a share of its own).
+    pub projection_error: f64,
+}
+
+/// Each head's share of one block's attention output `W_O z + b`, in one pass over `W_O`: with
+/// `v` the readout vector ([`Shares::readout`]), head h's share is `Σ_{j ∈ h} z_j (W_Oᵀ v)_j` and
+/// the bias's `v · b`; and how far `W_O z + b` is from the captured `attn_out`. `w_o` is the output
+/// projection as float32 rows, `[n_embd][n_in]` (row k: the weights into output k), `z` the
+/// block's `n_in` = n_head × head_dim values at the position attributed.
+pub fn block_heads(
     v: &[f64],
     w_o: &[f32],
     z: &[f32],
     n_head: usize,
     bias: Option<&[f32]>,
-) -> (Vec<f64>, f64) {
+    attn_out: &[f32],
+) -> BlockHeads {
     let n_in = z.len();
     let mut wv = vec![0f64; n_in];
-    for (k, &vk) in v.iter().enumerate() {
-        for (acc, &w) in wv.iter_mut().zip(&w_o[k * n_in..(k + 1) * n_in]) {
+    let (mut d2, mut n2) = (0f64, 0f64);
+    for (k, (&vk, &a)) in v.iter().zip(attn_out).enumerate() {
+        let row = &w_o[k * n_in..(k + 1) * n_in];
+        let mut o = bias.map_or(0.0, |b| b[k] as f64);
+        for ((acc, &w), &x) in wv.iter_mut().zip(row).zip(z) {
             *acc += vk * w as f64;
+            o += w as f64 * x as f64;
         }
+        d2 += (o - a as f64).powi(2);
+        n2 += (a as f64).powi(2);
     }
     let d = n_in / n_head.max(1);
-    let heads = (0..n_head)
-        .map(|h| {
-            (h * d..(h + 1) * d)
-                .map(|j| z[j] as f64 * wv[j])
-                .sum::<f64>()
-        })
-        .collect();
-    let b = bias.map_or(0.0, |b| {
-        b.iter().zip(v).map(|(&bi, &vi)| bi as f64 * vi).sum()
-    });
-    (heads, b)
+    BlockHeads {
+        shares: (0..n_head)
+            .map(|h| (h * d..(h + 1) * d).map(|j| z[j] as f64 * wv[j]).sum())
+            .collect(),
+        bias: bias.map_or(0.0, |b| dot(v, b)),
+        projection_error: if n2 > 0.0 {
+            (d2 / n2).sqrt()
+        } else {
+            d2.sqrt()
+        },
+    }
 }
 
 /// The shares of one prompt (see [`decompose`]).
@@ -221,30 +237,7 @@ pub fn uncapped(logit: f32, softcap: f32) -> Option<f64> {
     (y.abs() < 1.0 - 1e-6).then(|| softcap as f64 * y.atanh())
 }
 
-/// `|W_O z + b − attn_out| / |attn_out|`: whether a block's attention output is the output
-/// projection of its heads and nothing more (a norm or a scale after the projection makes it
-/// something else, and then no head has a share of its own). `w_o` as in [`head_shares`].
-pub fn projection_error(w_o: &[f32], z: &[f32], bias: Option<&[f32]>, attn_out: &[f32]) -> f64 {
-    let n_in = z.len();
-    let (mut d2, mut n2) = (0f64, 0f64);
-    for (k, &a) in attn_out.iter().enumerate() {
-        let o = w_o[k * n_in..(k + 1) * n_in]
-            .iter()
-            .zip(z)
-            .map(|(&w, &x)| w as f64 * x as f64)
-            .sum::<f64>()
-            + bias.map_or(0.0, |b| b[k] as f64);
-        d2 += (o - a as f64).powi(2);
-        n2 += (a as f64).powi(2);
-    }
-    if n2 > 0.0 {
-        (d2 / n2).sqrt()
-    } else {
-        d2.sqrt()
-    }
-}
-
-/// Largest [`projection_error`] with which per-head shares are drawn. llama.cpp rounds z to 8
+/// Largest [`BlockHeads::projection_error`] with which per-head shares are drawn. llama.cpp rounds z to 8
 /// bits per block before a quantized projection: measured 1.3% (SmolLM2) and 2.7% (Qwen2.5-
 /// Coder-0.5B), ≤ 9.2e-8 on the matrix's F32 files; where a norm or a scale follows the
 /// projection it is 0.66–1.0 on the matrix (AFMoE, EXAONE 4, Gemma 2/3, Granite's residual
@@ -392,7 +385,8 @@ mod tests {
             let x = [1.0f32, 0.5, -2.0];
             let zero = [0.0f32; 3];
             let sh = decompose(&r, &d, &x, &x, &[&out], &[&zero]);
-            let (heads, bias) = head_shares(&sh.readout, &w_o, &z, 2, Some(&b));
+            let h = block_heads(&sh.readout, &w_o, &z, 2, Some(&b), &out);
+            let (heads, bias) = (&h.shares, h.bias);
             let total = heads.iter().sum::<f64>() + bias;
             assert!(
                 (total - sh.attn[0]).abs() < 1e-6,
@@ -400,10 +394,11 @@ mod tests {
                 sh.attn[0]
             );
             assert!(heads.iter().all(|h| h.abs() > 1e-3));
-            assert!(projection_error(&w_o, &z, Some(&b), &out) < 1e-6);
+            assert!(h.projection_error < 1e-6);
             // A norm after the projection: not the projection any more.
             let normed: Vec<f32> = out.iter().map(|v| v * 0.5).collect();
-            assert!(projection_error(&w_o, &z, Some(&b), &normed) > 0.4);
+            let scaled = block_heads(&sh.readout, &w_o, &z, 2, Some(&b), &normed);
+            assert!(scaled.projection_error > 0.4);
         }
     }
 
@@ -420,7 +415,6 @@ mod tests {
     #[test]
     fn the_tolerance_separates_rounding_from_a_missing_part() {
         let mut a = PromptAttribution {
-            index: 0,
             position: 3,
             target: 1,
             target_piece: "a".into(),

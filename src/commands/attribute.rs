@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context as _, Result};
-use ndarray::{s, Axis};
+use ndarray::Axis;
 
 use crate::analysis::attribution::{self, Direction, PromptAttribution, Readout};
 use crate::capture::engine::{argmax, PromptTrace, TapInfo};
@@ -35,7 +35,9 @@ pub const CONVENTION: &str = "the final norm's scale is taken from the real last
 pub struct AttributionState {
     head: LensHead,
     readout: Readout,
-    opts: AttributionOptions,
+    /// `--target` and `--foil` as token ids (a prompt's own fields override them).
+    target: Option<i32>,
+    foil: Option<i32>,
     /// Index of attn_out and mlp_out in the prompt traces' taps.
     slots: [usize; 2],
     /// Dequantized unembedding rows by token id.
@@ -120,6 +122,34 @@ fn open_heads(
     }))
 }
 
+/// Row `j` (a stored position) of entry `b` (a point or block) of a `[entry, position, width]`
+/// array.
+fn tap_row(a: ndarray::ArrayViewD<'_, f32>, b: usize, j: usize) -> Vec<f32> {
+    a.index_axis(Axis(0), b)
+        .index_axis(Axis(0), j)
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// A prompt's named target and foil as token ids: its own `target`/`foil` fields, else the
+/// command's (`cli`, already resolved).
+fn prompt_tokens(
+    model: &Model,
+    p: &Prompt,
+    cli: (Option<i32>, Option<i32>),
+) -> Result<(Option<i32>, Option<i32>)> {
+    let own = |text: &Option<String>, what: &str| {
+        text.as_deref()
+            .map(|t| one_token(model, t, &format!("{}: {what}", p.source)))
+            .transpose()
+    };
+    Ok((
+        own(&p.target, "target")?.or(cli.0),
+        own(&p.foil, "foil")?.or(cli.1),
+    ))
+}
+
 /// The token a target or foil text names: it must be exactly one token of the model.
 fn one_token(model: &Model, text: &str, what: &str) -> Result<i32> {
     let t = model
@@ -177,25 +207,21 @@ impl AttributionState {
             Ok(i)
         };
         let slots = [slot(Tap::AttnOut)?, slot(Tap::MlpOut)?];
-        for (text, what) in [(&opts.target, "--target"), (&opts.foil, "--foil")] {
-            if let Some(t) = text {
-                one_token(model, t, what)?;
-            }
-        }
+        let cli = |text: &Option<String>, what: &str| {
+            text.as_deref()
+                .map(|t| one_token(model, t, what))
+                .transpose()
+        };
+        let (target, foil) = (cli(&opts.target, "--target")?, cli(&opts.foil, "--foil")?);
         for p in prompts {
-            for (text, what) in [(&p.target, "target"), (&p.foil, "foil")] {
-                if let Some(t) = text {
-                    one_token(model, t, &format!("{}: {what}", p.source))?;
-                }
-            }
+            let (t, f) = prompt_tokens(model, p, (target, foil))?;
             // A named target equal to its foil (the prompt's own fields, else the command's).
-            let target = p.target.as_ref().or(opts.target.as_ref());
-            let foil = p.foil.as_ref().or(opts.foil.as_ref());
-            if let (Some(t), Some(f)) = (target, foil) {
-                if one_token(model, t, "target")? == one_token(model, f, "foil")? {
+            if let (Some(t), Some(f)) = (t, f) {
+                if t == f {
                     bail!(
-                        "prompt {}: the foil is the target ({t:?}): the difference would be 0",
-                        p.id
+                        "prompt {}: the foil is the target ({:?}): the difference would be 0",
+                        p.id,
+                        model.token_piece(t)
                     );
                 }
             }
@@ -212,7 +238,8 @@ impl AttributionState {
         Ok(AttributionState {
             readout: head.readout(),
             head,
-            opts: opts.clone(),
+            target,
+            foil,
             slots,
             rows: HashMap::new(),
             heads,
@@ -235,17 +262,8 @@ impl AttributionState {
         model: &Model,
     ) -> Result<Option<PromptAttribution>> {
         let j = t.last_prompt_slot();
-        let pick = |cli: &Option<String>, own: &Option<String>, what: &str| {
-            own.as_ref()
-                .or(cli.as_ref())
-                .map(|text| one_token(model, text, what))
-                .transpose()
-        };
-        let target = match pick(&self.opts.target, &prompt.target, "target")? {
-            Some(id) => id,
-            None => argmax(&t.logits) as i32,
-        };
-        let foil = pick(&self.opts.foil, &prompt.foil, "foil")?;
+        let (target, foil) = prompt_tokens(model, prompt, (self.target, self.foil))?;
+        let target = target.unwrap_or_else(|| argmax(&t.logits) as i32);
         if foil == Some(target) {
             // Only a default target (the model's own answer) can meet its foil here: named
             // targets equal to their foils are refused before tracing.
@@ -265,19 +283,14 @@ impl AttributionState {
             }
             out_bias -= bias[1] as f64;
         }
-        let at = |k: usize| t.states.slice(s![k, j, ..]).to_vec();
-        let x = at(t.states.len_of(Axis(0)) - 1);
-        let embed = at(0);
+        // Every array here is [block or point, stored position, width]: row j of each.
+        let states = t.states.view().into_dyn();
+        let x = tap_row(states.view(), t.states.len_of(Axis(0)) - 1, j);
+        let embed = tap_row(states, 0, j);
         let block_rows = |slot: usize| -> Vec<Vec<f32>> {
             let a = &t.taps[self.slots[slot]];
             (0..a.len_of(Axis(0)))
-                .map(|b| {
-                    a.index_axis(Axis(0), b)
-                        .index_axis(Axis(0), j)
-                        .iter()
-                        .copied()
-                        .collect()
-                })
+                .map(|b| tap_row(a.view(), b, j))
                 .collect()
         };
         let (attn, mlp) = (block_rows(0), block_rows(1));
@@ -297,29 +310,18 @@ impl AttributionState {
         if let Some(h) = &self.heads {
             let z = &t.taps[h.slot];
             for (b, ((w_o, bias), out)) in h.w_o.iter().zip(&h.bias).zip(&attn).enumerate() {
-                let zb: Vec<f32> = z
-                    .index_axis(Axis(0), b)
-                    .index_axis(Axis(0), j)
-                    .iter()
-                    .copied()
-                    .collect();
-                let (shares, bias_share) =
-                    attribution::head_shares(&sh.readout, w_o, &zb, h.n_head, bias.as_deref());
-                heads.push(shares);
-                head_bias.push(bias_share);
-                projection_error = projection_error.max(attribution::projection_error(
-                    w_o,
-                    &zb,
-                    bias.as_deref(),
-                    out,
-                ));
+                let zb = tap_row(z.view(), b, j);
+                let bh =
+                    attribution::block_heads(&sh.readout, w_o, &zb, h.n_head, bias.as_deref(), out);
+                heads.push(bh.shares);
+                head_bias.push(bh.bias);
+                projection_error = projection_error.max(bh.projection_error);
             }
         }
         let mut a = PromptAttribution {
             heads,
             head_bias,
             projection_error,
-            index: t.index,
             position: t.positions[j],
             target,
             target_piece: model.token_piece(target),

@@ -40,7 +40,8 @@ pub enum Norm {
 
 /// The final norm + unembedding (+ optional logit soft-capping) of one model.
 pub struct LensHead {
-    ctx: NonNull<sys::ggml_context>,
+    /// Owns the head's tensors below (held only to be freed when the head is dropped).
+    _ctx: GgmlCtx,
     w_out: *mut sys::ggml_tensor,
     w_norm: Option<*mut sys::ggml_tensor>,
     b_norm: Option<*mut sys::ggml_tensor>,
@@ -59,10 +60,100 @@ pub struct LensHead {
     threads: i32,
 }
 
-impl Drop for LensHead {
+/// A ggml context that owns `mem` bytes for its tensors, freed when dropped (on every return
+/// path); tensors created in it must not be used after that.
+struct GgmlCtx(NonNull<sys::ggml_context>);
+
+impl GgmlCtx {
+    fn new(mem: usize) -> Result<GgmlCtx, LensError> {
+        // SAFETY: allocates a context owning `mem` bytes; null on failure (checked).
+        let ctx = unsafe {
+            sys::ggml_init(sys::ggml_init_params {
+                mem_size: mem,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: false,
+            })
+        };
+        NonNull::new(ctx).map(GgmlCtx).ok_or(LensError::Alloc(mem))
+    }
+
+    fn as_ptr(&self) -> *mut sys::ggml_context {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for GgmlCtx {
     fn drop(&mut self) {
-        // SAFETY: ctx came from ggml_init and owns every tensor of this head; freed once.
-        unsafe { sys::ggml_free(self.ctx.as_ptr()) }
+        // SAFETY: the pointer came from ggml_init and is freed once, here; its owner (a LensHead
+        // or a scratch context of one call) uses none of its tensors after dropping it.
+        unsafe { sys::ggml_free(self.0.as_ptr()) }
+    }
+}
+
+/// A tensor of `ctx` (1-D or 2-D, as `t`'s shape) holding the bytes of `t` read from the file.
+///
+/// # Safety
+/// `ctx` has room for the tensor (`t.size` bytes plus a tensor's overhead) and `t.ty_id` is a ggml
+/// type (`< GGML_TYPE_COUNT`).
+unsafe fn tensor_from_file(
+    ctx: &GgmlCtx,
+    path: &Path,
+    t: &TensorInfo,
+) -> Result<*mut sys::ggml_tensor, LensError> {
+    // SAFETY: room and type as the caller guarantees.
+    let g = unsafe {
+        match t.shape.as_slice() {
+            [n] => sys::ggml_new_tensor_1d(ctx.as_ptr(), t.ty_id, *n as i64),
+            [n0, n1] => sys::ggml_new_tensor_2d(ctx.as_ptr(), t.ty_id, *n0 as i64, *n1 as i64),
+            _ => std::ptr::null_mut(),
+        }
+    };
+    if g.is_null() {
+        return Err(LensError::Shape(
+            path.display().to_string(),
+            t.name.clone(),
+            format!("{} {:?}", t.ty, t.shape),
+        ));
+    }
+    // SAFETY: g is a live tensor of ctx.
+    let (data, nbytes) = unsafe { (sys::ggml_get_data(g), sys::ggml_nbytes(g)) };
+    if nbytes != t.size {
+        return Err(LensError::Io {
+            path: path.display().to_string(),
+            name: t.name.clone(),
+            source: std::io::Error::other(format!(
+                "size {} in the file, {} expected",
+                t.size, nbytes
+            )),
+        });
+    }
+    // SAFETY: data is this fresh tensor's buffer of nbytes bytes, referenced by nothing else.
+    unsafe { read_into(path, t, data, nbytes)? };
+    Ok(g)
+}
+
+/// Compute `out` (an F32 tensor of `ctx` holding `n` contiguous values) and copy it out.
+///
+/// # Safety
+/// `out` and every tensor it is computed from are live (in `ctx` or another live context) with
+/// host data, and `out` holds `n` contiguous f32 once computed.
+unsafe fn compute_f32(
+    ctx: &GgmlCtx,
+    out: *mut sys::ggml_tensor,
+    n: usize,
+    threads: i32,
+) -> Result<Vec<f32>, LensError> {
+    // SAFETY: as the caller guarantees; the graph is allocated in ctx.
+    unsafe {
+        let gf = sys::ggml_new_graph(ctx.as_ptr());
+        sys::ggml_build_forward_expand(gf, out);
+        let status = sys::ggml_graph_compute_with_ctx(ctx.as_ptr(), gf, threads);
+        if status != sys::GGML_STATUS_SUCCESS {
+            return Err(LensError::Compute(status));
+        }
+        let mut v = vec![0f32; n];
+        std::ptr::copy_nonoverlapping(sys::ggml_get_data(out).cast::<f32>(), v.as_mut_ptr(), n);
+        Ok(v)
     }
 }
 
@@ -106,41 +197,16 @@ unsafe fn rows_f32(
         + n * 4
         + unsafe { sys::ggml_graph_overhead() + 8 * sys::ggml_tensor_overhead() }
         + (1 << 20);
-    // SAFETY: a scratch context for this call, freed before returning.
-    let ctx = unsafe {
-        sys::ggml_init(sys::ggml_init_params {
-            mem_size: mem,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: false,
-        })
-    };
-    let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
+    let ctx = GgmlCtx::new(mem)?;
     // SAFETY: `idx` is an I32 tensor of n elements created in ctx and filled from `ids` (rows of
     // w, per the caller); w is live with host data (the caller); get_rows yields an F32
-    // [width, n] tensor in ctx, copied out before ctx is freed.
-    let result = unsafe {
-        let c = ctx.as_ptr();
-        let idx = sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, n as i64);
+    // [width, n] tensor in ctx, copied out while ctx lives.
+    unsafe {
+        let idx = sys::ggml_new_tensor_1d(ctx.as_ptr(), sys::GGML_TYPE_I32, n as i64);
         std::ptr::copy_nonoverlapping(ids.as_ptr(), sys::ggml_get_data(idx).cast::<i32>(), n);
-        let rows = sys::ggml_get_rows(c, w, idx);
-        let gf = sys::ggml_new_graph(c);
-        sys::ggml_build_forward_expand(gf, rows);
-        let status = sys::ggml_graph_compute_with_ctx(c, gf, threads);
-        if status != sys::GGML_STATUS_SUCCESS {
-            Err(LensError::Compute(status))
-        } else {
-            let mut v = vec![0f32; n * width];
-            std::ptr::copy_nonoverlapping(
-                sys::ggml_get_data(rows).cast::<f32>(),
-                v.as_mut_ptr(),
-                v.len(),
-            );
-            Ok(v)
-        }
-    };
-    // SAFETY: ctx is freed once; nothing created in it is used afterwards.
-    unsafe { sys::ggml_free(ctx.as_ptr()) };
-    result
+        let rows = sys::ggml_get_rows(ctx.as_ptr(), w, idx);
+        compute_f32(&ctx, rows, n * width, threads)
+    }
 }
 
 /// The whole 2-D tensor `t` of the GGUF at `path` as float32 (`[ne1, ne0]` row-major: row k holds
@@ -158,43 +224,14 @@ pub fn dequantized(path: &Path, t: &TensorInfo, threads: i32) -> Result<Vec<f32>
         }
     };
     // SAFETY: pure size query.
-    let mem = t.size + 2 * unsafe { sys::ggml_tensor_overhead() } + 1024;
-    // SAFETY: allocates a context owning `mem` bytes; null on failure (checked).
-    let ctx = unsafe {
-        sys::ggml_init(sys::ggml_init_params {
-            mem_size: mem,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: false,
-        })
-    };
-    let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
-    // SAFETY: the context has room for the tensor (sized from the file's size, checked against
-    // ggml's below); its data is read from the file before get_rows reads it; ids 0..ne1 are its
-    // rows.
-    let result = unsafe {
-        let g = sys::ggml_new_tensor_2d(ctx.as_ptr(), t.ty_id, ne0 as i64, ne1 as i64);
-        if g.is_null() {
-            Err(LensError::Alloc(t.size))
-        } else if sys::ggml_nbytes(g) != t.size {
-            Err(LensError::Io {
-                path: p,
-                name: t.name.clone(),
-                source: std::io::Error::other(format!(
-                    "size {} in the file, {} expected",
-                    t.size,
-                    sys::ggml_nbytes(g)
-                )),
-            })
-        } else {
-            read_into(path, t, sys::ggml_get_data(g), t.size).and_then(|()| {
-                let ids: Vec<i32> = (0..ne1 as i32).collect();
-                rows_f32(g, ne0, &ids, threads)
-            })
-        }
-    };
-    // SAFETY: freed once; nothing of ctx is used afterwards.
-    unsafe { sys::ggml_free(ctx.as_ptr()) };
-    result
+    let ctx = GgmlCtx::new(t.size + 2 * unsafe { sys::ggml_tensor_overhead() } + 1024)?;
+    // SAFETY: the context has room for the tensor and its type was checked above; the tensor is
+    // read from the file before get_rows reads it; ids 0..ne1 are its rows.
+    unsafe {
+        let g = tensor_from_file(&ctx, path, t)?;
+        let ids: Vec<i32> = (0..ne1 as i32).collect();
+        rows_f32(g, ne0, &ids, threads)
+    }
 }
 
 impl LensHead {
@@ -272,21 +309,20 @@ impl LensHead {
             + b_out_info.as_ref().map(|b| b.size).unwrap_or(0);
         // SAFETY: pure size query.
         bytes += 6 * unsafe { sys::ggml_tensor_overhead() } + 1024;
-        // SAFETY: allocates a context owning `bytes` of memory; null on failure (checked).
-        let ctx = unsafe {
-            sys::ggml_init(sys::ggml_init_params {
-                mem_size: bytes,
-                mem_buffer: std::ptr::null_mut(),
-                no_alloc: false,
-            })
-        };
-        let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(bytes))?;
-        let mut head = LensHead {
-            ctx,
-            w_out: std::ptr::null_mut(),
-            w_norm: None,
-            b_norm: None,
-            b_out: None,
+        let ctx = GgmlCtx::new(bytes)?;
+        // SAFETY: the context has room for these tensors (sized above from the GGUF sizes); their
+        // shapes and types were checked above.
+        let load = |t: &TensorInfo| unsafe { tensor_from_file(&ctx, path, t) };
+        let w_out = load(&w_out_info)?;
+        let w_norm = w_norm_info.as_ref().map(load).transpose()?;
+        let b_norm = b_norm_info.as_ref().map(load).transpose()?;
+        let b_out = b_out_info.as_ref().map(load).transpose()?;
+        Ok(LensHead {
+            _ctx: ctx,
+            w_out,
+            w_norm,
+            b_norm,
+            b_out,
             norm,
             eps,
             softcap,
@@ -295,52 +331,7 @@ impl LensHead {
             n_vocab,
             output_tensor: w_out_info.name.clone(),
             threads,
-        };
-        let load = |t: &TensorInfo, two_d: bool| -> Result<*mut sys::ggml_tensor, LensError> {
-            // SAFETY: the context has room for this tensor (sized above from the GGUF sizes); the
-            // type id comes from the file's own directory.
-            let g = unsafe {
-                if two_d {
-                    sys::ggml_new_tensor_2d(
-                        ctx.as_ptr(),
-                        t.ty_id,
-                        t.shape[0] as i64,
-                        t.shape.get(1).copied().unwrap_or(1) as i64,
-                    )
-                } else {
-                    sys::ggml_new_tensor_1d(ctx.as_ptr(), t.ty_id, t.shape[0] as i64)
-                }
-            };
-            if g.is_null() {
-                return Err(LensError::Alloc(t.size));
-            }
-            // SAFETY: g is a live tensor of this context.
-            let (data, nbytes) = unsafe { (sys::ggml_get_data(g), sys::ggml_nbytes(g)) };
-            if nbytes != t.size {
-                return Err(LensError::Io {
-                    path: p.clone(),
-                    name: t.name.clone(),
-                    source: std::io::Error::other(format!(
-                        "size {} in the file, {} expected",
-                        t.size, nbytes
-                    )),
-                });
-            }
-            // SAFETY: data is this fresh tensor's buffer of nbytes bytes, referenced by nothing else.
-            unsafe { read_into(path, t, data, nbytes)? };
-            Ok(g)
-        };
-        head.w_out = load(&w_out_info, true)?;
-        if let Some(w) = &w_norm_info {
-            head.w_norm = Some(load(w, false)?);
-        }
-        if let Some(b) = &b_norm_info {
-            head.b_norm = Some(load(b, false)?);
-        }
-        if let Some(b) = &b_out_info {
-            head.b_out = Some(load(b, false)?);
-        }
-        Ok(head)
+        })
     }
 
     /// Width of the states the head reads.
@@ -411,19 +402,12 @@ impl LensHead {
             + 8 * n_rows * self.n_embd * 4
             + unsafe { sys::ggml_graph_overhead() + 16 * sys::ggml_tensor_overhead() }
             + (32 << 20);
-        // SAFETY: a scratch context for this call, freed before returning (also on error).
-        let ctx = unsafe {
-            sys::ggml_init(sys::ggml_init_params {
-                mem_size: mem,
-                mem_buffer: std::ptr::null_mut(),
-                no_alloc: false,
-            })
-        };
-        let ctx = NonNull::new(ctx).ok_or(LensError::Alloc(mem))?;
+        // A scratch context for this call, freed when it returns (also on error).
+        let ctx = GgmlCtx::new(mem)?;
         // SAFETY: every tensor is created in `ctx` (or is one of this head's weights, alive in
         // self.ctx); shapes agree (x: [n_embd, n_rows], w_out: [n_embd, n_vocab]); the result
-        // holds n_vocab*n_rows contiguous f32 that we copy out before freeing ctx.
-        let result = unsafe {
+        // holds n_vocab*n_rows contiguous f32, copied out while ctx lives.
+        unsafe {
             let c = ctx.as_ptr();
             let xt =
                 sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, self.n_embd as i64, n_rows as i64);
@@ -454,23 +438,7 @@ impl LensHead {
                 out = sys::ggml_tanh(c, out);
                 out = sys::ggml_scale(c, out, self.softcap);
             }
-            let gf = sys::ggml_new_graph(c);
-            sys::ggml_build_forward_expand(gf, out);
-            let status = sys::ggml_graph_compute_with_ctx(c, gf, self.threads);
-            if status != sys::GGML_STATUS_SUCCESS {
-                Err(LensError::Compute(status))
-            } else {
-                let mut v = vec![0f32; n_rows * self.n_vocab];
-                std::ptr::copy_nonoverlapping(
-                    sys::ggml_get_data(out).cast::<f32>(),
-                    v.as_mut_ptr(),
-                    v.len(),
-                );
-                Ok(v)
-            }
-        };
-        // SAFETY: ctx is freed once; nothing created in it is used afterwards.
-        unsafe { sys::ggml_free(ctx.as_ptr()) };
-        result
+            compute_f32(&ctx, out, n_rows * self.n_vocab, self.threads)
+        }
     }
 }

@@ -117,10 +117,10 @@ pub fn section(v: &RunView) -> Option<Section> {
         });
     }
     let prompts = &v.run.manifest.prompts;
-    let all: Vec<&PromptAttribution> = prompts
-        .iter()
-        .filter_map(|p| p.attribution.as_ref())
-        .collect();
+    // The attributed prompts' records, and their attributions in the same order.
+    let recs: Vec<&crate::run::PromptRecord> =
+        prompts.iter().filter(|p| p.attribution.is_some()).collect();
+    let all: Vec<&PromptAttribution> = recs.iter().filter_map(|p| p.attribution.as_ref()).collect();
     if all.is_empty() {
         return None;
     }
@@ -225,8 +225,7 @@ pub fn section(v: &RunView) -> Option<Section> {
     // Plotly draws a heat map's first row at the bottom: the rows go in reversed so that the
     // first prompt reads at the top.
     for &i in drawn.iter().rev() {
-        let a = all[i];
-        let rec = &prompts[a.index];
+        let (a, rec) = (all[i], recs[i]);
         let mut row = vec![a.embed];
         for b in 0..n_block {
             row.push(a.attn[b]);
@@ -313,8 +312,9 @@ pub fn section(v: &RunView) -> Option<Section> {
                 (
                     l.to_string(),
                     all.iter()
-                        .copied()
-                        .filter(|a| prompts[a.index].label.as_deref() == Some(*l))
+                        .zip(&recs)
+                        .filter(|(_, r)| r.label.as_deref() == Some(*l))
+                        .map(|(a, _)| *a)
                         .collect::<Vec<_>>(),
                 )
             })

@@ -227,6 +227,10 @@ fn oracle(py: &Path, args: &[&str]) -> String {
 /// The built matrix: `<cache>/arch-matrix/<key>`, built (into a temporary folder renamed into
 /// place) when missing.
 fn matrix_dir(py: &Path) -> PathBuf {
+    // Tests of this binary run on threads of one process: one builds, the others wait for it
+    // (the build folder is named by the process id, which they share).
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let versions = oracle(py, &["versions"]);
     let key = &gguf_trace::model_hash::hex_sha256(versions.trim().as_bytes())[..16];
     let root = cache_dir().join("arch-matrix");
@@ -1176,8 +1180,7 @@ fn expert_usage_is_the_routers_choices() {
         "block 0, expert {e0}: {c0} of {total0} not on the page"
     );
     let shot = crate::report::shot_path(work.path(), "experts");
-    crate::report::assert_page_reads_well(&page, &shot);
-    let c = crate::report::check_page(&page, &shot).unwrap();
+    let c = crate::report::assert_page_reads_well(&page, &shot);
     let usage: Vec<_> = c
         .heatmaps
         .iter()

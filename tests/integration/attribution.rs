@@ -1,8 +1,6 @@
 //! Direct logit attribution (`trace --attribution`) on the real models: the shares of the
 //! embedding and of every block's attention and MLP must add up to the model's own logit.
 
-use std::path::Path;
-
 use crate::common::*;
 use crate::real_size::QWEN05;
 use gguf_trace::analysis::attribution::{
@@ -10,16 +8,12 @@ use gguf_trace::analysis::attribution::{
 };
 use gguf_trace::run::Run;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn trace(model: &Path, args: &[&str], out: &Path) -> Run {
-    let mut a = vec!["trace", "-m", s(model), "-o", s(out)];
-    a.extend(args);
-    let o = run_bin(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    Run::open(out).unwrap()
+/// `trace --attribution --positions last` of the bundled factual prompts (plus `extra`) into `out`.
+fn facts(model: &std::path::Path, extra: &[&str], out: &std::path::Path) -> gguf_trace::run::Run {
+    let facts = repo_root().join("prompts/facts.jsonl");
+    let mut args = vec!["-f", s(&facts), "--positions", "last", "--attribution"];
+    args.extend(extra);
+    trace_run(model, &args, out)
 }
 
 /// The DLA identity on the three test models (llama, gemma-3 with its post-norms and soft-capping
@@ -37,17 +31,7 @@ fn shares_add_up_to_the_models_logit_on_every_test_model() {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let run = trace(
-            &model,
-            &[
-                "-f",
-                s(&root().join("prompts/facts.jsonl")),
-                "--positions",
-                "last",
-                "--attribution",
-            ],
-            &dir.path().join("r"),
-        );
+        let run = facts(&model, &[], &dir.path().join("r"));
         let info = run.manifest.attribution.clone().expect("attribution info");
         eprintln!(
             "{name}: max |residual| / Σ|share| = {:.2e}, max unexplained = {:.2e} ({}, norm {})",
@@ -90,7 +74,7 @@ fn a_target_and_foil_attribute_the_logit_difference() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let run = trace(
+    let run = trace_run(
         &model,
         &[
             "-p",
@@ -217,24 +201,18 @@ fn the_report_draws_the_attribution_section() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r");
-    trace(
-        &model,
-        &[
-            "-f",
-            s(&root().join("prompts/facts.jsonl")),
-            "--positions",
-            "last",
-            "--attribution",
-        ],
-        &out,
-    );
+    facts(&model, &[], &out);
     let page = dir.path().join("page.html");
     let o = run_bin(&["report", s(&out), "-o", s(&page)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let html = std::fs::read_to_string(&page).unwrap();
-    assert!(html.contains("Attribution"), "no attribution section");
-    assert!(html.contains("How to read"));
-    assert!(html.contains("n = 8"), "the page does not state n");
+    // The section's figures, by their titles: n stated; no heads figure without --taps z.
+    assert!(
+        html.contains("Which blocks write the logit of each prompt") && html.contains("(n = 8)"),
+        "no per-block figure stating n"
+    );
+    assert!(html.contains("Built up through the blocks, by label"));
+    assert!(!html.contains("The heads that write"));
     // In Chromium: every figure drawn with finite numbers, no label clipped, no legend over data.
     crate::report::assert_page_reads_well(
         &page,
@@ -254,19 +232,7 @@ fn head_shares_add_up_where_attention_is_the_output_projection() {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let run = trace(
-            &model,
-            &[
-                "-f",
-                s(&root().join("prompts/facts.jsonl")),
-                "--positions",
-                "last",
-                "--attribution",
-                "--taps",
-                "z",
-            ],
-            &dir.path().join("r"),
-        );
+        let run = facts(&model, &["--taps", "z"], &dir.path().join("r"));
         let info = run.manifest.attribution.clone().unwrap();
         eprintln!(
             "{name}: heads gap {:.2e} (valid {})",

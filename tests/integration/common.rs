@@ -481,3 +481,17 @@ pub fn hf_python(what: &str) -> PathBuf {
     );
     p
 }
+
+/// The repository's root (the bundled prompt sets are in its `prompts/`).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `gguf-trace trace -m MODEL -o OUT ARGS...`, which must succeed; the run it wrote, opened.
+pub fn trace_run(model: &Path, args: &[&str], out: &Path) -> gguf_trace::run::Run {
+    let mut a = vec!["trace", "-m", s(model), "-o", s(out)];
+    a.extend(args);
+    let o = run_bin(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    gguf_trace::run::Run::open(out).unwrap()
+}

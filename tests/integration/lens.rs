@@ -1,22 +1,7 @@
 //! Logit lens and thinking styles on the real models.
 
-use std::path::Path;
-
 use crate::common::*;
 use gguf_trace::analysis::cka;
-use gguf_trace::run::Run;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn trace(model: &Path, args: &[&str], out: &Path) -> Run {
-    let mut a = vec!["trace", "-m", s(model), "-o", s(out)];
-    a.extend(args);
-    let o = run_bin(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    Run::open(out).unwrap()
-}
 
 /// The lens of the last point reproduces the model's own logits (same ggml kernels on the same
 /// quantized matrix: measured bit-identical; tolerance 1e-2 documented in commands/trace.rs).
@@ -27,11 +12,11 @@ fn lens_self_check_on_both_models() {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let run = trace(
+        let run = trace_run(
             &model,
             &[
                 "-f",
-                s(&root().join("prompts/facts.jsonl")),
+                s(&repo_root().join("prompts/facts.jsonl")),
                 "--positions",
                 "last",
                 "--lens",
@@ -79,7 +64,7 @@ fn paris_forms_in_the_last_blocks() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let run = trace(
+    let run = trace_run(
         &model,
         &[
             "-p",
@@ -118,7 +103,7 @@ fn lens_all_positions_on_request() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let run = trace(
+    let run = trace_run(
         &model,
         &["-p", "Water boils at", "--lens", "--lens-all"],
         &dir.path().join("r"),
@@ -140,13 +125,13 @@ fn cka_real_models_and_shuffled_control() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let styles = root().join("prompts/styles.txt");
-    let ra = trace(
+    let styles = repo_root().join("prompts/styles.txt");
+    let ra = trace_run(
         &a,
         &["-f", s(&styles), "--positions", "last"],
         &dir.path().join("a"),
     );
-    let rb = trace(
+    let rb = trace_run(
         &b,
         &["-f", s(&styles), "--positions", "last"],
         &dir.path().join("b"),
@@ -204,7 +189,7 @@ fn three_model_report_renders() {
         "-m",
         s(&c),
         "-f",
-        s(&root().join("prompts/facts.jsonl")),
+        s(&repo_root().join("prompts/facts.jsonl")),
         "--positions",
         "last",
         "-o",

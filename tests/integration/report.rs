@@ -76,8 +76,8 @@ pub(crate) struct PageCheck {
 }
 
 /// A page a reader trusts at a glance: every declared figure drawn, none empty, no label clipped,
-/// no JS error. Saves a screenshot at `shot`.
-pub(crate) fn assert_page_reads_well(report: &Path, shot: &Path) {
+/// no JS error. Saves a screenshot at `shot`; returns what the check found.
+pub(crate) fn assert_page_reads_well(report: &Path, shot: &Path) -> PageCheck {
     let c = check_page(report, shot).expect("chromium");
     eprintln!("{}: {c:?}", report.display());
     assert_eq!(
@@ -117,6 +117,7 @@ pub(crate) fn assert_page_reads_well(report: &Path, shot: &Path) {
         report.display(),
         c.labels
     );
+    c
 }
 
 pub(crate) fn check_page(report: &Path, shot: &Path) -> Option<PageCheck> {
@@ -217,13 +218,6 @@ fn assert_offline(html: &str) {
     }
 }
 
-fn trace_cli(model: &Path, args: &[&str], out: &Path) {
-    let mut a = vec!["trace", "-m", s(model), "-o", s(out)];
-    a.extend(args);
-    let o = run_bin(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 #[test]
 fn report_of_real_runs_renders_offline_with_every_figure() {
     let model = require!(model_path(SMOL));
@@ -231,7 +225,7 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let funnel = dir.path().join("funnel");
     let facts = dir.path().join("facts");
-    trace_cli(
+    trace_run(
         &model,
         &[
             "-f",
@@ -241,7 +235,7 @@ fn report_of_real_runs_renders_offline_with_every_figure() {
         ],
         &funnel,
     );
-    trace_cli(
+    trace_run(
         &model,
         &[
             "-f",
@@ -370,7 +364,7 @@ fn pca_of_a_real_run_agrees_with_numpy_svd() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    trace_cli(
+    trace_run(
         &model,
         &[
             "-f",

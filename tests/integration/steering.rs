@@ -7,10 +7,6 @@ use crate::common::*;
 use gguf_trace::commands::direction;
 use gguf_trace::run::Run;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// SmolLM2-Instruct traced on the refusal set with its chat template, and the exported direction
 /// (built once per process).
 fn refusal() -> Option<&'static (tempfile::TempDir, PathBuf, PathBuf)> {
@@ -25,7 +21,7 @@ fn refusal() -> Option<&'static (tempfile::TempDir, PathBuf, PathBuf)> {
             s(&model),
             "--chat",
             "-f",
-            s(&root().join("prompts/refusal.jsonl")),
+            s(&repo_root().join("prompts/refusal.jsonl")),
             "--positions",
             "last",
             "-o",
@@ -99,7 +95,7 @@ fn the_method_is_general_sentiment_separates_too() {
         "-m",
         s(&model),
         "-f",
-        s(&root().join("prompts/sentiment.jsonl")),
+        s(&repo_root().join("prompts/sentiment.jsonl")),
         "--positions",
         "last",
         "-o",
@@ -193,7 +189,7 @@ w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); 
 }
 
 fn trace_steered(model: &Path, cv: &Path, scale: &str, extra: &[&str], out: &Path) -> Run {
-    let prompts = root().join("prompts/refusal.jsonl");
+    let prompts = repo_root().join("prompts/refusal.jsonl");
     let scale = format!("--control-scale={scale}");
     let mut a = vec![
         "trace",
@@ -442,12 +438,13 @@ fn select_scores_candidates_on_held_out_prompts_and_records_the_choice() {
         return;
     };
     // 4 + 4 held-out prompts of the shipped held-out set (topics not in the run's prompts).
-    let held: Vec<String> = std::fs::read_to_string(root().join("prompts/refusal_heldout.jsonl"))
-        .unwrap()
-        .lines()
-        .take(8)
-        .map(str::to_string)
-        .collect();
+    let held: Vec<String> =
+        std::fs::read_to_string(repo_root().join("prompts/refusal_heldout.jsonl"))
+            .unwrap()
+            .lines()
+            .take(8)
+            .map(str::to_string)
+            .collect();
     let held_path = dir.path().join("held.jsonl");
     std::fs::write(&held_path, held.join("\n")).unwrap();
     let cv = dir.path().join("selected.gguf");
