@@ -240,6 +240,15 @@ pub struct PatchArgs {
     /// Points to sweep: "all" or a list such as "0,10-20" (default: all).
     #[arg(long, value_name = "SPEC", default_value = "all")]
     pub points: String,
+    /// The rows beside the residual stream's that separate attention from the MLP: restore what
+    /// attention (attn_out) or the MLP (mlp_out) of a window of blocks added at one token; "resid"
+    /// for the residual row alone (also z, resid_mid, neurons)
+    #[arg(long, value_name = "TAPS", default_value = "attn_out,mlp_out")]
+    pub taps: String,
+    /// Blocks restored together for the attn_out/mlp_out rows, centred on each block (Meng et
+    /// al. restore 10: one block's part alone rarely moves the answer)
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: u32,
     /// The heat-map page to write (its numbers go to the .csv beside it).
     #[arg(short, long, value_name = "PATCH.html")]
     pub output: PathBuf,
@@ -495,7 +504,8 @@ pub struct TraceArgs {
     pub ablate: Option<PathBuf>,
 
     /// Points to ablate with --ablate, e.g. "all" or "10-20" (default: every point FILE has a
-    /// direction for; control vectors hold directions from point 2 on)
+    /// direction for; control vectors hold directions from point 2 on); with --ablate-taps, the
+    /// blocks whose parts are ablated
     #[arg(long, value_name = "SPEC")]
     pub ablate_points: Option<String>,
 
@@ -505,15 +515,46 @@ pub struct TraceArgs {
     #[arg(long, value_name = "P|each")]
     pub ablate_direction: Option<String>,
 
+    /// With --ablate: remove the direction from what attention (attn_out) and/or the MLP
+    /// (mlp_out) of the --ablate-points blocks write, instead of from the residual stream (which
+    /// then still carries it from the other parts). Adds the taps to --taps
+    #[arg(long, value_name = "TAPS")]
+    pub ablate_taps: Option<String>,
+
+    /// Ablate attention heads, e.g. "5.3,12.0" (block.head, both from 0): each head's slice of
+    /// the `z` tap (its attention-weighted values, before the output projection) is set to zero at
+    /// every position, so the block's attention output lacks exactly that head's share. Adds the
+    /// `z` tap to --taps (the run stores the ablated z)
+    #[arg(long, value_name = "L.H,...")]
+    pub ablate_heads: Option<String>,
+
+    /// With --ablate-heads: set each head's slice to its mean over every prompt and stored
+    /// position of RUN (a run of the same model traced with --taps z) instead of zero
+    /// (mean ablation, which keeps the head's average output)
+    #[arg(long, value_name = "RUN")]
+    pub ablate_heads_from: Option<PathBuf>,
+
     /// Activation patching: replace the states at --patch-points (and --patch-positions) with
     /// those of the same-index prompt in RUN, a run of the same model traced with those points and
     /// positions stored; each prompt must have the same token count as its twin there
     #[arg(long, value_name = "RUN")]
     pub patch_from: Option<PathBuf>,
 
-    /// Points to patch with --patch-from, e.g. "12" or "10-20"
+    /// Points to patch with --patch-from, e.g. "12" or "10-20" (with --patch-taps attn_out or
+    /// mlp_out: the blocks whose tap is patched)
     #[arg(long, value_name = "SPEC")]
     pub patch_points: Option<String>,
+
+    /// What --patch-from replaces: "resid" (the residual stream, the default) and/or taps inside
+    /// the block, e.g. "attn_out,mlp_out" (what attention and the MLP add to the stream; also z,
+    /// resid_mid, neurons). RUN must hold them at those blocks; they are added to --taps
+    #[arg(long, value_name = "TAPS")]
+    pub patch_taps: Option<String>,
+
+    /// Patch only these attention heads from --patch-from, e.g. "9.4,20.0" (block.head): their
+    /// slices of the z tap, at --patch-positions; instead of --patch-points (RUN must hold z)
+    #[arg(long, value_name = "L.H,...")]
+    pub patch_heads: Option<String>,
 
     /// Prompt positions to patch with --patch-from: "all" (default), "last", or a list such as
     /// "0,3-5" (generated tokens are never patched)

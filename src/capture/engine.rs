@@ -294,6 +294,10 @@ pub struct Tracer<'m> {
     edited: Vec<usize>,
     /// Interventions at fixed points (ablation), and activation patching applied per decode.
     edits: Vec<Option<Edit>>,
+    /// Interventions at fixed tap slots (head ablation), and the tap slots with an intervention
+    /// in the current decode (fixed or patched).
+    tap_edits: Vec<Option<Edit>>,
+    tap_edited: Vec<usize>,
     patch: Option<Patch<'m>>,
 }
 
@@ -305,14 +309,21 @@ pub enum PatchPositions {
     List(Vec<usize>),
 }
 
-/// Where patched states come from: `source(prompt index, point, position)` is the state that
-/// replaces the traced one.
-pub type PatchSource<'m> = Box<dyn FnMut(usize, usize, usize) -> Result<Vec<f32>, String> + 'm>;
+/// Where patched states come from: `source(prompt index, tap, at, position)` is the row that
+/// replaces the traced one: the residual stream at point `at` for [`Tap::Resid`], else the tap's
+/// row at block `at`.
+pub type PatchSource<'m> =
+    Box<dyn FnMut(usize, Tap, usize, usize) -> Result<Vec<f32>, String> + 'm>;
 
 /// Activation patching: at `points` and the chosen prompt positions (generated tokens are never
-/// patched), replace the states with those from `source`.
+/// patched), replace the rows of each of `taps` with those from `source`. For [`Tap::Resid`]
+/// `points` are points (0..=n_layer); for a tap inside the block they are its blocks (those below
+/// n_layer; the tracer must capture it there).
 pub struct Patch<'m> {
     pub points: Vec<usize>,
+    pub taps: Vec<Tap>,
+    /// For [`Tap::Z`]: only these (block, head) slices are replaced (None: every head).
+    pub heads: Option<Vec<(usize, usize)>>,
     pub positions: PatchPositions,
     pub source: PatchSource<'m>,
 }
@@ -382,6 +393,8 @@ impl<'m> Tracer<'m> {
             point0: point0.to_string(),
             edited: Vec::new(),
             edits: vec![None; model.n_layer() + 1],
+            tap_edits: Vec::new(),
+            tap_edited: Vec::new(),
             patch: None,
         })
     }
@@ -390,56 +403,157 @@ impl<'m> Tracer<'m> {
     pub fn set_edits(&mut self, edits: Vec<Option<Edit>>) {
         self.edits = edits;
         self.edits.resize(self.n_layer + 1, None);
-        self.apply_edits(self.edits.clone());
+        self.apply_edits(self.edits.clone(), self.tap_edits.clone());
+    }
+
+    /// The tap slot of `tap` at `block`: the tracer must capture the tap there.
+    fn tap_slot(&self, tap: Tap, block: usize) -> Result<usize, TraceError> {
+        let blocks = self.cfg.tap_blocks(self.n_layer);
+        match (
+            self.cfg.taps.iter().position(|&t| t == tap),
+            blocks.iter().position(|&b| b == block),
+        ) {
+            (Some(t), Some(b)) => Ok(t * blocks.len() + b),
+            _ => Err(TraceError::Tap(format!(
+                "an intervention on tap `{tap}` at block {block} needs that tap captured at that block (--taps {tap}, and point {block} among --points)"
+            ))),
+        }
+    }
+
+    /// Add interventions written into taps inside blocks (see [`Edit`]): `(tap, block, edit)`, at
+    /// every row of the tap's tensor (e.g. a head's slice of `z` set to zero). Each tap must be
+    /// captured at its block, and carry one intervention.
+    pub fn add_tap_edits(&mut self, edits: Vec<(Tap, usize, Edit)>) -> Result<(), TraceError> {
+        let mut slots = self.tap_edits.clone();
+        slots.resize(self.n_tap_slots(), None);
+        for (tap, block, edit) in edits {
+            let k = self.tap_slot(tap, block)?;
+            if slots[k].is_some() {
+                return Err(TraceError::Tap(format!(
+                    "tap `{tap}` at block {block} would carry two interventions: choose one"
+                )));
+            }
+            slots[k] = Some(edit);
+        }
+        self.tap_edits = slots;
+        self.apply_edits(self.edits.clone(), self.tap_edits.clone());
+        Ok(())
     }
 
     /// Activation patching for the next traces (see [`Patch`]); points must not be ablated too.
-    pub fn set_patch(&mut self, patch: Option<Patch<'m>>) {
+    pub fn set_patch(&mut self, patch: Option<Patch<'m>>) -> Result<(), TraceError> {
+        if let Some(p) = &patch {
+            for &tap in p.taps.iter().filter(|&&t| t != Tap::Resid) {
+                for &b in p.points.iter().filter(|&&b| b < self.n_layer) {
+                    let k = self.tap_slot(tap, b)?;
+                    if self.tap_edits.get(k).is_some_and(Option::is_some) {
+                        return Err(TraceError::Tap(format!(
+                            "tap `{tap}` at block {b} is both ablated and patched: choose one intervention per tap"
+                        )));
+                    }
+                }
+            }
+        }
         self.patch = patch;
         // Without a patch, the next decodes carry only the fixed edits (no stale rows).
-        self.apply_edits(self.edits.clone());
+        self.apply_edits(self.edits.clone(), self.tap_edits.clone());
+        Ok(())
     }
 
-    fn apply_edits(&mut self, edits: Vec<Option<Edit>>) {
+    fn apply_edits(&mut self, edits: Vec<Option<Edit>>, tap_edits: Vec<Option<Edit>>) {
         self.edited = edits
             .iter()
             .enumerate()
             .filter_map(|(p, e)| e.as_ref().map(|_| p))
             .collect();
+        self.tap_edited = tap_edits
+            .iter()
+            .enumerate()
+            .filter_map(|(k, e)| e.as_ref().map(|_| k))
+            .collect();
         self.ctx.set_edits(edits);
+        self.ctx.set_tap_edits(tap_edits);
     }
 
     /// The patching edits of the batch about to be decoded.
     fn patch_edits(&mut self, seqs: &[Seq], outputs: &[usize]) -> Result<(), TraceError> {
+        let n_tap_slots = self.n_tap_slots();
+        let n_head = self.ctx.model().n_head();
         let Some(patch) = self.patch.as_mut() else {
             return Ok(());
         };
         let mut edits = self.edits.clone();
-        for &p in &patch.points {
-            let rows: Vec<usize> = if p == self.n_layer {
-                outputs.to_vec()
-            } else {
-                (0..self.layout.len()).collect()
-            };
-            let mut values = Vec::with_capacity(rows.len());
-            for i in rows {
-                let slot = self.layout[i];
-                let seq = &seqs[slot.seq];
-                let chosen = slot.pos < seq.n_prompt
-                    && match &patch.positions {
-                        PatchPositions::All => true,
-                        PatchPositions::Last => slot.pos + 1 == seq.n_prompt,
-                        PatchPositions::List(l) => l.contains(&slot.pos),
-                    };
-                values.push(if chosen {
-                    Some((patch.source)(seq.index, p, slot.pos).map_err(TraceError::Patch)?)
-                } else {
+        let mut tap_edits = self.tap_edits.clone();
+        tap_edits.resize(n_tap_slots, None);
+        let blocks = self.cfg.tap_blocks(self.n_layer);
+        let tap_layout = self.ctx.tap_layout();
+        for &tap in &patch.taps {
+            // A tap inside the block is patched at the points that name blocks (< n_layer).
+            for &p in patch
+                .points
+                .iter()
+                .filter(|&&p| tap == Tap::Resid || p < self.n_layer)
+            {
+                // The edit's rows: every batch token, or the outputs where the tensor holds only
+                // those (the last block's output; a tap after its output-row selection).
+                let slot = if tap == Tap::Resid {
                     None
-                });
+                } else {
+                    let t = self.cfg.taps.iter().position(|&t| t == tap);
+                    let b = blocks.iter().position(|&b| b == p);
+                    match (t, b) {
+                        (Some(t), Some(b)) => Some(t * blocks.len() + b),
+                        _ => {
+                            return Err(TraceError::Patch(format!(
+                                "tap `{tap}` is not captured at block {p}"
+                            )))
+                        }
+                    }
+                };
+                let out_rows = match slot {
+                    None => p == self.n_layer,
+                    Some(k) => tap_layout.get(k).is_some_and(|l| l.1),
+                };
+                let rows: Vec<usize> = if out_rows {
+                    outputs.to_vec()
+                } else {
+                    (0..self.layout.len()).collect()
+                };
+                let mut values = Vec::with_capacity(rows.len());
+                for i in rows {
+                    let slot = self.layout[i];
+                    let seq = &seqs[slot.seq];
+                    let chosen = slot.pos < seq.n_prompt
+                        && match &patch.positions {
+                            PatchPositions::All => true,
+                            PatchPositions::Last => slot.pos + 1 == seq.n_prompt,
+                            PatchPositions::List(l) => l.contains(&slot.pos),
+                        };
+                    values.push(if chosen {
+                        Some(
+                            (patch.source)(seq.index, tap, p, slot.pos)
+                                .map_err(TraceError::Patch)?,
+                        )
+                    } else {
+                        None
+                    });
+                }
+                match (slot, &patch.heads) {
+                    (None, _) => edits[p] = Some(Edit::Replace(values)),
+                    (Some(k), Some(heads)) if tap == Tap::Z => {
+                        let d = tap_layout.get(k).map_or(0, |l| l.0) / n_head.max(1);
+                        let cols = heads
+                            .iter()
+                            .filter(|&&(b, _)| b == p)
+                            .map(|&(_, h)| (h * d, (h + 1) * d))
+                            .collect();
+                        tap_edits[k] = Some(Edit::ReplaceCols(values, cols));
+                    }
+                    (Some(k), _) => tap_edits[k] = Some(Edit::Replace(values)),
+                }
             }
-            edits[p] = Some(Edit::Replace(values));
         }
-        self.apply_edits(edits);
+        self.apply_edits(edits, tap_edits);
         Ok(())
     }
 
@@ -462,6 +576,13 @@ impl<'m> Tracer<'m> {
     /// Sequences decoded together (the size of a batch group).
     pub fn n_seq(&self) -> usize {
         self.cfg.n_seq
+    }
+
+    /// Values per row of `tap`'s tensor at `block` as llama.cpp's graph holds it (every head for
+    /// `z`, whatever --heads keeps), once [`Tracer::identify`] found the taps.
+    pub fn tap_width(&self, tap: Tap, block: usize) -> Option<usize> {
+        let k = self.tap_slot(tap, block).ok()?;
+        self.ctx.tap_layout().get(k).map(|l| l.0)
     }
 
     /// Bytes of states read from the backend so far (only stored rows are read).
@@ -785,6 +906,27 @@ impl<'m> Tracer<'m> {
                     got: edited[point],
                     want,
                 });
+            }
+        }
+        let tap_edited = self
+            .ctx
+            .tap_rows_edited()
+            .expect("tracer contexts always capture");
+        let tap_layout_now = self.ctx.tap_layout();
+        let blocks_now = self.cfg.tap_blocks(self.n_layer);
+        for &k in &self.tap_edited {
+            let want = if tap_layout_now.get(k).is_some_and(|l| l.1) {
+                outputs.len()
+            } else {
+                n_tokens
+            };
+            if tap_edited[k] != want {
+                return Err(TraceError::Tap(format!(
+                    "the intervention on tap `{}` at block {} reached {} rows of a decode, expected {want}",
+                    self.cfg.taps[k / blocks_now.len()],
+                    blocks_now[k % blocks_now.len()],
+                    tap_edited[k]
+                )));
             }
         }
         // Every decode after the first relies on the first graph's structural check.

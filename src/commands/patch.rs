@@ -4,6 +4,10 @@
 //! the corrupted prompt is run with that single state replaced by the clean run's (activation
 //! patching in the eval callback, see `llama::context::Edit`), and the probability of the answer
 //! at the last position is recorded: the cells where it comes back carry the answer.
+//!
+//! Beside the residual row, the two rows that separate attention from the MLP (their Figure 1):
+//! restoring what the attention (`attn_out`) or the MLP (`mlp_out`) of a window of blocks around
+//! each block added at one token, from the clean run (taps patched in the eval callback).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use plotly::{HeatMap, Layout, Plot};
 
 use super::{bar, load_model, resolve_threads};
 use crate::capture::engine::{Patch, PatchPositions, Positions, TraceConfig, Tracer};
+use crate::capture::taps::Tap;
 use crate::cli::{parse_points, PatchArgs};
 use crate::llama::model::{LoadOptions, Model};
 use crate::llama::Token;
@@ -37,6 +42,17 @@ pub struct Sweep {
     pub points: Vec<usize>,
     /// `[points, positions]`: P(answer) with that one state patched from the clean run.
     pub p: Array2<f64>,
+    /// The attention and MLP rows: per component, `[blocks, positions]`: P(answer) with the
+    /// component's output at the window of blocks around that block restored at that position.
+    pub components: Vec<(Tap, Array2<f64>)>,
+    /// Blocks restored together around each block (Meng et al.: 10).
+    pub window: usize,
+}
+
+/// The blocks restored around block `b` by a window of `w` (Meng et al.'s convention:
+/// `max(0, b − w/2) .. min(L, b + ⌈w/2⌉)`, so a window of 10 is b−5 ..= b+4).
+pub fn window_blocks(b: usize, w: usize, n_layer: usize) -> Vec<usize> {
+    (b.saturating_sub(w / 2)..(b + w.div_ceil(2)).min(n_layer)).collect()
 }
 
 fn softmax_at(logits: &[f32], token: Token) -> f64 {
@@ -63,6 +79,7 @@ pub fn sweep(
     clean: &[Token],
     corrupt: &[Token],
     points: &[usize],
+    (components, window): (&[Tap], usize),
     threads: i32,
     mut progress: impl FnMut(),
 ) -> Result<Sweep> {
@@ -80,6 +97,7 @@ pub fn sweep(
     cfg.ctx = clean.len().max(8);
     cfg.n_batch = cfg.ctx;
     cfg.n_ubatch = cfg.ctx;
+    cfg.taps = components.to_vec();
     let mut tracer = Tracer::new(model, cfg.clone())?;
     let clean_trace = trace_one(&mut tracer, clean)?;
     let answer = crate::capture::engine::argmax(&clean_trace.logits) as Token;
@@ -89,11 +107,14 @@ pub fn sweep(
     };
     let clean_top = top(&clean_trace.logits);
     let states: Arc<Array3<f32>> = Arc::new(clean_trace.states);
+    let clean_taps: Arc<Vec<ndarray::ArrayD<f32>>> = Arc::new(clean_trace.taps);
     drop(tracer);
 
-    // The corrupted runs keep only the last point at the last position: the patch needs no
-    // capture, only the logits.
-    cfg.points = vec![n_layer];
+    // The corrupted runs keep only the last position: the patch needs no capture, only the
+    // logits (and, to patch taps, the taps located at every block).
+    if components.is_empty() {
+        cfg.points = vec![n_layer];
+    }
     cfg.positions = Positions::Last;
     let mut tracer = Tracer::new(model, cfg)?;
     let corrupt_logits = trace_one(&mut tracer, corrupt)?.logits;
@@ -106,18 +127,46 @@ pub fn sweep(
             let states = states.clone();
             tracer.set_patch(Some(Patch {
                 points: vec![point],
+                taps: vec![Tap::Resid],
+                heads: None,
                 positions: PatchPositions::List(vec![j]),
-                source: Box::new(move |_, pt, pos| {
+                source: Box::new(move |_, _, pt, pos| {
                     Ok(states
                         .slice(ndarray::s![pt, pos, ..])
                         .iter()
                         .copied()
                         .collect())
                 }),
-            }));
+            }))?;
             p[[k, j]] = softmax_at(&trace_one(&mut tracer, corrupt)?.logits, answer);
             progress();
         }
+    }
+    let mut rows = Vec::new();
+    for (c, &tap) in components.iter().enumerate() {
+        let mut pc = Array2::<f64>::zeros((n_layer, t));
+        for b in 0..n_layer {
+            for j in 0..t {
+                let taps = clean_taps.clone();
+                tracer.set_patch(Some(Patch {
+                    points: window_blocks(b, window, n_layer),
+                    taps: vec![tap],
+                    heads: None,
+                    positions: PatchPositions::List(vec![j]),
+                    // The clean trace kept every block (tap row = block) and every position.
+                    source: Box::new(move |_, _, block, pos| {
+                        Ok(taps[c]
+                            .slice(ndarray::s![block, pos, ..])
+                            .iter()
+                            .copied()
+                            .collect())
+                    }),
+                }))?;
+                pc[[b, j]] = softmax_at(&trace_one(&mut tracer, corrupt)?.logits, answer);
+                progress();
+            }
+        }
+        rows.push((tap, pc));
     }
     Ok(Sweep {
         clean: clean.to_vec(),
@@ -129,6 +178,8 @@ pub fn sweep(
         corrupt_top,
         points: points.to_vec(),
         p,
+        components: rows,
+        window,
     })
 }
 
@@ -159,11 +210,26 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
         bail!("{}: cannot be traced: {why}", args.model.path().display());
     }
     let points = parse_points(&args.points, model.n_layer()).map_err(anyhow::Error::msg)?;
+    let components: Vec<Tap> = super::trace::parse_patch_taps(&args.taps)
+        .map_err(|e| anyhow::anyhow!(e.to_string().replacen("--patch-taps", "--taps", 1)))?
+        .into_iter()
+        .filter(|t| t.in_block())
+        .collect();
+    let window = args.window as usize;
     let clean = crate::chat::tokenize_prompt(&model, &args.clean)?;
     let corrupt = crate::chat::tokenize_prompt(&model, &args.corrupt)?;
-    let pb = bar((points.len() * clean.len()) as u64, "patched runs");
+    let runs = (points.len() + components.len() * model.n_layer()) * clean.len();
+    let pb = bar(runs as u64, "patched runs");
     pb.set_message("patching");
-    let s = sweep(&model, &clean, &corrupt, &points, threads, || pb.inc(1))?;
+    let s = sweep(
+        &model,
+        &clean,
+        &corrupt,
+        &points,
+        (&components, window),
+        threads,
+        || pb.inc(1),
+    )?;
     pb.finish_and_clear();
 
     let pieces: Vec<String> = s.corrupt.iter().map(|&t| model.token_piece(t)).collect();
@@ -179,26 +245,36 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
         }
     };
     let mut w = csv::Writer::from_writer(Vec::new());
+    // component: resid (layer = the point patched), or a tap inside the block (layer = the block
+    // at the centre of the window restored).
     w.write_record([
-        "run",
-        "point",
+        "component",
+        "layer",
         "position",
         "clean_piece",
         "corrupt_piece",
         "p_answer",
         "restored",
     ])?;
-    for (k, &pt) in s.points.iter().enumerate() {
-        for j in 0..pieces.len() {
-            w.write_record([
-                "patch".to_string(),
-                pt.to_string(),
-                j.to_string(),
-                clean_pieces[j].clone(),
-                pieces[j].clone(),
-                format!("{:.6e}", s.p[[k, j]]),
-                format!("{:.6}", effect(s.p[[k, j]])),
-            ])?;
+    let n_layer = model.n_layer();
+    let mut grids: Vec<(String, Vec<usize>, &Array2<f64>)> =
+        vec![("resid".to_string(), s.points.clone(), &s.p)];
+    for (tap, grid) in &s.components {
+        grids.push((tap.to_string(), (0..n_layer).collect(), grid));
+    }
+    for (name, layers, grid) in &grids {
+        for (k, &pt) in layers.iter().enumerate() {
+            for j in 0..pieces.len() {
+                w.write_record([
+                    name.clone(),
+                    pt.to_string(),
+                    j.to_string(),
+                    clean_pieces[j].clone(),
+                    pieces[j].clone(),
+                    format!("{:.6e}", grid[[k, j]]),
+                    format!("{:.6}", effect(grid[[k, j]])),
+                ])?;
+            }
         }
     }
     let csv_bytes = w.into_inner().context("writing the CSV")?;
@@ -215,26 +291,54 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             format!("{j}: {}", esc(&crate::answer::visible(&tok)))
         })
         .collect();
-    let ys: Vec<String> = s.points.iter().map(|p| p.to_string()).collect();
-    let z: Vec<Vec<f64>> = s.p.outer_iter().map(|r| r.to_vec()).collect();
-    let mut plot = Plot::new();
-    plot.add_trace(
-        HeatMap::new(labels, ys, z)
-            .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
-            .color_bar(plotly::common::ColorBar::new().title(Title::with_text("P(clean answer)")))
-            .name("P(answer)"),
-    );
-    plot.set_layout(
-        Layout::new()
-            .height(620)
-            .x_axis(
-                Axis::new()
-                    .title(Title::with_text("position: clean/corrupted token"))
-                    .tick_angle(-90.0)
-                    .auto_margin(true),
-            )
-            .y_axis(Axis::new().title(Title::with_text("point patched"))),
-    );
+    let heat = |layers: &[usize], grid: &Array2<f64>, y_title: &str| {
+        let ys: Vec<String> = layers.iter().map(|p| p.to_string()).collect();
+        let z: Vec<Vec<f64>> = grid.outer_iter().map(|r| r.to_vec()).collect();
+        let mut plot = Plot::new();
+        plot.add_trace(
+            HeatMap::new(labels.clone(), ys, z)
+                .color_scale(ColorScale::Palette(ColorScalePalette::Viridis))
+                .color_bar(
+                    plotly::common::ColorBar::new().title(Title::with_text("P(clean answer)")),
+                )
+                .name("P(answer)"),
+        );
+        plot.set_layout(
+            Layout::new()
+                .height(620)
+                .x_axis(
+                    Axis::new()
+                        .title(Title::with_text("position: clean/corrupted token"))
+                        .tick_angle(-90.0)
+                        .auto_margin(true),
+                )
+                .y_axis(Axis::new().title(Title::with_text(y_title))),
+        );
+        plot
+    };
+    let plot = heat(&s.points, &s.p, "point patched");
+    let mut figures = vec![Figure {
+            title: "P(clean answer) with one state patched from the clean run".into(),
+            caption: "Each cell runs the corrupted prompt with one state — the residual stream at that point (row) and token position (column) — replaced by the clean prompt's, and shows the probability of the clean answer at the last position. Bright cells carry the information that decides the answer: typically the subject's last token in early-to-middle points, and the last position in late points. The last point only acts at the last position (it feeds nothing but the logits). A cell can exceed the clean prompt's own P: one clean state inside the corrupted context can push the answer further than the whole clean prompt does.".into(),
+            plot,
+        }];
+    for (tap, grid) in &s.components {
+        let (what, who) = match tap {
+            Tap::AttnOut => ("attention's output", "attention"),
+            Tap::MlpOut => ("MLP's output", "the MLP"),
+            _ => ("tap", "this part"),
+        };
+        figures.push(Figure {
+            title: format!("P(clean answer) with {what} (`{tap}`) restored over {} block(s)", s.window),
+            caption: format!(
+                "Each cell runs the corrupted prompt with what {who} added to the residual stream at one token position (column) restored from the clean run, at the {} block(s) centred on the row's block (blocks b−{} … b+{}, cut at the model's ends), as Meng et al. (2022) separate attention from the MLP. Compare with the residual row above: where the MLP row lights up at the subject's tokens and the attention row does not, the MLP of those blocks writes what the subject recalls; attention that lights up at the last position moves it there. One block's part alone rarely moves the answer, hence the window (--window).",
+                s.window,
+                s.window / 2,
+                s.window.div_ceil(2) - 1
+            ),
+            plot: heat(&(0..n_layer).collect::<Vec<_>>(), grid, "block at the window's centre"),
+        });
+    }
     let sections = [Section {
         tabs: Vec::new(),
         title: "Causal tracing".into(),
@@ -252,11 +356,7 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             s.p_corrupt,
             esc(&args.model.path().display().to_string())
         ),
-        figures: vec![Figure {
-            title: "P(clean answer) with one state patched from the clean run".into(),
-            caption: "Each cell runs the corrupted prompt with one state — the residual stream at that point (row) and token position (column) — replaced by the clean prompt's, and shows the probability of the clean answer at the last position. Bright cells carry the information that decides the answer: typically the subject's last token in early-to-middle points, and the last position in late points. The last point only acts at the last position (it feeds nothing but the logits). A cell can exceed the clean prompt's own P: one clean state inside the corrupted context can push the answer further than the whole clean prompt does.".into(),
-            plot,
-        }],
+        figures,
     }];
     let html = page::render(&page::PageInput {
         title: "gguf-trace: causal tracing",
@@ -300,6 +400,14 @@ pub fn run(args: &PatchArgs, out: &mut dyn Write) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    for (tap, grid) in &s.components {
+        if let Some(((b, j), v)) = grid.indexed_iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+            eprintln!(
+                "strongest {tap} restore ({}-block window): centred on block {b} at {j} ({:?}) {v:.3}",
+                s.window, pieces[j]
+            );
+        }
+    }
     eprintln!(
         "wrote {} and {} — open the page in a browser (it works offline)",
         args.output.display(),

@@ -189,6 +189,7 @@ pub fn select(run: &Run, directions: &Path, o: &SelectOptions) -> Result<Selecti
             file: directions.to_path_buf(),
             points: None,
             direction: Some(p.to_string()),
+            taps: Vec::new(),
         });
         t
     };

@@ -86,6 +86,18 @@ pub struct Patching {
     /// `--patch-points` and `--patch-positions`, parsed once the model's depth is known.
     pub points: String,
     pub positions: Option<String>,
+    /// `--patch-taps`: what is replaced (default: the residual stream).
+    pub taps: Vec<Tap>,
+    /// `--patch-heads`: only these heads' slices of z (instead of points and taps).
+    pub heads: Option<String>,
+}
+
+/// `--ablate-heads`: heads whose slice of `z` is set to zero, or to its mean over a run.
+#[derive(Debug, Clone)]
+pub struct HeadAblation {
+    /// `--ablate-heads`, parsed once the model's shape is known.
+    pub heads: String,
+    pub mean_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +107,8 @@ pub struct Ablation {
     pub points: Option<String>,
     /// `--ablate-direction`: "each", or the point whose direction is used everywhere.
     pub direction: Option<String>,
+    /// `--ablate-taps`: the parts whose output loses the direction (empty: the residual stream).
+    pub taps: Vec<Tap>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +140,8 @@ pub struct TraceOptions {
     pub shown_as: Option<PathBuf>,
     /// `--ablate`: directional ablation at chosen points.
     pub ablation: Option<Ablation>,
+    /// `--ablate-heads`: attention heads ablated.
+    pub head_ablation: Option<HeadAblation>,
     /// `--patch-from`: activation patching from another run.
     pub patching: Option<Patching>,
     /// No progress bar and no "tracing"/"traced" lines (warnings still go to stderr): for
@@ -153,6 +169,7 @@ impl TraceOptions {
             resume: false,
             shown_as: None,
             ablation: None,
+            head_ablation: None,
             patching: None,
             quiet: false,
         }
@@ -181,10 +198,61 @@ impl TraceOptions {
         if (a.patch_points.is_some() || a.patch_positions.is_some()) && a.patch_from.is_none() {
             bail!("--patch-points and --patch-positions need --patch-from");
         }
-        if a.patch_from.is_some() && a.patch_points.is_none() {
-            bail!("--patch-from needs --patch-points (which points to patch)");
+        if a.patch_from.is_some() && a.patch_points.is_none() && a.patch_heads.is_none() {
+            bail!("--patch-from needs --patch-points (which points to patch) or --patch-heads");
         }
+        if a.patch_taps.is_some() && a.patch_from.is_none() {
+            bail!("--patch-taps needs --patch-from");
+        }
+        if a.patch_heads.is_some() {
+            if a.patch_from.is_none() {
+                bail!("--patch-heads needs --patch-from");
+            }
+            if a.patch_points.is_some() || a.patch_taps.is_some() {
+                bail!("--patch-heads names the blocks and the tap (z) itself: leave out --patch-points and --patch-taps");
+            }
+        }
+        if a.ablate_taps.is_some() && a.ablate.is_none() {
+            bail!("--ablate-taps needs --ablate");
+        }
+        let ablate_taps = match &a.ablate_taps {
+            None => Vec::new(),
+            Some(list) => {
+                let taps = parse_patch_taps(list).map_err(|e| {
+                    anyhow::anyhow!(e.to_string().replace("--patch-taps", "--ablate-taps"))
+                })?;
+                if let Some(t) = taps
+                    .iter()
+                    .find(|t| !matches!(t, Tap::AttnOut | Tap::MlpOut | Tap::ResidMid))
+                {
+                    bail!("--ablate-taps {t}: a direction of the residual stream is removed from attn_out, mlp_out or resid_mid (vectors of its width)");
+                }
+                taps
+            }
+        };
+        if a.ablate_heads_from.is_some() && a.ablate_heads.is_none() {
+            bail!("--ablate-heads-from needs --ablate-heads");
+        }
+        let patch_taps = match &a.patch_taps {
+            None => vec![Tap::Resid],
+            Some(list) => parse_patch_taps(list)?,
+        };
         let mut capture = a.capture.clone();
+        // Taps that are edited must be located in the graph, so they are captured too.
+        let mut edited: Vec<Tap> = patch_taps
+            .iter()
+            .copied()
+            .filter(|t| t.in_block())
+            .collect();
+        if a.ablate_heads.is_some() || a.patch_heads.is_some() {
+            edited.push(Tap::Z);
+        }
+        edited.extend(&ablate_taps);
+        for t in edited {
+            if !capture.taps.contains(&t) {
+                capture.taps.push(t);
+            }
+        }
         if a.attribution {
             // The attribution reads what attention and the MLP add to the residual stream.
             for t in super::attribute::TAPS {
@@ -216,11 +284,22 @@ impl TraceOptions {
                 file,
                 points: a.ablate_points.clone(),
                 direction: a.ablate_direction.clone(),
+                taps: ablate_taps,
             }),
             patching: a.patch_from.clone().map(|from| Patching {
                 from,
                 points: a.patch_points.clone().unwrap_or_default(),
                 positions: a.patch_positions.clone(),
+                taps: if a.patch_heads.is_some() {
+                    vec![Tap::Z]
+                } else {
+                    patch_taps
+                },
+                heads: a.patch_heads.clone(),
+            }),
+            head_ablation: a.ablate_heads.clone().map(|heads| HeadAblation {
+                heads,
+                mean_from: a.ablate_heads_from.clone(),
             }),
             ..TraceOptions::new(
                 a.model.path().to_path_buf(),
@@ -270,6 +349,13 @@ impl TraceOptions {
         }
         if let Some(p) = &self.patching {
             crate::paths::read_back(&p.from, "--patch-from")?;
+        }
+        if let Some(h) = self
+            .head_ablation
+            .as_ref()
+            .and_then(|h| h.mean_from.as_ref())
+        {
+            crate::paths::read_back(h, "--ablate-heads-from")?;
         }
         Ok(())
     }
@@ -392,19 +478,30 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
     let (ablated, ablated_from) = ablate(&mut tracer, opts.ablation.as_ref(), model)?;
     // Taps inside blocks are found in the graph first: their widths size the output.
     let taps = tracer.identify(&token_lists)?;
+    let ablated_heads = ablate_heads(&mut tracer, opts.head_ablation.as_ref(), &loaded, model)?;
     if !opts.capture.block_taps().is_empty() {
         check_disk(opts, &loaded, &token_lists, &taps)?;
     }
     let n_blocks = cfg.tap_blocks(model.n_layer()).len();
     let loaded_heads = loaded.heads.clone();
+    // Ablated points of the residual stream (an ablation inside blocks touches no point).
+    let stream_ablated: Vec<usize> = match &opts.ablation {
+        Some(a) if !a.taps.is_empty() => Vec::new(),
+        _ => ablated.clone(),
+    };
     if let Some((a, b)) = control_points {
-        if let Some(p) = ablated.iter().find(|&&p| (a..=b).contains(&p)) {
+        if let Some(p) = stream_ablated.iter().find(|&&p| (a..=b).contains(&p)) {
             // llama.cpp adds the control vector before l_out is named, so the ablation would
             // remove the steering's own component there.
             bail!("point {p} is both steered (--control-points {a}-{b}) and ablated: choose one intervention per point");
         }
     }
-    let patch = open_patch(opts.patching.as_ref(), &loaded, &token_lists, &ablated)?;
+    let patch = open_patch(
+        opts.patching.as_ref(),
+        &loaded,
+        &token_lists,
+        &stream_ablated,
+    )?;
     let mut lens = open_lens(opts, &loaded, cfg.threads)?;
     let mut attribution = match &opts.attribution {
         None => None,
@@ -504,6 +601,7 @@ pub fn trace(opts: &TraceOptions) -> Result<PathBuf> {
             control_points,
             ablated,
             ablated_from,
+            ablated_heads,
             patch: patch.map(|p| p.settings),
             taps: taps
                 .into_iter()
@@ -873,7 +971,7 @@ fn trace_prompts(
     let mut last_checkpoint = Instant::now();
     let n_prompts = prepared.len();
     if let Some(plan) = patch {
-        tracer.set_patch(Some(plan.patch(start)?));
+        tracer.set_patch(Some(plan.patch(start)?))?;
     }
     if start % n_seq != 0 {
         bail!("internal error: the journal of the interrupted trace ends inside a batch group");
@@ -986,6 +1084,7 @@ fn write_run(
         control_points,
         ablated,
         ablated_from,
+        ablated_heads,
         patch,
         taps,
     } = applied;
@@ -1116,8 +1215,10 @@ fn write_run(
                 ),
                 points: ablated,
                 direction_point: ablated_from,
+                taps: a.taps.clone(),
             }),
             patch,
+            ablated_heads,
             taps,
             settings: Some(opts.capture.clone()),
             flash_attn_off: cfg.taps.contains(&Tap::Pattern)
@@ -1277,14 +1378,20 @@ struct Applied {
     control_points: Option<(usize, usize)>,
     ablated: Vec<usize>,
     ablated_from: Option<usize>,
+    ablated_heads: Option<run::HeadAblationSettings>,
     patch: Option<run::PatchSettings>,
     taps: Vec<run::TapRecord>,
 }
+
+/// A prompt's arrays of taps inside blocks, as read from a run.
+type TapArrays = Vec<(Tap, ndarray::ArrayD<f32>)>;
 
 /// `--patch-from`, validated: the source run, the points and positions to patch.
 struct PatchPlan {
     run: std::sync::Arc<crate::run::Run>,
     points: Vec<usize>,
+    taps: Vec<Tap>,
+    heads: Option<Vec<(usize, usize)>>,
     positions: PatchPositions,
     settings: run::PatchSettings,
 }
@@ -1294,10 +1401,15 @@ impl PatchPlan {
     fn patch<'m>(&self, start: usize) -> Result<Patch<'m>> {
         let run = self.run.clone();
         let mut open: Option<(usize, crate::run::read::PromptStates)> = None;
+        // Taps inside blocks: the prompt's arrays, read whole once per prompt.
+        let mut open_taps: Option<(usize, TapArrays)> = None;
+        let taps = self.taps.clone();
         Ok(Patch {
             points: self.points.clone(),
+            taps: self.taps.clone(),
+            heads: self.heads.clone(),
             positions: self.positions.clone(),
-            source: Box::new(move |i, point, pos| {
+            source: Box::new(move |i, tap, point, pos| {
                 let index = i + start;
                 let rec = &run.manifest.prompts[index];
                 let j = rec.positions.iter().position(|&q| q == pos).ok_or_else(|| {
@@ -1309,6 +1421,42 @@ impl PatchPlan {
                 // A read that fails because the source was replaced meanwhile says so.
                 let why =
                     |e: crate::run::RunError| run.identity().check().err().unwrap_or(e).to_string();
+                if tap != Tap::Resid {
+                    if open_taps.as_ref().is_none_or(|(k, _)| *k != index) {
+                        let mut arrays = Vec::new();
+                        for &t in taps.iter().filter(|t| t.in_block()) {
+                            arrays.push((t, run.tap(t, index).map_err(why)?));
+                        }
+                        open_taps = Some((index, arrays));
+                    }
+                    let arrays = &open_taps.as_ref().expect("opened above").1;
+                    let a = &arrays
+                        .iter()
+                        .find(|(t, _)| *t == tap)
+                        .ok_or_else(|| format!("tap `{tap}` was not opened"))?
+                        .1;
+                    let rec = run
+                        .manifest
+                        .capture
+                        .taps
+                        .iter()
+                        .find(|r| r.tap == tap)
+                        .ok_or_else(|| format!("{} holds no tap `{tap}`", run.dir.display()))?;
+                    let b = rec.blocks.iter().position(|&b| b == point).ok_or_else(|| {
+                        format!(
+                            "{} holds tap `{tap}` at no block {point}",
+                            run.dir.display()
+                        )
+                    })?;
+                    if a.ndim() != 3 || b >= a.shape()[0] || j >= a.shape()[1] {
+                        return Err(format!(
+                            "tap `{tap}` of prompt {index} in {} has shape {:?}",
+                            run.dir.display(),
+                            a.shape()
+                        ));
+                    }
+                    return Ok(a.slice(ndarray::s![b, j, ..]).iter().copied().collect());
+                }
                 if open.as_ref().is_none_or(|(k, _)| *k != index) {
                     open = Some((index, run.prompt_states(index).map_err(why)?));
                 }
@@ -1355,19 +1503,63 @@ fn open_patch(
             theirs.file_name, theirs.n_layer, theirs.n_embd, ours.file_name, ours.n_layer, ours.n_embd
         );
     }
-    let points = parse_points(&p.points, ours.n_layer)
-        .map_err(|e| anyhow::anyhow!(e.replacen("--points", "--patch-points", 1)))?;
-    if let Some(q) = points
-        .iter()
-        .find(|q| !run.manifest.capture.points.contains(q))
-    {
-        bail!(
-            "--patch-from {shown}: the run does not hold point {q} (its points: {})",
-            crate::cli::format_points(&run.manifest.capture.points)
-        );
+    let heads = match &p.heads {
+        Some(spec) => Some(parse_heads(spec, ours.n_layer, ours.n_head).map_err(|e| {
+            anyhow::anyhow!(e.to_string().replace("--ablate-heads", "--patch-heads"))
+        })?),
+        None => None,
+    };
+    let points = match &heads {
+        Some(h) => {
+            let mut blocks: Vec<usize> = h.iter().map(|&(l, _)| l).collect();
+            blocks.dedup();
+            blocks
+        }
+        None => parse_points(&p.points, ours.n_layer)
+            .map_err(|e| anyhow::anyhow!(e.replacen("--points", "--patch-points", 1)))?,
+    };
+    if p.taps.contains(&Tap::Resid) {
+        if let Some(q) = points
+            .iter()
+            .find(|q| !run.manifest.capture.points.contains(q))
+        {
+            bail!(
+                "--patch-from {shown}: the run does not hold point {q} (its points: {})",
+                crate::cli::format_points(&run.manifest.capture.points)
+            );
+        }
+        if let Some(q) = points.iter().find(|q| ablated.contains(q)) {
+            bail!("point {q} is both ablated and patched: choose one intervention per point");
+        }
     }
-    if let Some(q) = points.iter().find(|q| ablated.contains(q)) {
-        bail!("point {q} is both ablated and patched: choose one intervention per point");
+    for &tap in p.taps.iter().filter(|t| t.in_block()) {
+        // Point n_layer names no block: a tap inside the block is patched at the others.
+        let points: Vec<usize> = points
+            .iter()
+            .copied()
+            .filter(|&q| q < ours.n_layer)
+            .collect();
+        if points.is_empty() {
+            bail!(
+                "--patch-points {} with --patch-taps {tap}: a tap inside the block is patched at blocks 0-{}",
+                p.points,
+                ours.n_layer - 1
+            );
+        }
+        let Some(rec) = run.manifest.capture.taps.iter().find(|r| r.tap == tap) else {
+            bail!(
+                "--patch-from {shown}: the run holds no tap `{tap}` (trace it with --taps {tap})"
+            );
+        };
+        if let Some(q) = points.iter().find(|q| !rec.blocks.contains(q)) {
+            bail!(
+                "--patch-from {shown}: the run holds tap `{tap}` at blocks {}, not at block {q}",
+                crate::cli::format_points(&rec.blocks)
+            );
+        }
+        if tap == Tap::Z && !rec.head_ids.is_empty() {
+            bail!("--patch-from {shown}: its z holds only some heads (--heads); patching z needs every head");
+        }
     }
     let longest = token_lists.iter().map(Vec::len).max().unwrap_or(1);
     let positions = match p.positions.as_deref().map(str::trim) {
@@ -1426,13 +1618,238 @@ fn open_patch(
         from: crate::paths::recorded(p.from.as_os_str()),
         points: points.clone(),
         positions: p.positions.clone().unwrap_or_else(|| "all".into()),
+        taps: if p.taps == [Tap::Resid] {
+            Vec::new()
+        } else {
+            p.taps.clone()
+        },
+        heads: heads.clone().unwrap_or_default(),
     };
     Ok(Some(PatchPlan {
         run: std::sync::Arc::new(run),
         points,
+        taps: p.taps.clone(),
+        heads,
         positions,
         settings,
     }))
+}
+
+/// `--patch-taps`: the residual stream (`resid`) and taps inside the block whose rows are vectors
+/// a block adds or reads (not `pattern` or the router's choices).
+pub(crate) fn parse_patch_taps(list: &str) -> Result<Vec<Tap>> {
+    let mut taps = Vec::new();
+    for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+        let t: Tap = item
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--patch-taps: {e}"))?;
+        if !matches!(
+            t,
+            Tap::Resid | Tap::ResidMid | Tap::AttnOut | Tap::MlpOut | Tap::Z | Tap::Neurons
+        ) {
+            bail!("--patch-taps {t}: patching replaces vectors of the residual stream or a block's parts: choose from resid, resid_mid, attn_out, mlp_out, z, neurons");
+        }
+        if taps.contains(&t) {
+            bail!("--patch-taps: `{t}` is named twice");
+        }
+        taps.push(t);
+    }
+    if taps.is_empty() {
+        bail!("--patch-taps: name at least one, e.g. attn_out,mlp_out");
+    }
+    taps.sort();
+    Ok(taps)
+}
+
+/// `--ablate-heads L.H,...`: (block, head) pairs, checked against the model's shape.
+fn parse_heads(spec: &str, n_layer: usize, n_head: usize) -> Result<Vec<(usize, usize)>> {
+    let mut heads = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = item.split_once('.').and_then(|(l, h)| {
+            Some((
+                l.trim().parse::<usize>().ok()?,
+                h.trim().parse::<usize>().ok()?,
+            ))
+        });
+        let Some((l, h)) = parsed else {
+            bail!("--ablate-heads {item:?}: expected BLOCK.HEAD, e.g. 5.3 (block 5, head 3; both from 0)");
+        };
+        if l >= n_layer {
+            bail!(
+                "--ablate-heads {item}: this model has blocks 0-{}",
+                n_layer - 1
+            );
+        }
+        if h >= n_head {
+            bail!(
+                "--ablate-heads {item}: this model has heads 0-{} per block",
+                n_head - 1
+            );
+        }
+        if !heads.contains(&(l, h)) {
+            heads.push((l, h));
+        }
+    }
+    if heads.is_empty() {
+        bail!("--ablate-heads: name at least one head, e.g. 5.3");
+    }
+    heads.sort();
+    Ok(heads)
+}
+
+/// `--ablate-heads`: set each head's slice of `z` to zero, or to its mean over the prompts and
+/// stored positions of `--ablate-heads-from`, at every position. Returns what run.json records.
+fn ablate_heads(
+    tracer: &mut Tracer,
+    ab: Option<&HeadAblation>,
+    loaded: &Loaded,
+    model: &Model,
+) -> Result<Option<run::HeadAblationSettings>> {
+    let Some(ab) = ab else {
+        return Ok(None);
+    };
+    let (n_layer, n_head) = (model.n_layer(), model.n_head());
+    let heads = parse_heads(&ab.heads, n_layer, n_head)?;
+    let blocks = tracer.config().tap_blocks(n_layer);
+    if let Some((l, _)) = heads.iter().find(|(l, _)| !blocks.contains(l)) {
+        bail!("--ablate-heads: block {l} is not traced (it needs point {l} among --points)");
+    }
+    let mut edits = Vec::new();
+    let mut widths = Vec::new();
+    for &(l, _) in &heads {
+        let w = tracer
+            .tap_width(Tap::Z, l)
+            .context("--ablate-heads: the z tap was not identified")?;
+        if w % n_head != 0 {
+            bail!("--ablate-heads: block {l}'s z has {w} values per token, not a multiple of its {n_head} heads");
+        }
+        widths.push(w / n_head);
+    }
+    let mean = match &ab.mean_from {
+        None => None,
+        Some(from) => Some(head_means(from, loaded, &heads, &widths)?),
+    };
+    for (k, &(l, h)) in heads.iter().enumerate() {
+        let d = widths[k];
+        let v = match &mean {
+            Some(m) => m[k].clone(),
+            None => vec![0f32; d],
+        };
+        edits.push((Tap::Z, l, Edit::SetSlices(vec![(h * d, v)])));
+    }
+    // Several heads of one block: one edit with every slice.
+    let mut merged: Vec<(Tap, usize, Edit)> = Vec::new();
+    for (tap, l, e) in edits {
+        let Edit::SetSlices(new) = e else {
+            unreachable!("built above")
+        };
+        match merged.iter_mut().find(|(_, b, _)| *b == l) {
+            Some((_, _, Edit::SetSlices(s))) => s.extend(new),
+            _ => merged.push((tap, l, Edit::SetSlices(new))),
+        }
+    }
+    tracer.add_tap_edits(merged)?;
+    eprintln!(
+        "ablating head(s) {} ({})",
+        heads
+            .iter()
+            .map(|(l, h)| format!("{l}.{h}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if mean.is_some() {
+            "set to their mean"
+        } else {
+            "set to zero"
+        }
+    );
+    Ok(Some(run::HeadAblationSettings {
+        heads,
+        mean_from: ab
+            .mean_from
+            .as_ref()
+            .map(|p| crate::paths::recorded(p.as_os_str())),
+    }))
+}
+
+/// Each head's mean slice of `z` (`head_dims[k]` values) over every prompt and stored position of
+/// `from`, a run of the same model traced with --taps z at the head's block.
+fn head_means(
+    from: &Path,
+    loaded: &Loaded,
+    heads: &[(usize, usize)],
+    head_dims: &[usize],
+) -> Result<Vec<Vec<f32>>> {
+    let shown = display_path(from);
+    let run =
+        crate::run::Run::open(from).with_context(|| format!("--ablate-heads-from {shown}"))?;
+    let (ours, theirs) = (&loaded.facts, &run.manifest.model);
+    if (&ours.architecture, ours.n_layer, ours.n_embd, ours.n_params)
+        != (
+            &theirs.architecture,
+            theirs.n_layer,
+            theirs.n_embd,
+            theirs.n_params,
+        )
+    {
+        bail!(
+            "--ablate-heads-from {shown}: traced with another model ({}), not {}",
+            theirs.file_name,
+            ours.file_name
+        );
+    }
+    let Some(rec) = run.manifest.capture.taps.iter().find(|r| r.tap == Tap::Z) else {
+        bail!("--ablate-heads-from {shown}: the run holds no z tap (trace it with --taps z)");
+    };
+    let mut place = Vec::new();
+    for (k, &(l, h)) in heads.iter().enumerate() {
+        let Some(b) = rec.blocks.iter().position(|&b| b == l) else {
+            bail!("--ablate-heads-from {shown}: its z holds no block {l}");
+        };
+        let slot = if rec.head_ids.is_empty() {
+            Some(h)
+        } else {
+            rec.head_ids.iter().position(|&x| x == h)
+        };
+        let Some(slot) = slot else {
+            bail!("--ablate-heads-from {shown}: its z holds no head {h} (--heads)");
+        };
+        if rec.width % head_dims[k] != 0 || (slot + 1) * head_dims[k] > rec.width {
+            bail!(
+                "--ablate-heads-from {shown}: its z rows ({} values) do not hold head {h}",
+                rec.width
+            );
+        }
+        place.push((b, slot * head_dims[k]));
+    }
+    let mut sums: Vec<Vec<f64>> = head_dims.iter().map(|&d| vec![0f64; d]).collect();
+    let mut n = 0usize;
+    for i in 0..run.manifest.prompts.len() {
+        let z = run
+            .tap(Tap::Z, i)
+            .with_context(|| format!("--ablate-heads-from {shown}"))?;
+        let z = z
+            .into_dimensionality::<ndarray::Ix3>()
+            .map_err(|e| anyhow::anyhow!("--ablate-heads-from {shown}: z of prompt {i}: {e}"))?;
+        for pos in 0..z.shape()[1] {
+            for (k, &(b, start)) in place.iter().enumerate() {
+                for (s, &x) in sums[k].iter_mut().zip(z.slice(ndarray::s![
+                    b,
+                    pos,
+                    start..start + head_dims[k]
+                ])) {
+                    *s += x as f64;
+                }
+            }
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("--ablate-heads-from {shown}: the run holds no positions");
+    }
+    Ok(sums
+        .into_iter()
+        .map(|v| v.into_iter().map(|x| (x / n as f64) as f32).collect())
+        .collect())
 }
 
 /// `--ablate`: load the file's directions (llama.cpp's control-vector rules), make each chosen
@@ -1502,13 +1919,35 @@ fn ablate(
         ),
         None => {}
     }
+    let unit = |p: usize| -> Vec<f32> {
+        // A zero direction projects nothing out (the identity).
+        cv.unit_at(from.unwrap_or(p))
+            .expect("every chosen point has a direction (checked above)")
+            .into_iter()
+            .map(|x| x as f32)
+            .collect()
+    };
+    if !ab.taps.is_empty() {
+        // From what the parts of blocks write: the chosen points name blocks (point L names none).
+        let blocks: Vec<usize> = points.iter().copied().filter(|&p| p < n_layer).collect();
+        if blocks.is_empty() {
+            bail!(
+                "--ablate-taps: the chosen points name no block (blocks are 0-{})",
+                n_layer - 1
+            );
+        }
+        let mut edits = Vec::new();
+        for &tap in &ab.taps {
+            for &b in &blocks {
+                edits.push((tap, b, Edit::Ablate(unit(b))));
+            }
+        }
+        tracer.add_tap_edits(edits)?;
+        return Ok((blocks, from));
+    }
     let mut edits = vec![None; n_layer + 1];
     for &p in &points {
-        // A zero direction projects nothing out (the identity).
-        let unit = cv
-            .unit_at(from.unwrap_or(p))
-            .expect("every chosen point has a direction (checked above)");
-        edits[p] = Some(Edit::Ablate(unit.into_iter().map(|x| x as f32).collect()));
+        edits[p] = Some(Edit::Ablate(unit(p)));
     }
     tracer.set_edits(edits);
     Ok((points, from))

@@ -138,6 +138,10 @@ struct CaptureState {
     edits: Vec<Option<Edit>>,
     /// Rows the current decode wrote back, per point.
     rows_edited: Vec<usize>,
+    /// Per tap slot: an intervention written into the tap's tensor (see [`Edit`]), and the rows
+    /// the current decode wrote back there.
+    tap_edits: Vec<Option<Edit>>,
+    tap_rows_edited: Vec<usize>,
     /// Number of point slots (tap slots follow them in `rows` and `seen`).
     n_point_slots: usize,
     /// Per tap slot: (tap, block), and its locator once the first graph identified it.
@@ -153,9 +157,9 @@ struct CaptureState {
     row_lens: Vec<Vec<usize>>,
 }
 
-/// An intervention on the residual stream at one point, applied in the eval callback's data phase:
-/// the tensor is computed and its consumers are not, so what is written back with
-/// `ggml_backend_tensor_set` is what the next block reads.
+/// An intervention on the residual stream at one point, or on a tap's tensor inside a block,
+/// applied in the eval callback's data phase: the tensor is computed and its consumers are not, so
+/// what is written back with `ggml_backend_tensor_set` is what the next op reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Edit {
     /// Directional ablation (Arditi et al., 2024): h ← h − (h·r̂) r̂ at every row, r̂ of unit
@@ -164,6 +168,12 @@ pub enum Edit {
     /// Activation patching: row i of the decode (batch token i; output i at the last block)
     /// becomes `rows[i]` where it is `Some`.
     Replace(Vec<Option<Vec<f32>>>),
+    /// Every row: `row[start..start + v.len()] = v` for each `(start, v)` (a head's slice of the
+    /// `z` tap: zeros, or its mean over a reference run).
+    SetSlices(Vec<(usize, Vec<f32>)>),
+    /// As `Replace`, but only the columns `start..end` of each range are taken from `rows[i]`
+    /// (patching some heads' slices of `z`).
+    ReplaceCols(Vec<Option<Vec<f32>>>, Vec<(usize, usize)>),
 }
 
 impl Edit {
@@ -184,6 +194,38 @@ impl Edit {
                 }
                 _ => false,
             },
+            Edit::SetSlices(slices) => {
+                for (start, v) in slices {
+                    if let Some(dst) = row.get_mut(*start..*start + v.len()) {
+                        dst.copy_from_slice(v);
+                    }
+                }
+                true
+            }
+            Edit::ReplaceCols(rows, cols) => match rows.get(i).and_then(Option::as_ref) {
+                Some(v) if v.len() == row.len() => {
+                    for &(a, b) in cols {
+                        if let (Some(dst), Some(src)) = (row.get_mut(a..b), v.get(a..b)) {
+                            dst.copy_from_slice(src);
+                        }
+                    }
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
+
+    /// Whether every write of this edit fits a row of `width` values.
+    fn fits(&self, width: usize) -> bool {
+        match self {
+            Edit::Ablate(r) => r.len() == width,
+            Edit::Replace(rows) => rows.iter().flatten().all(|v| v.len() == width),
+            Edit::ReplaceCols(rows, cols) => {
+                rows.iter().flatten().all(|v| v.len() == width)
+                    && cols.iter().all(|&(a, b)| a <= b && b <= width)
+            }
+            Edit::SetSlices(slices) => slices.iter().all(|(s, v)| s + v.len() <= width),
         }
     }
 }
@@ -275,8 +317,6 @@ impl CaptureState {
         let Some(edit) = self.edits.get_mut(point).and_then(Option::take) else {
             return;
         };
-        let n = self.n_embd;
-        let row_bytes = n * 4;
         let first = self.rows_edited[point];
         // The last block's output with every token's row: edits are numbered by output (as
         // where llama.cpp selected the output rows); rows of other tokens reach no output.
@@ -285,6 +325,66 @@ impl CaptureState {
             self.last_tokens[1] += ne1;
             t0
         });
+        // SAFETY: as for this function; the layout was just checked.
+        unsafe { self.write_rows(raw, (ne1, nb1), self.n_embd, &edit, first, by_token) };
+        self.edits[point] = Some(edit);
+        self.rows_edited[point] += match by_token {
+            Some(t0) => self.outputs_among(t0, ne1),
+            None => ne1,
+        };
+    }
+
+    /// Apply tap slot `k`'s edit to the computed tensor `raw` (a tap's node, matched in the ask
+    /// phase) and write it back.
+    ///
+    /// # Safety
+    /// As for [`CaptureState::edit`].
+    unsafe fn edit_tap(&mut self, raw: *mut sys::ggml_tensor, k: usize) {
+        let Some(edit) = self.tap_edits.get_mut(k).and_then(Option::take) else {
+            return;
+        };
+        let l = &self.locators[k];
+        let (tap, block) = self.tap_slots[k];
+        if l.width == 0 || l.flat || l.int || !edit.fits(l.width) {
+            self.fail(format!(
+                "tap `{tap}` at block {block} cannot take this intervention (its rows hold {} values)",
+                l.width
+            ));
+            return;
+        }
+        let width = l.width;
+        // SAFETY: raw is the live tensor handed to the callback (see the caller).
+        let t = unsafe { &*raw };
+        let Some(shape) = self.layout(t, width, (false, false)) else {
+            return;
+        };
+        let first = self.tap_rows_edited[k];
+        // SAFETY: as for this function; the layout was just checked.
+        unsafe { self.write_rows(raw, shape, width, &edit, first, None) };
+        self.tap_edits[k] = Some(edit);
+        self.tap_rows_edited[k] += shape.0;
+    }
+
+    /// Apply `edit` to the `ne1` rows of `width` f32 (`nb1` bytes apart) of the computed tensor
+    /// `raw` and write back the rows it changed. Row r is the edit's row `first + r`, or, with
+    /// `by_token = Some(t0)`, the output that batch token `t0 + r` is (rows of non-outputs are left).
+    ///
+    /// # Safety
+    /// As for [`CaptureState::copy`], and `(ne1, nb1)` is `raw`'s layout as
+    /// [`CaptureState::layout`] checked it for `width`.
+    unsafe fn write_rows(
+        &self,
+        raw: *mut sys::ggml_tensor,
+        (ne1, nb1): (usize, usize),
+        width: usize,
+        edit: &Edit,
+        first: usize,
+        by_token: Option<usize>,
+    ) {
+        // SAFETY: raw is the live tensor handed to the callback (see the caller).
+        let t = unsafe { &*raw };
+        let n = width;
+        let row_bytes = n * 4;
         // Packed rows move in one transfer each way (a device copy on a GPU or RPC backend);
         // strided rows one by one.
         let step = if nb1 == row_bytes { ne1 } else { 1 };
@@ -328,11 +428,6 @@ impl CaptureState {
             }
             r += rows;
         }
-        self.edits[point] = Some(edit);
-        self.rows_edited[point] += match by_token {
-            Some(t0) => self.outputs_among(t0, ne1),
-            None => ne1,
-        };
     }
 
     /// How many of the batch tokens `t0..t0 + n` of the current decode are outputs.
@@ -1391,6 +1486,12 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         }
         if let Some(k) = state.pending.iter().position(|&(p, _)| p == ptr) {
             let (_, s) = state.pending.swap_remove(k);
+            let k = s - state.n_point_slots;
+            if state.tap_edits.get(k).is_some_and(Option::is_some) {
+                // SAFETY: data phase: the computed tensor a tap's locator matched in the ask
+                // phase, whose consumers have not run yet.
+                unsafe { state.edit_tap(raw, k) };
+            }
             // SAFETY: data phase: the tensor a tap's locator matched in the ask phase, computed.
             unsafe { state.copy(t, s) };
         }
@@ -1560,6 +1661,8 @@ impl<'m> Context<'m> {
                 blocks_checked: 0,
                 edits: vec![None; spec.n_layer + 1],
                 rows_edited: vec![0; spec.n_layer + 1],
+                tap_edits: vec![None; spec.tap_slots().len()],
+                tap_rows_edited: vec![0; spec.tap_slots().len()],
                 n_point_slots: spec.points.len(),
                 tap_slots: spec.tap_slots(),
                 locators: Vec::new(),
@@ -1696,6 +1799,7 @@ impl<'m> Context<'m> {
             st.rows.iter_mut().for_each(Vec::clear);
             st.seen.iter_mut().for_each(|n| *n = 0);
             st.rows_edited.iter_mut().for_each(|n| *n = 0);
+            st.tap_rows_edited.iter_mut().for_each(|n| *n = 0);
             st.last_tokens = [0; 2];
             st.error = None;
             st.cur_block = 0;
@@ -1870,6 +1974,23 @@ impl<'m> Context<'m> {
     /// Rows the last decode wrote back, per point (0..=n_layer).
     pub fn rows_edited(&self) -> Option<&[usize]> {
         self.state().map(|s| s.rows_edited.as_slice())
+    }
+
+    /// Interventions inside blocks for the next decodes: `edits[k]` is written into tap slot k
+    /// (see [`CaptureSpec::taps`]) at every row of its tensor, after the tensor is computed and
+    /// before any op reads it. Only on capture contexts; taps are matched from the graph after
+    /// a checked one.
+    pub fn set_tap_edits(&mut self, edits: Vec<Option<Edit>>) {
+        if let Some(st) = self.state_mut() {
+            let n = st.tap_edits.len();
+            st.tap_edits = edits;
+            st.tap_edits.resize(n, None);
+        }
+    }
+
+    /// Rows the last decode wrote back, per tap slot.
+    pub fn tap_rows_edited(&self) -> Option<&[usize]> {
+        self.state().map(|s| s.tap_rows_edited.as_slice())
     }
 
     /// Bytes copied from backend tensors since this context was created.

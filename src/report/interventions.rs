@@ -22,7 +22,10 @@ use crate::run::Run;
 /// Whether a run was traced with an intervention.
 pub fn intervened(v: &RunView) -> bool {
     let c = &v.run.manifest.capture;
-    !c.control_vectors.is_empty() || c.ablation.is_some() || c.patch.is_some()
+    !c.control_vectors.is_empty()
+        || c.ablation.is_some()
+        || c.patch.is_some()
+        || c.ablated_heads.is_some()
 }
 
 fn file_name(p: &str) -> String {
@@ -41,8 +44,14 @@ pub fn describe(v: &RunView) -> String {
             .direction_point
             .map(|q| format!(" (point {q}'s direction)"))
             .unwrap_or_default();
+        let at = if a.taps.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = a.taps.iter().map(|t| t.name()).collect();
+            format!(" from {} of blocks", names.join("+"))
+        };
         parts.push(format!(
-            "ablate {}{which} at {}",
+            "ablate {}{which}{at} at {}",
             file_name(&a.file),
             format_points(&a.points)
         ));
@@ -66,11 +75,31 @@ pub fn describe(v: &RunView) -> String {
         ));
     }
     if let Some(p) = &c.patch {
+        let what = if !p.heads.is_empty() {
+            let heads: Vec<String> = p.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
+            format!(" head(s) {}", heads.join(","))
+        } else if p.taps.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = p.taps.iter().map(|t| t.name()).collect();
+            format!(" {}", names.join("+"))
+        };
         parts.push(format!(
-            "patch from {} at {} ({})",
+            "patch{what} from {} at {} ({})",
             file_name(&p.from),
             format_points(&p.points),
             p.positions
+        ));
+    }
+    if let Some(h) = &c.ablated_heads {
+        let heads: Vec<String> = h.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
+        parts.push(format!(
+            "ablate head(s) {}{}",
+            heads.join(","),
+            h.mean_from
+                .as_ref()
+                .map(|f| format!(" (mean of {})", file_name(f)))
+                .unwrap_or_default()
         ));
     }
     if parts.is_empty() {
@@ -372,7 +401,7 @@ fn section(
                     html_escape(&file_name(&file)),
                     from.map(|q| format!(" (point {q}'s direction)")).unwrap_or_default()
                 ),
-                caption: "Each label's mean state at the last prompt position projected on that point's unit direction; dashed: unmodified, solid: with the intervention. An ablation holds the projection at 0 at the ablated points; an addition lifts it from the steered point on.".into(),
+                caption: "Each label's mean state at the last prompt position projected on that point's unit direction; dashed: unmodified, solid: with the intervention. An ablation of the residual stream holds the projection at 0 at the ablated points (one inside blocks, --ablate-taps, removes it only from what those parts write); an addition lifts it from the steered point on.".into(),
                 plot,
             });
         }

@@ -362,6 +362,9 @@ pub struct CaptureSettings {
     /// `--patch-from`: the source run, points and positions patched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<PatchSettings>,
+    /// `--ablate-heads`: the heads ablated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ablated_heads: Option<HeadAblationSettings>,
     /// Taps inside blocks (`--taps`; schema 2): what each file holds. Empty in version-1 runs
     /// and for `--taps resid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -416,6 +419,23 @@ pub struct PatchSettings {
     pub from: String,
     pub points: Vec<usize>,
     pub positions: String,
+    /// `--patch-taps`: what was replaced at `points` (taps inside the block: at those blocks).
+    /// Empty: the residual stream (runs before taps could be patched).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<crate::capture::taps::Tap>,
+    /// `--patch-heads`: only these (block, head) slices of z were replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<(usize, usize)>,
+}
+
+/// `--ablate-heads`: attention heads whose slice of the `z` tap was overwritten during a trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadAblationSettings {
+    /// (block, head) of every ablated head.
+    pub heads: Vec<(usize, usize)>,
+    /// `--ablate-heads-from`: the run whose mean z each head was set to; None: zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_from: Option<String>,
 }
 
 /// A directional ablation applied during a trace.
@@ -426,6 +446,10 @@ pub struct AblationSettings {
     /// The point whose direction was projected out everywhere; None: each point its own.
     #[serde(default)]
     pub direction_point: Option<usize>,
+    /// `--ablate-taps`: the parts whose output lost the direction (at the blocks `points` name);
+    /// empty: the residual stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<crate::capture::taps::Tap>,
 }
 
 fn yes() -> bool {

@@ -145,6 +145,7 @@ pub fn write_with(
             cache_type: Default::default(),
             ablation: None,
             patch: None,
+            ablated_heads: None,
             taps: Vec::new(),
             settings: None,
             flash_attn_off: false,

@@ -569,6 +569,8 @@ fn activation_patching_replaces_states_and_the_next_blocks_read_them() {
 /// city of" → " Paris", P = 0.719; corrupted subject "The Colosseum": P(" Paris") < 0.001): the
 /// answer is carried by the subject's distinguishing token ("iffel", position 2) at points 0–23
 /// (up to P = 0.79 at points 8–9), then from point 24 on by the last position only (0.43 – 0.72).
+/// The attention and MLP rows separate the two: the MLPs of early blocks at the subject, attention
+/// of late blocks at the last position.
 #[test]
 fn causal_tracing_finds_the_subject_then_the_last_position() {
     let model = require!(model_path(SMOL));
@@ -604,10 +606,52 @@ fn causal_tracing_finds_the_subject_then_the_last_position() {
     crate::report::assert_page_reads_well(&page, &crate::report::shot_path(dir.path(), "patch"));
     let mut rdr = csv::Reader::from_path(dir.path().join("patch.csv")).unwrap();
     let mut p = vec![vec![0f64; 10]; 31];
+    // The residual row, and the attention and MLP rows (block at the window's centre).
+    let mut rows = std::collections::BTreeMap::<String, Vec<Vec<f64>>>::new();
     for r in rdr.records() {
         let r = r.unwrap();
         let (pt, pos): (usize, usize) = (r[1].parse().unwrap(), r[2].parse().unwrap());
-        p[pt][pos] = r[5].parse().unwrap();
+        let v: f64 = r[5].parse().unwrap();
+        if &r[0] == "resid" {
+            p[pt][pos] = v;
+        } else {
+            rows.entry(r[0].to_string())
+                .or_insert_with(|| vec![vec![f64::NAN; 10]; 30])[pt][pos] = v;
+        }
+    }
+    assert_eq!(
+        rows.keys().collect::<Vec<_>>(),
+        ["attn_out", "mlp_out"],
+        "the attention and MLP rows"
+    );
+    assert!(
+        rows.values().flatten().flatten().all(|v| v.is_finite()),
+        "a cell of the attention or MLP rows is missing"
+    );
+    // Meng et al.'s two sites, separated by the attention and MLP rows (10-block windows):
+    // restoring the MLPs of early blocks at the subject's token "iffel" (position 2) brings the
+    // answer back (measured P 0.19–0.23 for windows centred on blocks 0–5), while restoring
+    // attention there does nothing (every cell of blocks 0–11 ≤ 0.0054); late, attention at the
+    // last position does (0.52–0.75 for blocks 19–21).
+    let (attn, mlp) = (&rows["attn_out"], &rows["mlp_out"]);
+    let best = |row: &[f64]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    for (b, row) in mlp.iter().enumerate().take(6) {
+        assert_eq!(best(row), 2, "MLP row, block {b}: {row:?}");
+        assert!(row[2] > 0.1, "MLP row, block {b}: {row:?}");
+    }
+    for (b, row) in attn.iter().enumerate().take(12) {
+        assert!(
+            row.iter().all(|&v| v < 0.01),
+            "attention row, block {b}: {row:?}"
+        );
+    }
+    for (b, row) in attn.iter().enumerate().take(22).skip(19) {
+        assert_eq!(best(row), 9, "attention row, block {b}: {row:?}");
+        assert!(row[9] > 0.3, "attention row, block {b}: {row:?}");
     }
     let last = 9;
     let argmax = |row: &[f64]| {

@@ -12,6 +12,7 @@ mod bad_input;
 mod capture;
 mod chat;
 mod cli_trace;
+mod components;
 mod interventions;
 mod lens;
 mod quant;

@@ -472,11 +472,13 @@ fn rpc_interventions_equal_local_ones() {
         "Water freezes at a temperature of",
     ];
     ok(w, &[&other[..], &["-o", "source"]].concat());
-    let interventions: [(&str, Vec<&str>); 2] = [
+    let interventions: [(&str, Vec<&str>); 3] = [
         (
             "ablate",
             vec!["--ablate", s(&cv), "--ablate-direction", "each"],
         ),
+        // A head's slice of z, written back on whichever backend computes it.
+        ("heads", vec!["--ablate-heads", "3.0,3.1,3.2,10.1"]),
         (
             "patch",
             vec![
