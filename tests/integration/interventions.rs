@@ -584,8 +584,10 @@ fn causal_tracing_finds_the_subject_then_the_last_position() {
         "The Eiffel Tower is located in the city of",
         "--corrupt",
         "The Colosseum is located in the city of",
+        // One thread: 910 small decodes, and ggml's worker threads spin while they wait, which on
+        // two cores shared with the other tests costs far more than it saves.
         "--threads",
-        "2",
+        "1",
         "-o",
         s(&page),
     ]);
