@@ -505,7 +505,8 @@ pub struct TraceArgs {
 
     /// Points to ablate with --ablate, e.g. "all" or "10-20" (default: every point FILE has a
     /// direction for; control vectors hold directions from point 2 on); with --ablate-taps, the
-    /// blocks whose parts are ablated
+    /// blocks whose parts are ablated (block b's parts write into point b + 1, whose direction is
+    /// theirs unless --ablate-direction names one)
     #[arg(long, value_name = "SPEC")]
     pub ablate_points: Option<String>,
 

@@ -541,7 +541,13 @@ impl<'m> Tracer<'m> {
                 match (slot, &patch.heads) {
                     (None, _) => edits[p] = Some(Edit::Replace(values)),
                     (Some(k), Some(heads)) if tap == Tap::Z => {
-                        let d = tap_layout.get(k).map_or(0, |l| l.0) / n_head.max(1);
+                        let w = tap_layout.get(k).map_or(0, |l| l.0);
+                        if n_head == 0 || w % n_head != 0 {
+                            return Err(TraceError::Patch(format!(
+                                "z at block {p} has {w} values per token, not a multiple of the model's {n_head} heads"
+                            )));
+                        }
+                        let d = w / n_head;
                         let cols = heads
                             .iter()
                             .filter(|&&(b, _)| b == p)

@@ -971,7 +971,7 @@ fn trace_prompts(
     let mut last_checkpoint = Instant::now();
     let n_prompts = prepared.len();
     if let Some(plan) = patch {
-        tracer.set_patch(Some(plan.patch(start)?))?;
+        tracer.set_patch(Some(plan.patch(start, n_seq)?))?;
     }
     if start % n_seq != 0 {
         bail!("internal error: the journal of the interrupted trace ends inside a batch group");
@@ -1278,11 +1278,18 @@ fn plan_fingerprint(
             crate::model_hash::stamp(&p.from.join(run::RUN_JSON)).ok(),
             &p.points,
             &p.positions,
+            &p.taps,
+            &p.heads,
         )),
         "ablation": opts.ablation.as_ref().map(|a| (
             crate::model_hash::stamp(&a.file).ok(),
             a.points.clone(),
             a.direction.clone(),
+            &a.taps,
+        )),
+        "head_ablation": opts.head_ablation.as_ref().map(|h| (
+            &h.heads,
+            h.mean_from.as_ref().map(|f| crate::model_hash::stamp(&f.join(run::RUN_JSON)).ok()),
         )),
         "chat": opts.input.chat,
         "system": opts.input.system,
@@ -1398,11 +1405,12 @@ struct PatchPlan {
 
 impl PatchPlan {
     /// The tracer's patch for prompts `start..` (a resumed trace starts past the journal).
-    fn patch<'m>(&self, start: usize) -> Result<Patch<'m>> {
+    fn patch<'m>(&self, start: usize, n_seq: usize) -> Result<Patch<'m>> {
         let run = self.run.clone();
         let mut open: Option<(usize, crate::run::read::PromptStates)> = None;
-        // Taps inside blocks: the prompt's arrays, read whole once per prompt.
-        let mut open_taps: Option<(usize, TapArrays)> = None;
+        // Taps inside blocks: each prompt's arrays, read whole once while its group is decoded
+        // (a decode asks for the rows of every sequence of the group in turn, tap by tap).
+        let mut open_taps: Vec<(usize, TapArrays)> = Vec::new();
         let taps = self.taps.clone();
         Ok(Patch {
             points: self.points.clone(),
@@ -1422,14 +1430,21 @@ impl PatchPlan {
                 let why =
                     |e: crate::run::RunError| run.identity().check().err().unwrap_or(e).to_string();
                 if tap != Tap::Resid {
-                    if open_taps.as_ref().is_none_or(|(k, _)| *k != index) {
+                    if !open_taps.iter().any(|(k, _)| *k == index) {
                         let mut arrays = Vec::new();
                         for &t in taps.iter().filter(|t| t.in_block()) {
                             arrays.push((t, run.tap(t, index).map_err(why)?));
                         }
-                        open_taps = Some((index, arrays));
+                        if open_taps.len() >= n_seq.max(1) {
+                            open_taps.remove(0);
+                        }
+                        open_taps.push((index, arrays));
                     }
-                    let arrays = &open_taps.as_ref().expect("opened above").1;
+                    let arrays = &open_taps
+                        .iter()
+                        .find(|(k, _)| *k == index)
+                        .expect("opened above")
+                        .1;
                     let a = &arrays
                         .iter()
                         .find(|(t, _)| *t == tap)
@@ -1616,7 +1631,16 @@ fn open_patch(
     }
     let settings = run::PatchSettings {
         from: crate::paths::recorded(p.from.as_os_str()),
-        points: points.clone(),
+        // What was patched: point L names no block, so taps inside the block alone skip it.
+        points: if p.taps.contains(&Tap::Resid) {
+            points.clone()
+        } else {
+            points
+                .iter()
+                .copied()
+                .filter(|&q| q < ours.n_layer)
+                .collect()
+        },
         positions: p.positions.clone().unwrap_or_else(|| "all".into()),
         taps: if p.taps == [Tap::Resid] {
             Vec::new()
@@ -1871,9 +1895,14 @@ fn ablate(
         .map(|&il| il + 1)
         .filter(|&p| p <= n_layer)
         .collect();
+    // With --ablate-taps the chosen numbers are blocks, and block b's parts write into point
+    // b + 1: that point's direction is theirs (default: every block whose point has one).
+    let in_blocks = !ab.taps.is_empty();
+    let own = |p: usize| if in_blocks { p + 1 } else { p };
     let points = match &ab.points {
         Some(spec) => parse_points(spec, n_layer)
             .map_err(|e| anyhow::anyhow!(e.replacen("--points", "--ablate-points", 1)))?,
+        None if in_blocks => available.iter().map(|&p| p - 1).collect(),
         None => available.clone(),
     };
     if points.is_empty() {
@@ -1882,7 +1911,26 @@ fn ablate(
             display_path(&ab.file)
         );
     }
-    if let Some(p) = points.iter().find(|p| !available.contains(p)) {
+    let single = ab.direction.as_deref().is_some_and(|d| d.trim() != "each");
+    if in_blocks {
+        if let Some(b) = points.iter().find(|&&b| b >= n_layer) {
+            bail!(
+                "--ablate-points {b} with --ablate-taps: the points name blocks, 0-{}",
+                n_layer - 1
+            );
+        }
+        if let Some(b) = points
+            .iter()
+            .find(|&&b| !single && !available.contains(&own(b)))
+        {
+            bail!(
+                "{}: no direction for point {} (what block {b} writes into; the file has points {}); choose --ablate-points among the blocks before them, or one direction with --ablate-direction P",
+                display_path(&ab.file),
+                b + 1,
+                crate::cli::format_points(&available)
+            );
+        }
+    } else if let Some(p) = points.iter().find(|p| !available.contains(p)) {
         bail!(
             "{}: no direction for point {p} (the file has points {}); choose --ablate-points among them",
             display_path(&ab.file),
@@ -1910,7 +1958,8 @@ fn ablate(
     };
     match from {
         Some(q) => eprintln!(
-            "ablating point {q}'s direction at points {}",
+            "ablating point {q}'s direction at {} {}",
+            if in_blocks { "blocks" } else { "points" },
             crate::cli::format_points(&points)
         ),
         None if ab.direction.is_none() => eprintln!(
@@ -1921,21 +1970,14 @@ fn ablate(
     }
     let unit = |p: usize| -> Vec<f32> {
         // A zero direction projects nothing out (the identity).
-        cv.unit_at(from.unwrap_or(p))
+        cv.unit_at(from.unwrap_or(own(p)))
             .expect("every chosen point has a direction (checked above)")
             .into_iter()
             .map(|x| x as f32)
             .collect()
     };
-    if !ab.taps.is_empty() {
-        // From what the parts of blocks write: the chosen points name blocks (point L names none).
-        let blocks: Vec<usize> = points.iter().copied().filter(|&p| p < n_layer).collect();
-        if blocks.is_empty() {
-            bail!(
-                "--ablate-taps: the chosen points name no block (blocks are 0-{})",
-                n_layer - 1
-            );
-        }
+    if in_blocks {
+        let blocks = points;
         let mut edits = Vec::new();
         for &tap in &ab.taps {
             for &b in &blocks {

@@ -412,7 +412,11 @@ fn section(
     let mut doses: BTreeMap<DoseKey, Vec<(f64, usize)>> = BTreeMap::new();
     for (n, &i) in all.iter().enumerate().skip(1) {
         let c = &views[i].run.manifest.capture;
-        if !c.control_vectors.is_empty() && c.ablation.is_none() && c.patch.is_none() {
+        if !c.control_vectors.is_empty()
+            && c.ablation.is_none()
+            && c.patch.is_none()
+            && c.ablated_heads.is_none()
+        {
             doses
                 .entry((c.control_vectors.clone(), c.control_points))
                 .or_default()

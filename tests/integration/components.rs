@@ -473,3 +473,27 @@ fn ablating_a_direction_from_attention_and_mlp_outputs() {
     assert_eq!(rec.taps, vec![Tap::AttnOut, Tap::MlpOut]);
     assert_eq!(rec.points, vec![5, 6, 7]);
 }
+
+/// `--resume` tells a run with other component interventions from its own: the same
+/// `--ablate-heads` is "already complete", another head is not the same run (the fingerprint
+/// holds the heads, not only the taps they add).
+#[test]
+fn resume_tells_component_interventions_apart() {
+    let model = require!(model_path(SMOL));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let base = ["-p", "Hello there", "--taps", "z", "--ablate-heads"];
+    trace_run(&model, &[&base[..], &["3.1"]].concat(), &out);
+    let again = |heads: &str| {
+        let mut a = vec!["trace", "-m", s(&model), "-o", s(&out), "--resume"];
+        a.extend(base);
+        a.push(heads);
+        run_bin(&a)
+    };
+    let o = again("3.1");
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already complete"));
+    let o = again("4.1");
+    assert!(!o.status.success(), "another head resumed the run");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("already complete"));
+}
