@@ -918,10 +918,11 @@ impl<'m> Tracer<'m> {
             .ctx
             .tap_rows_edited()
             .expect("tracer contexts always capture");
-        let tap_layout_now = self.ctx.tap_layout();
-        let blocks_now = self.cfg.tap_blocks(self.n_layer);
+        // The taps' layout and blocks, read once per decode (the checks below use them too).
+        let tap_layout = self.ctx.tap_layout();
+        let blocks = self.cfg.tap_blocks(self.n_layer);
         for &k in &self.tap_edited {
-            let want = if tap_layout_now.get(k).is_some_and(|l| l.1) {
+            let want = if tap_layout.get(k).is_some_and(|l| l.1) {
                 outputs.len()
             } else {
                 n_tokens
@@ -929,8 +930,8 @@ impl<'m> Tracer<'m> {
             if tap_edited[k] != want {
                 return Err(TraceError::Tap(format!(
                     "the intervention on tap `{}` at block {} reached {} rows of a decode, expected {want}",
-                    self.cfg.taps[k / blocks_now.len()],
-                    blocks_now[k % blocks_now.len()],
+                    self.cfg.taps[k / blocks.len()],
+                    blocks[k % blocks.len()],
                     tap_edited[k]
                 )));
             }
@@ -973,9 +974,7 @@ impl<'m> Tracer<'m> {
                 });
             }
         }
-        let tap_layout = self.ctx.tap_layout();
         let n_points = self.cfg.points.len();
-        let blocks = self.cfg.tap_blocks(self.n_layer);
         let tap_heads = self.ctx.tap_heads();
         let tap_sinks = self.ctx.tap_sinks();
         let row_lens = self
