@@ -1738,7 +1738,6 @@ fn ablate_heads(
     if let Some((l, _)) = heads.iter().find(|(l, _)| !blocks.contains(l)) {
         bail!("--ablate-heads: block {l} is not traced (it needs point {l} among --points)");
     }
-    let mut edits = Vec::new();
     let mut widths = Vec::new();
     for &(l, _) in &heads {
         let w = tracer
@@ -1753,26 +1752,20 @@ fn ablate_heads(
         None => None,
         Some(from) => Some(head_means(from, loaded, &heads, &widths)?),
     };
+    // One edit per block, with the slice of every head ablated there.
+    let mut edits: Vec<(Tap, usize, Edit)> = Vec::new();
     for (k, &(l, h)) in heads.iter().enumerate() {
         let d = widths[k];
         let v = match &mean {
             Some(m) => m[k].clone(),
             None => vec![0f32; d],
         };
-        edits.push((Tap::Z, l, Edit::SetSlices(vec![(h * d, v)])));
-    }
-    // Several heads of one block: one edit with every slice.
-    let mut merged: Vec<(Tap, usize, Edit)> = Vec::new();
-    for (tap, l, e) in edits {
-        let Edit::SetSlices(new) = e else {
-            unreachable!("built above")
-        };
-        match merged.iter_mut().find(|(_, b, _)| *b == l) {
-            Some((_, _, Edit::SetSlices(s))) => s.extend(new),
-            _ => merged.push((tap, l, Edit::SetSlices(new))),
+        match edits.iter_mut().find(|(_, b, _)| *b == l) {
+            Some((_, _, Edit::SetSlices(s))) => s.push((h * d, v)),
+            _ => edits.push((Tap::Z, l, Edit::SetSlices(vec![(h * d, v)]))),
         }
     }
-    tracer.add_tap_edits(merged)?;
+    tracer.add_tap_edits(edits)?;
     eprintln!(
         "ablating head(s) {} ({})",
         heads
