@@ -68,9 +68,27 @@ ensure_python() {
     say "creating python venv in $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2, gguf' >/dev/null 2>&1; then
-    say "installing numpy, jinja2, gguf into the venv"
-    "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2 gguf
+  if ! "$GGUF_TRACE_PYTHON" -c 'import numpy, jinja2, gguf, openai' >/dev/null 2>&1; then
+    say "installing numpy, jinja2, gguf, openai into the venv"
+    "$GGUF_TRACE_PYTHON" -m pip install -q --disable-pip-version-check numpy jinja2 gguf openai
+  fi
+}
+
+# The live page of `serve` is tested in Chromium driven by puppeteer-core (the Chrome DevTools
+# protocol; it drives the system's Chromium and downloads no browser), kept under the cache.
+export GGUF_TRACE_NODE_MODULES="${GGUF_TRACE_NODE_MODULES:-$GGUF_TRACE_CACHE/node/node_modules}"
+PUPPETEER_VERSION=24.43.1
+ensure_page_driver() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    case "$(uname -s)" in
+      Darwin) brew_install node;;
+      *) apt_install nodejs npm;;
+    esac
+  fi
+  if [ "$(cat "$GGUF_TRACE_NODE_MODULES/puppeteer-core/package.json" 2>/dev/null | grep -o '"version": *"[^"]*"' | grep -o '[0-9][^"]*')" != "$PUPPETEER_VERSION" ]; then
+    say "installing puppeteer-core $PUPPETEER_VERSION into $(dirname "$GGUF_TRACE_NODE_MODULES")"
+    mkdir -p "$(dirname "$GGUF_TRACE_NODE_MODULES")"
+    (cd "$(dirname "$GGUF_TRACE_NODE_MODULES")" && PUPPETEER_SKIP_DOWNLOAD=1 npm install -s --no-audit --no-fund "puppeteer-core@$PUPPETEER_VERSION" >/dev/null)
   fi
 }
 

@@ -61,6 +61,22 @@ pub fn render_template(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String, minijinja::Error> {
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(("system".to_string(), s.to_string()));
+    }
+    messages.push(("user".to_string(), user.to_string()));
+    render_conversation(template, &messages, bos_token, eos_token)
+}
+
+/// Render a conversation (`(role, content)` pairs, roles system/user/assistant) with
+/// `template`, adding the assistant generation prompt, as transformers' `apply_chat_template`.
+pub fn render_conversation(
+    template: &str,
+    conversation: &[(String, String)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, minijinja::Error> {
     let mut env = Environment::new();
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
@@ -70,12 +86,12 @@ pub fn render_template(
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
     env.add_template("chat", template)?;
-    let mut messages = Vec::new();
-    if let Some(s) = system {
-        messages.push(context! { role => "system", content => s });
-    }
-    messages.push(context! { role => "user", content => user });
-    let limit = TEMPLATE_OUTPUT_SLACK + 8 * (user.len() + system.map_or(0, str::len));
+    let messages: Vec<_> = conversation
+        .iter()
+        .map(|(role, content)| context! { role => role, content => content })
+        .collect();
+    let limit =
+        TEMPLATE_OUTPUT_SLACK + 8 * conversation.iter().map(|(_, c)| c.len()).sum::<usize>();
     let mut out = Bounded {
         buf: Vec::new(),
         left: limit,
@@ -114,6 +130,30 @@ pub fn render_chat(model: &Model, system: Option<&str>, user: &str) -> Result<St
     let eos = model.token_piece(model.eos());
     let text = render_template(&template, system, user, &bos, &eos).map_err(ChatError::Render)?;
     check_contains(&text, system, user)?;
+    Ok(text)
+}
+
+/// The model's chat template, rendered for a conversation (`(role, content)` pairs).
+pub fn render_messages(
+    model: &Model,
+    conversation: &[(String, String)],
+) -> Result<String, ChatError> {
+    let template = model
+        .meta("tokenizer.chat_template")
+        .ok_or(ChatError::NoTemplate)?;
+    let bos = model.token_piece(model.bos());
+    let eos = model.token_piece(model.eos());
+    let text =
+        render_conversation(&template, conversation, &bos, &eos).map_err(ChatError::Render)?;
+    for (role, content) in conversation {
+        if !text.contains(content.trim()) {
+            return Err(ChatError::Dropped(if role == "system" {
+                "system"
+            } else {
+                "user"
+            }));
+        }
+    }
     Ok(text)
 }
 

@@ -57,6 +57,11 @@ pub enum Command {
     /// Serve this machine's CPU to tracing clients over llama.cpp's RPC protocol (as llama.cpp's
     /// rpc-server does; the two interoperate). Unauthenticated: keep it on a trusted network.
     RpcServer(RpcServerArgs),
+    /// Serve the model over HTTP like llama-server (OpenAI-compatible /v1/completions and
+    /// /v1/chat/completions, streamed or whole), handing back per request what each generated
+    /// token looked like inside (states, logit lens) with that request's own steering or
+    /// ablation (the `"trace"` extension, see the README), and a live page at /.
+    Serve(ServeArgs),
     /// Print shell completions or the man page, generated from these very definitions, e.g.
     /// `gguf-trace generate complete-bash > ~/.local/share/bash-completion/completions/gguf-trace`
     /// or `gguf-trace generate man > ~/.local/share/man/man1/gguf-trace.1`.
@@ -113,6 +118,56 @@ impl ModelArg {
             .or(self.model_opt.as_deref())
             .unwrap_or(std::path::Path::new(""))
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Address to listen on (loopback by default; anything else is reachable by others: use
+    /// --api-key there).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health (the page takes ?key=KEY).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "GGUF_TRACE_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Requests decoded together as sequences of one batch (those with the same capture
+    /// settings and interventions).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub parallel: usize,
+    /// Requests that may wait for a slot; past them the server answers 503 with Retry-After.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub queue: usize,
+    /// Tokens per request: prompt plus generation.
+    #[arg(long, default_value_t = 2048, value_name = "TOKENS")]
+    pub ctx: usize,
+    /// Tokens generated when a request does not say (max_tokens).
+    #[arg(long, default_value_t = 128, value_name = "TOKENS")]
+    pub max_tokens: usize,
+    /// A folder of control vectors and directions (GGUF, as `direction` writes them) that
+    /// requests may name in `trace.steer.vector` / `trace.ablate.vector`.
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
+    /// Where `"states": "run"` writes run directories (default: a temporary folder removed at exit).
+    #[arg(long, value_name = "DIR")]
+    pub runs: Option<PathBuf>,
+    /// Largest request body in bytes (uploaded control vectors count).
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    pub max_body: usize,
+    /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM before they are cut.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub shutdown_timeout: f64,
+    /// Threads for llama.cpp (default: every core).
+    #[arg(short = 't', long)]
+    pub threads: Option<i32>,
 }
 
 #[derive(Debug, Args)]

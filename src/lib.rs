@@ -25,4 +25,5 @@ pub mod prompts;
 pub mod quant;
 pub mod report;
 pub mod run;
+pub mod serve;
 pub mod settings;

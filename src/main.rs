@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     // to stop; nothing that looks complete is left behind. (An RPC server just ends.)
     // If llama.cpp cannot be stopped (blocked on an RPC worker that never answers), a second signal
     // or 10 s end the process the hard way; its outputs stay staged, as after SIGKILL.
-    if !matches!(cli.command, Command::RpcServer(_)) {
+    if !matches!(cli.command, Command::RpcServer(_) | Command::Serve(_)) {
         let _ = ctrlc::set_handler(|| {
             if llama::backend::interrupted() {
                 eprintln!("error: interrupted again: stopping now");
@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Command::Direction(a) => commands::direction::run(a, &mut out),
         Command::Patch(a) => commands::patch::run(a, &mut out),
         Command::RpcServer(a) => commands::rpc_server::run(a, &mut out),
+        Command::Serve(a) => gguf_trace::serve::run(a, &mut out),
         Command::Generate(a) => commands::generate::run(a, &mut out),
     };
     let _ = out.flush();

@@ -245,6 +245,17 @@ impl PromptTrace {
     }
 }
 
+/// A token generation chose, as [`Tracer::trace_streaming`] hands it over.
+pub struct GeneratedToken<'a> {
+    /// Index of the prompt in the input list.
+    pub index: usize,
+    pub token: Token,
+    /// Tokens generated for this prompt before this one.
+    pub n_generated: usize,
+    /// Per kept point: the row at the position whose logits chose `token`.
+    pub rows: Vec<&'a [f32]>,
+}
+
 /// One sequence being traced in the current group.
 struct Seq {
     index: usize,
@@ -617,8 +628,23 @@ impl<'m> Tracer<'m> {
     pub fn trace(
         &mut self,
         prompts: &[Vec<Token>],
+        sink: impl FnMut(PromptTrace) -> anyhow::Result<()>,
+        progress: impl FnMut(usize),
+    ) -> Result<(), TraceError> {
+        self.trace_streaming(prompts, sink, progress, &mut |_| true)
+    }
+
+    /// [`Tracer::trace`], telling `on_token` about every generated token as it is chosen, before
+    /// it is decoded: the prompt's index, the token, and the kept points' rows at the position
+    /// whose logits chose it (one `n_embd` row per kept point, in `points` order). `on_token`
+    /// returning false ends that prompt's generation there (the token is not kept), as if the
+    /// model had ended it: a server's client went away, or had enough.
+    pub fn trace_streaming(
+        &mut self,
+        prompts: &[Vec<Token>],
         mut sink: impl FnMut(PromptTrace) -> anyhow::Result<()>,
         mut progress: impl FnMut(usize),
+        on_token: &mut dyn FnMut(GeneratedToken) -> bool,
     ) -> Result<(), TraceError> {
         self.check_prompts(prompts)?;
         if self.cfg.taps.contains(&Tap::Pattern) {
@@ -646,7 +672,7 @@ impl<'m> Tracer<'m> {
                 .collect();
             self.ctx.clear_memory();
             self.prompt_phase(&mut seqs, &mut progress)?;
-            self.generate_phase(&mut seqs, &mut progress)?;
+            self.generate_phase(&mut seqs, &mut progress, on_token)?;
             for s in seqs {
                 let index = s.index;
                 let t = self.finish(s)?;
@@ -841,7 +867,9 @@ impl<'m> Tracer<'m> {
         &mut self,
         seqs: &mut [Seq],
         progress: &mut impl FnMut(usize),
+        on_token: &mut dyn FnMut(GeneratedToken) -> bool,
     ) -> Result<(), TraceError> {
+        let (e, n_points) = (self.n_embd, self.cfg.points.len());
         if self.cfg.generate == 0 {
             return Ok(());
         }
@@ -856,6 +884,20 @@ impl<'m> Tracer<'m> {
             self.layout.clear();
             for (si, s) in seqs.iter_mut().enumerate() {
                 if let Some(t) = s.next {
+                    let rows: Vec<&[f32]> = s.rows[..n_points]
+                        .iter()
+                        .map(|r| &r[r.len().saturating_sub(e)..])
+                        .collect();
+                    let go_on = on_token(GeneratedToken {
+                        index: s.index,
+                        token: t,
+                        n_generated: s.tokens.len() - s.n_prompt,
+                        rows,
+                    });
+                    if !go_on {
+                        s.next = None;
+                        continue;
+                    }
                     let pos = s.tokens.len();
                     s.tokens.push(t);
                     self.batch.push(t, pos, si, true);

@@ -1871,7 +1871,7 @@ fn head_means(
 
 /// `--ablate`: load the file's directions (llama.cpp's control-vector rules), make each chosen
 /// point's direction unit length, and have the tracer project it out there. Returns the points.
-fn ablate(
+pub(crate) fn ablate(
     tracer: &mut Tracer,
     ablation: Option<&Ablation>,
     model: &Model,
@@ -1990,7 +1990,7 @@ fn ablate(
 
 /// Load `--control-vector` files (llama.cpp's loader rules) and apply them scaled to the chosen
 /// points. Returns the steered points.
-fn steer(
+pub(crate) fn steer(
     tracer: &mut Tracer,
     steering: Option<&Steering>,
     model: &Model,

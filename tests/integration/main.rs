@@ -21,5 +21,6 @@ mod report;
 mod report_scale;
 mod resume;
 mod rpc;
+mod serve;
 mod steering;
 mod taps;
