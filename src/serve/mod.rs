@@ -531,9 +531,11 @@ async fn chat_completions(
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(s)) => t.push_str(s),
-                        (k, _) => return Err(ApiError::bad(format!(
+                        (k, _) => {
+                            return Err(ApiError::bad(format!(
                             "messages[{i}]: a content part of type {k:?}; only text is understood"
-                        ))),
+                        )))
+                        }
                     }
                 }
                 t
@@ -688,12 +690,30 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
             })
         }
     };
+    let states = ext.states.unwrap_or_default();
+    // Nothing inside is handed back: capture only the last point's rows of the generated tokens
+    // (the cheapest capture; the tokens are the same bits, as tracing changes no result).
+    let (points, points_spec, positions, taps) = if states == StatesMode::None && lens_k == 0 {
+        (
+            vec![n_layer],
+            n_layer.to_string(),
+            Positions::Last,
+            Vec::new(),
+        )
+    } else {
+        (
+            points,
+            points_spec,
+            ext.positions.unwrap_or(Positions::All),
+            taps,
+        )
+    };
     Ok(Spec {
         points,
-        positions: ext.positions.unwrap_or(Positions::All),
+        positions,
         taps,
         lens_k,
-        states: ext.states.unwrap_or_default(),
+        states,
         stream_rows: ext.states == Some(StatesMode::Inline),
         steering,
         ablation,

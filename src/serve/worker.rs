@@ -302,11 +302,23 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
     let spec = group[0].spec.clone();
     let generate = group.iter().map(|j| j.max_tokens).max().unwrap_or(0);
     let n_seq = group.len();
+    // The KV cache holds ctx × n_seq cells and llama.cpp clears it when the context is made:
+    // size it to what this group needs (in 256-token steps), not to --ctx.
+    let need = group
+        .iter()
+        .map(|j| j.tokens.len() + j.max_tokens)
+        .max()
+        .unwrap_or(1);
+    let ctx = need
+        .div_ceil(256)
+        .saturating_mul(256)
+        .min(settings.ctx)
+        .max(need);
     let cfg = TraceConfig {
         positions: spec.positions,
         points: spec.points.clone(),
         generate,
-        ctx: settings.ctx,
+        ctx,
         n_seq,
         n_batch: 512.max(n_seq),
         n_ubatch: 512.max(n_seq),

@@ -431,6 +431,64 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
             );
         }
     }
+    // An uploaded control vector steers as the same file named from --vectors.
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(vectors.join("random.gguf")).unwrap());
+    let mut up_steer = steer.clone();
+    up_steer.as_object_mut().unwrap().remove("vector");
+    up_steer["data"] = json!(b64);
+    let up = srv.ok(
+        "v1/completions",
+        &json!({"prompt": prompts[2], "max_tokens": 6, "trace": {"states": "inline", "steer": up_steer}}),
+    );
+    assert!(same_bits(
+        &npy(&up["trace"]["states"]),
+        &npy(&alone[2]["trace"]["states"])
+    ));
+    // Taps inside blocks and f16, as `trace --taps attn_out,mlp_out --dtype f16` writes them.
+    let tapped = srv.ok(
+        "v1/completions",
+        &json!({"prompt": prompts[0], "max_tokens": 6,
+            "trace": {"states": "inline", "taps": "attn_out,mlp_out", "dtype": "f16"}}),
+    );
+    let out = dir.path().join("cli-taps");
+    let run = trace_cli(
+        &model,
+        prompts[0],
+        6,
+        &["--taps", "attn_out,mlp_out", "--dtype", "f16"],
+        &out,
+    );
+    let f16 = |v: &Value| -> Vec<u16> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v["npy"].as_str().unwrap())
+            .unwrap();
+        ArrayD::<gguf_trace::run::npy::F16>::read_npy(&bytes[..])
+            .unwrap()
+            .iter()
+            .map(|x| x.0.to_bits())
+            .collect()
+    };
+    let f16_file = |rel: &str| -> Vec<u16> {
+        let a: ArrayD<gguf_trace::run::npy::F16> = ndarray_npy::read_npy(out.join(rel)).unwrap();
+        a.iter().map(|x| x.0.to_bits()).collect()
+    };
+    let t = &tapped["trace"];
+    assert_eq!(t["states"]["dtype"], "f16");
+    assert_eq!(
+        f16(&t["states"]),
+        f16_file(run["prompts"][0]["states_file"].as_str().unwrap())
+    );
+    for tap in ["attn_out", "mlp_out"] {
+        let rel = run["prompts"][0]["tap_files"][tap].as_str().unwrap();
+        let served = f16(&t["taps"][tap]);
+        assert_eq!(
+            served.len(),
+            30 * 11 * 576,
+            "{tap}: 30 blocks × 11 positions × 576"
+        );
+        assert!(served == f16_file(rel), "tap {tap}: serve vs trace");
+    }
     // The interventions changed something (so the comparisons above can fail).
     let (p, st, ab) = (
         npy(&alone[0]["trace"]["states"]),
