@@ -140,9 +140,15 @@ pub struct ServeArgs {
     )]
     pub api_key: Option<String>,
     /// Requests decoded together as sequences of one batch (those with the same capture
-    /// settings and interventions).
+    /// settings and interventions). At start a short decode checks that a request among others
+    /// gets the same bits as alone; where llama.cpp's kernels make them differ (Gemma-3 on the
+    /// CPU), requests are decoded one at a time.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub parallel: usize,
+    /// Decode up to --parallel requests together even where that changes their results in the
+    /// last bits (see --parallel).
+    #[arg(long)]
+    pub allow_batch_drift: bool,
     /// Requests that may wait for a slot; past them the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub queue: usize,

@@ -47,6 +47,9 @@ struct App {
     queue: Arc<Queue>,
     api_key: Option<String>,
     stats: Arc<worker::Stats>,
+    /// Requests decoded together at most, and whether that is bit-exact (measured at start).
+    parallel: usize,
+    batched_exactly: bool,
     ctx: usize,
     max_tokens: usize,
     vectors: Option<PathBuf>,
@@ -170,6 +173,21 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
+    // Several requests share a batch only where that changes no bit of any of them.
+    let mut parallel = args.parallel;
+    let mut batched_exactly = true;
+    if parallel > 1 {
+        batched_exactly = worker::batch_invariant(&model, threads)
+            .map_err(|e| anyhow::anyhow!("{}: the start-up decode failed: {e}", path.display()))?;
+        if !batched_exactly {
+            if args.allow_batch_drift {
+                eprintln!("note: on this backend, llama.cpp's results for this model depend on which requests share a batch (measured at start): answers decoded together may differ in the last bits, or a near-tie token, from the same request alone (--allow-batch-drift)");
+            } else {
+                eprintln!("note: on this backend, llama.cpp's results for this model depend on which requests share a batch (measured at start), so requests are decoded one at a time: each answer is what the request gets alone. --allow-batch-drift decodes up to --parallel together anyway");
+                parallel = 1;
+            }
+        }
+    }
     let queue = Arc::new(Queue::new(args.queue));
     let cancel = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(worker::Stats::default());
@@ -177,7 +195,7 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
         stats: stats.clone(),
         model_path: path.clone(),
         ctx: args.ctx,
-        parallel: args.parallel,
+        parallel,
         threads,
         runs: runs.clone(),
         cancel: cancel.clone(),
@@ -201,6 +219,8 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
         queue: queue.clone(),
         api_key: args.api_key.clone(),
         stats,
+        parallel,
+        batched_exactly,
         ctx: args.ctx,
         max_tokens: args.max_tokens,
         vectors: args.vectors.clone(),
@@ -230,7 +250,7 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
             out,
             "serving {} on http://{local}/ (OpenAI API under /v1; {} request(s) decoded together, {} may wait){}",
             app.name,
-            args.parallel,
+            parallel,
             args.queue,
             if app.api_key.is_some() { "; every route but /health needs the API key" } else { "" }
         )?;
@@ -394,6 +414,8 @@ async fn models(State(app): State<Shared>) -> Json<Value> {
                 "n_ctx": app.ctx,
                 "points": m.n_layer() + 1,
                 "vectors": known_vectors(&app),
+                "parallel": app.parallel,
+                "batched_exactly": app.batched_exactly,
             }
         }]
     }))

@@ -535,3 +535,57 @@ fn write_run(
     crate::commands::trace::trace(&opts)?;
     Ok(j.id.clone())
 }
+
+/// Whether this model, on this backend, computes a request decoded among others exactly as
+/// alone: four prompts of different lengths (past the first global-attention blocks and a
+/// micro-batch boundary), each traced alone and all four together with a few generated tokens,
+/// compared bit for bit at every point. llama.cpp's CPU kernels depend on the batch shape for
+/// some models (Gemma-3 here), and then `serve` decodes one request at a time.
+pub fn batch_invariant(model: &Model, threads: i32) -> Result<bool, String> {
+    const PROBES: [&str; 4] = [
+        "The quick brown fox jumps over the lazy dog because it was in a hurry to get home before the rain",
+        "def fibonacci(n):\n    if n < 2:\n        return n",
+        "Water boils at",
+        "Once upon a time, in a kingdom by the sea, there lived a princess who",
+    ];
+    let prompts: Vec<Vec<Token>> = PROBES
+        .iter()
+        .map(|p| crate::chat::tokenize_prompt(model, p).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let run = |n_seq: usize, prompts: &[Vec<Token>]| -> Result<Vec<PromptTrace>, String> {
+        let mut cfg = TraceConfig::new(model);
+        cfg.positions = Positions::Last;
+        cfg.generate = 4;
+        cfg.ctx = 256;
+        cfg.n_seq = n_seq;
+        cfg.threads = threads;
+        let mut tracer = Tracer::new(model, cfg).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        tracer
+            .trace(
+                prompts,
+                |t| {
+                    out.push(t);
+                    Ok(())
+                },
+                |_| {},
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    };
+    let together = run(prompts.len(), &prompts)?;
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = run(1, std::slice::from_ref(p))?;
+        let (a, b) = (&alone[0], &together[i]);
+        if a.tokens != b.tokens
+            || a.states.shape() != b.states.shape()
+            || a.states
+                .iter()
+                .zip(&b.states)
+                .any(|(x, y)| x.to_bits() != y.to_bits())
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
