@@ -19,6 +19,8 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub n: Option<usize>,
     #[serde(default)]
+    pub stop: Option<serde_json::Value>,
+    #[serde(default)]
     pub trace: Option<TraceExt>,
 }
 
@@ -46,6 +48,8 @@ pub struct ChatRequest {
     pub stream: bool,
     #[serde(default)]
     pub n: Option<usize>,
+    #[serde(default)]
+    pub stop: Option<serde_json::Value>,
     #[serde(default)]
     pub trace: Option<TraceExt>,
 }

@@ -503,6 +503,7 @@ async fn completions(
     let Json(body) = body.map_err(rejection)?;
     let req: CompletionRequest = serde_path_to_error::deserialize(body).map_err(body_error)?;
     check_n(req.n)?;
+    check_stop(&req.stop)?;
     let prompt = match req.prompt {
         PromptInput::One(p) => p,
         PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -532,6 +533,7 @@ async fn chat_completions(
     let Json(body) = body.map_err(rejection)?;
     let req: ChatRequest = serde_path_to_error::deserialize(body).map_err(body_error)?;
     check_n(req.n)?;
+    check_stop(&req.stop)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad("messages: at least one message"));
     }
@@ -596,6 +598,18 @@ fn check_n(n: Option<usize>) -> Result<(), ApiError> {
     }
 }
 
+/// Stop sequences would cut the answer where `trace`'s would not: refused rather than ignored.
+fn check_stop(stop: &Option<Value>) -> Result<(), ApiError> {
+    match stop {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(v) => Err(ApiError::bad(format!(
+            "stop {v}: stop sequences are not supported (generation is trace's: greedy, to max_tokens or the model's end token); cut the text on the client"
+        ))),
+    }
+}
+
 fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner();
@@ -607,11 +621,13 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
 }
 
 /// A control vector or direction named by a request: a file of `--vectors`, or uploaded bytes.
+/// An uploaded file lives as long as the request that uploaded it (`Spec::uploads`).
 fn vector_file(
     app: &App,
     what: &str,
     name: Option<&str>,
     data: Option<&str>,
+    uploads: &mut Vec<Arc<tempfile::TempPath>>,
 ) -> Result<PathBuf, ApiError> {
     match (name, data) {
         (Some(_), Some(_)) => Err(ApiError::bad(format!(
@@ -645,9 +661,16 @@ fn vector_file(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map_err(|e| ApiError::bad(format!("trace.{what}.data: not base64 ({e})")))?;
-            let id = app.next_id.fetch_add(1, Ordering::Relaxed);
-            let p = app.uploads.path().join(format!("upload-{id}.gguf"));
-            std::fs::write(&p, bytes).map_err(|e| ApiError::new(500, e.to_string()))?;
+            let mut f = tempfile::Builder::new()
+                .prefix("upload-")
+                .suffix(".gguf")
+                .tempfile_in(app.uploads.path())
+                .map_err(|e| ApiError::new(500, e.to_string()))?;
+            std::io::Write::write_all(&mut f, &bytes)
+                .map_err(|e| ApiError::new(500, e.to_string()))?;
+            let path = f.into_temp_path();
+            let p = path.to_path_buf();
+            uploads.push(Arc::new(path));
             Ok(p)
         }
     }
@@ -676,6 +699,7 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
         }
         taps.sort();
     }
+    let mut uploads = Vec::new();
     let lens_k = ext.lens_top_k.unwrap_or(0);
     if lens_k > 100 {
         return Err(ApiError::bad(format!(
@@ -685,7 +709,13 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
     let steering = match &ext.steer {
         None => None,
         Some(s) => {
-            let file = vector_file(app, "steer", s.vector.as_deref(), s.data.as_deref())?;
+            let file = vector_file(
+                app,
+                "steer",
+                s.vector.as_deref(),
+                s.data.as_deref(),
+                &mut uploads,
+            )?;
             check_vector(&file, app.model.n_embd(), "steer")?;
             Some(Steering {
                 files: vec![file],
@@ -702,7 +732,13 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
     let ablation = match &ext.ablate {
         None => None,
         Some(a) => {
-            let file = vector_file(app, "ablate", a.vector.as_deref(), a.data.as_deref())?;
+            let file = vector_file(
+                app,
+                "ablate",
+                a.vector.as_deref(),
+                a.data.as_deref(),
+                &mut uploads,
+            )?;
             check_vector(&file, app.model.n_embd(), "ablate")?;
             Some(Ablation {
                 file,
@@ -740,6 +776,7 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
         steering,
         ablation,
         points_spec,
+        uploads,
     })
 }
 
@@ -851,9 +888,22 @@ async fn serve_request(
                     return Err(ApiError::new(status, message))
                 }
                 Some(Event::Started) => {}
-                None => return Err(ApiError::new(503, "the server is shutting down")),
+                None => return Err(dropped(&app)),
             }
         }
+    }
+}
+
+/// The worker let go of a request without answering: the server is going away, or the request
+/// failed inside it (its log says why).
+fn dropped(app: &App) -> ApiError {
+    if app.shutting_down.load(Ordering::SeqCst) {
+        ApiError::new(503, "the server is shutting down")
+    } else {
+        ApiError::new(
+            500,
+            "the request failed inside the server (an internal error; the server's log says why)",
+        )
     }
 }
 

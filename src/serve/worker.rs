@@ -36,6 +36,8 @@ pub struct Spec {
     pub ablation: Option<Ablation>,
     /// What `trace` is told for `states: "run"`: the points as `--points` spells them.
     pub points_spec: String,
+    /// Uploaded control vectors, deleted when the last holder of the request lets go.
+    pub uploads: Vec<Arc<tempfile::TempPath>>,
 }
 
 impl Spec {
@@ -283,7 +285,16 @@ pub fn run(model: Arc<Model>, settings: WorkerSettings, queue: Arc<Queue>) {
         let n = group.len();
         settings.stats.decoding.fetch_add(n, Ordering::SeqCst);
         settings.stats.largest_batch.fetch_max(n, Ordering::SeqCst);
-        serve_group(&model, &settings, group, head);
+        // A bug must not take the decoding thread down with it (every later request would wait
+        // forever): the group's requests are dropped (their clients get a 500) and serving goes on.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_group(&model, &settings, group, head)
+        }));
+        if served.is_err() {
+            eprintln!(
+                "error: an internal error ended {n} request(s) (the panic above); serving goes on"
+            );
+        }
         settings.stats.decoding.fetch_sub(n, Ordering::SeqCst);
     }
 }

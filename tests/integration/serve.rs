@@ -591,6 +591,11 @@ fn serve_refuses_bad_requests_clearly() {
         ),
         (json!({"prompt": "Hi", "n": 3}).to_string(), 400, "n: 3"),
         (
+            json!({"prompt": "Hi", "stop": ["\n"]}).to_string(),
+            400,
+            "stop sequences are not supported",
+        ),
+        (
             json!({"prompt": ["a", "b"]}).to_string(),
             400,
             "one per request",
@@ -693,6 +698,40 @@ fn serve_queue_disconnect_and_shutdown() {
         &[],
     );
     assert_eq!(code, 200, "{text}");
+
+    // A client waiting for a whole (not streamed) answer that leaves stops it too.
+    let before = srv.health();
+    let whole =
+        json!({"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400}).to_string();
+    let mut c = srv
+        .curl_cmd("v1/completions", Some(&whole), &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while srv.health()["generated_tokens"] == before["generated_tokens"] {
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let t0 = Instant::now();
+    let after = loop {
+        let h = srv.health();
+        if h["decoding"] == 0 {
+            break h;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{h}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let n =
+        after["generated_tokens"].as_u64().unwrap() - before["generated_tokens"].as_u64().unwrap();
+    assert!(n < 400, "{n} tokens generated for a client that left");
+    assert_eq!(
+        after["abandoned"].as_u64().unwrap(),
+        before["abandoned"].as_u64().unwrap() + 1,
+        "{after}"
+    );
 
     // Shutdown: SIGTERM while a request streams; it ends (cut at the bound) and the process
     // exits 0.
