@@ -131,6 +131,15 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
     if args.parallel == 0 || args.parallel > 64 {
         bail!("--parallel {}: between 1 and 64 requests", args.parallel);
     }
+    if !(args.shutdown_timeout.is_finite() && (0.0..=3600.0).contains(&args.shutdown_timeout)) {
+        bail!(
+            "--shutdown-timeout {}: between 0 and 3600 seconds",
+            args.shutdown_timeout
+        );
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens 0: a request generates at least one token");
+    }
     if args.queue == 0 {
         bail!("--queue 0: at least one request must be able to wait");
     }
@@ -147,6 +156,11 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
         }
     }
     let threads = crate::commands::resolve_threads(args.threads)?;
+    // Listen before loading: a port in use or a bad address is said at once.
+    let addr = format!("{}:{}", args.host, args.port);
+    let std_listener =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    std_listener.set_nonblocking(true)?;
     let path = args.model.path().to_path_buf();
     let model = Arc::new(crate::commands::load_model(
         &path,
@@ -239,11 +253,9 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let addr = format!("{}:{}", args.host, args.port);
     let grace = Duration::from_secs_f64(args.shutdown_timeout);
     let result: Result<()> = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
+        let listener = tokio::net::TcpListener::from_std(std_listener)
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         writeln!(

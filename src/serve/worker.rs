@@ -489,7 +489,7 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
             finish[i] = Finish::Length;
         }
         let run = if j.spec.states == StatesMode::Run {
-            match write_run(model, settings, j, t.generated().len()) {
+            match write_run(settings, j, t.generated().len()) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     let _ = j.events.send(Event::Error {
@@ -518,12 +518,7 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
 
 /// `states: "run"`: the request traced by `trace` itself (same engine, options, prompt and
 /// number of generated tokens) into `<runs>/<id>`, a normal run directory.
-fn write_run(
-    _model: &Model,
-    settings: &WorkerSettings,
-    j: &Job,
-    n_generated: usize,
-) -> anyhow::Result<String> {
+fn write_run(settings: &WorkerSettings, j: &Job, n_generated: usize) -> anyhow::Result<String> {
     use crate::commands::trace::TraceOptions;
     let out = settings.runs.join(&j.id);
     let input = crate::cli::PromptArgs {
