@@ -21,13 +21,20 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stop: Option<serde_json::Value>,
     #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default)]
     pub trace: Option<TraceExt>,
 }
 
 /// A completion's prompt: a string, or a list holding one string (what OpenAI clients send for
 /// batches; one prompt per request here).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, or a list holding one string (token ids are not accepted)"
+)]
 pub enum PromptInput {
     One(String),
     Many(Vec<String>),
@@ -51,6 +58,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub stop: Option<serde_json::Value>,
     #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default)]
     pub trace: Option<TraceExt>,
 }
 
@@ -62,7 +71,7 @@ pub struct Message {
 
 /// A message's content: text, or a list of parts of which only text parts are understood.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string, or a list of text parts")]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),

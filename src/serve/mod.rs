@@ -137,6 +137,9 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
             args.shutdown_timeout
         );
     }
+    if args.max_body < 1024 {
+        bail!("--max-body {}: at least 1024 bytes", args.max_body);
+    }
     if args.max_tokens == 0 {
         bail!("--max-tokens 0: a request generates at least one token");
     }
@@ -202,7 +205,8 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
             }
         }
     }
-    let queue = Arc::new(Queue::new(args.queue));
+    // Requests are taken in batches from the queue: --parallel of them plus --queue may wait.
+    let queue = Arc::new(Queue::new(parallel + args.queue));
     let cancel = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(worker::Stats::default());
     let settings = WorkerSettings {
@@ -334,6 +338,9 @@ fn router(app: Shared, max_body: usize) -> Router {
         .route("/runs/{id}", get(run_files))
         .route("/runs/{id}/{*file}", get(run_file))
         .fallback(not_found)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(405, "this route does not take that method: the /v1 routes that generate take POST, the others GET")
+        })
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
@@ -359,7 +366,10 @@ async fn auth(State(app): State<Shared>, req: Request, next: Next) -> Response {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim);
     let query_key = req.uri().query().and_then(|q| {
         q.split('&')
@@ -516,6 +526,12 @@ async fn completions(
     let req: CompletionRequest = serde_path_to_error::deserialize(body).map_err(body_error)?;
     check_n(req.n)?;
     check_stop(&req.stop)?;
+    if req.echo {
+        return Err(ApiError::bad(
+            "echo: the prompt is not repeated in the answer; the client has it",
+        ));
+    }
+    check_logprobs(&req.logprobs)?;
     let prompt = match req.prompt {
         PromptInput::One(p) => p,
         PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -546,6 +562,7 @@ async fn chat_completions(
     let req: ChatRequest = serde_path_to_error::deserialize(body).map_err(body_error)?;
     check_n(req.n)?;
     check_stop(&req.stop)?;
+    check_logprobs(&req.logprobs)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad("messages: at least one message"));
     }
@@ -606,6 +623,17 @@ fn check_n(n: Option<usize>) -> Result<(), ApiError> {
         None | Some(1) => Ok(()),
         Some(n) => Err(ApiError::bad(format!(
             "n: {n} choices; generation is greedy (as `trace`'s), so every choice would be the same: leave n at 1"
+        ))),
+    }
+}
+
+/// Log-probabilities are not computed: refused when asked for (false, 0 and null are no request).
+fn check_logprobs(v: &Option<Value>) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
+        Some(Value::Number(n)) if n.as_u64() == Some(0) => Ok(()),
+        Some(v) => Err(ApiError::bad(format!(
+            "logprobs {v}: not supported; ask for the logit lens instead (trace.lens_top_k: its last point is the model's own next-token distribution)"
         ))),
     }
 }
@@ -728,7 +756,11 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
                 s.data.as_deref(),
                 &mut uploads,
             )?;
-            check_vector(&file, app.model.n_embd(), "steer")?;
+            let shown = s
+                .vector
+                .clone()
+                .unwrap_or_else(|| "the uploaded vector".into());
+            check_vector(&file, &shown, app.model.n_embd(), "steer")?;
             Some(Steering {
                 files: vec![file],
                 scale: s.scale.unwrap_or(1.0),
@@ -751,7 +783,11 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
                 a.data.as_deref(),
                 &mut uploads,
             )?;
-            check_vector(&file, app.model.n_embd(), "ablate")?;
+            let shown = a
+                .vector
+                .clone()
+                .unwrap_or_else(|| "the uploaded vector".into());
+            check_vector(&file, &shown, app.model.n_embd(), "ablate")?;
             Some(Ablation {
                 file,
                 points: a.points.clone(),
@@ -793,10 +829,14 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
 }
 
 /// A control vector of another width (or not one at all) is the client's mistake: say so now.
-fn check_vector(file: &Path, n_embd: usize, what: &str) -> Result<(), ApiError> {
+fn check_vector(file: &Path, shown: &str, n_embd: usize, what: &str) -> Result<(), ApiError> {
     crate::cvec::load(&[(file, 1.0)], n_embd)
         .map(drop)
-        .map_err(|e| ApiError::bad(format!("trace.{what}: {e}")))
+        .map_err(|e| {
+            // Name the file as the client named it, not by the server's path.
+            let msg = e.to_string().replace(&file.display().to_string(), shown);
+            ApiError::bad(format!("trace.{what}: {msg}"))
+        })
 }
 
 /// Tokenize, check, queue, and answer (streamed or whole).
@@ -846,7 +886,7 @@ async fn serve_request(
         app.created,
         app.next_id.fetch_add(1, Ordering::Relaxed)
     );
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(worker::EVENT_BUFFER);
     let key = spec.batch_key();
     let job = Job {
         id: id.clone(),
@@ -876,6 +916,7 @@ async fn serve_request(
         None => return Err(ApiError::new(503, "the server is shutting down")),
     }
     let ctx = Reply {
+        n_embd: app.model.n_embd(),
         id: if chat {
             format!("chatcmpl-{id}")
         } else {
@@ -895,7 +936,7 @@ async fn serve_request(
         loop {
             match rx.recv().await {
                 Some(Event::Token { id, .. }) => tokens.push(id),
-                Some(Event::Done(f)) => return Ok(Json(ctx.whole(&f)).into_response()),
+                Some(Event::Done(f)) => return Ok(Json(ctx.whole(&f)?).into_response()),
                 Some(Event::Error { status, message }) => {
                     return Err(ApiError::new(status, message))
                 }
@@ -922,31 +963,41 @@ fn dropped(app: &App) -> ApiError {
 /// What every answer of one request shares.
 struct Reply {
     id: String,
+    n_embd: usize,
     chat: bool,
     model: String,
     created: u64,
     f16: bool,
 }
 
-fn npy_b64(data: Vec<f32>, shape: &[usize], f16: bool) -> Value {
+/// An array as NPY bytes in base64; f16 refuses values beyond its range (as `trace --dtype f16`).
+fn npy_b64(data: Vec<f32>, shape: &[usize], f16: bool) -> Result<Value, ApiError> {
     use ndarray_npy::WriteNpyExt;
+    if f16 {
+        if let Some(x) = data
+            .iter()
+            .find(|x| x.is_finite() && x.abs() > f32::from(half::f16::MAX))
+        {
+            return Err(ApiError::bad(format!(
+                "trace.dtype \"f16\": a state holds {x:e}, beyond f16's range (±65504); ask for \"f32\""
+            )));
+        }
+    }
     let mut buf = Vec::new();
     let arr = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), data)
-        .expect("shape matches the data");
+        .map_err(|e| ApiError::new(500, e.to_string()))?;
     let written = if f16 {
         arr.mapv(|x| crate::run::npy::F16(half::f16::from_f32(x)))
             .write_npy(&mut buf)
     } else {
         arr.write_npy(&mut buf)
     };
-    match written {
-        Ok(()) => json!({
-            "dtype": if f16 { "f16" } else { "f32" },
-            "shape": shape,
-            "npy": base64::engine::general_purpose::STANDARD.encode(&buf),
-        }),
-        Err(e) => json!({"error": e.to_string()}),
-    }
+    written.map_err(|e| ApiError::new(500, e.to_string()))?;
+    Ok(json!({
+        "dtype": if f16 { "f16" } else { "f32" },
+        "shape": shape,
+        "npy": base64::engine::general_purpose::STANDARD.encode(&buf),
+    }))
 }
 
 impl Reply {
@@ -985,24 +1036,24 @@ impl Reply {
         v
     }
 
-    fn whole(&self, f: &Finished) -> Value {
+    fn whole(&self, f: &Finished) -> Result<Value, ApiError> {
         let mut trace = self.trace_of(f);
         let t = &f.trace;
         if f.states_inline {
             let shape = t.states.shape().to_vec();
-            trace["states"] = npy_b64(t.states.iter().copied().collect(), &shape, self.f16);
+            trace["states"] = npy_b64(t.states.iter().copied().collect(), &shape, self.f16)?;
             let mut taps = serde_json::Map::new();
             for (name, a) in f.tap_names.iter().zip(&t.taps) {
                 taps.insert(
                     name.clone(),
-                    npy_b64(a.iter().copied().collect(), a.shape(), self.f16),
+                    npy_b64(a.iter().copied().collect(), a.shape(), self.f16)?,
                 );
             }
             if !taps.is_empty() {
                 trace["taps"] = Value::Object(taps);
             }
         }
-        json!({
+        Ok(json!({
             "id": self.id,
             "object": self.object(false),
             "created": self.created,
@@ -1014,7 +1065,18 @@ impl Reply {
                 "total_tokens": t.tokens.len(),
             },
             "trace": trace,
-        })
+        }))
+    }
+
+    /// A streamed error: the OpenAI error object as the chunk's data.
+    fn error_chunk(e: ApiError) -> String {
+        let kind = if e.status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        json!({"error": {"message": e.message, "type": kind, "code": e.status.as_u16()}})
+            .to_string()
     }
 }
 
@@ -1023,7 +1085,7 @@ impl Reply {
 /// stops the request's generation at its next token.
 fn sse(
     reply: Reply,
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mpsc::Receiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let reply = Arc::new(reply);
     let events = stream::unfold((rx, false), move |(mut rx, done)| {
@@ -1047,8 +1109,16 @@ fn sse(
                             trace["lens"] = json!(l);
                         }
                         if let Some(r) = rows {
-                            let n = r.len();
-                            trace["rows"] = npy_b64(r, &[n], reply.f16);
+                            let shape = [r.len() / reply.n_embd, reply.n_embd];
+                            match npy_b64(r, &shape, reply.f16) {
+                                Ok(v) => trace["rows"] = v,
+                                Err(e) => {
+                                    return Some((
+                                        vec![Ok(SseEvent::default().data(Reply::error_chunk(e)))],
+                                        (rx, true),
+                                    ))
+                                }
+                            }
                         }
                         let chunk = json!({
                             "id": reply.id,
@@ -1060,23 +1130,24 @@ fn sse(
                         });
                         (chunk.to_string(), false)
                     }
-                    Some(Event::Done(f)) => {
-                        let whole = reply.whole(&f);
-                        let chunk = json!({
-                            "id": reply.id,
-                            "object": reply.object(true),
-                            "created": reply.created,
-                            "model": reply.model,
-                            "choices": [reply.choice("", Some(f.finish.as_str()), true)],
-                            "usage": whole["usage"],
-                            "trace": whole["trace"],
-                        });
-                        (chunk.to_string(), true)
+                    Some(Event::Done(f)) => match reply.whole(&f) {
+                        Ok(whole) => {
+                            let chunk = json!({
+                                "id": reply.id,
+                                "object": reply.object(true),
+                                "created": reply.created,
+                                "model": reply.model,
+                                "choices": [reply.choice(&f.tail, Some(f.finish.as_str()), true)],
+                                "usage": whole["usage"],
+                                "trace": whole["trace"],
+                            });
+                            (chunk.to_string(), true)
+                        }
+                        Err(e) => (Reply::error_chunk(e), true),
+                    },
+                    Some(Event::Error { status, message }) => {
+                        (Reply::error_chunk(ApiError::new(status, message)), true)
                     }
-                    Some(Event::Error { status, message }) => (
-                        json!({"error": {"message": message, "code": status}}).to_string(),
-                        true,
-                    ),
                     None => return None,
                 };
                 return Some((vec![Ok(SseEvent::default().data(data))], (rx, end)));

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
 
 use super::api::{LensReading, StatesMode};
 use crate::capture::engine::{GeneratedToken, Positions, PromptTrace, TraceConfig, Tracer};
@@ -21,6 +22,10 @@ use crate::llama::gguf::Gguf;
 use crate::llama::lens::LensHead;
 use crate::llama::model::Model;
 use crate::llama::Token;
+
+/// Events a request's client may leave unread before the server gives up on it (a client that
+/// stopped reading a stream would otherwise make the server hold its whole answer).
+pub const EVENT_BUFFER: usize = 256;
 
 /// A request, resolved against the model: what the worker decodes and what it hands back.
 #[derive(Debug, Clone)]
@@ -64,7 +69,7 @@ pub struct Job {
     pub max_tokens: usize,
     pub spec: Spec,
     pub key: String,
-    pub events: UnboundedSender<Event>,
+    pub events: Sender<Event>,
     /// What `states: "run"` traces: the prompt as the model reads it (rendered).
     pub rendered: String,
 }
@@ -112,6 +117,8 @@ pub enum Event {
 pub struct Finished {
     pub trace: PromptTrace,
     pub text: String,
+    /// The text not streamed yet (a character the last token left unfinished).
+    pub tail: String,
     pub finish: Finish,
     pub lens: Vec<Vec<LensReading>>,
     pub run: Option<String>,
@@ -153,6 +160,8 @@ impl Queue {
     /// Queue a job; false (the job dropped) when the queue is full or closed.
     pub fn push(&self, job: Job) -> bool {
         let mut s = self.lock();
+        // Clients that left while waiting give their places back.
+        s.jobs.retain(|j| !j.events.is_closed());
         if s.closed || s.jobs.len() >= self.capacity {
             return false;
         }
@@ -162,7 +171,11 @@ impl Queue {
     }
 
     pub fn waiting(&self) -> usize {
-        self.lock().jobs.len()
+        self.lock()
+            .jobs
+            .iter()
+            .filter(|j| !j.events.is_closed())
+            .count()
     }
 
     /// Refuse new jobs and tell waiting ones the server is going away.
@@ -170,7 +183,7 @@ impl Queue {
         let mut s = self.lock();
         s.closed = true;
         for j in s.jobs.drain(..) {
-            let _ = j.events.send(Event::Error {
+            let _ = j.events.try_send(Event::Error {
                 status: 503,
                 message: "the server is shutting down".into(),
             });
@@ -271,7 +284,7 @@ pub fn run(model: Arc<Model>, settings: WorkerSettings, queue: Arc<Queue>) {
             (Some(Ok(h)), true) => Some(h),
             (Some(Err(e)), true) => {
                 for j in &group {
-                    let _ = j.events.send(Event::Error {
+                    let _ = j.events.try_send(Event::Error {
                         status: 400,
                         message: format!(
                             "lens_top_k: this model's logit-lens head cannot be read: {e}"
@@ -301,7 +314,7 @@ pub fn run(model: Arc<Model>, settings: WorkerSettings, queue: Arc<Queue>) {
 
 fn fail(group: &[Job], status: u16, message: String) {
     for j in group {
-        let _ = j.events.send(Event::Error {
+        let _ = j.events.try_send(Event::Error {
             status,
             message: message.clone(),
         });
@@ -370,7 +383,7 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
         Err(e) => return fail(&group, 400, format!("trace.taps: {e}")),
     };
     for j in &group {
-        let _ = j.events.send(Event::Started);
+        let _ = j.events.try_send(Event::Started);
     }
     let mut streams: Vec<TextStream> = group
         .iter()
@@ -384,6 +397,7 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
     let n_embd = model.n_embd();
     let mut lens_error: Option<String> = None;
     let mut left = vec![false; group.len()];
+    let mut stalled = vec![false; group.len()];
     let mut on_token = |g: GeneratedToken| -> bool {
         let j = &group[g.index];
         if settings.cancel.load(Ordering::Relaxed) {
@@ -445,14 +459,25 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
             v
         });
         let text = streams[g.index].push(model, g.token);
-        j.events
-            .send(Event::Token {
-                id: g.token,
-                text,
-                lens,
-                rows,
-            })
-            .is_ok()
+        match j.events.try_send(Event::Token {
+            id: g.token,
+            text,
+            lens,
+            rows,
+        }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                // The client stopped reading: its answer would pile up here.
+                eprintln!(
+                    "request {}: the client left {EVENT_BUFFER} tokens unread; its generation stopped",
+                    j.id
+                );
+                settings.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                stalled[g.index] = true;
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
     };
     let mut done: Vec<Option<PromptTrace>> = (0..group.len()).map(|_| None).collect();
     let result = tracer.trace_streaming(
@@ -470,21 +495,35 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
         return fail(&group, 500, format!("logit lens: {e}"));
     }
     if let Err(e) = result {
-        return fail(&group, 500, e.to_string());
+        return match e {
+            // The request's own steering or ablation broke the arithmetic: its mistake.
+            crate::capture::engine::TraceError::NonFinite { what, point, position, .. } => fail(
+                &group,
+                400,
+                format!("the {what} at point {point}, position {position} became NaN or infinite (or beyond f32's range) under this request's steering or ablation; lower trace.steer.scale"),
+            ),
+            e => fail(&group, 500, e.to_string()),
+        };
     }
     let tap_names: Vec<String> = tap_infos.iter().map(|t| t.tap.to_string()).collect();
     for (i, j) in group.iter().enumerate() {
         let Some(t) = done[i].take() else {
-            let _ = j.events.send(Event::Error {
+            let _ = j.events.try_send(Event::Error {
                 status: 500,
                 message: "the tracer handed back no states for this request".into(),
             });
             continue;
         };
-        if j.events.is_closed() {
+        if j.events.is_closed() || stalled[i] {
             continue;
         }
         let text = model.detokenize(t.generated(), false);
+        let sent = streams[i].sent;
+        let tail = if text.is_char_boundary(sent) && sent <= text.len() {
+            text[sent..].to_string()
+        } else {
+            String::new()
+        };
         if finish[i] == Finish::Stop && t.generated().len() >= j.max_tokens {
             finish[i] = Finish::Length;
         }
@@ -492,7 +531,7 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
             match write_run(settings, j, t.generated().len()) {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    let _ = j.events.send(Event::Error {
+                    let _ = j.events.try_send(Event::Error {
                         status: 500,
                         message: format!("writing the run: {e:#}"),
                     });
@@ -503,9 +542,10 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
             None
         };
         settings.stats.served.fetch_add(1, Ordering::Relaxed);
-        let _ = j.events.send(Event::Done(Box::new(Finished {
+        let _ = j.events.try_send(Event::Done(Box::new(Finished {
             trace: t,
             text,
+            tail,
             finish: finish[i],
             lens: std::mem::take(&mut lens_log[i]),
             run,

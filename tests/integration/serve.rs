@@ -225,6 +225,29 @@ fn serve_speaks_openai_to_curl_and_the_python_client() {
         "length"
     );
 
+    // Streamed rows are [points, n_embd] per token; a character the token limit cuts off
+    // arrives with the last chunk, so streamed and whole answers are the same text.
+    let body = json!({"prompt": "日本語の文章を書きます。日本", "max_tokens": 12,
+        "trace": {"states": "inline", "points": "28-30", "positions": "last"}});
+    let whole_jp = srv.ok("v1/completions", &body);
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let (code, sse_body) = srv.curl("v1/completions", Some(&streamed_body.to_string()), &[]);
+    assert_eq!(code, 200);
+    let data = sse_data(&sse_body);
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(joined, whole_jp["choices"][0]["text"].as_str().unwrap());
+    for c in &chunks[..chunks.len() - 1] {
+        assert_eq!(c["trace"]["rows"]["shape"], json!([3, 576]), "{c:.300}");
+    }
+
     // The openai package, as a user would write it (the trace extension through extra_body).
     let code = r#"
 import sys, json, openai
@@ -531,6 +554,7 @@ fn serve_refuses_bad_requests_clearly() {
     let vectors = dir.path().join("vectors");
     std::fs::create_dir(&vectors).unwrap();
     random_direction(&vectors.join("wide.gguf"), 640, 1);
+    random_direction(&vectors.join("big.gguf"), 576, 2);
     let srv = Server::start(
         &model,
         &[
@@ -590,6 +614,24 @@ fn serve_refuses_bad_requests_clearly() {
             "max_tokens 100",
         ),
         (json!({"prompt": "Hi", "n": 3}).to_string(), 400, "n: 3"),
+        (json!({"prompt": "Hi", "echo": true}).to_string(), 400, "echo"),
+        (json!({"prompt": "Hi", "logprobs": 2}).to_string(), 400, "logprobs"),
+        (
+            json!({"prompt": [504, 3575]}).to_string(),
+            400,
+            "token ids are not accepted",
+        ),
+        (
+            json!({"prompt": "Hi", "max_tokens": 2, "trace": {"steer": {"vector": "big.gguf", "scale": 1e30}}}).to_string(),
+            400,
+            "lower trace.steer.scale",
+        ),
+        (
+            json!({"prompt": "Hi", "max_tokens": 2, "trace": {"states": "inline", "dtype": "f16",
+                "points": "29-30", "steer": {"vector": "big.gguf", "scale": 20000}}}).to_string(),
+            400,
+            "beyond f16's range",
+        ),
         (
             json!({"prompt": "Hi", "stop": ["\n"]}).to_string(),
             400,
@@ -633,6 +675,13 @@ fn serve_refuses_bad_requests_clearly() {
     assert_eq!(srv.curl("health", None, &[]).0, 200);
     let (code, text) = srv.curl("nowhere", None, &auth);
     assert_eq!(code, 404, "{text}");
+    // A route with the wrong method: 405, as JSON.
+    let (code, text) = srv.curl("v1/completions", None, &auth);
+    assert_eq!(code, 405, "{text}");
+    assert!(text.contains("take POST"), "{text}");
+    // The scheme of the Authorization header is case-insensitive (RFC 7235).
+    let (code, _) = srv.curl("v1/models", None, &["-H", "Authorization: bearer sesame"]);
+    assert_eq!(code, 200);
     // After all that, the server still answers.
     let (code, text) = post(&json!({"prompt": "Hi", "max_tokens": 3}).to_string());
     assert_eq!(code, 200, "{text}");
@@ -648,8 +697,8 @@ fn serve_queue_disconnect_and_shutdown() {
     let long =
         json!({"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "stream": true})
             .to_string();
-    // One decoding, one waiting: the next ones are turned away.
-    let busy: Vec<Child> = (0..2)
+    // One decoding, two waiting (--parallel + --queue): the next ones are turned away.
+    let busy: Vec<Child> = (0..3)
         .map(|_| {
             let c = srv
                 .curl_cmd("v1/completions", Some(&long), &[])
@@ -688,7 +737,7 @@ fn serve_queue_disconnect_and_shutdown() {
     let generated = h["generated_tokens"].as_u64().unwrap();
     assert!(
         generated < 400,
-        "the generations stopped when their clients left ({generated} tokens of 2 × 400)"
+        "the generations stopped when their clients left ({generated} tokens of 3 × 400)"
     );
     assert!(h["abandoned"].as_u64().unwrap() >= 1, "{h}");
     // The slot is free: a new request is served.
