@@ -2035,6 +2035,21 @@ impl<'m> Context<'m> {
         Some(unsafe { std::slice::from_raw_parts(p, self.model.n_embd()) })
     }
 
+    /// Hand sequence `seq`'s KV cells to sequence `keeper` (which no decode uses): `seq` is free
+    /// for a new prompt, while its cells stay taken, so a newcomer's keys are placed after the
+    /// others' rather than in the gap it would leave (see `Tracer::serve`).
+    pub fn retire_sequence(&mut self, seq: usize, keeper: usize) {
+        let _watch = super::rpc::arm();
+        // SAFETY: the context is valid and its memory handle lives as long as it; both ids are
+        // below the context's n_seq_max (the caller's slots); copying then removing every
+        // position (-1, -1) of a sequence is always allowed on a unified cache.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_cp(mem, seq as i32, keeper as i32, -1, -1);
+            sys::llama_memory_seq_rm(mem, seq as i32, -1, -1);
+        }
+    }
+
     /// Forget the KV cache of all sequences.
     pub fn clear_memory(&mut self) {
         self.outputs.clear();

@@ -194,7 +194,7 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let mut parallel = args.parallel;
     let mut batched_exactly = true;
     if parallel > 1 {
-        batched_exactly = worker::batch_invariant(&model, threads)
+        batched_exactly = worker::batch_invariant(&model, threads, args.ctx)
             .map_err(|e| anyhow::anyhow!("{}: the start-up decode failed: {e}", path.display()))?;
         if !batched_exactly {
             if args.allow_batch_drift {

@@ -1,11 +1,13 @@
 //! The engine side of `serve`: one thread owns llama.cpp's decoding. Requests wait in a bounded
-//! queue; the worker takes the oldest and every waiting request that can share its batch (the
-//! same capture settings and the same interventions: llama.cpp's control vector belongs to the
-//! context, so a batch has one), up to `--parallel`, and decodes them as sequences of one batch
-//! with the tracer's generation loop. Each generated token goes to its request's channel as it
-//! is chosen; a request whose client went away stops at its next token.
+//! queue, served in order. The request at the front gets a tracer made for its settings (capture
+//! and interventions: llama.cpp's control vector belongs to the context), and every following
+//! request with the same settings joins that tracer's batch as slots free up (continuous
+//! batching, `Tracer::serve`), up to `--parallel` at once; a request with other settings waits
+//! until the batch drains. Each generated token goes to its request's channel as it is chosen; a
+//! request whose client went away, or stopped reading, stops at its next token.
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,7 +16,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::api::{LensReading, StatesMode};
-use crate::capture::engine::{GeneratedToken, Positions, PromptTrace, TraceConfig, Tracer};
+use crate::capture::engine::{
+    Admission, GeneratedToken, Joining, Positions, PromptTrace, TraceConfig, TraceError, Tracer,
+};
 use crate::capture::taps::Tap;
 use crate::commands::trace::{Ablation, Steering};
 use crate::llama::context::CacheType;
@@ -72,6 +76,13 @@ pub struct Job {
     pub events: Sender<Event>,
     /// What `states: "run"` traces: the prompt as the model reads it (rendered).
     pub rendered: String,
+}
+
+impl Job {
+    /// KV cells the request may fill: its prompt and every token it may generate.
+    pub fn cells(&self) -> usize {
+        self.tokens.len() + self.max_tokens
+    }
 }
 
 /// Why a request's generation ended.
@@ -191,30 +202,50 @@ impl Queue {
         self.ready.notify_all();
     }
 
-    /// The oldest job and every waiting job that can share its batch, up to `max`; None once
-    /// the queue is closed. Jobs whose client already left are dropped here.
-    fn take_group(&self, max: usize) -> Option<Vec<Job>> {
+    /// Jobs at the front of the queue that can share a batch with `key` (any key: the front
+    /// job's), up to `max`; with `wait`, waits for one. `Other` when the front job needs
+    /// another batch (it keeps its place: requests are served in order), `Closed` at shutdown.
+    /// Jobs whose client already left are dropped here.
+    fn take_front(&self, key: Option<&str>, max: usize, wait: bool, cells: usize) -> Admit {
         let mut s = self.lock();
         loop {
             s.jobs.retain(|j| !j.events.is_closed());
-            if let Some(first) = s.jobs.pop_front() {
-                let mut group = vec![first];
-                let mut i = 0;
-                while i < s.jobs.len() && group.len() < max {
-                    if s.jobs[i].key == group[0].key {
-                        group.push(s.jobs.remove(i).expect("index in range"));
-                    } else {
-                        i += 1;
+            if let Some(front) = s.jobs.front() {
+                let key = key.unwrap_or(&front.key).to_string();
+                if front.key != key {
+                    return Admit::Other;
+                }
+                // Jobs join while their prompt and budget fit the KV cells left (the next one
+                // waits, in order, until the batch drains and the cache is cleared).
+                let mut out = Vec::new();
+                let mut left = cells;
+                while out.len() < max {
+                    match s.jobs.front() {
+                        Some(j) if j.key == key && j.cells() <= left => {
+                            left -= j.cells();
+                            out.extend(s.jobs.pop_front());
+                        }
+                        _ => break,
                     }
                 }
-                return Some(group);
+                return Admit::Jobs(out);
             }
             if s.closed {
-                return None;
+                return Admit::Closed;
+            }
+            if !wait {
+                return Admit::Jobs(Vec::new());
             }
             s = self.ready.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
+}
+
+/// What [`Queue::take_front`] found.
+enum Admit {
+    Jobs(Vec<Job>),
+    Other,
+    Closed,
 }
 
 /// What the worker has done, for `/health`.
@@ -265,50 +296,26 @@ impl TextStream {
     }
 }
 
-/// The worker thread's loop: until the queue closes, decode groups of jobs.
+/// The worker thread's loop: until the queue closes, serve the request at the front with a
+/// tracer made for its settings, which every following request with the same settings joins
+/// (continuous batching), until one with other settings is at the front.
 pub fn run(model: Arc<Model>, settings: WorkerSettings, queue: Arc<Queue>) {
     let mut lens: Option<Result<LensHead, String>> = None;
-    while let Some(group) = queue.take_group(settings.parallel) {
-        let wants_lens = group.iter().any(|j| j.spec.lens_k > 0);
-        if wants_lens && lens.is_none() {
-            lens = Some(
-                Gguf::open(&settings.model_path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|g| {
-                        LensHead::load(&settings.model_path, &g, settings.threads)
-                            .map_err(|e| e.to_string())
-                    }),
-            );
-        }
-        let head = match (&lens, wants_lens) {
-            (Some(Ok(h)), true) => Some(h),
-            (Some(Err(e)), true) => {
-                for j in &group {
-                    let _ = j.events.try_send(Event::Error {
-                        status: 400,
-                        message: format!(
-                            "lens_top_k: this model's logit-lens head cannot be read: {e}"
-                        ),
-                    });
-                }
-                continue;
-            }
-            _ => None,
+    loop {
+        let first = match queue.take_front(None, settings.parallel, true, usize::MAX) {
+            Admit::Jobs(j) if !j.is_empty() => j,
+            Admit::Jobs(_) | Admit::Other => continue,
+            Admit::Closed => break,
         };
-        let n = group.len();
-        settings.stats.decoding.fetch_add(n, Ordering::SeqCst);
-        settings.stats.largest_batch.fetch_max(n, Ordering::SeqCst);
         // A bug must not take the decoding thread down with it (every later request would wait
-        // forever): the group's requests are dropped (their clients get a 500) and serving goes on.
+        // forever): the batch's requests are dropped (their clients get a 500), serving goes on.
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve_group(&model, &settings, group, head)
+            serve_batch(&model, &settings, &queue, first, &mut lens)
         }));
         if served.is_err() {
-            eprintln!(
-                "error: an internal error ended {n} request(s) (the panic above); serving goes on"
-            );
+            settings.stats.decoding.store(0, Ordering::SeqCst);
+            eprintln!("error: an internal error ended the requests being decoded (the panic above); serving goes on");
         }
-        settings.stats.decoding.fetch_sub(n, Ordering::SeqCst);
     }
 }
 
@@ -321,31 +328,36 @@ fn fail(group: &[Job], status: u16, message: String) {
     }
 }
 
-/// Decode one group of jobs that share capture settings and interventions.
-fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: Option<&LensHead>) {
-    let spec = group[0].spec.clone();
-    let generate = group.iter().map(|j| j.max_tokens).max().unwrap_or(0);
-    let n_seq = group.len();
-    // The KV cache holds ctx × n_seq cells and llama.cpp clears it when the context is made:
-    // size it to what this group needs (in 256-token steps), not to --ctx.
-    let need = group
-        .iter()
-        .map(|j| j.tokens.len() + j.max_tokens)
-        .max()
-        .unwrap_or(1);
-    let ctx = need
-        .div_ceil(256)
-        .saturating_mul(256)
-        .min(settings.ctx)
-        .max(need);
+/// A request being decoded.
+struct Live {
+    job: Job,
+    stream: TextStream,
+    lens: Vec<Vec<LensReading>>,
+    finish: Finish,
+    /// Its client went away (disconnected, or stopped reading).
+    gone: bool,
+}
+
+/// Serve `first` and every request that joins it (same settings) until none is left.
+fn serve_batch(
+    model: &Model,
+    settings: &WorkerSettings,
+    queue: &Queue,
+    first: Vec<Job>,
+    lens: &mut Option<Result<LensHead, String>>,
+) {
+    let spec = first[0].spec.clone();
+    let key = first[0].key.clone();
     let cfg = TraceConfig {
         positions: spec.positions,
         points: spec.points.clone(),
-        generate,
-        ctx,
-        n_seq,
-        n_batch: 512.max(n_seq),
-        n_ubatch: 512.max(n_seq),
+        // Unused by `serve`: each request's max_tokens ends it.
+        generate: 0,
+        ctx: settings.ctx,
+        // One more sequence id than requests: it keeps the cells of requests that left.
+        n_seq: settings.parallel + 1,
+        n_batch: 512.max(settings.parallel + 1),
+        n_ubatch: 512.max(settings.parallel + 1),
         threads: settings.threads,
         allow_nonfinite: false,
         cache_type: CacheType::F16,
@@ -353,103 +365,150 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
         no_flash_attn: false,
         heads: None,
     };
-    let prompts: Vec<Vec<Token>> = group.iter().map(|j| j.tokens.clone()).collect();
     let mut tracer = match Tracer::new(model, cfg) {
         Ok(t) => t,
-        Err(e) => return fail(&group, 500, e.to_string()),
+        Err(e) => return fail(&first, 500, e.to_string()),
     };
     // The request's own interventions, set up exactly as `trace` sets them up.
     let steered = match crate::commands::trace::steer(&mut tracer, spec.steering.as_ref(), model) {
         Ok(s) => s,
-        Err(e) => return fail(&group, 400, format!("trace.steer: {e:#}")),
+        Err(e) => return fail(&first, 400, format!("trace.steer: {e:#}")),
     };
     let ablated = match crate::commands::trace::ablate(&mut tracer, spec.ablation.as_ref(), model) {
         Ok((points, _)) => points,
-        Err(e) => return fail(&group, 400, format!("trace.ablate: {e:#}")),
+        Err(e) => return fail(&first, 400, format!("trace.ablate: {e:#}")),
     };
     if let Some((a, b)) = steered {
         if let Some(p) = ablated.iter().find(|&&p| (a..=b).contains(&p)) {
             // As `trace` refuses it: llama.cpp adds the control vector before the point is
             // named, so the ablation would remove the steering's own component there.
             return fail(
-                &group,
+                &first,
                 400,
                 format!("point {p} is both steered (trace.steer.points {a}-{b}) and ablated: choose one intervention per point (trace.ablate.points)"),
             );
         }
     }
-    let tap_infos = match tracer.identify(&prompts) {
+    let tap_infos = match tracer.identify(&[first[0].tokens.clone()]) {
         Ok(t) => t,
-        Err(e) => return fail(&group, 400, format!("trace.taps: {e}")),
+        Err(e) => return fail(&first, 400, format!("trace.taps: {e}")),
     };
-    for j in &group {
-        let _ = j.events.try_send(Event::Started);
-    }
-    let mut streams: Vec<TextStream> = group
-        .iter()
-        .map(|_| TextStream {
-            tokens: Vec::new(),
-            sent: 0,
-        })
-        .collect();
-    let mut lens_log: Vec<Vec<Vec<LensReading>>> = vec![Vec::new(); group.len()];
-    let mut finish = vec![Finish::Stop; group.len()];
+    let tap_names: Vec<String> = tap_infos.iter().map(|t| t.tap.to_string()).collect();
+    let stats = &settings.stats;
+    let live: RefCell<HashMap<usize, Live>> = RefCell::new(HashMap::new());
+    let mut pending = Some(first);
+    let mut next_index = 0usize;
+    let mut admit = |a: Admission| -> Option<Vec<Joining>> {
+        let jobs = match pending.take() {
+            Some(j) => j,
+            None => match queue.take_front(Some(&key), a.free, a.idle, a.cells) {
+                Admit::Jobs(j) => j,
+                Admit::Other | Admit::Closed => return None,
+            },
+        };
+        let mut out = Vec::new();
+        let mut live = live.borrow_mut();
+        for job in jobs {
+            if job.events.try_send(Event::Started).is_err() {
+                continue;
+            }
+            next_index += 1;
+            out.push(Joining {
+                index: next_index,
+                tokens: job.tokens.clone(),
+                budget: job.max_tokens,
+            });
+            live.insert(
+                next_index,
+                Live {
+                    job,
+                    stream: TextStream {
+                        tokens: Vec::new(),
+                        sent: 0,
+                    },
+                    lens: Vec::new(),
+                    finish: Finish::Stop,
+                    gone: false,
+                },
+            );
+        }
+        let n = stats.decoding.fetch_add(out.len(), Ordering::SeqCst) + out.len();
+        stats.largest_batch.fetch_max(n, Ordering::SeqCst);
+        Some(out)
+    };
     let n_embd = model.n_embd();
-    let mut lens_error: Option<String> = None;
-    let mut left = vec![false; group.len()];
-    let mut stalled = vec![false; group.len()];
     let mut on_token = |g: GeneratedToken| -> bool {
-        let j = &group[g.index];
+        let mut map = live.borrow_mut();
+        let Some(l) = map.get_mut(&g.index) else {
+            return false;
+        };
+        let j = &l.job;
         if settings.cancel.load(Ordering::Relaxed) {
-            finish[g.index] = Finish::Cancelled;
+            l.finish = Finish::Cancelled;
             return false;
         }
         if g.n_generated >= j.max_tokens {
-            finish[g.index] = Finish::Length;
+            l.finish = Finish::Length;
             return false;
         }
         if j.events.is_closed() {
-            if !left[g.index] {
-                left[g.index] = true;
-                eprintln!(
-                    "request {}: the client left after {} token(s); its generation stopped",
-                    j.id, g.n_generated
-                );
-                settings.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-            }
+            l.gone = true;
+            eprintln!(
+                "request {}: the client left after {} token(s); its generation stopped",
+                j.id, g.n_generated
+            );
+            stats.abandoned.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        settings.stats.generated.fetch_add(1, Ordering::Relaxed);
-        let lens = match head {
-            Some(h) if j.spec.lens_k > 0 => {
-                let x: Vec<f32> = g.rows.concat();
-                match h.logits(&x, g.rows.len()) {
-                    Ok(l) => {
-                        let nv = h.n_vocab();
-                        let readings: Vec<LensReading> = j
-                            .spec
-                            .points
-                            .iter()
-                            .enumerate()
-                            .map(|(k, &point)| LensReading {
-                                point,
-                                top: crate::answer::top_k(
-                                    &l[k * nv..(k + 1) * nv],
-                                    j.spec.lens_k,
-                                    |id| model.token_piece(id),
-                                ),
-                            })
-                            .collect();
-                        lens_log[g.index].push(readings.clone());
-                        Some(readings)
-                    }
-                    Err(e) => {
-                        lens_error = Some(e.to_string());
-                        return false;
-                    }
+        stats.generated.fetch_add(1, Ordering::Relaxed);
+        let readings = if j.spec.lens_k > 0 {
+            let head = lens.get_or_insert_with(|| {
+                Gguf::open(&settings.model_path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|g| {
+                        LensHead::load(&settings.model_path, &g, settings.threads)
+                            .map_err(|e| e.to_string())
+                    })
+            });
+            let result = match head {
+                Ok(h) => {
+                    let nv = h.n_vocab();
+                    h.logits(&g.rows.concat(), g.rows.len())
+                        .map(|logits| {
+                            j.spec
+                                .points
+                                .iter()
+                                .enumerate()
+                                .map(|(k, &point)| LensReading {
+                                    point,
+                                    top: crate::answer::top_k(
+                                        &logits[k * nv..(k + 1) * nv],
+                                        j.spec.lens_k,
+                                        |id| model.token_piece(id),
+                                    ),
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("this model's logit-lens head cannot be read: {e}")),
+            };
+            match result {
+                Ok(r) => {
+                    l.lens.push(r.clone());
+                    Some(r)
+                }
+                Err(e) => {
+                    let _ = j.events.try_send(Event::Error {
+                        status: 500,
+                        message: format!("logit lens: {e}"),
+                    });
+                    l.gone = true;
+                    return false;
                 }
             }
-            _ => None,
+        } else {
+            None
         };
         let rows = j.spec.stream_rows.then(|| {
             let mut v = Vec::with_capacity(g.rows.len() * n_embd);
@@ -458,11 +517,11 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
             }
             v
         });
-        let text = streams[g.index].push(model, g.token);
+        let text = l.stream.push(model, g.token);
         match j.events.try_send(Event::Token {
             id: g.token,
             text,
-            lens,
+            lens: readings,
             rows,
         }) {
             Ok(()) => true,
@@ -472,61 +531,35 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
                     "request {}: the client left {EVENT_BUFFER} tokens unread; its generation stopped",
                     j.id
                 );
-                settings.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-                stalled[g.index] = true;
+                stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                l.gone = true;
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed(_)) => {
+                l.gone = true;
+                false
+            }
         }
     };
-    let mut done: Vec<Option<PromptTrace>> = (0..group.len()).map(|_| None).collect();
-    let result = tracer.trace_streaming(
-        &prompts,
-        |t| {
-            let i = t.index;
-            done[i] = Some(t);
-            Ok(())
-        },
-        |_| {},
-        &mut on_token,
-    );
-    drop(tracer);
-    if let Some(e) = lens_error {
-        return fail(&group, 500, format!("logit lens: {e}"));
-    }
-    if let Err(e) = result {
-        return match e {
-            // The request's own steering or ablation broke the arithmetic: its mistake.
-            crate::capture::engine::TraceError::NonFinite { what, point, position, .. } => fail(
-                &group,
-                400,
-                format!("the {what} at point {point}, position {position} became NaN or infinite (or beyond f32's range) under this request's steering or ablation; lower trace.steer.scale"),
-            ),
-            e => fail(&group, 500, e.to_string()),
+    let mut done = |t: PromptTrace| {
+        let Some(mut l) = live.borrow_mut().remove(&t.index) else {
+            return;
         };
-    }
-    let tap_names: Vec<String> = tap_infos.iter().map(|t| t.tap.to_string()).collect();
-    for (i, j) in group.iter().enumerate() {
-        let Some(t) = done[i].take() else {
-            let _ = j.events.try_send(Event::Error {
-                status: 500,
-                message: "the tracer handed back no states for this request".into(),
-            });
-            continue;
-        };
-        if j.events.is_closed() || stalled[i] {
-            continue;
+        stats.decoding.fetch_sub(1, Ordering::SeqCst);
+        if l.gone || l.job.events.is_closed() {
+            return;
         }
+        let j = &l.job;
         let text = model.detokenize(t.generated(), false);
-        let sent = streams[i].sent;
-        let tail = if text.is_char_boundary(sent) && sent <= text.len() {
+        if l.finish == Finish::Stop && t.generated().len() >= j.max_tokens {
+            l.finish = Finish::Length;
+        }
+        let sent = l.stream.sent;
+        let tail = if sent <= text.len() && text.is_char_boundary(sent) {
             text[sent..].to_string()
         } else {
             String::new()
         };
-        if finish[i] == Finish::Stop && t.generated().len() >= j.max_tokens {
-            finish[i] = Finish::Length;
-        }
         let run = if j.spec.states == StatesMode::Run {
             match write_run(settings, j, t.generated().len()) {
                 Ok(id) => Some(id),
@@ -535,24 +568,55 @@ fn serve_group(model: &Model, settings: &WorkerSettings, group: Vec<Job>, head: 
                         status: 500,
                         message: format!("writing the run: {e:#}"),
                     });
-                    continue;
+                    return;
                 }
             }
         } else {
             None
         };
-        settings.stats.served.fetch_add(1, Ordering::Relaxed);
+        stats.served.fetch_add(1, Ordering::Relaxed);
         let _ = j.events.try_send(Event::Done(Box::new(Finished {
             trace: t,
             text,
             tail,
-            finish: finish[i],
-            lens: std::mem::take(&mut lens_log[i]),
+            finish: l.finish,
+            lens: std::mem::take(&mut l.lens),
             run,
             points: j.spec.points.clone(),
             tap_names: tap_names.clone(),
             states_inline: j.spec.states == StatesMode::Inline,
         })));
+    };
+    let result = tracer.serve(&mut admit, &mut on_token, &mut done);
+    drop(tracer);
+    // What is still live when the tracer stops with an error gets that error.
+    let left: Vec<(usize, Live)> = live.into_inner().into_iter().collect();
+    stats.decoding.fetch_sub(left.len(), Ordering::SeqCst);
+    if let Err(e) = result {
+        let nonfinite = match &e {
+            TraceError::NonFinite {
+                index,
+                what,
+                point,
+                position,
+            } => Some((*index, *what, *point, *position)),
+            _ => None,
+        };
+        for (index, l) in &left {
+            let (status, message) = match nonfinite {
+                // The request's own steering or ablation broke the arithmetic: its mistake.
+                Some((culprit, what, point, position)) if culprit == *index => (
+                    400,
+                    format!("the {what} at point {point}, position {position} became NaN or infinite (or beyond f32's range) under this request's steering or ablation; lower trace.steer.scale"),
+                ),
+                Some(_) => (
+                    503,
+                    "another request decoded in the same batch failed; retry".to_string(),
+                ),
+                None => (500, e.to_string()),
+            };
+            let _ = l.job.events.try_send(Event::Error { status, message });
+        }
     }
 }
 
@@ -583,46 +647,70 @@ fn write_run(settings: &WorkerSettings, j: &Job, n_generated: usize) -> anyhow::
 }
 
 /// Whether this model, on this backend, computes a request decoded among others exactly as
-/// alone: four prompts of different lengths (past the first global-attention blocks and a
-/// micro-batch boundary), each traced alone and all four together with a few generated tokens,
-/// compared bit for bit at every point. llama.cpp's CPU kernels depend on the batch shape for
-/// some models (Gemma-3 here), and then `serve` decodes one request at a time.
-pub fn batch_invariant(model: &Model, threads: i32) -> Result<bool, String> {
-    const PROBES: [&str; 4] = [
-        "The quick brown fox jumps over the lazy dog because it was in a hurry to get home before the rain",
-        "def fibonacci(n):\n    if n < 2:\n        return n",
-        "Water boils at",
-        "Once upon a time, in a kingdom by the sea, there lived a princess who",
+/// alone, along the path `serve` takes: four prompts of different lengths (past the first
+/// global-attention blocks and a micro-batch boundary) served two at a time by continuous
+/// batching — one ends early and the next joins into its freed slot while the other generates —
+/// each compared bit for bit, at every point, with the same prompt traced alone. llama.cpp's CPU
+/// kernels depend on the batch shape for some models (Gemma-3 here), and then `serve` decodes
+/// one request at a time.
+pub fn batch_invariant(model: &Model, threads: i32, ctx: usize) -> Result<bool, String> {
+    const PROBES: [(&str, usize); 4] = [
+        ("The quick brown fox jumps over the lazy dog because it was in a hurry to get home before the rain", 2),
+        ("def fibonacci(n):\n    if n < 2:\n        return n", 6),
+        ("Water boils at", 4),
+        ("Once upon a time, in a kingdom by the sea, there lived a princess who", 3),
     ];
     let prompts: Vec<Vec<Token>> = PROBES
         .iter()
-        .map(|p| crate::chat::tokenize_prompt(model, p).map_err(|e| e.to_string()))
+        .map(|(p, _)| crate::chat::tokenize_prompt(model, p).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let run = |n_seq: usize, prompts: &[Vec<Token>]| -> Result<Vec<PromptTrace>, String> {
+    let config = |n_seq: usize, generate: usize| {
         let mut cfg = TraceConfig::new(model);
         cfg.positions = Positions::Last;
-        cfg.generate = 4;
-        cfg.ctx = 256;
+        cfg.generate = generate;
+        cfg.ctx = ctx;
         cfg.n_seq = n_seq;
         cfg.threads = threads;
-        let mut tracer = Tracer::new(model, cfg).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
+        cfg
+    };
+    let mut served: HashMap<usize, PromptTrace> = HashMap::new();
+    {
+        let mut tracer = Tracer::new(model, config(3, 0)).map_err(|e| e.to_string())?;
+        let mut next = 0;
+        let mut admit = |a: Admission| -> Option<Vec<Joining>> {
+            let take: Vec<Joining> = (next..prompts.len())
+                .take(a.free)
+                .map(|i| Joining {
+                    index: i,
+                    tokens: prompts[i].clone(),
+                    budget: PROBES[i].1,
+                })
+                .collect();
+            next += take.len();
+            (!take.is_empty()).then_some(take)
+        };
+        let mut on_token = |g: GeneratedToken| g.n_generated < PROBES[g.index].1;
+        let mut done = |t: PromptTrace| {
+            served.insert(t.index, t);
+        };
+        tracer
+            .serve(&mut admit, &mut on_token, &mut done)
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        let mut tracer = Tracer::new(model, config(1, PROBES[i].1)).map_err(|e| e.to_string())?;
+        let mut alone = Vec::new();
         tracer
             .trace(
-                prompts,
+                std::slice::from_ref(p),
                 |t| {
-                    out.push(t);
+                    alone.push(t);
                     Ok(())
                 },
                 |_| {},
             )
             .map_err(|e| e.to_string())?;
-        Ok(out)
-    };
-    let together = run(prompts.len(), &prompts)?;
-    for (i, p) in prompts.iter().enumerate() {
-        let alone = run(1, std::slice::from_ref(p))?;
-        let (a, b) = (&alone[0], &together[i]);
+        let (a, b) = (&alone[0], served.get(&i).ok_or("a probe was not served")?);
         if a.tokens != b.tokens
             || a.states.shape() != b.states.shape()
             || a.states

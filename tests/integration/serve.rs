@@ -469,6 +469,41 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
+    // Continuous batching: a short request joins a long one that is generating, and is
+    // answered while the long one goes on — with the bits it gets alone.
+    let long_body = json!({"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 300,
+        "stream": true, "trace": {"states": "inline", "points": "0,15,30", "positions": "last"}});
+    let short_body = json!({"prompt": prompts[1], "max_tokens": 4,
+        "trace": {"states": "inline", "points": "0,15,30", "positions": "last"}});
+    let short_alone = srv.ok("v1/completions", &short_body);
+    let mut long = srv
+        .curl_cmd("v1/completions", Some(&long_body.to_string()), &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let before = srv.health()["generated_tokens"].as_u64().unwrap();
+    while srv.health()["generated_tokens"].as_u64().unwrap() < before + 5 {
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let short_joined = srv.ok("v1/completions", &short_body);
+    let h = srv.health();
+    assert!(
+        long.try_wait().unwrap().is_none() && h["decoding"] == 1,
+        "the short request was answered while the long one still generates: {h}"
+    );
+    assert_eq!(
+        short_joined["trace"]["tokens"],
+        short_alone["trace"]["tokens"]
+    );
+    assert!(same_bits(
+        &npy(&short_joined["trace"]["states"]),
+        &npy(&short_alone["trace"]["states"])
+    ));
+    let (code, _) = parse_curl(&long.wait_with_output().unwrap().stdout);
+    assert_eq!(code, 200);
+
     // An uploaded control vector steers as the same file named from --vectors.
     let b64 = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(vectors.join("random.gguf")).unwrap());
