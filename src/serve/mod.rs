@@ -165,16 +165,7 @@ pub fn run(args: &ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
         std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let path = args.model.path().to_path_buf();
-    let model = Arc::new(crate::commands::load_model(
-        &path,
-        LoadOptions {
-            n_gpu_layers: 0,
-            vocab_only: false,
-            use_mmap: true,
-            tensor_split: Vec::new(),
-            cpu_repack: true,
-        },
-    )?);
+    let model = Arc::new(crate::commands::load_model(&path, LoadOptions::default())?);
     if let Some(why) = crate::capture::arch::untraceable_reason(&model) {
         bail!("{}: cannot be traced: {why}", path.display());
     }
@@ -748,53 +739,27 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
     }
     let steering = match &ext.steer {
         None => None,
-        Some(s) => {
-            let file = vector_file(
-                app,
-                "steer",
-                s.vector.as_deref(),
-                s.data.as_deref(),
-                &mut uploads,
-            )?;
-            let shown = s
-                .vector
-                .clone()
-                .unwrap_or_else(|| "the uploaded vector".into());
-            check_vector(&file, &shown, app.model.n_embd(), "steer")?;
+        Some(st) => {
+            let scale = st.scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                return Err(ApiError::bad("trace.steer.scale: a finite number"));
+            }
+            let file = request_vector(app, "steer", &st.vector, &st.data, &mut uploads)?;
             Some(Steering {
                 files: vec![file],
-                scale: s.scale.unwrap_or(1.0),
-                points: s.points.clone(),
+                scale,
+                points: st.points.clone(),
             })
         }
     };
-    if let Some(s) = &steering {
-        if !s.scale.is_finite() {
-            return Err(ApiError::bad("trace.steer.scale: a finite number"));
-        }
-    }
     let ablation = match &ext.ablate {
         None => None,
-        Some(a) => {
-            let file = vector_file(
-                app,
-                "ablate",
-                a.vector.as_deref(),
-                a.data.as_deref(),
-                &mut uploads,
-            )?;
-            let shown = a
-                .vector
-                .clone()
-                .unwrap_or_else(|| "the uploaded vector".into());
-            check_vector(&file, &shown, app.model.n_embd(), "ablate")?;
-            Some(Ablation {
-                file,
-                points: a.points.clone(),
-                direction: a.direction.clone(),
-                taps: Vec::new(),
-            })
-        }
+        Some(a) => Some(Ablation {
+            file: request_vector(app, "ablate", &a.vector, &a.data, &mut uploads)?,
+            points: a.points.clone(),
+            direction: a.direction.clone(),
+            taps: Vec::new(),
+        }),
     };
     let states = ext.states.unwrap_or_default();
     // Nothing inside is handed back: capture only the last point's rows of the generated tokens
@@ -826,6 +791,21 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
         points_spec,
         uploads,
     })
+}
+
+/// The control vector or direction a request names (`vector`) or uploads (`data`), checked
+/// against the model now: another width, or no control vector at all, is the client's mistake.
+fn request_vector(
+    app: &App,
+    what: &str,
+    vector: &Option<String>,
+    data: &Option<String>,
+    uploads: &mut Vec<Arc<tempfile::TempPath>>,
+) -> Result<PathBuf, ApiError> {
+    let file = vector_file(app, what, vector.as_deref(), data.as_deref(), uploads)?;
+    let shown = vector.as_deref().unwrap_or("the uploaded vector");
+    check_vector(&file, shown, app.model.n_embd(), what)?;
+    Ok(file)
 }
 
 /// A control vector of another width (or not one at all) is the client's mistake: say so now.
