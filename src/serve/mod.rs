@@ -533,9 +533,8 @@ async fn completions(
             )))
         }
     };
-    let app2 = app.clone();
     serve_request(
-        app2,
+        app,
         prompt,
         req.max_tokens,
         req.stream,
@@ -912,10 +911,9 @@ async fn serve_request(
     if stream {
         Ok(sse(ctx, rx).into_response())
     } else {
-        let mut tokens = Vec::new();
         loop {
             match rx.recv().await {
-                Some(Event::Token { id, .. }) => tokens.push(id),
+                Some(Event::Token { .. }) => {}
                 Some(Event::Done(f)) => return Ok(Json(ctx.whole(&f)?).into_response()),
                 Some(Event::Error { status, message }) => {
                     return Err(ApiError::new(status, message))
