@@ -80,6 +80,56 @@ fn plain_time(
     t.elapsed().as_secs_f64()
 }
 
+/// Greedy generation of `n` tokens after each prompt, one prompt at a time, `reps` alternated
+/// rounds: traced `--positions last` (every point's row at each generated token: one graph split
+/// per point per token) [0] and untraced greedy decoding [1].
+fn generation_overhead(model: &Model, toks: &[Vec<i32>], n: usize, reps: usize) -> Rounds<2> {
+    let traced = || {
+        trace_time(model, toks, |c| {
+            c.n_seq = 1;
+            c.generate = n;
+            c.positions = Positions::Last;
+        })
+    };
+    let plain = || {
+        let mut ctx = Context::new(
+            model,
+            ContextParams {
+                n_ctx: 512,
+                n_batch: 512,
+                n_ubatch: 512,
+                n_seq_max: 1,
+                n_outputs_max: 1,
+                n_threads: default_threads(),
+                embeddings: false,
+                capture: None,
+                cache_type: Default::default(),
+                no_flash_attn: false,
+            },
+        )
+        .unwrap();
+        let t = Instant::now();
+        for p in toks {
+            plain::greedy(&mut ctx, p, n).unwrap();
+        }
+        t.elapsed().as_secs_f64()
+    };
+    plain();
+    Rounds(
+        (0..reps)
+            .map(|round| {
+                if round % 2 == 0 {
+                    let t = traced();
+                    [t, plain()]
+                } else {
+                    let p = plain();
+                    [traced(), p]
+                }
+            })
+            .collect(),
+    )
+}
+
 /// Report time for synthetic runs of 200 and 2000 prompts × 31 points × 576 dims, and HTML size.
 fn bench_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,22 +337,70 @@ fn trace_cli(
     ])
 }
 
-/// Medians over `reps` alternated runs of: traced (every position), untraced with the same
-/// outputs, traced `--positions last`, untraced last-token decoding; `n_seq` sequences per batch.
-fn traced_vs_untraced(model: &Model, toks: &[Vec<i32>], n_seq: usize, reps: usize) -> [f64; 4] {
+/// Seconds of `K` configurations per round, run side by side so that each round's runs share
+/// this machine's speed at that moment (it drifts by ±10% between rounds here).
+struct Rounds<const K: usize>(Vec<[f64; K]>);
+
+impl<const K: usize> Rounds<K> {
+    fn median(&self, k: usize) -> f64 {
+        median(self.0.iter().map(|r| r[k]).collect())
+    }
+
+    /// Configuration `a` over `b`: the median of the paired (same-round) ratios with their range,
+    /// and the ratio of the fastest runs (the least disturbed estimate of the intrinsic cost).
+    fn ratio(&self, a: usize, b: usize) -> String {
+        let r: Vec<f64> = self.0.iter().map(|x| x[a] / x[b]).collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let fastest = |k: usize| self.0.iter().map(|x| x[k]).fold(f64::INFINITY, f64::min);
+        format!(
+            "{:.3} x (paired rounds {lo:.3}–{hi:.3}, n {}; fastest runs {:.3} x)",
+            median(r.clone()),
+            r.len(),
+            fastest(a) / fastest(b)
+        )
+    }
+}
+
+/// Traced vs untraced decoding, `reps` rounds of: [0] traced (every position), [1] untraced with
+/// the same outputs, [2] traced `--positions last`, [3] untraced last-token decoding, [4] traced
+/// `--positions last` at the last point only (one graph split per decode instead of one per
+/// point); `n_seq` sequences per batch. Each round alternates which of a pair runs first.
+fn traced_vs_untraced(model: &Model, toks: &[Vec<i32>], n_seq: usize, reps: usize) -> Rounds<5> {
     plain_time(model, &toks[..4], n_seq, true, false);
     trace_time(model, &toks[..4], |c| c.n_seq = n_seq);
-    let mut t: [Vec<f64>; 4] = Default::default();
-    for _ in 0..reps {
-        t[0].push(trace_time(model, toks, |c| c.n_seq = n_seq));
-        t[1].push(plain_time(model, toks, n_seq, true, false));
-        t[2].push(trace_time(model, toks, |c| {
+    let last_point = model.n_layer();
+    let traced_all = || trace_time(model, toks, |c| c.n_seq = n_seq);
+    let plain_all = || plain_time(model, toks, n_seq, true, false);
+    let traced_last = || {
+        trace_time(model, toks, |c| {
             c.n_seq = n_seq;
             c.positions = Positions::Last
-        }));
-        t[3].push(plain_time(model, toks, n_seq, false, false));
-    }
-    t.map(median)
+        })
+    };
+    let plain_last = || plain_time(model, toks, n_seq, false, false);
+    let one_point = || {
+        trace_time(model, toks, |c| {
+            c.n_seq = n_seq;
+            c.positions = Positions::Last;
+            c.points = vec![last_point];
+        })
+    };
+    Rounds(
+        (0..reps)
+            .map(|round| {
+                if round % 2 == 0 {
+                    let (ta, pa) = (traced_all(), plain_all());
+                    let (tl, pl, tp) = (traced_last(), plain_last(), one_point());
+                    [ta, pa, tl, pl, tp]
+                } else {
+                    let (pa, ta) = (plain_all(), traced_all());
+                    let (tp, pl, tl) = (one_point(), plain_last(), traced_last());
+                    [ta, pa, tl, pl, tp]
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Peak memory of `trace` for 200 vs 2,000 prompts (`--positions last`) and one ~2,000-token
@@ -406,14 +504,26 @@ fn bench_real(path: &std::path::Path) {
         .map(|t| tokenize_prompt(&model, t).unwrap())
         .collect();
     let n_tokens: usize = toks.iter().map(Vec::len).sum();
-    let [ta, pa, tl, pl] = traced_vs_untraced(&model, &toks, 8, 3);
+    let o = traced_vs_untraced(&model, &toks, 8, REPS);
+    let [ta, tl, pl] = [0, 2, 3].map(|k| o.median(k));
     println!(
         "[{name}] {} prompts, {n_tokens} tokens, {} threads",
         toks.len(),
         default_threads()
     );
-    println!("real traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
-    println!("real traced_last_vs_plain_last_token: {:.3} x", tl / pl);
+    println!(
+        "real traced_all_vs_untraced_same_outputs: {}",
+        o.ratio(0, 1)
+    );
+    println!("real traced_last_vs_plain_last_token: {}", o.ratio(2, 3));
+    println!(
+        "real traced_last_one_point_vs_plain_last_token: {}",
+        o.ratio(4, 3)
+    );
+    println!(
+        "real traced_last_vs_untraced_generation (4 prompts x 32 tokens, one at a time): {}",
+        generation_overhead(&model, &toks[..4], 32, REPS).ratio(0, 1)
+    );
     println!(
         "real tokens_per_s: traced all {:.1}, traced last {:.1}, untraced last {:.1}",
         n_tokens as f64 / ta,
@@ -459,10 +569,11 @@ fn bench_gpu(path: &std::path::Path) {
         .map(|t| tokenize_prompt(&model, t).unwrap())
         .collect();
     let n_tokens: usize = toks.iter().map(Vec::len).sum();
-    let [ta, pa, tl, pl] = traced_vs_untraced(&model, &toks, 16, REPS);
+    let o = traced_vs_untraced(&model, &toks, 16, REPS);
+    let [ta, pa, tl, pl] = [0, 1, 2, 3].map(|k| o.median(k));
     println!("[gpu {name}] {} prompts, {n_tokens} tokens", toks.len());
-    println!("gpu traced_all_vs_untraced_same_outputs: {:.3} x", ta / pa);
-    println!("gpu traced_last_vs_plain_last_token: {:.3} x", tl / pl);
+    println!("gpu traced_all_vs_untraced_same_outputs: {}", o.ratio(0, 1));
+    println!("gpu traced_last_vs_plain_last_token: {}", o.ratio(2, 3));
     println!(
         "gpu tokens_per_s: traced all {:.0}, untraced all {:.0}, traced last {:.0}, untraced last {:.0}",
         n_tokens as f64 / ta,

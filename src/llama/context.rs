@@ -1619,17 +1619,23 @@ pub struct Context<'m> {
     n_outputs_max: usize,
     /// What the capture state was made for (to check a graph again: [`Context::recheck`]).
     spec: Option<CaptureSpec>,
+    /// The CPU backend's worker threads, kept for the context's life (see [`Context::new`]).
+    threadpool: Option<NonNull<sys::ggml_threadpool>>,
 }
 
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: ptr came from llama_init_from_model and is freed once. After llama_free no
         // callback can run, so the capture state (from Box::into_raw in `new`, freed nowhere
-        // else) is reclaimed exactly once.
+        // else) is reclaimed exactly once, and no graph runs on the threadpool (from
+        // ggml_threadpool_new in `new`, attached to this context only), freed once after it.
         unsafe {
             sys::llama_free(self.ptr.as_ptr());
             if let Some(st) = self.capture.take() {
                 drop(Box::from_raw(st.as_ptr()));
+            }
+            if let Some(tp) = self.threadpool.take() {
+                sys::ggml_threadpool_free(tp.as_ptr());
             }
         }
     }
@@ -1776,6 +1782,35 @@ impl<'m> Context<'m> {
         } else {
             used.0
         } as usize;
+        // Without a threadpool, ggml's CPU backend starts and joins its worker threads for every
+        // graph it computes — and the eval callback splits each decode into one graph per
+        // captured tensor (29 per token for a 28-block model). Worker threads that live as long
+        // as the context (as llama.cpp's own tools attach) make a split cost a wake-up instead:
+        // traced generation went from 1.10–1.14× untraced to 1.00–1.07× (Qwen2.5-1.5B and
+        // SmolLM2, one prompt at a time, `GGUF_TRACE_BENCH=real scripts/bench`).
+        // The work is divided among the same number of threads either way: the results are the
+        // same bits. Where the pool cannot be made, ggml's per-graph threads still work.
+        let threadpool = if p.n_threads >= 1 {
+            // SAFETY: returns a plain struct of defaults for n_threads threads.
+            let mut tpp = unsafe { sys::ggml_threadpool_params_default(p.n_threads) };
+            // Workers sleep between graphs rather than spin (ggml's default polls for a while):
+            // a spinning worker takes a core from the work done between decodes — the logit
+            // lens's own graph took 69 ms per token beside one, 52 ms without (SmolLM2, 2 cores),
+            // and a wake-up per split costs no more than the spin saves (generation overhead
+            // 1.00× either way, within noise).
+            tpp.poll = 0;
+            // SAFETY: tpp is a valid parameter struct that outlives the call; the result is a new
+            // threadpool or null.
+            NonNull::new(unsafe { sys::ggml_threadpool_new(&mut tpp) })
+        } else {
+            None
+        };
+        if let Some(tp) = threadpool {
+            // SAFETY: ptr is the context created above and tp a live threadpool of p.n_threads
+            // threads (the context's n_threads and n_threads_batch); Drop frees the context
+            // before the pool, so no graph runs on a freed pool.
+            unsafe { sys::llama_attach_threadpool(ptr.as_ptr(), tp.as_ptr(), tp.as_ptr()) };
+        }
         Ok(Context {
             ptr,
             model,
@@ -1783,6 +1818,7 @@ impl<'m> Context<'m> {
             outputs: Vec::new(),
             n_outputs_max,
             spec: p.capture.clone(),
+            threadpool,
         })
     }
 
