@@ -1607,7 +1607,8 @@ pub struct ContextParams {
     pub no_flash_attn: bool,
 }
 
-/// A llama.cpp context borrowing its model. Freed on drop, before its capture state.
+/// A llama.cpp context borrowing its model. Freed on drop, before its capture state and its
+/// threadpool.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
     model: &'m Model,
@@ -1789,7 +1790,7 @@ impl<'m> Context<'m> {
         // traced generation went from 1.10–1.14× untraced to 1.00–1.07× (Qwen2.5-1.5B and
         // SmolLM2, one prompt at a time, `GGUF_TRACE_BENCH=real scripts/bench`).
         // The work is divided among the same number of threads either way: the results are the
-        // same bits. Where the pool cannot be made, ggml's per-graph threads still work.
+        // same bits. (ggml aborts where it cannot start a thread, with or without the pool.)
         let threadpool = if p.n_threads >= 1 {
             // SAFETY: returns a plain struct of defaults for n_threads threads.
             let mut tpp = unsafe { sys::ggml_threadpool_params_default(p.n_threads) };
