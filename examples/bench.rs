@@ -92,22 +92,7 @@ fn generation_overhead(model: &Model, toks: &[Vec<i32>], n: usize, reps: usize) 
         })
     };
     let plain = || {
-        let mut ctx = Context::new(
-            model,
-            ContextParams {
-                n_ctx: 512,
-                n_batch: 512,
-                n_ubatch: 512,
-                n_seq_max: 1,
-                n_outputs_max: 1,
-                n_threads: default_threads(),
-                embeddings: false,
-                capture: None,
-                cache_type: Default::default(),
-                no_flash_attn: false,
-            },
-        )
-        .unwrap();
+        let mut ctx = plain::context(model, 512, 1, 512, default_threads()).unwrap();
         let t = Instant::now();
         // The tracer decodes each of its n tokens (their states are kept); greedy for n + 1
         // tokens decodes n of them, the same work.
@@ -353,13 +338,12 @@ impl<const K: usize> Rounds<K> {
     /// and the ratio of the fastest runs (the least disturbed estimate of the intrinsic cost).
     fn ratio(&self, a: usize, b: usize) -> String {
         let r: Vec<f64> = self.0.iter().map(|x| x[a] / x[b]).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (n, lo, hi) = (r.len(), r[0], r[0]);
+        let (lo, hi) = r.iter().fold((lo, hi), |(l, h), &x| (l.min(x), h.max(x)));
         let fastest = |k: usize| self.0.iter().map(|x| x[k]).fold(f64::INFINITY, f64::min);
         format!(
-            "{:.3} x (paired rounds {lo:.3}–{hi:.3}, n {}; fastest runs {:.3} x)",
-            median(r.clone()),
-            r.len(),
+            "{:.3} x (paired rounds {lo:.3}–{hi:.3}, n {n}; fastest runs {:.3} x)",
+            median(r),
             fastest(a) / fastest(b)
         )
     }

@@ -1787,18 +1787,18 @@ impl<'m> Context<'m> {
         // graph it computes — and the eval callback splits each decode into one graph per
         // captured tensor (29 per token for a 28-block model). Worker threads that live as long
         // as the context (as llama.cpp's own tools attach) make a split cost a wake-up instead:
-        // traced generation went from 1.10–1.14× untraced to 1.00–1.07× (Qwen2.5-1.5B and
-        // SmolLM2, one prompt at a time, `GGUF_TRACE_BENCH=real scripts/bench`).
+        // traced generation went from 1.10–1.14× untraced to 0.99–1.07× (Qwen2.5-1.5B and
+        // SmolLM2, one prompt at a time, measured with and without the pool).
         // The work is divided among the same number of threads either way: the results are the
         // same bits. (ggml aborts where it cannot start a thread, with or without the pool.)
         let threadpool = if p.n_threads >= 1 {
             // SAFETY: returns a plain struct of defaults for n_threads threads.
             let mut tpp = unsafe { sys::ggml_threadpool_params_default(p.n_threads) };
             // Workers sleep between graphs rather than spin (ggml's default polls for a while):
-            // a spinning worker takes a core from the work done between decodes — the logit
-            // lens's own graph took 69 ms per token beside one, 52 ms without (SmolLM2, 2 cores),
-            // and a wake-up per split costs no more than the spin saves (generation overhead
-            // 1.00× either way, within noise).
+            // a spinning worker takes a core from the work done between decodes — a served
+            // token with the logit lens at 31 points took 69 ms beside one, 52 ms without
+            // (SmolLM2, 2 cores), while traced generation was 1.00× and 1.02× untraced with and
+            // without the spin, within noise.
             tpp.poll = 0;
             // SAFETY: tpp is a valid parameter struct that outlives the call; the result is a new
             // threadpool or null.

@@ -743,7 +743,13 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
             if !scale.is_finite() {
                 return Err(ApiError::bad("trace.steer.scale: a finite number"));
             }
-            let file = request_vector(app, "steer", &st.vector, &st.data, &mut uploads)?;
+            let file = request_vector(
+                app,
+                "steer",
+                st.vector.as_deref(),
+                st.data.as_deref(),
+                &mut uploads,
+            )?;
             Some(Steering {
                 files: vec![file],
                 scale,
@@ -754,7 +760,13 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
     let ablation = match &ext.ablate {
         None => None,
         Some(a) => Some(Ablation {
-            file: request_vector(app, "ablate", &a.vector, &a.data, &mut uploads)?,
+            file: request_vector(
+                app,
+                "ablate",
+                a.vector.as_deref(),
+                a.data.as_deref(),
+                &mut uploads,
+            )?,
             points: a.points.clone(),
             direction: a.direction.clone(),
             taps: Vec::new(),
@@ -797,12 +809,12 @@ fn resolve(app: &App, ext: &TraceExt) -> Result<Spec, ApiError> {
 fn request_vector(
     app: &App,
     what: &str,
-    vector: &Option<String>,
-    data: &Option<String>,
+    vector: Option<&str>,
+    data: Option<&str>,
     uploads: &mut Vec<Arc<tempfile::TempPath>>,
 ) -> Result<PathBuf, ApiError> {
-    let file = vector_file(app, what, vector.as_deref(), data.as_deref(), uploads)?;
-    let shown = vector.as_deref().unwrap_or("the uploaded vector");
+    let file = vector_file(app, what, vector, data, uploads)?;
+    let shown = vector.unwrap_or("the uploaded vector");
     check_vector(&file, shown, app.model.n_embd(), what)?;
     Ok(file)
 }
