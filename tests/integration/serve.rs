@@ -356,17 +356,30 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
     };
     // Alone, one after another.
     let alone: Vec<Value> = (0..6).map(|i| srv.ok("v1/completions", &body(i))).collect();
-    // All at once, behind a longer request so that they queue and share batches.
-    let blocker = srv
+    // All at once, behind a long request of other settings, so that they queue and share
+    // batches. Not left to timing: the six are sent while the blocker decodes, the test waits
+    // until the server holds all six waiting, then lets the blocker go (a client that leaves
+    // ends its generation at the next token) and the six start together.
+    let mut blocker = srv
         .curl_cmd(
             "v1/completions",
-            Some(&json!({"prompt": "Count to fifty: 1, 2, 3,", "max_tokens": 48}).to_string()),
+            Some(
+                &json!({"prompt": "Count to five hundred: 1, 2, 3,", "max_tokens": 400})
+                    .to_string(),
+            ),
             &[],
         )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while srv.health()["decoding"].as_u64().unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocking request never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let children: Vec<Child> = (0..6)
         .map(|i| {
             srv.curl_cmd("v1/completions", Some(&body(i).to_string()), &[])
@@ -375,6 +388,19 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
                 .unwrap()
         })
         .collect();
+    loop {
+        let h = srv.health();
+        if h["waiting"].as_u64().unwrap() == 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && h["decoding"].as_u64().unwrap() >= 1,
+            "the six requests did not all wait behind the blocking one: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    blocker.kill().unwrap();
+    blocker.wait().unwrap();
     let together: Vec<Value> = children
         .into_iter()
         .map(|c| {
@@ -383,8 +409,6 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
             serde_json::from_str(&text).unwrap()
         })
         .collect();
-    let (code, _) = parse_curl(&blocker.wait_with_output().unwrap().stdout);
-    assert_eq!(code, 200);
     let h = srv.health();
     eprintln!("health after the concurrent requests: {h}");
     assert!(
