@@ -357,9 +357,9 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
     // Alone, one after another.
     let alone: Vec<Value> = (0..6).map(|i| srv.ok("v1/completions", &body(i))).collect();
     // All at once, behind a long request of other settings, so that they queue and share
-    // batches. Not left to timing: the six are sent while the blocker decodes, the test waits
-    // until the server holds all six waiting, then lets the blocker go (a client that leaves
-    // ends its generation at the next token) and the six start together.
+    // batches. Not left to timing: the six are sent while the blocker decodes, in order, then the
+    // blocker is let go (a client that leaves ends its generation at the next token) and the
+    // six start, two of each kind together.
     let mut blocker = srv
         .curl_cmd(
             "v1/completions",
@@ -380,25 +380,29 @@ fn serve_matches_trace_bit_for_bit_alone_and_together() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // One at a time, each waiting before the next is sent: arrival order is sending order, so
+    // the two requests of each kind are next to each other in the queue.
     let children: Vec<Child> = (0..6)
         .map(|i| {
-            srv.curl_cmd("v1/completions", Some(&body(i).to_string()), &[])
+            let child = srv
+                .curl_cmd("v1/completions", Some(&body(i).to_string()), &[])
                 .stdout(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            loop {
+                let h = srv.health();
+                if h["waiting"].as_u64().unwrap() == i as u64 + 1 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline && h["decoding"].as_u64().unwrap() >= 1,
+                    "request {i} did not wait behind the blocking one: {h}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            child
         })
         .collect();
-    loop {
-        let h = srv.health();
-        if h["waiting"].as_u64().unwrap() == 6 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && h["decoding"].as_u64().unwrap() >= 1,
-            "the six requests did not all wait behind the blocking one: {h}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     blocker.kill().unwrap();
     blocker.wait().unwrap();
     let together: Vec<Value> = children
